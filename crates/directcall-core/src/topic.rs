@@ -1,0 +1,577 @@
+//! The topic grammar of PROTOCOL.md: names, request and reply topics, filters.
+//!
+//! Every topic string directcall publishes or subscribes to is built here, from
+//! values that were validated here, so a caller can never reach a wildcard or
+//! another device's topics by choosing a name.
+
+use std::fmt;
+use std::str::FromStr;
+
+use uuid::Uuid;
+
+use crate::error::{Error, Field};
+
+/// Longest topic level, in bytes.
+pub const MAX_LEVEL_BYTES: usize = 128;
+/// Longest whole topic, in bytes (AWS IoT Core's limit).
+pub const MAX_TOPIC_BYTES: usize = 256;
+/// The default requester prefix, as in the seed sample.
+pub const DEFAULT_PREFIX: &str = "invocation_client";
+/// The default root of presence topics.
+pub const DEFAULT_PRESENCE_ROOT: &str = "directcall/presence";
+
+const ACK: &str = "ack";
+
+/// Checks one topic level: 1 to 128 bytes of `A-Z a-z 0-9 _ - . :`.
+fn validate_level(field: Field, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_LEVEL_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "is {} bytes long, at most {MAX_LEVEL_BYTES} are allowed",
+                value.len()
+            ),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("contains {c:?}; only A-Z a-z 0-9 _ - . : are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! topic_level {
+    ($(#[$doc:meta])* $name:ident, $field:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `value` as one topic level.
+            ///
+            /// # Errors
+            /// [`Error::Invalid`] naming the field when `value` is empty, longer
+            /// than 128 bytes, or has a character outside `A-Z a-z 0-9 _ - . :`.
+            pub fn new(value: impl Into<String>) -> Result<Self, Error> {
+                let value = value.into();
+                validate_level($field, &value)?;
+                Ok(Self(value))
+            }
+
+            /// The value as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self, Error> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self, Error> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = Error;
+            fn try_from(s: &str) -> Result<Self, Error> {
+                Self::new(s)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+topic_level!(
+    /// A device: its MQTT client id or AWS IoT thing name.
+    Target,
+    Field::Target
+);
+topic_level!(
+    /// The name of a method to run on a device.
+    Method,
+    Field::Method
+);
+topic_level!(
+    /// A requester's client prefix (default [`DEFAULT_PREFIX`]).
+    Prefix,
+    Field::Prefix
+);
+
+impl Default for Prefix {
+    fn default() -> Self {
+        Prefix(DEFAULT_PREFIX.to_owned())
+    }
+}
+
+/// The id of one call: a fresh UUID v4, written lowercase and hyphenated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(Uuid);
+
+impl MessageId {
+    /// A fresh random id.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        MessageId(Uuid::new_v4())
+    }
+
+    /// The underlying UUID.
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+
+    /// Parses the canonical form (36 lowercase, hyphenated characters).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Id`] when `s` is not that form.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let canonical = s.len() == 36
+            && s.bytes().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => b == b'-',
+                _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+            });
+        if !canonical {
+            return Err(Error::invalid(
+                Field::Id,
+                "must be a lowercase hyphenated UUID",
+            ));
+        }
+        Uuid::parse_str(s)
+            .map(MessageId)
+            .map_err(|e| Error::invalid(Field::Id, e.to_string()))
+    }
+
+    fn write(&self, out: &mut String) {
+        let mut buf = Uuid::encode_buffer();
+        out.push_str(self.0.hyphenated().encode_lower(&mut buf));
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.hyphenated(), f)
+    }
+}
+
+/// The four names that identify one call on the wire.
+///
+/// The request topic is `{target}/{method}/{prefix}/{id}`, the reply topic
+/// `{prefix}/{id}/{target}/{method}/ack`. A `CallTopics` value is only made
+/// when both topics fit in [`MAX_TOPIC_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CallTopics {
+    target: Target,
+    method: Method,
+    prefix: Prefix,
+    id: MessageId,
+}
+
+impl CallTopics {
+    /// Combines validated names, checking the total topic length.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Topic`] when the reply topic (the longer
+    /// of the two) would exceed 256 bytes.
+    pub fn new(target: Target, method: Method, prefix: Prefix, id: MessageId) -> Result<Self, Error> {
+        check_call_length(&target, &method, &prefix)?;
+        Ok(CallTopics {
+            target,
+            method,
+            prefix,
+            id,
+        })
+    }
+
+    /// The device.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The requester's prefix.
+    pub fn prefix(&self) -> &Prefix {
+        &self.prefix
+    }
+
+    /// The call's id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// `{target}/{method}/{prefix}/{id}`.
+    pub fn request_topic(&self) -> String {
+        let mut s = String::with_capacity(self.reply_len());
+        s.push_str(self.target.as_str());
+        s.push('/');
+        s.push_str(self.method.as_str());
+        s.push('/');
+        s.push_str(self.prefix.as_str());
+        s.push('/');
+        self.id.write(&mut s);
+        s
+    }
+
+    /// `{prefix}/{id}/{target}/{method}/ack`.
+    pub fn reply_topic(&self) -> String {
+        let mut s = String::with_capacity(self.reply_len());
+        s.push_str(self.prefix.as_str());
+        s.push('/');
+        self.id.write(&mut s);
+        s.push('/');
+        s.push_str(self.target.as_str());
+        s.push('/');
+        s.push_str(self.method.as_str());
+        s.push('/');
+        s.push_str(ACK);
+        s
+    }
+
+    fn reply_len(&self) -> usize {
+        reply_len(&self.target, &self.method, &self.prefix)
+    }
+
+    /// Parses a request topic as a device sees it.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Topic`] when `topic` does not have four
+    /// levels, or for the level that breaks its rule.
+    pub fn parse_request(topic: &str) -> Result<Self, Error> {
+        let mut levels = topic.split('/');
+        let (Some(target), Some(method), Some(prefix), Some(id), None) = (
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+        ) else {
+            return Err(Error::invalid(
+                Field::Topic,
+                "a request topic has four levels: target/method/prefix/id",
+            ));
+        };
+        Self::new(
+            Target::new(target)?,
+            Method::new(method)?,
+            Prefix::new(prefix)?,
+            MessageId::parse(id)?,
+        )
+    }
+
+    /// Parses a reply topic as a requester sees it.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Topic`] when `topic` does not have five
+    /// levels ending in `ack`, or for the level that breaks its rule.
+    pub fn parse_reply(topic: &str) -> Result<Self, Error> {
+        let mut levels = topic.split('/');
+        let (Some(prefix), Some(id), Some(target), Some(method), Some(ACK), None) = (
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+            levels.next(),
+        ) else {
+            return Err(Error::invalid(
+                Field::Topic,
+                "a reply topic has five levels: prefix/id/target/method/ack",
+            ));
+        };
+        Self::new(
+            Target::new(target)?,
+            Method::new(method)?,
+            Prefix::new(prefix)?,
+            MessageId::parse(id)?,
+        )
+    }
+}
+
+fn reply_len(target: &Target, method: &Method, prefix: &Prefix) -> usize {
+    // four separators, the 36-byte id and "ack"
+    prefix.0.len() + target.0.len() + method.0.len() + 36 + 4 + ACK.len()
+}
+
+/// Checks that every topic of a call to `target`/`method` from `prefix` fits
+/// in [`MAX_TOPIC_BYTES`], before any id is made.
+///
+/// # Errors
+/// [`Error::Invalid`] for [`Field::Topic`] when the reply topic would be too long.
+pub fn check_call_length(target: &Target, method: &Method, prefix: &Prefix) -> Result<(), Error> {
+    let len = reply_len(target, method, prefix);
+    if len > MAX_TOPIC_BYTES {
+        return Err(Error::invalid(
+            Field::Topic,
+            format!(
+                "target, method and prefix make a {len}-byte topic; at most {MAX_TOPIC_BYTES} bytes are allowed"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The one filter a device subscribes to: `{target}/#`.
+pub fn device_filter(target: &Target) -> String {
+    format!("{target}/#")
+}
+
+/// The one filter a requester subscribes to: `{prefix}/+/+/+/ack`.
+pub fn reply_filter(prefix: &Prefix) -> String {
+    format!("{prefix}/+/+/+/{ACK}")
+}
+
+/// A presence root such as `directcall/presence`: one or more topic levels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PresenceRoot(String);
+
+impl PresenceRoot {
+    /// Validates a root of one or more `/`-separated levels.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Topic`] when a level breaks the level rule
+    /// or the root is longer than 100 bytes.
+    pub fn new(value: impl Into<String>) -> Result<Self, Error> {
+        let value = value.into();
+        if value.len() > 100 {
+            return Err(Error::invalid(
+                Field::Topic,
+                "a presence root is at most 100 bytes",
+            ));
+        }
+        for level in value.split('/') {
+            validate_level(Field::Topic, level)?;
+        }
+        Ok(PresenceRoot(value))
+    }
+
+    /// `{root}/{target}`: where `target`'s presence record lives.
+    pub fn topic(&self, target: &Target) -> String {
+        format!("{}/{target}", self.0)
+    }
+
+    /// `{root}/+`: every target's presence record.
+    pub fn filter(&self) -> String {
+        format!("{}/+", self.0)
+    }
+
+    /// The target named by a presence topic under this root, if it is one.
+    pub fn parse(&self, topic: &str) -> Option<Target> {
+        let rest = topic.strip_prefix(self.0.as_str())?.strip_prefix('/')?;
+        Target::new(rest).ok()
+    }
+}
+
+impl Default for PresenceRoot {
+    fn default() -> Self {
+        PresenceRoot(DEFAULT_PRESENCE_ROOT.to_owned())
+    }
+}
+
+impl fmt::Display for PresenceRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn call(target: &str, method: &str, prefix: &str) -> Result<CallTopics, Error> {
+        CallTopics::new(
+            Target::new(target)?,
+            Method::new(method)?,
+            Prefix::new(prefix)?,
+            MessageId::new(),
+        )
+    }
+
+    #[test]
+    fn builds_the_seed_topics() {
+        let id = MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abcd").unwrap();
+        let c = CallTopics::new(
+            Target::new("Device001").unwrap(),
+            Method::new("reqid-ABCD").unwrap(),
+            Prefix::default(),
+            id,
+        )
+        .unwrap();
+        assert_eq!(
+            c.request_topic(),
+            "Device001/reqid-ABCD/invocation_client/7f1c2a3b-0000-4000-8000-00000000abcd"
+        );
+        assert_eq!(
+            c.reply_topic(),
+            "invocation_client/7f1c2a3b-0000-4000-8000-00000000abcd/Device001/reqid-ABCD/ack"
+        );
+        assert_eq!(device_filter(c.target()), "Device001/#");
+        assert_eq!(reply_filter(c.prefix()), "invocation_client/+/+/+/ack");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Target::new("a/b").unwrap_err();
+        assert_eq!(e.field(), Field::Target);
+        assert!(e.to_string().starts_with("invalid target: contains '/'"), "{e}");
+        let e = Method::new("").unwrap_err();
+        assert_eq!(e.to_string(), "invalid method: must not be empty");
+        let e = Prefix::new("x".repeat(129)).unwrap_err();
+        assert_eq!(e.field(), Field::Prefix);
+        assert!(e.to_string().contains("129 bytes"), "{e}");
+    }
+
+    #[test]
+    fn refuses_wildcards_and_system_topics() {
+        for bad in ["+", "#", "$SYS", "a b", "a\0b", "é", "a\nb", "/", "a/"] {
+            assert!(Target::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn message_id_is_canonical() {
+        let id = MessageId::new();
+        assert_eq!(MessageId::parse(&id.to_string()).unwrap(), id);
+        assert!(MessageId::parse("7F1C2A3B-0000-4000-8000-00000000ABCD").is_err());
+        assert!(MessageId::parse("7f1c2a3b000040008000000000000abcd").is_err());
+        assert!(MessageId::parse("{7f1c2a3b-0000-4000-8000-00000000abcd}").is_err());
+        assert!(MessageId::parse("").is_err());
+    }
+
+    #[test]
+    fn total_length_is_capped() {
+        let long = "a".repeat(128);
+        let e = call(&long, &long, "p").unwrap_err();
+        assert_eq!(e.field(), Field::Topic);
+        // the longest call that fits: 256 = prefix + target + method + 36 + 4 + 3
+        let t = "t".repeat(128);
+        let m = "m".repeat(256 - 128 - 1 - 43);
+        let c = call(&t, &m, "p").unwrap();
+        assert_eq!(c.reply_topic().len(), 256);
+        assert!(call(&t, &format!("{m}m"), "p").is_err());
+    }
+
+    #[test]
+    fn parse_refuses_wrong_shapes() {
+        let id = MessageId::new();
+        for bad in [
+            format!("p/{id}/t/m"),
+            format!("p/{id}/t/m/ack/x"),
+            format!("p/{id}/t/m/nack"),
+            format!("p/{id}/t/+/ack"),
+            "p/not-an-id/t/m/ack".to_owned(),
+            String::new(),
+        ] {
+            assert!(CallTopics::parse_reply(&bad).is_err(), "{bad:?} parsed");
+        }
+        assert!(CallTopics::parse_request(&format!("t/m/p/{id}/x")).is_err());
+        assert!(CallTopics::parse_request(&format!("t/m/{id}")).is_err());
+    }
+
+    #[test]
+    fn presence_topics() {
+        let root = PresenceRoot::default();
+        let t = Target::new("car-1").unwrap();
+        assert_eq!(root.topic(&t), "directcall/presence/car-1");
+        assert_eq!(root.parse("directcall/presence/car-1"), Some(t));
+        assert_eq!(root.parse("directcall/presence/a/b"), None);
+        assert_eq!(root.parse("directcall/presences/x"), None);
+        assert!(PresenceRoot::new("a/+").is_err());
+        assert!(PresenceRoot::new("a//b").is_err());
+    }
+
+    const LEVEL: &str = "[A-Za-z0-9_.:-]{1,128}";
+
+    proptest! {
+        #[test]
+        fn valid_levels_round_trip(t in LEVEL, m in LEVEL, p in LEVEL) {
+            let target = Target::new(t.clone()).unwrap();
+            let method = Method::new(m.clone()).unwrap();
+            let prefix = Prefix::new(p.clone()).unwrap();
+            match CallTopics::new(target, method, prefix, MessageId::new()) {
+                Ok(c) => {
+                    let req = c.request_topic();
+                    let rep = c.reply_topic();
+                    prop_assert!(req.len() <= MAX_TOPIC_BYTES && rep.len() <= MAX_TOPIC_BYTES);
+                    prop_assert_eq!(&CallTopics::parse_request(&req).unwrap(), &c);
+                    prop_assert_eq!(&CallTopics::parse_reply(&rep).unwrap(), &c);
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.field(), Field::Topic);
+                    prop_assert!(t.len() + m.len() + p.len() + 43 > MAX_TOPIC_BYTES);
+                }
+            }
+        }
+
+        #[test]
+        fn any_forbidden_char_is_refused(
+            head in "[A-Za-z0-9_.:-]{0,20}",
+            bad in any::<char>().prop_filter("forbidden", |c| !(c.is_ascii_alphanumeric() || "_-.:".contains(*c))),
+            tail in "[A-Za-z0-9_.:-]{0,20}",
+        ) {
+            let value = format!("{head}{bad}{tail}");
+            prop_assert_eq!(Target::new(value.clone()).unwrap_err().field(), Field::Target);
+            prop_assert_eq!(Method::new(value.clone()).unwrap_err().field(), Field::Method);
+            prop_assert_eq!(Prefix::new(value).unwrap_err().field(), Field::Prefix);
+        }
+
+        #[test]
+        fn over_long_levels_are_refused(len in 129usize..600) {
+            let value = "a".repeat(len);
+            prop_assert!(Target::new(value.clone()).is_err());
+            prop_assert!(Method::new(value.clone()).is_err());
+            prop_assert!(Prefix::new(value).is_err());
+        }
+
+        #[test]
+        fn parsing_arbitrary_strings_never_panics(s in ".{0,300}") {
+            if let Ok(c) = CallTopics::parse_reply(&s) {
+                prop_assert_eq!(c.reply_topic(), s.clone());
+            }
+            if let Ok(c) = CallTopics::parse_request(&s) {
+                prop_assert_eq!(c.request_topic(), s);
+            }
+        }
+    }
+}

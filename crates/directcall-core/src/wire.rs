@@ -1,0 +1,171 @@
+//! Request and reply payloads (PROTOCOL.md, "Payloads").
+//!
+//! The seed's fields (`id`, `request`, `timestamp` in; `id`, `response` out)
+//! are always present; the extensions (`timeout_ms`, `status`) are optional,
+//! and unknown fields are ignored, so seed devices and directcall devices
+//! interoperate in both directions.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Field};
+
+/// The status a reply without a `status` field stands for.
+pub const STATUS_OK: u16 = 200;
+
+/// What a requester publishes on a request topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestPayload {
+    /// The call's id (`m_id`).
+    pub id: String,
+    /// The caller's value, any JSON (a string in the seed).
+    #[serde(default)]
+    pub request: Value,
+    /// Requester's clock at send: milliseconds since the Unix epoch.
+    /// Written as a decimal string (seed format); a JSON number is accepted too.
+    #[serde(
+        serialize_with = "ser_decimal",
+        deserialize_with = "de_decimal",
+        default
+    )]
+    pub timestamp: Option<u64>,
+    /// *Extension*: the caller's remaining budget when sent, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What a device publishes on a reply (ack) topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyPayload {
+    /// The request's id.
+    pub id: String,
+    /// The device's answer, any JSON or `null`.
+    #[serde(default)]
+    pub response: Value,
+    /// *Extension*: the device's verdict, HTTP-like; 200 when absent.
+    #[serde(default = "default_status")]
+    pub status: u16,
+}
+
+fn default_status() -> u16 {
+    STATUS_OK
+}
+
+impl RequestPayload {
+    /// Encodes as JSON bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        // Serialising a struct of strings, numbers and a Value cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes JSON bytes.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Payload`] when `bytes` is not a JSON
+    /// object with a string `id`.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
+        serde_json::from_slice(bytes).map_err(|e| Error::invalid(Field::Payload, e.to_string()))
+    }
+}
+
+impl ReplyPayload {
+    /// Encodes as JSON bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes JSON bytes.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Payload`] when `bytes` is not a JSON
+    /// object with a string `id`, or `status` is not an integer 0–65535.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
+        serde_json::from_slice(bytes).map_err(|e| Error::invalid(Field::Payload, e.to_string()))
+    }
+}
+
+#[allow(clippy::ref_option)]
+fn ser_decimal<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+fn de_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Decimal {
+        Text(String),
+        Number(u64),
+        Null(()),
+    }
+    match Decimal::deserialize(d)? {
+        Decimal::Text(s) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom("timestamp must be decimal milliseconds")),
+        Decimal::Number(n) => Ok(Some(n)),
+        Decimal::Null(()) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn request_has_seed_fields_and_a_string_timestamp() {
+        let r = RequestPayload {
+            id: "abc".into(),
+            request: json!("my_request_1"),
+            timestamp: Some(1_764_300_000_000),
+            timeout_ms: Some(3000),
+        };
+        let v: Value = serde_json::from_slice(&r.to_vec()).unwrap();
+        assert_eq!(
+            v,
+            json!({"id":"abc","request":"my_request_1","timestamp":"1764300000000","timeout_ms":3000})
+        );
+        assert_eq!(RequestPayload::from_slice(&r.to_vec()).unwrap(), r);
+    }
+
+    #[test]
+    fn seed_request_decodes() {
+        let r = RequestPayload::from_slice(
+            br#"{"id":"x","request":"r","timestamp":"1700000000000","extra":[1,2]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.timestamp, Some(1_700_000_000_000));
+        assert_eq!(r.timeout_ms, None);
+        let r = RequestPayload::from_slice(br#"{"id":"x","request":{"a":1},"timestamp":17}"#).unwrap();
+        assert_eq!(r.timestamp, Some(17));
+        assert!(RequestPayload::from_slice(br#"{"id":"x","timestamp":"soon"}"#).is_err());
+    }
+
+    #[test]
+    fn reply_without_status_means_200() {
+        let r = ReplyPayload::from_slice(br#"{"id":"x","response":"hi","unknown":true}"#).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.response, json!("hi"));
+        let r = ReplyPayload::from_slice(br#"{"id":"x"}"#).unwrap();
+        assert_eq!(r.response, Value::Null);
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_naming_payload() {
+        for bad in [
+            &b"not json"[..],
+            b"[]",
+            b"{}",
+            b"{\"id\":5}",
+            b"{\"id\":\"x\",\"status\":-1}",
+            b"\xff\xfe",
+        ] {
+            let e = ReplyPayload::from_slice(bad).unwrap_err();
+            assert_eq!(e.field(), Field::Payload);
+        }
+    }
+}
