@@ -25,6 +25,8 @@ pub enum Field {
     Request,
     /// A JSON payload on the wire.
     Payload,
+    /// The broker address.
+    Broker,
 }
 
 impl Field {
@@ -39,6 +41,7 @@ impl Field {
             Field::Timeout => "timeout",
             Field::Request => "request",
             Field::Payload => "payload",
+            Field::Broker => "broker",
         }
     }
 }

@@ -6,7 +6,8 @@
 //! - [`wire`]: the JSON request and reply payloads;
 //! - [`deadline`]: call budgets and the device's expiry rule;
 //! - [`pending`]: the table of calls waiting for a reply, with a drop guard;
-//! - [`recent`]: a bounded memory of recent ids.
+//! - [`recent`]: a bounded memory of recent ids;
+//! - [`broker`]: broker address, connection settings and reconnect backoff.
 //!
 //! ```
 //! use directcall_core::{CallTopics, MessageId, Method, Prefix, Target};
@@ -22,6 +23,7 @@
 //! # Ok::<(), directcall_core::Error>(())
 //! ```
 
+pub mod broker;
 pub mod deadline;
 pub mod error;
 pub mod pending;
@@ -29,6 +31,7 @@ pub mod recent;
 pub mod topic;
 pub mod wire;
 
+pub use broker::{Backoff, BrokerOptions};
 pub use deadline::Deadline;
 pub use error::{Error, Field};
 pub use pending::{PendingGuard, PendingTable, Unmatched};

@@ -1,0 +1,101 @@
+use std::time::Duration;
+
+use directcall_core::pending::DEFAULT_RECENT_CAPACITY;
+use directcall_core::{BrokerOptions, Prefix};
+
+/// Default deadline of a call that names none (the seed's 10 s).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default largest number of calls in flight at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16_384;
+/// Default time [`Requester::connect`](crate::Requester::connect) waits to be ready.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Delivery guarantee of request publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RequestQos {
+    /// At most once (default): a request is never queued for later.
+    #[default]
+    AtMostOnce,
+    /// At least once: the broker acknowledges each request.
+    AtLeastOnce,
+}
+
+/// How a [`Requester`](crate::Requester) connects and behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub(crate) broker: BrokerOptions,
+    pub(crate) client_id: Option<String>,
+    pub(crate) prefix: Prefix,
+    pub(crate) qos: RequestQos,
+    pub(crate) max_in_flight: usize,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) recent_capacity: usize,
+}
+
+impl Options {
+    /// Options for `broker`, every other setting at its default.
+    pub fn new(broker: BrokerOptions) -> Self {
+        Options {
+            broker,
+            client_id: None,
+            prefix: Prefix::default(),
+            qos: RequestQos::default(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            recent_capacity: DEFAULT_RECENT_CAPACITY,
+        }
+    }
+
+    /// MQTT client id. Default: `{prefix}-` plus 12 random hex digits, unique
+    /// per process (a second connection with the same id would push the first
+    /// one off the broker).
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// The requester's prefix (default `invocation_client`). Replies come back
+    /// on `{prefix}/+/+/+/ack`.
+    pub fn prefix(mut self, prefix: Prefix) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
+    /// QoS of request publishes (default at most once).
+    pub fn qos(mut self, qos: RequestQos) -> Self {
+        self.qos = qos;
+        self
+    }
+
+    /// Largest number of calls in flight at once (default 16384); further
+    /// calls wait for a slot within their own deadline.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// How long [`Requester::connect`](crate::Requester::connect) waits for the
+    /// connection and subscription (default 10 s).
+    pub fn ready_timeout(mut self, d: Duration) -> Self {
+        self.ready_timeout = d;
+        self
+    }
+
+    /// How many ended calls are remembered to tell late and duplicate replies
+    /// from unknown ones (default 4096).
+    pub fn recent_capacity(mut self, n: usize) -> Self {
+        self.recent_capacity = n;
+        self
+    }
+
+    /// The broker settings.
+    pub fn broker(&self) -> &BrokerOptions {
+        &self.broker
+    }
+
+    /// The prefix.
+    pub fn prefix_ref(&self) -> &Prefix {
+        &self.prefix
+    }
+}

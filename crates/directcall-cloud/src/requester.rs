@@ -1,0 +1,480 @@
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use directcall_core::deadline::unix_millis;
+use directcall_core::topic::{check_call_length, reply_filter};
+use directcall_core::{
+    Backoff, CallTopics, Deadline, Field, MessageId, Method, PendingTable, Prefix, ReplyPayload,
+    RequestPayload, Target, Unmatched,
+};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
+use serde_json::Value;
+use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
+use crate::mqtt;
+use crate::options::{Options, RequestQos, DEFAULT_TIMEOUT};
+
+/// Room for MQTT's fixed header, topic length and packet id around a payload.
+const PUBLISH_OVERHEAD_BYTES: usize = 16;
+
+/// One call to make: which method on which device, with what, for how long.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    target: Target,
+    method: Method,
+    request: Value,
+    timeout: Duration,
+    start: Option<Instant>,
+}
+
+impl Invocation {
+    /// A call of `method` on `target` with `request`, with the default
+    /// 10 s timeout.
+    pub fn new(target: Target, method: Method, request: impl Into<Value>) -> Self {
+        Invocation {
+            target,
+            method,
+            request: request.into(),
+            timeout: DEFAULT_TIMEOUT,
+            start: None,
+        }
+    }
+
+    /// Validates the names and builds the call in one step.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming `target` or `method` when either breaks the
+    /// topic-level rule.
+    pub fn parse(target: &str, method: &str, request: impl Into<Value>) -> Result<Self, Error> {
+        Ok(Self::new(Target::new(target)?, Method::new(method)?, request))
+    }
+
+    /// The call's deadline, measured from its start (default 10 s). A zero
+    /// timeout is refused by [`Requester::invoke`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// When the call started, if earlier than `invoke` (an HTTP gateway passes
+    /// the request's arrival); the deadline and `elapsed` count from here.
+    pub fn started_at(mut self, start: Instant) -> Self {
+        self.start = Some(start);
+        self
+    }
+
+    /// The device.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+}
+
+/// A device's answer to one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The call's id.
+    pub id: MessageId,
+    /// The device's verdict, HTTP-like (200 when the device sent none).
+    pub status: u16,
+    /// The device's answer.
+    pub response: Value,
+    /// Time from the call's start to the reply.
+    pub elapsed: Duration,
+}
+
+/// Counters of a requester, read with [`Requester::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Calls waiting for a reply now.
+    pub pending: usize,
+    /// Whether the connection is up and subscribed.
+    pub connected: bool,
+    /// Requests published.
+    pub published: u64,
+    /// Replies that completed a call.
+    pub completed: u64,
+    /// Calls that ended with a timeout.
+    pub timeouts: u64,
+    /// Replies dropped: the call had already ended without a reply.
+    pub dropped_late: u64,
+    /// Replies dropped: the call had already been answered.
+    pub dropped_duplicate: u64,
+    /// Replies dropped: no such call.
+    pub dropped_unknown: u64,
+    /// Replies dropped: the topic names another target or method than the
+    /// call, or the payload's id differs from the topic's.
+    pub dropped_mismatched: u64,
+    /// Replies dropped: unparsable topic or payload.
+    pub dropped_malformed: u64,
+    /// Connections made after the first one.
+    pub reconnects: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    published: AtomicU64,
+    completed: AtomicU64,
+    timeouts: AtomicU64,
+    late: AtomicU64,
+    duplicate: AtomicU64,
+    unknown: AtomicU64,
+    mismatched: AtomicU64,
+    malformed: AtomicU64,
+    connects: AtomicU64,
+}
+
+type Waiter = oneshot::Sender<ReplyPayload>;
+
+#[derive(Debug)]
+struct Shared {
+    client: AsyncClient,
+    pending: PendingTable<Waiter>,
+    prefix: Prefix,
+    qos: QoS,
+    max_packet_bytes: usize,
+    permits: Semaphore,
+    connected: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
+    counters: Counters,
+}
+
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    driver: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the driver, which disconnects.
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+/// Makes synchronous calls to devices over one long-lived MQTT connection.
+///
+/// Cheap to clone; every clone shares the connection, and [`Requester::invoke`]
+/// may run from many tasks at once. One background task drives the
+/// connection: it reconnects with capped backoff, resubscribes, and hands each
+/// reply to the call waiting for it. The connection closes when
+/// [`Requester::shutdown`] is called or the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    handle: Arc<Handle>,
+}
+
+impl Requester {
+    /// Connects and waits until the reply subscription is acknowledged.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the broker cannot be reached and subscribed
+    /// within the options' ready timeout (default 10 s).
+    pub async fn connect(options: Options) -> Result<Self, Error> {
+        let ready_timeout = options.ready_timeout;
+        let requester = Self::start(options);
+        if requester.wait_ready(ready_timeout).await {
+            Ok(requester)
+        } else {
+            requester.shutdown().await;
+            Err(Error::Unavailable {
+                reason: format!(
+                    "not connected and subscribed within {} ms",
+                    ready_timeout.as_millis()
+                ),
+            })
+        }
+    }
+
+    /// Starts connecting in the background and returns at once; calls fail
+    /// with [`Error::Unavailable`] until the connection is ready. For services
+    /// that must start while the broker is down.
+    pub fn start(options: Options) -> Self {
+        let client_id = options.client_id.clone().unwrap_or_else(|| {
+            format!("{}-{:012x}", options.prefix, fastrand::u64(..) & 0xffff_ffff_ffff)
+        });
+        let (mqtt_options, network) = mqtt::options(&options.broker, &client_id);
+        // Every in-flight call holds at most one request in the channel.
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options, options.max_in_flight + 64);
+        eventloop.set_network_options(network);
+        let shared = Arc::new(Shared {
+            client,
+            pending: PendingTable::new(options.recent_capacity),
+            prefix: options.prefix.clone(),
+            qos: match options.qos {
+                RequestQos::AtLeastOnce => QoS::AtLeastOnce,
+                _ => QoS::AtMostOnce,
+            },
+            max_packet_bytes: options.broker.max_packet_bytes,
+            permits: Semaphore::new(options.max_in_flight),
+            connected: watch::Sender::new(false),
+            shutdown: watch::Sender::new(false),
+            counters: Counters::default(),
+        });
+        let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
+        let driver = tokio::spawn(drive(Arc::clone(&shared), eventloop, backoff));
+        Requester {
+            handle: Arc::new(Handle {
+                shared,
+                driver: Mutex::new(Some(driver)),
+            }),
+        }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    /// Waits until the connection is up and subscribed, at most `timeout`;
+    /// returns whether it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.shared().connected.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|up| *up))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether the connection is up and subscribed now.
+    pub fn is_connected(&self) -> bool {
+        *self.shared().connected.borrow()
+    }
+
+    /// The prefix replies come back under.
+    pub fn prefix(&self) -> &Prefix {
+        &self.shared().prefix
+    }
+
+    /// Calls `invocation.method` on `invocation.target` and waits for the
+    /// device's reply, never past the call's deadline.
+    ///
+    /// A reply with a non-200 `status` (404 unknown method, 500 handler
+    /// failed, ...) is still `Ok`: the device answered.
+    ///
+    /// # Errors
+    /// - [`Error::Invalid`] for a zero timeout or topics over 256 bytes;
+    /// - [`Error::PayloadTooLarge`] when the request exceeds the packet limit;
+    /// - [`Error::Unavailable`] when not connected (nothing was published);
+    /// - [`Error::Timeout`] when no reply came before the deadline;
+    /// - [`Error::Closed`] after [`Requester::shutdown`].
+    pub async fn invoke(&self, invocation: Invocation) -> Result<Reply, Error> {
+        let shared = self.shared();
+        let start = invocation.start.unwrap_or_else(Instant::now);
+        let deadline = Deadline::new(start, invocation.timeout);
+        if invocation.timeout.is_zero() {
+            return Err(Error::Invalid {
+                field: Field::Timeout,
+                reason: "must be greater than zero".into(),
+            });
+        }
+        check_call_length(&invocation.target, &invocation.method, &shared.prefix)?;
+        if *shared.shutdown.borrow() {
+            return Err(Error::Closed);
+        }
+        if !*shared.connected.borrow() {
+            return Err(Error::Unavailable {
+                reason: "not connected to the broker".into(),
+            });
+        }
+        let id = MessageId::new();
+        let call = CallTopics::new(invocation.target, invocation.method, shared.prefix.clone(), id)?;
+        let remaining = deadline.remaining();
+        let payload = RequestPayload {
+            id: id.to_string(),
+            request: invocation.request,
+            timestamp: Some(unix_millis(std::time::SystemTime::now())),
+            timeout_ms: Some(directcall_core::deadline::whole_millis(remaining)),
+        }
+        .to_vec();
+        let topic = call.request_topic();
+        let size = payload.len() + topic.len() + PUBLISH_OVERHEAD_BYTES;
+        if size > shared.max_packet_bytes {
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: shared.max_packet_bytes,
+            });
+        }
+        let timeout = |shared: &Shared| {
+            shared.counters.timeouts.fetch_add(1, Relaxed);
+            Error::Timeout {
+                elapsed: start.elapsed(),
+                id,
+            }
+        };
+        let at = tokio::time::Instant::from_std(deadline.at());
+        let Ok(permit) = tokio::time::timeout_at(at, shared.permits.acquire()).await else {
+            return Err(timeout(shared));
+        };
+        let _permit = permit.map_err(|_| Error::Closed)?;
+
+        let (tx, rx) = oneshot::channel();
+        let _guard = shared.pending.insert(&call, tx);
+        shared
+            .client
+            .try_publish(topic, shared.qos, false, payload)
+            .map_err(|e| Error::Unavailable {
+                reason: format!("request not queued: {e}"),
+            })?;
+        shared.counters.published.fetch_add(1, Relaxed);
+        match tokio::time::timeout_at(at, rx).await {
+            Ok(Ok(reply)) => Ok(Reply {
+                id,
+                status: reply.status,
+                response: reply.response,
+                elapsed: start.elapsed(),
+            }),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(timeout(shared)),
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let s = self.shared();
+        let c = &s.counters;
+        Stats {
+            pending: s.pending.len(),
+            connected: *s.connected.borrow(),
+            published: c.published.load(Relaxed),
+            completed: c.completed.load(Relaxed),
+            timeouts: c.timeouts.load(Relaxed),
+            dropped_late: c.late.load(Relaxed),
+            dropped_duplicate: c.duplicate.load(Relaxed),
+            dropped_unknown: c.unknown.load(Relaxed),
+            dropped_mismatched: c.mismatched.load(Relaxed),
+            dropped_malformed: c.malformed.load(Relaxed),
+            reconnects: c.connects.load(Relaxed).saturating_sub(1),
+        }
+    }
+
+    /// Stops intake, ends pending calls with [`Error::Closed`], disconnects
+    /// cleanly and waits for the connection task to finish. Every clone is
+    /// closed.
+    pub async fn shutdown(&self) {
+        self.shared().shutdown.send_replace(true);
+        let driver = self
+            .handle
+            .driver
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(driver) = driver {
+            let _ = driver.await;
+        }
+    }
+}
+
+async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backoff) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let filter = reply_filter(&shared.prefix);
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) => shared.on_reply(&p.topic, &p.payload),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                shared.counters.connects.fetch_add(1, Relaxed);
+                tracing::debug!("connected; subscribing to {filter}");
+                // Never await the client here: a full request channel would
+                // deadlock the only task that drains it.
+                if shared.client.try_subscribe(filter.clone(), QoS::AtLeastOnce).is_err() {
+                    let client = shared.client.clone();
+                    let filter = filter.clone();
+                    tokio::spawn(async move { client.subscribe(filter, QoS::AtLeastOnce).await });
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
+                    shared.connected.send_replace(true);
+                    tracing::debug!("subscribed to {filter}; ready");
+                } else {
+                    tracing::error!("broker refused the subscription to {filter}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                shared.connected.send_replace(false);
+                let delay = backoff.next_delay(fastrand::f64());
+                tracing::warn!("broker connection: {e}; retrying in {} ms", delay.as_millis());
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    shared.connected.send_replace(false);
+    // Waiters dropped here end their calls with `Closed`.
+    drop(shared.pending.drain());
+    if shared.client.try_disconnect().is_ok() {
+        // Let the DISCONNECT go out, briefly.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(event) = eventloop.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl Shared {
+    fn on_reply(&self, topic: &str, payload: &[u8]) {
+        let c = &self.counters;
+        let Ok(call) = CallTopics::parse_reply(topic) else {
+            c.malformed.fetch_add(1, Relaxed);
+            tracing::debug!(topic, "dropped reply: malformed topic");
+            return;
+        };
+        if *call.prefix() != self.prefix {
+            c.unknown.fetch_add(1, Relaxed);
+            return;
+        }
+        let reply = match ReplyPayload::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                c.malformed.fetch_add(1, Relaxed);
+                tracing::debug!(topic, "dropped reply: {e}");
+                return;
+            }
+        };
+        if MessageId::parse(&reply.id).ok() != Some(call.id()) {
+            c.mismatched.fetch_add(1, Relaxed);
+            tracing::debug!(topic, "dropped reply: payload id differs from the topic's");
+            return;
+        }
+        match self.pending.complete(&call) {
+            Ok(waiter) => {
+                if waiter.send(reply).is_ok() {
+                    c.completed.fetch_add(1, Relaxed);
+                } else {
+                    // The caller gave up between our lookup and the send.
+                    c.late.fetch_add(1, Relaxed);
+                }
+            }
+            Err(reason) => {
+                let counter = match reason {
+                    Unmatched::Late => &c.late,
+                    Unmatched::Duplicate => &c.duplicate,
+                    Unmatched::Mismatched => &c.mismatched,
+                    _ => &c.unknown,
+                };
+                counter.fetch_add(1, Relaxed);
+                tracing::debug!(topic, ?reason, "dropped reply");
+            }
+        }
+    }
+}
