@@ -26,5 +26,7 @@ mod requester;
 
 pub use directcall_core::{BrokerOptions, Field, MessageId, Method, Prefix, Target};
 pub use error::Error;
-pub use options::{Options, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_TIMEOUT};
+pub use options::{
+    Options, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_TIMEOUT,
+};
 pub use requester::{Invocation, Reply, Requester, Stats};

@@ -49,7 +49,11 @@ impl Invocation {
     /// [`Error::Invalid`] naming `target` or `method` when either breaks the
     /// topic-level rule.
     pub fn parse(target: &str, method: &str, request: impl Into<Value>) -> Result<Self, Error> {
-        Ok(Self::new(Target::new(target)?, Method::new(method)?, request))
+        Ok(Self::new(
+            Target::new(target)?,
+            Method::new(method)?,
+            request,
+        ))
     }
 
     /// The call's deadline, measured from its start (default 10 s). A zero
@@ -199,7 +203,11 @@ impl Requester {
     /// that must start while the broker is down.
     pub fn start(options: Options) -> Self {
         let client_id = options.client_id.clone().unwrap_or_else(|| {
-            format!("{}-{:012x}", options.prefix, fastrand::u64(..) & 0xffff_ffff_ffff)
+            format!(
+                "{}-{:012x}",
+                options.prefix,
+                fastrand::u64(..) & 0xffff_ffff_ffff
+            )
         });
         let (mqtt_options, network) = mqtt::options(&options.broker, &client_id);
         // Every in-flight call holds at most one request in the channel.
@@ -284,7 +292,12 @@ impl Requester {
             });
         }
         let id = MessageId::new();
-        let call = CallTopics::new(invocation.target, invocation.method, shared.prefix.clone(), id)?;
+        let call = CallTopics::new(
+            invocation.target,
+            invocation.method,
+            shared.prefix.clone(),
+            id,
+        )?;
         let remaining = deadline.remaining();
         let payload = RequestPayload {
             id: id.to_string(),
@@ -388,14 +401,22 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backo
                 tracing::debug!("connected; subscribing to {filter}");
                 // Never await the client here: a full request channel would
                 // deadlock the only task that drains it.
-                if shared.client.try_subscribe(filter.clone(), QoS::AtLeastOnce).is_err() {
+                if shared
+                    .client
+                    .try_subscribe(filter.clone(), QoS::AtLeastOnce)
+                    .is_err()
+                {
                     let client = shared.client.clone();
                     let filter = filter.clone();
                     tokio::spawn(async move { client.subscribe(filter, QoS::AtLeastOnce).await });
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
+                if ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
+                {
                     shared.connected.send_replace(true);
                     tracing::debug!("subscribed to {filter}; ready");
                 } else {
@@ -406,7 +427,10 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backo
             Err(e) => {
                 shared.connected.send_replace(false);
                 let delay = backoff.next_delay(fastrand::f64());
-                tracing::warn!("broker connection: {e}; retrying in {} ms", delay.as_millis());
+                tracing::warn!(
+                    "broker connection: {e}; retrying in {} ms",
+                    delay.as_millis()
+                );
                 tokio::select! {
                     biased;
                     _ = shutdown.wait_for(|stop| *stop) => break,
@@ -458,10 +482,12 @@ impl Shared {
         }
         match self.pending.complete(&call) {
             Ok(waiter) => {
-                if waiter.send(reply).is_ok() {
-                    c.completed.fetch_add(1, Relaxed);
-                } else {
+                // Counted before the send, so a caller reading stats after
+                // its reply sees it.
+                c.completed.fetch_add(1, Relaxed);
+                if waiter.send(reply).is_err() {
                     // The caller gave up between our lookup and the send.
+                    c.completed.fetch_sub(1, Relaxed);
                     c.late.fetch_add(1, Relaxed);
                 }
             }

@@ -72,11 +72,9 @@ impl BrokerOptions {
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| Error::invalid(Field::Broker, format!("port {p:?} is not 1-65535")))?;
+                let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    Error::invalid(Field::Broker, format!("port {p:?} is not 1-65535"))
+                })?;
                 (h, port)
             }
             _ => (rest, DEFAULT_MQTT_PORT),
@@ -133,7 +131,13 @@ mod tests {
         assert_eq!((b.host.as_str(), b.port), ("localhost", 1883));
         let b = BrokerOptions::from_url("mqtt://[::1]:1999").unwrap();
         assert_eq!((b.host.as_str(), b.port), ("::1", 1999));
-        for bad in ["http://x", "mqtt://:1", "mqtt://h:0", "mqtt://h:x", "mqtt://"] {
+        for bad in [
+            "http://x",
+            "mqtt://:1",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://",
+        ] {
             let e = BrokerOptions::from_url(bad).unwrap_err();
             assert_eq!(e.field(), Field::Broker, "{bad}");
         }

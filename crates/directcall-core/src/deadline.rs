@@ -105,7 +105,10 @@ mod tests {
         let start = Instant::now();
         let d = Deadline::new(start, Duration::from_millis(50));
         assert_eq!(d.remaining_at(start), Duration::from_millis(50));
-        assert_eq!(d.remaining_at(start + Duration::from_secs(1)), Duration::ZERO);
+        assert_eq!(
+            d.remaining_at(start + Duration::from_secs(1)),
+            Duration::ZERO
+        );
         assert!(!d.is_past(start + Duration::from_millis(49)));
         assert!(d.is_past(start + Duration::from_millis(50)));
     }

@@ -229,8 +229,14 @@ mod tests {
         let t = PendingTable::default();
         let c = call("car-a", "unlock");
         let _guard = t.insert(&c, ());
-        assert_eq!(t.complete(&reply_for(&c, "car-b", "unlock")), Err(Unmatched::Mismatched));
-        assert_eq!(t.complete(&reply_for(&c, "car-a", "lock")), Err(Unmatched::Mismatched));
+        assert_eq!(
+            t.complete(&reply_for(&c, "car-b", "unlock")),
+            Err(Unmatched::Mismatched)
+        );
+        assert_eq!(
+            t.complete(&reply_for(&c, "car-a", "lock")),
+            Err(Unmatched::Mismatched)
+        );
         assert_eq!(t.len(), 1);
         assert_eq!(t.complete(&c), Ok(()));
     }

@@ -210,7 +210,12 @@ impl CallTopics {
     /// # Errors
     /// [`Error::Invalid`] for [`Field::Topic`] when the reply topic (the longer
     /// of the two) would exceed 256 bytes.
-    pub fn new(target: Target, method: Method, prefix: Prefix, id: MessageId) -> Result<Self, Error> {
+    pub fn new(
+        target: Target,
+        method: Method,
+        prefix: Prefix,
+        id: MessageId,
+    ) -> Result<Self, Error> {
         check_call_length(&target, &method, &prefix)?;
         Ok(CallTopics {
             target,
@@ -454,7 +459,10 @@ mod tests {
     fn errors_name_the_field() {
         let e = Target::new("a/b").unwrap_err();
         assert_eq!(e.field(), Field::Target);
-        assert!(e.to_string().starts_with("invalid target: contains '/'"), "{e}");
+        assert!(
+            e.to_string().starts_with("invalid target: contains '/'"),
+            "{e}"
+        );
         let e = Method::new("").unwrap_err();
         assert_eq!(e.to_string(), "invalid method: must not be empty");
         let e = Prefix::new("x".repeat(129)).unwrap_err();

@@ -140,7 +140,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.timestamp, Some(1_700_000_000_000));
         assert_eq!(r.timeout_ms, None);
-        let r = RequestPayload::from_slice(br#"{"id":"x","request":{"a":1},"timestamp":17}"#).unwrap();
+        let r =
+            RequestPayload::from_slice(br#"{"id":"x","request":{"a":1},"timestamp":17}"#).unwrap();
         assert_eq!(r.timestamp, Some(17));
         assert!(RequestPayload::from_slice(br#"{"id":"x","timestamp":"soon"}"#).is_err());
     }

@@ -6,7 +6,8 @@ use directcall_core::deadline::{is_expired, unix_millis, DEFAULT_SKEW};
 use directcall_core::recent::RecentIds;
 use directcall_core::topic::device_filter;
 use directcall_core::{
-    Backoff, BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload, Target,
+    Backoff, BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload,
+    Target,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Packet, QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
@@ -160,8 +161,8 @@ struct Shared {
     target: Target,
     skew: Option<Duration>,
     slots: Arc<Semaphore>,
-    waiting: AtomicUsize,
-    max_waiting: usize,
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
     seen: Mutex<RecentIds<MessageId, ()>>,
     presence_topic: Option<String>,
     connected: watch::Sender<bool>,
@@ -177,7 +178,9 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("target", &self.shared.target).finish()
+        f.debug_struct("Device")
+            .field("target", &self.shared.target)
+            .finish()
     }
 }
 
@@ -199,7 +202,10 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         .clone()
         .unwrap_or_else(|| options.target.to_string());
     let (mut mqtt_options, network) = mqtt::options(&options.broker, &client_id);
-    let presence_topic = options.presence.as_ref().map(|root| root.topic(&options.target));
+    let presence_topic = options
+        .presence
+        .as_ref()
+        .map(|root| root.topic(&options.target));
     if let Some(topic) = &presence_topic {
         mqtt_options.set_last_will(LastWill::new(
             topic.clone(),
@@ -217,8 +223,8 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         target: options.target.clone(),
         skew: options.skew,
         slots: Arc::new(Semaphore::new(options.max_concurrent)),
-        waiting: AtomicUsize::new(0),
-        max_waiting: options.max_concurrent + options.max_queued,
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: options.max_concurrent + options.max_queued,
         seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
         presence_topic,
         connected: watch::Sender::new(false),
@@ -344,7 +350,10 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backo
             Err(e) => {
                 shared.connected.send_replace(false);
                 let delay = backoff.next_delay(fastrand::f64());
-                tracing::warn!("broker connection: {e}; retrying in {} ms", delay.as_millis());
+                tracing::warn!(
+                    "broker connection: {e}; retrying in {} ms",
+                    delay.as_millis()
+                );
                 tokio::select! {
                     biased;
                     _ = shutdown.wait_for(|stop| *stop) => break,
@@ -366,6 +375,15 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backo
             }
         })
         .await;
+    }
+}
+
+/// Counts a request as in flight until it is answered or dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -401,7 +419,9 @@ impl Shared {
                         client.publish(topic, QoS::AtLeastOnce, true, p).await
                     }
                     Outgoing::Reply(payload) => {
-                        client.publish(topic, QoS::AtLeastOnce, false, payload).await
+                        client
+                            .publish(topic, QoS::AtLeastOnce, false, payload)
+                            .await
                     }
                 };
             });
@@ -459,20 +479,25 @@ impl Shared {
         }
         let Some(handler) = this.router.get(call.method()) else {
             c.unknown_method.fetch_add(1, Relaxed);
-            this.reply(&call, 404, json!(format!("unknown method '{}'", call.method())));
+            this.reply(
+                &call,
+                404,
+                json!(format!("unknown method '{}'", call.method())),
+            );
             return;
         };
-        if this.waiting.fetch_add(1, Relaxed) >= this.max_waiting {
-            this.waiting.fetch_sub(1, Relaxed);
+        if this.in_flight.fetch_add(1, Relaxed) >= this.max_in_flight {
+            this.in_flight.fetch_sub(1, Relaxed);
             c.busy.fetch_add(1, Relaxed);
             this.reply(&call, 503, json!("busy: too many requests waiting"));
             return;
         }
         let shared = Arc::clone(this);
         tokio::spawn(async move {
-            let slot = Arc::clone(&shared.slots).acquire_owned().await;
-            shared.waiting.fetch_sub(1, Relaxed);
-            let Ok(_slot) = slot else { return };
+            let _in_flight = InFlight(&shared.in_flight);
+            let Ok(_slot) = Arc::clone(&shared.slots).acquire_owned().await else {
+                return;
+            };
             // It may have waited for its slot past its deadline.
             if shared.is_expired(&request) {
                 shared.counters.expired.fetch_add(1, Relaxed);

@@ -27,8 +27,8 @@ mod handler;
 mod mqtt;
 
 pub use device::{
-    serve, Device, DeviceOptions, DeviceStats, Error, DEFAULT_DEDUP_CAPACITY, DEFAULT_MAX_CONCURRENT,
-    DEFAULT_MAX_QUEUED,
+    serve, Device, DeviceOptions, DeviceStats, Error, DEFAULT_DEDUP_CAPACITY,
+    DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED,
 };
 pub use directcall_core::{BrokerOptions, MessageId, Method, Prefix, PresenceRoot, Target};
 pub use handler::{Handler, HandlerError, MethodCall, Router};

@@ -1,0 +1,90 @@
+//! Micro-benchmarks of the sans-IO core: topic build/parse, payload
+//! encode/decode, and the pending table.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use directcall_core::{
+    CallTopics, MessageId, Method, PendingTable, Prefix, ReplyPayload, RequestPayload, Target,
+};
+use serde_json::json;
+
+fn call() -> CallTopics {
+    CallTopics::new(
+        Target::new("Device001").unwrap(),
+        Method::new("reqid-ABCD").unwrap(),
+        Prefix::default(),
+        MessageId::new(),
+    )
+    .unwrap()
+}
+
+fn topics(c: &mut Criterion) {
+    let mut g = c.benchmark_group("topic");
+    g.throughput(Throughput::Elements(1));
+    let call = call();
+    let reply = call.reply_topic();
+    g.bench_function("validate+build request", |b| {
+        b.iter(|| {
+            let c = CallTopics::new(
+                Target::new(black_box("Device001")).unwrap(),
+                Method::new(black_box("reqid-ABCD")).unwrap(),
+                Prefix::default(),
+                MessageId::new(),
+            )
+            .unwrap();
+            black_box(c.request_topic())
+        })
+    });
+    g.bench_function("parse reply", |b| {
+        b.iter(|| black_box(CallTopics::parse_reply(black_box(&reply)).unwrap()))
+    });
+    g.finish();
+}
+
+fn payloads(c: &mut Criterion) {
+    let mut g = c.benchmark_group("payload");
+    g.throughput(Throughput::Elements(1));
+    let request = RequestPayload {
+        id: MessageId::new().to_string(),
+        request: json!("my_request_1"),
+        timestamp: Some(1_764_300_000_000),
+        timeout_ms: Some(3000),
+    };
+    let reply = ReplyPayload {
+        id: MessageId::new().to_string(),
+        response: json!(
+            "Your request was 'my_request_1'. Some random response: '333.0155808661127'"
+        ),
+        status: 200,
+    }
+    .to_vec();
+    g.bench_function("encode request", |b| b.iter(|| black_box(request.to_vec())));
+    g.bench_function("decode reply", |b| {
+        b.iter(|| black_box(ReplyPayload::from_slice(black_box(&reply)).unwrap()))
+    });
+    g.finish();
+}
+
+fn pending(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pending");
+    g.throughput(Throughput::Elements(1));
+    let table = PendingTable::<u64>::default();
+    // 100k calls already waiting: insert + complete one more.
+    let _held: Vec<_> = (0..100_000).map(|i| table.insert(&call(), i)).collect();
+    let calls: Vec<_> = (0..1024).map(|_| call()).collect();
+    let mut i = 0;
+    g.bench_function("insert+complete at 100k pending", |b| {
+        b.iter(|| {
+            let c = &calls[i % calls.len()];
+            i += 1;
+            let guard = table.insert(c, 1);
+            black_box(table.complete(c).unwrap());
+            drop(guard);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, topics, payloads, pending);
+criterion_main!(benches);

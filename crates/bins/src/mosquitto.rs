@@ -1,0 +1,158 @@
+//! A private Mosquitto for tests and benchmarks: started from the `mosquitto`
+//! binary on a free port with its own config, never the machine's 1883.
+
+use std::fs::{self, File};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use directcall_core::BrokerOptions;
+
+use crate::broker::free_port;
+
+/// A Mosquitto process owned by this one; killed on drop.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    binary: PathBuf,
+}
+
+/// Where the `mosquitto` binary is: `$MOSQUITTO`, then `$PATH`, then
+/// `/usr/sbin` (where Debian puts it, often off a user's `$PATH`).
+pub fn mosquitto_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MOSQUITTO") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+impl Mosquitto {
+    /// Starts Mosquitto on a free port with `extra` appended to its config
+    /// (the listener, `allow_anonymous true` and `set_tcp_nodelay true` are
+    /// always there). `Ok(None)` when the binary is not installed.
+    ///
+    /// # Errors
+    /// When it is installed but does not start listening within 5 s.
+    pub fn start(extra: &str) -> std::io::Result<Option<Self>> {
+        let Some(binary) = mosquitto_binary() else {
+            return Ok(None);
+        };
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!(
+            "directcall-mosquitto-{}-{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir)?;
+        let config = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+             persistence false\nmax_queued_messages 100000\nmax_inflight_messages 1000\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+        );
+        fs::write(dir.join("mosquitto.conf"), config)?;
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir,
+            binary,
+        };
+        m.spawn()?;
+        Ok(Some(m))
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mosquitto.log"))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let until = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(std::io::Error::other(format!(
+                    "mosquitto exited with {status}: {}",
+                    self.log()
+                )));
+            }
+            if Instant::now() > until {
+                return Err(std::io::Error::other(format!(
+                    "mosquitto did not listen on {addr} within 5 s: {}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its URL, `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Connection settings for it.
+    pub fn options(&self) -> BrokerOptions {
+        BrokerOptions::new("127.0.0.1", self.port)
+    }
+
+    /// The folder holding its config and log; tests put certificates here.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Kills it with SIGKILL, as a crash would: no client is told.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same config.
+    ///
+    /// # Errors
+    /// When it does not listen again within 5 s.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

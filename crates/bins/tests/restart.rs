@@ -1,0 +1,103 @@
+//! The broker killed and restarted mid-run (Mosquitto: the embedded rumqttd
+//! cannot be stopped), and a requester started while no broker listens.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{car_router, device, requester, unique, within, Kind, TestBroker};
+use directcall_cloud::{Error, Invocation, Options, Requester};
+use directcall_core::BrokerOptions;
+use serde_json::{json, Value};
+
+fn call(target: &str, timeout_ms: u64) -> Invocation {
+    Invocation::parse(target, "alarm_off", Value::Null)
+        .unwrap()
+        .timeout(Duration::from_millis(timeout_ms))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_survive_a_broker_restart_on_the_same_port() {
+    let Some(mut b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let car = unique("car");
+    let dev = device(&b, &car, car_router()).await;
+    let r = requester(&b).await;
+    assert_eq!(
+        within(10, r.invoke(call(&car, 5000)))
+            .await
+            .unwrap()
+            .response,
+        json!("alarm off")
+    );
+
+    b.mosquitto.as_mut().unwrap().kill();
+    // Calls during the outage end by their deadlines, as Timeout or Unavailable.
+    let outage: Vec<_> = (0..20)
+        .map(|_| {
+            let r = r.clone();
+            let car = car.clone();
+            tokio::spawn(async move { r.invoke(call(&car, 800)).await })
+        })
+        .collect();
+    for t in outage {
+        match within(10, t).await.unwrap() {
+            Err(Error::Timeout { elapsed, .. }) => {
+                assert!(
+                    elapsed < Duration::from_millis(800 + 400),
+                    "waited past its deadline: {elapsed:?}"
+                )
+            }
+            Err(Error::Unavailable { .. }) => {}
+            other => panic!("expected Timeout or Unavailable during the outage, got {other:?}"),
+        }
+    }
+    assert_eq!(r.stats().pending, 0);
+    within(10, async {
+        while r.is_connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let e = r.invoke(call(&car, 5000)).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Unavailable { .. }),
+        "known-down fails at once: {e:?}"
+    );
+
+    b.mosquitto.as_mut().unwrap().restart().unwrap();
+    assert!(
+        r.wait_ready(Duration::from_secs(10)).await,
+        "requester reconnects and resubscribes"
+    );
+    within(10, async {
+        while !dev.is_connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Without restarting either side:
+    let reply = within(10, r.invoke(call(&car, 5000))).await.unwrap();
+    assert_eq!(reply.response, json!("alarm off"));
+    let s = r.stats();
+    assert_eq!(s.pending, 0);
+    assert!(s.reconnects >= 1, "{s:?}");
+}
+
+#[tokio::test]
+async fn a_requester_without_a_broker_is_unavailable_not_hung() {
+    let port = directcall_bins::free_port().unwrap();
+    let options = Options::new(BrokerOptions::new("127.0.0.1", port))
+        .ready_timeout(Duration::from_millis(500));
+    let e = within(10, Requester::connect(options.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+
+    let lazy = Requester::start(options);
+    let e = within(5, lazy.invoke(call("car", 3000))).await.unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    assert_eq!(lazy.stats().pending, 0);
+    within(5, lazy.shutdown()).await;
+}
