@@ -608,3 +608,62 @@ async fn shutdown_ends_pending_calls_with_closed(b: TestBroker) {
     assert_eq!(r.stats().pending, 0);
 }
 both_brokers!(shutdown_ends_pending_calls_with_closed);
+
+async fn a_call_to_a_crashed_device_fails_offline_at_once(b: TestBroker) {
+    let car = unique("car");
+    let root = PresenceRoot::new(unique("presence")).unwrap();
+    let dev = device_with(&b, &car, car_router(), |o| o.presence(root.clone())).await;
+    let r = common::requester_with(&b, |o| o.presence(root.clone())).await;
+    let ok = within(10, r.invoke(call(&car, "alarm_off", Value::Null, 5000)))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    // killed without DISCONNECT: the broker publishes its will
+    dev.abort().await;
+    let offline = within(10, async {
+        loop {
+            match r.invoke(call(&car, "alarm_off", Value::Null, 300)).await {
+                Err(Error::Offline { target }) => break target,
+                Ok(reply) => panic!("a dead device answered: {reply:?}"),
+                Err(_) => {} // the will may not have arrived yet
+            }
+        }
+    })
+    .await;
+    assert_eq!(offline, car);
+    let published = r.stats().published;
+    let started = Instant::now();
+    let e = r
+        .invoke(call(&car, "alarm_off", Value::Null, 5000))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Offline { .. }), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "offline must not wait out the timeout"
+    );
+    assert_eq!(
+        r.stats().published,
+        published,
+        "nothing is published to an offline target"
+    );
+    // a target with no record is tried as usual
+    let e = r
+        .invoke(call(&unique("unknown"), "x", Value::Null, 200))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    // the device comes back: callable again
+    let _back = device_with(&b, &car, car_router(), |o| o.presence(root.clone())).await;
+    let reply = within(10, async {
+        loop {
+            if let Ok(reply) = r.invoke(call(&car, "alarm_off", Value::Null, 1000)).await {
+                break reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(reply.response, json!("alarm off"));
+}
+both_brokers!(a_call_to_a_crashed_device_fails_offline_at_once);

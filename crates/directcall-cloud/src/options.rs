@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use directcall_core::pending::DEFAULT_RECENT_CAPACITY;
-use directcall_core::{BrokerOptions, Prefix};
+use directcall_core::{BrokerOptions, Prefix, PresenceRoot};
 
 /// Default deadline of a call that names none (the seed's 10 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +31,7 @@ pub struct Options {
     pub(crate) max_in_flight: usize,
     pub(crate) ready_timeout: Duration,
     pub(crate) recent_capacity: usize,
+    pub(crate) presence: Option<PresenceRoot>,
 }
 
 impl Options {
@@ -44,6 +45,7 @@ impl Options {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             recent_capacity: DEFAULT_RECENT_CAPACITY,
+            presence: None,
         }
     }
 
@@ -86,6 +88,15 @@ impl Options {
     /// from unknown ones (default 4096).
     pub fn recent_capacity(mut self, n: usize) -> Self {
         self.recent_capacity = n;
+        self
+    }
+
+    /// Track device presence under `root` (PROTOCOL.md, "Presence"): a call
+    /// to a target whose last record says `{"online": false}` fails at once
+    /// with [`Error::Offline`](crate::Error::Offline); a target with no record
+    /// is tried as usual. Default: off.
+    pub fn presence(mut self, root: PresenceRoot) -> Self {
+        self.presence = Some(root);
         self
     }
 

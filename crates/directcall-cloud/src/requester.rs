@@ -1,14 +1,15 @@
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use directcall_core::deadline::unix_millis;
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
-    Backoff, CallTopics, Deadline, Field, MessageId, Method, PendingTable, Prefix, ReplyPayload,
-    RequestPayload, Target, Unmatched,
+    Backoff, CallTopics, Deadline, Field, MessageId, Method, PendingTable, Prefix, PresenceRoot,
+    ReplyPayload, RequestPayload, Target, Unmatched,
 };
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use serde_json::Value;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -149,6 +150,14 @@ struct Shared {
     connected: watch::Sender<bool>,
     shutdown: watch::Sender<bool>,
     counters: Counters,
+    presence: Option<Presence>,
+}
+
+/// The last presence record of each target that published one.
+#[derive(Debug)]
+struct Presence {
+    root: PresenceRoot,
+    online: RwLock<HashMap<Target, bool>>,
 }
 
 #[derive(Debug)]
@@ -226,6 +235,10 @@ impl Requester {
             connected: watch::Sender::new(false),
             shutdown: watch::Sender::new(false),
             counters: Counters::default(),
+            presence: options.presence.clone().map(|root| Presence {
+                root,
+                online: RwLock::new(HashMap::new()),
+            }),
         });
         let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
         let driver = tokio::spawn(drive(Arc::clone(&shared), eventloop, backoff));
@@ -269,6 +282,7 @@ impl Requester {
     /// # Errors
     /// - [`Error::Invalid`] for a zero timeout or topics over 256 bytes;
     /// - [`Error::PayloadTooLarge`] when the request exceeds the packet limit;
+    /// - [`Error::Offline`] when presence tracking knows the target is offline;
     /// - [`Error::Unavailable`] when not connected (nothing was published);
     /// - [`Error::Timeout`] when no reply came before the deadline;
     /// - [`Error::Closed`] after [`Requester::shutdown`].
@@ -289,6 +303,11 @@ impl Requester {
         if !*shared.connected.borrow() {
             return Err(Error::Unavailable {
                 reason: "not connected to the broker".into(),
+            });
+        }
+        if shared.is_offline(&invocation.target) {
+            return Err(Error::Offline {
+                target: invocation.target.to_string(),
             });
         }
         let id = MessageId::new();
@@ -387,6 +406,10 @@ impl Requester {
 async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backoff) {
     let mut shutdown = shared.shutdown.subscribe();
     let filter = reply_filter(&shared.prefix);
+    let mut filters = vec![SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce)];
+    if let Some(p) = &shared.presence {
+        filters.push(SubscribeFilter::new(p.root.filter(), QoS::AtLeastOnce));
+    }
     loop {
         let event = tokio::select! {
             biased;
@@ -394,21 +417,17 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backo
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => shared.on_reply(&p.topic, &p.payload),
+            Ok(Event::Incoming(Packet::Publish(p))) => shared.on_publish(&p.topic, &p.payload),
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
                 shared.counters.connects.fetch_add(1, Relaxed);
                 tracing::debug!("connected; subscribing to {filter}");
                 // Never await the client here: a full request channel would
                 // deadlock the only task that drains it.
-                if shared
-                    .client
-                    .try_subscribe(filter.clone(), QoS::AtLeastOnce)
-                    .is_err()
-                {
+                if shared.client.try_subscribe_many(filters.clone()).is_err() {
                     let client = shared.client.clone();
-                    let filter = filter.clone();
-                    tokio::spawn(async move { client.subscribe(filter, QoS::AtLeastOnce).await });
+                    let filters = filters.clone();
+                    tokio::spawn(async move { client.subscribe_many(filters).await });
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -456,6 +475,36 @@ async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backo
 }
 
 impl Shared {
+    fn is_offline(&self, target: &Target) -> bool {
+        self.presence.as_ref().is_some_and(|p| {
+            let online = p.online.read().unwrap_or_else(|e| e.into_inner());
+            online.get(target) == Some(&false)
+        })
+    }
+
+    fn on_publish(&self, topic: &str, payload: &[u8]) {
+        if let Some(p) = &self.presence {
+            if let Some(target) = p.root.parse(topic) {
+                let record: Option<bool> = serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v.get("online")?.as_bool());
+                let mut online = p.online.write().unwrap_or_else(|e| e.into_inner());
+                match record {
+                    Some(up) => {
+                        tracing::debug!(%target, online = up, "presence");
+                        online.insert(target, up);
+                    }
+                    // An empty retained message clears the record.
+                    None => {
+                        online.remove(&target);
+                    }
+                }
+                return;
+            }
+        }
+        self.on_reply(topic, payload);
+    }
+
     fn on_reply(&self, topic: &str, payload: &[u8]) {
         let c = &self.counters;
         let Ok(call) = CallTopics::parse_reply(topic) else {

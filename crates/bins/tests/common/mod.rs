@@ -106,13 +106,18 @@ pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
 
 /// A requester with its own prefix, so parallel tests never see each other's replies.
 pub async fn requester(b: &TestBroker) -> Requester {
+    requester_with(b, |o| o).await
+}
+
+pub async fn requester_with(
+    b: &TestBroker,
+    configure: impl FnOnce(Options) -> Options,
+) -> Requester {
     let prefix = Prefix::new(unique("test")).unwrap();
-    within(
-        15,
-        Requester::connect(Options::new(b.options()).prefix(prefix)),
-    )
-    .await
-    .expect("requester connects")
+    let options = configure(Options::new(b.options()).prefix(prefix));
+    within(15, Requester::connect(options))
+        .await
+        .expect("requester connects")
 }
 
 /// The example car: `windows_down` and `alarm_off`.
