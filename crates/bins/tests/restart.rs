@@ -95,7 +95,7 @@ async fn a_requester_without_a_broker_is_unavailable_not_hung() {
         .unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
 
-    let lazy = Requester::start(options);
+    let lazy = Requester::start(options).unwrap();
     let e = within(5, lazy.invoke(call("car", 3000))).await.unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
     assert_eq!(lazy.stats().pending, 0);

@@ -19,12 +19,15 @@
 //! # Ok(()) }
 //! ```
 
+#[doc(hidden)]
+pub mod connection;
 mod error;
-mod mqtt;
 mod options;
 mod requester;
 
-pub use directcall_core::{BrokerOptions, Field, MessageId, Method, Prefix, Target};
+pub use directcall_core::{
+    BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,
+};
 pub use error::Error;
 pub use options::{
     Options, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_TIMEOUT,

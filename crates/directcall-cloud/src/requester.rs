@@ -3,19 +3,19 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use directcall_core::deadline::unix_millis;
+use directcall_core::deadline::{unix_millis, whole_millis};
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
     Backoff, CallTopics, Deadline, Field, MessageId, Method, PendingTable, Prefix, PresenceRoot,
     ReplyPayload, RequestPayload, Target, Unmatched,
 };
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use serde_json::Value;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::connection::{self, Session};
 use crate::error::Error;
-use crate::mqtt;
 use crate::options::{Options, RequestQos, DEFAULT_TIMEOUT};
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
@@ -193,7 +193,7 @@ impl Requester {
     /// within the options' ready timeout (default 10 s).
     pub async fn connect(options: Options) -> Result<Self, Error> {
         let ready_timeout = options.ready_timeout;
-        let requester = Self::start(options);
+        let requester = Self::start(options)?;
         if requester.wait_ready(ready_timeout).await {
             Ok(requester)
         } else {
@@ -210,7 +210,10 @@ impl Requester {
     /// Starts connecting in the background and returns at once; calls fail
     /// with [`Error::Unavailable`] until the connection is ready. For services
     /// that must start while the broker is down.
-    pub fn start(options: Options) -> Self {
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming `broker` when its TLS material is unusable.
+    pub fn start(options: Options) -> Result<Self, Error> {
         let client_id = options.client_id.clone().unwrap_or_else(|| {
             format!(
                 "{}-{:012x}",
@@ -218,7 +221,11 @@ impl Requester {
                 fastrand::u64(..) & 0xffff_ffff_ffff
             )
         });
-        let (mqtt_options, network) = mqtt::options(&options.broker, &client_id);
+        let (mqtt_options, network) = connection::mqtt_options(&options.broker, &client_id)
+            .map_err(|reason| Error::Invalid {
+                field: Field::Broker,
+                reason,
+            })?;
         // Every in-flight call holds at most one request in the channel.
         let (client, mut eventloop) = AsyncClient::new(mqtt_options, options.max_in_flight + 64);
         eventloop.set_network_options(network);
@@ -241,13 +248,19 @@ impl Requester {
             }),
         });
         let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
-        let driver = tokio::spawn(drive(Arc::clone(&shared), eventloop, backoff));
-        Requester {
+        tracing::debug!(broker = %options.broker.url(), client_id, "requester starting");
+        let driver = tokio::spawn(connection::drive(
+            Arc::clone(&shared),
+            eventloop,
+            backoff,
+            shared.shutdown.subscribe(),
+        ));
+        Ok(Requester {
             handle: Arc::new(Handle {
                 shared,
                 driver: Mutex::new(Some(driver)),
             }),
-        }
+        })
     }
 
     fn shared(&self) -> &Shared {
@@ -322,7 +335,7 @@ impl Requester {
             id: id.to_string(),
             request: invocation.request,
             timestamp: Some(unix_millis(std::time::SystemTime::now())),
-            timeout_ms: Some(directcall_core::deadline::whole_millis(remaining)),
+            timeout_ms: Some(whole_millis(remaining)),
         }
         .to_vec();
         let topic = call.request_topic();
@@ -403,74 +416,37 @@ impl Requester {
     }
 }
 
-async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backoff) {
-    let mut shutdown = shared.shutdown.subscribe();
-    let filter = reply_filter(&shared.prefix);
-    let mut filters = vec![SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce)];
-    if let Some(p) = &shared.presence {
-        filters.push(SubscribeFilter::new(p.root.filter(), QoS::AtLeastOnce));
+impl Session for Shared {
+    fn client(&self) -> &AsyncClient {
+        &self.client
     }
-    loop {
-        let event = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => shared.on_publish(&p.topic, &p.payload),
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                shared.counters.connects.fetch_add(1, Relaxed);
-                tracing::debug!("connected; subscribing to {filter}");
-                // Never await the client here: a full request channel would
-                // deadlock the only task that drains it.
-                if shared.client.try_subscribe_many(filters.clone()).is_err() {
-                    let client = shared.client.clone();
-                    let filters = filters.clone();
-                    tokio::spawn(async move { client.subscribe_many(filters).await });
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
-                {
-                    shared.connected.send_replace(true);
-                    tracing::debug!("subscribed to {filter}; ready");
-                } else {
-                    tracing::error!("broker refused the subscription to {filter}");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                shared.connected.send_replace(false);
-                let delay = backoff.next_delay(fastrand::f64());
-                tracing::warn!(
-                    "broker connection: {e}; retrying in {} ms",
-                    delay.as_millis()
-                );
-                tokio::select! {
-                    biased;
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
+
+    fn ready(&self) -> &watch::Sender<bool> {
+        &self.connected
+    }
+
+    fn filters(&self) -> Vec<SubscribeFilter> {
+        let mut filters = vec![SubscribeFilter::new(
+            reply_filter(&self.prefix),
+            QoS::AtLeastOnce,
+        )];
+        if let Some(p) = &self.presence {
+            filters.push(SubscribeFilter::new(p.root.filter(), QoS::AtLeastOnce));
         }
+        filters
     }
-    shared.connected.send_replace(false);
-    // Waiters dropped here end their calls with `Closed`.
-    drop(shared.pending.drain());
-    if shared.client.try_disconnect().is_ok() {
-        // Let the DISCONNECT go out, briefly.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
+
+    fn connected(&self) {
+        self.counters.connects.fetch_add(1, Relaxed);
+    }
+
+    fn publish(self: &Arc<Self>, topic: &str, payload: &[u8]) {
+        self.on_publish(topic, payload);
+    }
+
+    fn stopping(&self) {
+        // Waiters dropped here end their calls with `Closed`.
+        drop(self.pending.drain());
     }
 }
 

@@ -16,13 +16,69 @@ pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Default longest reconnect delay.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// Default MQTT-over-TLS port.
+pub const DEFAULT_MQTTS_PORT: u16 = 8883;
+/// Default path of MQTT over WebSockets (AWS IoT Core's).
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
+/// TLS settings: PEM bytes, so the library never reads files itself.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct TlsOptions {
+    /// CA certificates (PEM) the server's certificate must chain to; `None`
+    /// trusts the platform's root store.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate chain and private key (PEM), for mutual TLS.
+    pub client_auth: Option<(Vec<u8>, Vec<u8>)>,
+    /// ALPN protocols to offer, e.g. `x-amzn-mqtt-ca` for AWS IoT on 443.
+    pub alpn: Vec<String>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("TlsOptions")
+            .field("ca_pem_bytes", &self.ca_pem.as_ref().map(Vec::len))
+            .field(
+                "client_auth",
+                &self.client_auth.as_ref().map(|_| "<redacted>"),
+            )
+            .field("alpn", &self.alpn)
+            .finish()
+    }
+}
+
+/// How bytes reach the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Transport {
+    /// Plain TCP (`mqtt://`).
+    #[default]
+    Tcp,
+    /// TLS over TCP (`mqtts://`).
+    Tls(TlsOptions),
+    /// WebSocket (`ws://`) at `path`.
+    Ws {
+        /// HTTP path, with any query.
+        path: String,
+    },
+    /// WebSocket over TLS (`wss://`) at `path`.
+    Wss {
+        /// HTTP path, with any query.
+        path: String,
+        /// TLS settings.
+        tls: TlsOptions,
+    },
+}
+
 /// How to reach a broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct BrokerOptions {
     /// Host name or address.
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// TCP, TLS, WebSocket or secure WebSocket (default TCP).
+    pub transport: Transport,
     /// User name and password, if the broker wants them.
     pub credentials: Option<(String, String)>,
     /// MQTT keepalive (default 30 s).
@@ -44,6 +100,7 @@ impl BrokerOptions {
         BrokerOptions {
             host: host.into(),
             port,
+            transport: Transport::Tcp,
             credentials: None,
             keep_alive: DEFAULT_KEEP_ALIVE,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
@@ -53,37 +110,103 @@ impl BrokerOptions {
         }
     }
 
-    /// Parses `mqtt://host[:port]` (or a bare `host[:port]`).
+    /// Parses `mqtt://host[:port]` (default port 1883), `mqtts://host[:port]`
+    /// (8883), `ws://host[:port][/path]` (80) or `wss://host[:port][/path]`
+    /// (443); the WebSocket path defaults to `/mqtt`. A bare `host[:port]`
+    /// means `mqtt://`. TLS settings start empty (platform roots, no client
+    /// certificate); set them with [`BrokerOptions::tls_mut`].
     ///
     /// # Errors
-    /// [`Error::Invalid`] naming `broker` when the scheme is not `mqtt`, the
-    /// host is empty or the port is not a number 1–65535.
+    /// [`Error::Invalid`] naming `broker` for another scheme, an empty host or
+    /// a port that is not 1-65535.
     pub fn from_url(url: &str) -> Result<Self, Error> {
-        let rest = match url.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some((scheme, _)) => {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("mqtt", url));
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let path = match path {
+            "" | "/" => DEFAULT_WS_PATH.to_owned(),
+            p if p.starts_with('?') => format!("{DEFAULT_WS_PATH}{p}"),
+            p => p.to_owned(),
+        };
+        let (transport, default_port) = match scheme {
+            "mqtt" | "tcp" => (Transport::Tcp, DEFAULT_MQTT_PORT),
+            "mqtts" | "ssl" | "tls" => (Transport::Tls(TlsOptions::default()), DEFAULT_MQTTS_PORT),
+            "ws" => (Transport::Ws { path }, 80),
+            "wss" => (
+                Transport::Wss {
+                    path,
+                    tls: TlsOptions::default(),
+                },
+                443,
+            ),
+            other => {
                 return Err(Error::invalid(
                     Field::Broker,
-                    format!("scheme {scheme:?} is not supported here; use mqtt://host:port"),
+                    format!("scheme {other:?} is not one of mqtt, mqtts, ws, wss"),
                 ))
             }
-            None => url,
         };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+        let (host, port) = match authority.rsplit_once(':') {
+            // "[::1]" alone has its colons inside the brackets: no port there.
+            Some((h, p)) if !h.starts_with('[') || h.ends_with(']') => {
                 let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
                     Error::invalid(Field::Broker, format!("port {p:?} is not 1-65535"))
                 })?;
                 (h, port)
             }
-            _ => (rest, DEFAULT_MQTT_PORT),
+            _ => (authority, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
+        if host.is_empty() {
             return Err(Error::invalid(Field::Broker, format!("no host in {url:?}")));
         }
-        Ok(Self::new(host, port))
+        let mut options = Self::new(host, port);
+        options.transport = transport;
+        Ok(options)
+    }
+
+    /// The TLS settings, when the transport uses TLS.
+    pub fn tls_mut(&mut self) -> Option<&mut TlsOptions> {
+        match &mut self.transport {
+            Transport::Tls(tls) | Transport::Wss { tls, .. } => Some(tls),
+            _ => None,
+        }
+    }
+
+    /// The broker as a URL (no credentials, no query), for logs and messages.
+    pub fn url(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let port = self.port;
+        match &self.transport {
+            Transport::Tcp => format!("mqtt://{host}:{port}"),
+            Transport::Tls(_) => format!("mqtts://{host}:{port}"),
+            Transport::Ws { path } => format!("ws://{host}:{port}{}", strip_query(path)),
+            Transport::Wss { path, .. } => format!("wss://{host}:{port}{}", strip_query(path)),
+        }
+    }
+}
+
+/// A path without its query, which may hold a signature.
+fn strip_query(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
+}
+
+impl std::fmt::Debug for BrokerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password or a presigned query.
+        f.debug_struct("BrokerOptions")
+            .field("url", &self.url())
+            .field("transport", &self.transport)
+            .field("username", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("keep_alive", &self.keep_alive)
+            .field("max_packet_bytes", &self.max_packet_bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +254,27 @@ mod tests {
         assert_eq!((b.host.as_str(), b.port), ("localhost", 1883));
         let b = BrokerOptions::from_url("mqtt://[::1]:1999").unwrap();
         assert_eq!((b.host.as_str(), b.port), ("::1", 1999));
+        assert_eq!(b.url(), "mqtt://[::1]:1999");
+        let b = BrokerOptions::from_url("mqtts://iot.example.com").unwrap();
+        assert_eq!(b.port, 8883);
+        assert!(matches!(b.transport, Transport::Tls(_)));
+        let b = BrokerOptions::from_url("ws://127.0.0.1:9001").unwrap();
+        assert_eq!(
+            b.transport,
+            Transport::Ws {
+                path: "/mqtt".into()
+            }
+        );
+        assert_eq!(b.url(), "ws://127.0.0.1:9001/mqtt");
+        let b = BrokerOptions::from_url("wss://a.example/custom?x=1").unwrap();
+        assert_eq!(b.port, 443);
+        assert!(matches!(&b.transport, Transport::Wss { path, .. } if path == "/custom?x=1"));
+        assert_eq!(b.url(), "wss://a.example:443/custom");
+        let mut b = BrokerOptions::new("h", 1);
+        b.credentials = Some(("user".into(), "s3cret".into()));
+        assert!(!format!("{b:?}").contains("s3cret"));
         for bad in [
+            "ws:///mqtt",
             "http://x",
             "mqtt://:1",
             "mqtt://h:0",

@@ -2,6 +2,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use directcall_cloud::connection::{self, send_nowait, Outgoing, Session};
 use directcall_core::deadline::{is_expired, unix_millis, DEFAULT_SKEW};
 use directcall_core::recent::RecentIds;
 use directcall_core::topic::device_filter;
@@ -9,13 +10,12 @@ use directcall_core::{
     Backoff, BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload,
     Target,
 };
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{AsyncClient, LastWill, QoS, SubscribeFilter};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::handler::{MethodCall, Router};
-use crate::mqtt;
 
 /// Default number of handlers running at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
@@ -32,6 +32,12 @@ pub enum Error {
     #[error("broker unavailable: {reason}")]
     Unavailable {
         /// What went wrong.
+        reason: String,
+    },
+    /// The broker settings are unusable (TLS material, ...).
+    #[error("invalid broker settings: {reason}")]
+    InvalidBroker {
+        /// What is wrong.
         reason: String,
     },
 }
@@ -201,7 +207,8 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         .client_id
         .clone()
         .unwrap_or_else(|| options.target.to_string());
-    let (mut mqtt_options, network) = mqtt::options(&options.broker, &client_id);
+    let (mut mqtt_options, network) = connection::mqtt_options(&options.broker, &client_id)
+        .map_err(|reason| Error::InvalidBroker { reason })?;
     let presence_topic = options
         .presence
         .as_ref()
@@ -232,7 +239,12 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         counters: Counters::default(),
     });
     let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
-    let driver = tokio::spawn(drive(Arc::clone(&shared), eventloop, backoff));
+    let driver = tokio::spawn(connection::drive(
+        Arc::clone(&shared),
+        eventloop,
+        backoff,
+        shared.shutdown.subscribe(),
+    ));
     let mut device = Device {
         shared,
         driver: Some(driver),
@@ -314,67 +326,32 @@ impl Drop for Device {
     }
 }
 
-async fn drive(shared: Arc<Shared>, mut eventloop: EventLoop, mut backoff: Backoff) {
-    let mut shutdown = shared.shutdown.subscribe();
-    let filter = device_filter(&shared.target);
-    loop {
-        let event = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                Shared::on_request(&shared, &p.topic, &p.payload);
-            }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                shared.send(filter.clone(), Outgoing::Subscribe);
-                if let Some(topic) = &shared.presence_topic {
-                    shared.send(topic.clone(), Outgoing::Presence(true));
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
-                {
-                    shared.connected.send_replace(true);
-                    tracing::info!(target_name = %shared.target, "subscribed to {filter}; waiting for calls");
-                } else {
-                    tracing::error!("broker refused the subscription to {filter}");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                shared.connected.send_replace(false);
-                let delay = backoff.next_delay(fastrand::f64());
-                tracing::warn!(
-                    "broker connection: {e}; retrying in {} ms",
-                    delay.as_millis()
-                );
-                tokio::select! {
-                    biased;
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                    () = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
+impl Session for Shared {
+    fn client(&self) -> &AsyncClient {
+        &self.client
     }
-    shared.connected.send_replace(false);
-    if let Some(topic) = &shared.presence_topic {
-        shared.send(topic.clone(), Outgoing::Presence(false));
+
+    fn ready(&self) -> &watch::Sender<bool> {
+        &self.connected
     }
-    if shared.client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
+
+    fn filters(&self) -> Vec<SubscribeFilter> {
+        vec![SubscribeFilter::new(
+            device_filter(&self.target),
+            QoS::AtLeastOnce,
+        )]
+    }
+
+    fn connected(&self) {
+        self.publish_presence(true);
+    }
+
+    fn publish(self: &Arc<Self>, topic: &str, payload: &[u8]) {
+        Shared::on_request(self, topic, payload);
+    }
+
+    fn stopping(&self) {
+        self.publish_presence(false);
     }
 }
 
@@ -387,44 +364,18 @@ impl Drop for InFlight<'_> {
     }
 }
 
-enum Outgoing {
-    Subscribe,
-    Presence(bool),
-    Reply(Vec<u8>),
-}
-
 impl Shared {
-    /// Queues a packet without ever blocking the driver: when the request
-    /// channel is full, a task waits for room instead.
-    fn send(&self, topic: String, what: Outgoing) {
-        let client = self.client.clone();
-        let done = match &what {
-            Outgoing::Subscribe => client.try_subscribe(topic.clone(), QoS::AtLeastOnce),
-            Outgoing::Presence(online) => client.try_publish(
-                topic.clone(),
-                QoS::AtLeastOnce,
-                true,
-                json!({ "online": online }).to_string(),
-            ),
-            Outgoing::Reply(payload) => {
-                client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
-            }
-        };
-        if done.is_err() {
-            tokio::spawn(async move {
-                let _ = match what {
-                    Outgoing::Subscribe => client.subscribe(topic, QoS::AtLeastOnce).await,
-                    Outgoing::Presence(online) => {
-                        let p = json!({ "online": online }).to_string();
-                        client.publish(topic, QoS::AtLeastOnce, true, p).await
-                    }
-                    Outgoing::Reply(payload) => {
-                        client
-                            .publish(topic, QoS::AtLeastOnce, false, payload)
-                            .await
-                    }
-                };
-            });
+    fn publish_presence(&self, online: bool) {
+        if let Some(topic) = &self.presence_topic {
+            send_nowait(
+                &self.client,
+                Outgoing::Publish {
+                    topic: topic.clone(),
+                    qos: QoS::AtLeastOnce,
+                    retain: true,
+                    payload: json!({ "online": online }).to_string().into_bytes(),
+                },
+            );
         }
     }
 
@@ -434,11 +385,20 @@ impl Shared {
             response,
             status,
         };
-        self.send(call.reply_topic(), Outgoing::Reply(payload.to_vec()));
+        send_nowait(
+            &self.client,
+            Outgoing::Publish {
+                topic: call.reply_topic(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                payload: payload.to_vec(),
+            },
+        );
         self.counters.replied.fetch_add(1, Relaxed);
     }
 
-    fn on_request(this: &Arc<Self>, topic: &str, payload: &[u8]) {
+    fn on_request(self: &Arc<Self>, topic: &str, payload: &[u8]) {
+        let this = self;
         let c = &this.counters;
         c.received.fetch_add(1, Relaxed);
         let call = match CallTopics::parse_request(topic) {

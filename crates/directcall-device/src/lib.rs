@@ -24,7 +24,6 @@
 
 mod device;
 mod handler;
-mod mqtt;
 
 pub use device::{
     serve, Device, DeviceOptions, DeviceStats, Error, DEFAULT_DEDUP_CAPACITY,
