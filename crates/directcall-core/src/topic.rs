@@ -283,25 +283,13 @@ impl CallTopics {
     /// [`Error::Invalid`] for [`Field::Topic`] when `topic` does not have four
     /// levels, or for the level that breaks its rule.
     pub fn parse_request(topic: &str) -> Result<Self, Error> {
-        let mut levels = topic.split('/');
-        let (Some(target), Some(method), Some(prefix), Some(id), None) = (
-            levels.next(),
-            levels.next(),
-            levels.next(),
-            levels.next(),
-            levels.next(),
-        ) else {
-            return Err(Error::invalid(
+        let [target, method, prefix, id] = split_levels(topic).ok_or_else(|| {
+            Error::invalid(
                 Field::Topic,
                 "a request topic has four levels: target/method/prefix/id",
-            ));
-        };
-        Self::new(
-            Target::new(target)?,
-            Method::new(method)?,
-            Prefix::new(prefix)?,
-            MessageId::parse(id)?,
-        )
+            )
+        })?;
+        Self::from_levels(target, method, prefix, id)
     }
 
     /// Parses a reply topic as a requester sees it.
@@ -310,20 +298,18 @@ impl CallTopics {
     /// [`Error::Invalid`] for [`Field::Topic`] when `topic` does not have five
     /// levels ending in `ack`, or for the level that breaks its rule.
     pub fn parse_reply(topic: &str) -> Result<Self, Error> {
-        let mut levels = topic.split('/');
-        let (Some(prefix), Some(id), Some(target), Some(method), Some(ACK), None) = (
-            levels.next(),
-            levels.next(),
-            levels.next(),
-            levels.next(),
-            levels.next(),
-            levels.next(),
-        ) else {
-            return Err(Error::invalid(
+        match split_levels(topic) {
+            Some([prefix, id, target, method, ACK]) => {
+                Self::from_levels(target, method, prefix, id)
+            }
+            _ => Err(Error::invalid(
                 Field::Topic,
                 "a reply topic has five levels: prefix/id/target/method/ack",
-            ));
-        };
+            )),
+        }
+    }
+
+    fn from_levels(target: &str, method: &str, prefix: &str, id: &str) -> Result<Self, Error> {
         Self::new(
             Target::new(target)?,
             Method::new(method)?,
@@ -331,6 +317,16 @@ impl CallTopics {
             MessageId::parse(id)?,
         )
     }
+}
+
+/// Exactly `N` `/`-separated levels, or `None`.
+fn split_levels<const N: usize>(topic: &str) -> Option<[&str; N]> {
+    let mut levels = topic.split('/');
+    let mut out = [""; N];
+    for slot in &mut out {
+        *slot = levels.next()?;
+    }
+    levels.next().is_none().then_some(out)
 }
 
 fn reply_len(target: &Target, method: &Method, prefix: &Prefix) -> usize {
