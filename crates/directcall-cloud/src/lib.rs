@@ -24,6 +24,7 @@ pub mod connection;
 mod error;
 mod options;
 mod requester;
+pub mod service;
 
 pub use directcall_core::{
     BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,

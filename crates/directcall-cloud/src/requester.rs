@@ -80,6 +80,21 @@ impl Invocation {
     pub fn method(&self) -> &Method {
         &self.method
     }
+
+    /// The request value.
+    pub fn request(&self) -> &Value {
+        &self.request
+    }
+
+    /// The timeout.
+    pub fn timeout_duration(&self) -> Duration {
+        self.timeout
+    }
+
+    /// When the call started, if set with [`Invocation::started_at`].
+    pub fn start_time(&self) -> Option<Instant> {
+        self.start
+    }
 }
 
 /// A device's answer to one call.
