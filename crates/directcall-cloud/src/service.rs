@@ -272,7 +272,10 @@ impl InvokeService {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| HttpReply::invalid("body", format!("{e}; {SHAPE}")))?;
         if !value.is_object() {
-            return Err(HttpReply::invalid("body", format!("not a JSON object; {SHAPE}")));
+            return Err(HttpReply::invalid(
+                "body",
+                format!("not a JSON object; {SHAPE}"),
+            ));
         }
         let parsed: PostBody = serde_json::from_value(value)
             .map_err(|e| HttpReply::invalid("body", format!("{e}; {SHAPE}")))?;

@@ -119,6 +119,7 @@ where
 #[derive(Clone, Default)]
 pub struct Router {
     methods: HashMap<Method, Arc<dyn Handler>>,
+    fallback: Option<Arc<dyn Handler>>,
 }
 
 impl fmt::Debug for Router {
@@ -151,18 +152,25 @@ impl Router {
         self
     }
 
-    /// The handler of `method`.
-    pub fn get(&self, method: &Method) -> Option<Arc<dyn Handler>> {
-        self.methods.get(method).cloned()
+    /// A handler for every method that has none of its own (default: none,
+    /// so such calls are answered 404).
+    pub fn fallback(mut self, handler: impl Handler) -> Self {
+        self.fallback = Some(Arc::new(handler));
+        self
     }
 
-    /// Number of methods.
+    /// The handler of `method`: its own, else the fallback.
+    pub fn get(&self, method: &Method) -> Option<Arc<dyn Handler>> {
+        self.methods.get(method).or(self.fallback.as_ref()).cloned()
+    }
+
+    /// Number of named methods.
     pub fn len(&self) -> usize {
         self.methods.len()
     }
 
-    /// Whether no method is routed.
+    /// Whether no method is routed and there is no fallback.
     pub fn is_empty(&self) -> bool {
-        self.methods.is_empty()
+        self.methods.is_empty() && self.fallback.is_none()
     }
 }

@@ -25,6 +25,8 @@
 mod device;
 mod handler;
 
+/// Re-exported so a stateful [`Handler`] can be written without naming the crate.
+pub use async_trait::async_trait;
 pub use device::{
     serve, Device, DeviceOptions, DeviceStats, Error, DEFAULT_DEDUP_CAPACITY,
     DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED,

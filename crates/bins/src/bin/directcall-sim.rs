@@ -1,0 +1,107 @@
+//! `directcall-sim`: simulated devices that answer like the reference sample's
+//! simulator, with latency and failure knobs, for demos and load tests.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use directcall_bins::cli::{init_tracing, BrokerArgs};
+use directcall_bins::sim::{self, SimOptions};
+use directcall_core::{Method, Target};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "directcall-sim",
+    version,
+    about = "Simulated directcall devices"
+)]
+struct Cli {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The device's name (its MQTT client id), when --devices is 1.
+    #[arg(long, env = "DIRECTCALL_SIM_CLIENT_ID", default_value = "Device001")]
+    client_id: String,
+    /// Number of devices, each on its own connection: <id-prefix>001, <id-prefix>002, ...
+    #[arg(long, env = "DIRECTCALL_SIM_DEVICES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    devices: u32,
+    /// Name prefix of the devices when --devices is more than 1.
+    #[arg(long, env = "DIRECTCALL_SIM_ID_PREFIX", default_value = "Device")]
+    id_prefix: String,
+    /// Milliseconds added to every answer.
+    #[arg(long, env = "DIRECTCALL_SIM_LATENCY_MS", default_value_t = 0)]
+    latency_ms: u64,
+    /// Up to this many more milliseconds, uniformly at random.
+    #[arg(long, env = "DIRECTCALL_SIM_JITTER_MS", default_value_t = 0)]
+    jitter_ms: u64,
+    /// Share of calls answered with status 500, from 0.0 to 1.0.
+    #[arg(long, env = "DIRECTCALL_SIM_FAIL_RATE", default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Only these methods are known (comma-separated); others get 404 [default: every method is answered].
+    #[arg(long, env = "DIRECTCALL_SIM_METHODS", value_delimiter = ',')]
+    methods: Vec<String>,
+    /// Publish presence: a retained online record and a last will.
+    #[arg(long, env = "DIRECTCALL_SIM_PRESENCE")]
+    presence: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("directcall-sim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("directcall-sim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    if !(0.0..=1.0).contains(&cli.fail_rate) {
+        return Err(format!(
+            "--fail-rate {} is not from 0.0 to 1.0",
+            cli.fail_rate
+        ));
+    }
+    let broker = cli.broker.options()?;
+    let targets = if cli.devices == 1 {
+        vec![Target::new(cli.client_id.as_str()).map_err(|e| format!("--client-id: {e}"))?]
+    } else {
+        sim::device_names(&cli.id_prefix, cli.devices as usize)
+            .map_err(|e| format!("--id-prefix: {e}"))?
+    };
+    let methods = if cli.methods.is_empty() {
+        None
+    } else {
+        Some(
+            cli.methods
+                .iter()
+                .map(|m| Method::new(m.as_str()).map_err(|e| format!("--methods: {e}")))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+    };
+    let options = SimOptions {
+        latency: Duration::from_millis(cli.latency_ms),
+        jitter: Duration::from_millis(cli.jitter_ms),
+        fail_rate: cli.fail_rate,
+        methods,
+        presence: cli.presence,
+    };
+    let devices = sim::start(&broker, &targets, &options)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(devices = devices.len(), broker = %broker.url(), "connected");
+    println!("Waiting for command ...");
+    directcall_bins::gateway::shutdown_signal().await;
+    for device in devices {
+        device.shutdown().await;
+    }
+    Ok(())
+}

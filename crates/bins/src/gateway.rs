@@ -1,0 +1,268 @@
+//! The HTTP gateway (`directcall serve`): PROTOCOL.md's HTTP mapping over
+//! axum, on top of the shared [`InvokeService`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use directcall_cloud::service::{HttpReply, InvokeService, Outcome, MAX_HTTP_REQUEST_BYTES};
+use serde_json::json;
+
+/// The OpenAPI 3 document of the gateway's HTTP API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+struct Gateway {
+    service: InvokeService,
+    tokens: Arc<Vec<Vec<u8>>>,
+}
+
+/// The gateway's routes. With `tokens`, `/invoke`, `/v1/...` and `/metrics`
+/// need `Authorization: Bearer <token>`; `/healthz` and `/openapi.json` never do.
+pub fn app(service: InvokeService, tokens: Vec<String>) -> Router {
+    let state = Gateway {
+        service,
+        tokens: Arc::new(tokens.into_iter().map(String::into_bytes).collect()),
+    };
+    Router::new()
+        .route("/invoke", get(invoke_get))
+        .route("/invoke/", get(invoke_get))
+        .route("/v1/targets/{target}/methods/{method}", post(invoke_post))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting
+/// and lets requests in flight finish (each ends by its own deadline) before
+/// returning.
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Small JSON answers: do not let Nagle hold them back.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn respond(reply: HttpReply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, reply.body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Gateway {
+    /// A 401 response when tokens are configured and none matches.
+    fn denied(&self, headers: &HeaderMap) -> Option<Response> {
+        if self.tokens.is_empty() {
+            return None;
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        // Check every token, so timing does not tell which one came close.
+        let ok = self
+            .tokens
+            .iter()
+            .fold(false, |ok, t| ok | constant_time_eq(presented, t));
+        if ok {
+            None
+        } else {
+            self.service.record_refused(Outcome::Unauthorized);
+            let mut response = respond(HttpReply::unauthorized());
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Some(response)
+        }
+    }
+
+    fn refuse(&self, reply: HttpReply) -> Response {
+        let outcome = if reply.status == 413 {
+            Outcome::TooLarge
+        } else {
+            Outcome::Invalid
+        };
+        self.service.record_refused(outcome);
+        respond(reply)
+    }
+}
+
+async fn invoke_get(
+    State(gw): State<Gateway>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let start = Instant::now();
+    if let Some(denied) = gw.denied(&headers) {
+        return denied;
+    }
+    let query = query.unwrap_or_default();
+    if query.len() > MAX_HTTP_REQUEST_BYTES {
+        return gw.refuse(HttpReply::too_large("query string", Some(query.len())));
+    }
+    match gw
+        .service
+        .query_invocation(form_urlencoded::parse(query.as_bytes()), start)
+    {
+        Ok(invocation) => respond(gw.service.invoke(invocation).await),
+        Err(reply) => gw.refuse(reply),
+    }
+}
+
+async fn invoke_post(
+    State(gw): State<Gateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    if let Some(denied) = gw.denied(&headers) {
+        return denied;
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared.filter(|len| *len > MAX_HTTP_REQUEST_BYTES) {
+        return gw.refuse(HttpReply::too_large("body", Some(len)));
+    }
+    let body: Bytes = match axum::body::to_bytes(body, MAX_HTTP_REQUEST_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return gw.refuse(HttpReply::too_large("body", None)),
+    };
+    let Ok(Path((target, method))) = path else {
+        return gw.refuse(HttpReply::invalid(
+            "path",
+            "target and method must be UTF-8 path segments",
+        ));
+    };
+    let content_type = match headers.get(header::CONTENT_TYPE).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(ct)) => Some(ct),
+        Some(Err(_)) => return gw.refuse(HttpReply::invalid("content-type", "not ASCII")),
+    };
+    match gw
+        .service
+        .post_invocation(&target, &method, content_type, &body, start)
+    {
+        Ok(invocation) => respond(gw.service.invoke(invocation).await),
+        Err(reply) => gw.refuse(reply),
+    }
+}
+
+async fn healthz(State(gw): State<Gateway>) -> Response {
+    let connected = gw.service.requester().is_connected();
+    let (status, body) = if connected {
+        (200, json!({"status": "ok", "broker": "connected"}))
+    } else {
+        (
+            503,
+            json!({"status": "unavailable", "broker": "disconnected"}),
+        )
+    };
+    respond(HttpReply { status, body })
+}
+
+async fn metrics(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    if let Some(denied) = gw.denied(&headers) {
+        return denied;
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gw.service.metrics_text(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    respond(HttpReply {
+        status: 404,
+        body: json!({"result": "not_found", "response": format!("no route {}", uri.path())}),
+    })
+}
+
+async fn method_not_allowed(uri: Uri) -> Response {
+    respond(HttpReply {
+        status: 405,
+        body: json!({"result": "method_not_allowed", "response": format!("{} does not take this method", uri.path())}),
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down: no new requests, letting calls in flight finish");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn the_openapi_document_is_json() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    }
+}

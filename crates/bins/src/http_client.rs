@@ -1,0 +1,145 @@
+//! A small HTTP/1.1 client (hyper) for `directcall call` and the load tool:
+//! keep-alive connections over TCP or TLS.
+
+use std::sync::Arc;
+
+use axum::http::{Request, Uri};
+use directcall_core::TlsOptions;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// One HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Body as text (lossy UTF-8).
+    pub body: String,
+}
+
+/// One keep-alive HTTP/1.1 connection to a host.
+#[derive(Debug)]
+pub struct Connection {
+    sender: SendRequest<Full<axum::body::Bytes>>,
+    authority: String,
+}
+
+impl Connection {
+    /// Connects to the scheme, host and port of `url` (`http://` or `https://`).
+    ///
+    /// # Errors
+    /// A message when the URL is not absolute http(s), or connecting fails.
+    pub async fn open(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("no host in {url:?}"))?
+            .to_owned();
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
+        };
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
+            .await
+            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let authority = uri
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or(host.clone());
+        let sender = if tls {
+            let mut config = directcall_cloud::connection::tls_config(&TlsOptions::default())?;
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("{host}: {e}"))?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {host}: {e}"))?;
+            handshake(stream).await?
+        } else {
+            handshake(tcp).await?
+        };
+        Ok(Connection { sender, authority })
+    }
+
+    /// Sends `GET path_and_query` with `headers` and reads the whole response.
+    ///
+    /// # Errors
+    /// A message when the connection fails.
+    pub async fn get(
+        &mut self,
+        path_and_query: &str,
+        headers: &[(String, String)],
+    ) -> Result<HttpResponse, String> {
+        self.send("GET", path_and_query, headers, Vec::new()).await
+    }
+
+    /// Sends any request and reads the whole response.
+    ///
+    /// # Errors
+    /// A message when the request cannot be built or the connection fails.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<HttpResponse, String> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header("host", &self.authority);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let request = request
+            .body(Full::new(axum::body::Bytes::from(body)))
+            .map_err(|e| format!("request: {e}"))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("response body: {e}"))?
+            .to_bytes();
+        Ok(HttpResponse {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<axum::body::Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// One GET of `url` with `headers` on a fresh connection.
+///
+/// # Errors
+/// A message when the URL is bad or the request fails.
+pub async fn get(url: &str, headers: &[(String, String)]) -> Result<HttpResponse, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    Connection::open(url).await?.get(&path, headers).await
+}

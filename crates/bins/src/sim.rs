@@ -1,0 +1,129 @@
+//! The device simulator behind `directcall-sim` and `directcall demo`: answers
+//! like the reference sample's simulator, with latency and failure knobs.
+
+use std::time::Duration;
+
+use directcall_core::{BrokerOptions, Method, PresenceRoot, Target};
+use directcall_device::{serve, Device, DeviceOptions, Handler, HandlerError, MethodCall, Router};
+use serde_json::Value;
+
+/// How simulated devices behave.
+#[derive(Debug, Clone, Default)]
+pub struct SimOptions {
+    /// Added to every answer.
+    pub latency: Duration,
+    /// Up to this much more, uniformly at random.
+    pub jitter: Duration,
+    /// Share of calls answered 500, 0.0 to 1.0.
+    pub fail_rate: f64,
+    /// Only these methods are known (others get 404); `None` answers every method.
+    pub methods: Option<Vec<Method>>,
+    /// Publish presence (retained online record and last will).
+    pub presence: bool,
+}
+
+/// The reference simulator's answer: `Your request was '<request>'. Some random response: '<float>'`.
+pub fn reference_answer(request: &Value) -> String {
+    let request = match request {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    format!(
+        "Your request was '{request}'. Some random response: '{}'",
+        fastrand::f64() * 1000.0
+    )
+}
+
+#[derive(Debug, Clone)]
+struct Answer {
+    latency: Duration,
+    jitter: Duration,
+    fail_rate: f64,
+}
+
+#[directcall_device::async_trait]
+impl Handler for Answer {
+    async fn call(&self, call: MethodCall) -> Result<Value, HandlerError> {
+        let extra = self.jitter.mul_f64(fastrand::f64());
+        let wait = self.latency + extra;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        if self.fail_rate > 0.0 && fastrand::f64() < self.fail_rate {
+            return Err(HandlerError::new("simulated failure"));
+        }
+        Ok(Value::String(reference_answer(&call.request)))
+    }
+}
+
+/// The simulator's router for `options`.
+pub fn router(options: &SimOptions) -> Router {
+    let answer = Answer {
+        latency: options.latency,
+        jitter: options.jitter,
+        fail_rate: options.fail_rate.clamp(0.0, 1.0),
+    };
+    match &options.methods {
+        None => Router::new().fallback(answer),
+        Some(methods) => methods
+            .iter()
+            .fold(Router::new(), |r, m| r.route(m.clone(), answer.clone())),
+    }
+}
+
+/// Device names for `n` devices: `{prefix}001`, `{prefix}002`, ...
+///
+/// # Errors
+/// When `prefix` plus the number is not a valid target.
+pub fn device_names(prefix: &str, n: usize) -> Result<Vec<Target>, directcall_core::Error> {
+    (1..=n)
+        .map(|i| Target::new(format!("{prefix}{i:03}")))
+        .collect()
+}
+
+/// Starts one simulated device per target, each on its own connection, and
+/// returns once all are subscribed.
+///
+/// # Errors
+/// The first device that could not connect.
+pub async fn start(
+    broker: &BrokerOptions,
+    targets: &[Target],
+    options: &SimOptions,
+) -> Result<Vec<Device>, directcall_device::Error> {
+    let router = router(options);
+    let mut devices = Vec::with_capacity(targets.len());
+    for target in targets {
+        let mut device_options = DeviceOptions::new(broker.clone(), target.clone());
+        if options.presence {
+            device_options = device_options.presence(PresenceRoot::default());
+        }
+        devices.push(serve(router.clone(), device_options).await?);
+    }
+    Ok(devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_like_the_reference() {
+        let text = reference_answer(&Value::String("my_request_1".into()));
+        assert!(
+            text.starts_with("Your request was 'my_request_1'. Some random response: '"),
+            "{text}"
+        );
+        let number = text.rsplit(": '").next().unwrap().trim_end_matches('\'');
+        assert!(number.parse::<f64>().is_ok(), "{number}");
+        assert!(reference_answer(&serde_json::json!({"a": 1}))
+            .starts_with("Your request was '{\"a\":1}'"));
+    }
+
+    #[test]
+    fn names_devices() {
+        let names = device_names("Device", 3).unwrap();
+        let names: Vec<_> = names.iter().map(Target::as_str).collect();
+        assert_eq!(names, ["Device001", "Device002", "Device003"]);
+    }
+}
