@@ -12,7 +12,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use directcall_cloud::service::{HttpReply, InvokeService, Outcome, MAX_HTTP_REQUEST_BYTES};
+use directcall_cloud::service::{
+    HttpReply, InvokeService, Outcome, MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES,
+};
 use serde_json::json;
 
 /// The OpenAPI 3 document of the gateway's HTTP API, served at `/openapi.json`.
@@ -130,8 +132,12 @@ async fn invoke_get(
         return denied;
     }
     let query = query.unwrap_or_default();
-    if query.len() > MAX_HTTP_REQUEST_BYTES {
-        return gw.refuse(HttpReply::too_large("query string", Some(query.len())));
+    if query.len() > MAX_QUERY_BYTES {
+        return gw.refuse(HttpReply::too_large(
+            "query string",
+            Some(query.len()),
+            MAX_QUERY_BYTES,
+        ));
     }
     match gw
         .service
@@ -157,11 +163,15 @@ async fn invoke_post(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if let Some(len) = declared.filter(|len| *len > MAX_HTTP_REQUEST_BYTES) {
-        return gw.refuse(HttpReply::too_large("body", Some(len)));
+        return gw.refuse(HttpReply::too_large(
+            "body",
+            Some(len),
+            MAX_HTTP_REQUEST_BYTES,
+        ));
     }
     let body: Bytes = match axum::body::to_bytes(body, MAX_HTTP_REQUEST_BYTES).await {
         Ok(b) => b,
-        Err(_) => return gw.refuse(HttpReply::too_large("body", None)),
+        Err(_) => return gw.refuse(HttpReply::too_large("body", None, MAX_HTTP_REQUEST_BYTES)),
     };
     let Ok(Path((target, method))) = path else {
         return gw.refuse(HttpReply::invalid(

@@ -17,8 +17,11 @@ use serde_json::{json, Value};
 use crate::error::Error;
 use crate::requester::{Invocation, Requester};
 
-/// Largest HTTP body or query string accepted, in bytes (128 KiB).
+/// Largest HTTP body accepted, in bytes (128 KiB, AWS IoT Core's payload limit).
 pub const MAX_HTTP_REQUEST_BYTES: usize = 128 * 1024;
+/// Largest query string accepted, in bytes (48 KiB): URIs longer than 64 KiB
+/// cannot even be represented by the HTTP stack, so the limit sits below that.
+pub const MAX_QUERY_BYTES: usize = 48 * 1024;
 /// Default `timeout` of the seed's GET form: 10 s.
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default longest `timeout` a caller may ask for: 60 s.
@@ -123,12 +126,12 @@ impl HttpReply {
         Self::message(Outcome::Invalid, format!("invalid {field}: {reason}"))
     }
 
-    /// 413 for a body or query over [`MAX_HTTP_REQUEST_BYTES`].
-    pub fn too_large(what: &str, size: Option<usize>) -> Self {
+    /// 413 for a body or query string of `size` bytes over `limit`.
+    pub fn too_large(what: &str, size: Option<usize>, limit: usize) -> Self {
         let size = size.map(|s| format!(" ({s} bytes)")).unwrap_or_default();
         Self::message(
             Outcome::TooLarge,
-            format!("{what}{size} exceeds {MAX_HTTP_REQUEST_BYTES} bytes"),
+            format!("{what}{size} exceeds {limit} bytes"),
         )
     }
 }
@@ -255,7 +258,11 @@ impl InvokeService {
         start: Instant,
     ) -> Result<Invocation, HttpReply> {
         if body.len() > MAX_HTTP_REQUEST_BYTES {
-            return Err(HttpReply::too_large("body", Some(body.len())));
+            return Err(HttpReply::too_large(
+                "body",
+                Some(body.len()),
+                MAX_HTTP_REQUEST_BYTES,
+            ));
         }
         let target = Target::new(target).map_err(|e| HttpReply::invalid("target", reason(&e)))?;
         let method = Method::new(method).map_err(|e| HttpReply::invalid("method", reason(&e)))?;

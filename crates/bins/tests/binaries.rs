@@ -1,0 +1,593 @@
+//! End-to-end: the real `directcall` and `directcall-sim` binaries against a
+//! Mosquitto started by the harness and against the embedded broker, over
+//! real HTTP. Every row of PROTOCOL.md's HTTP table is asserted here.
+
+mod e2e;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use directcall_bins::{EmbeddedBroker, Mosquitto};
+use e2e::*;
+use serde_json::{json, Value};
+
+/// A broker of its own for each test: no two tests share a `Device001`.
+struct Broker {
+    url: String,
+    mosquitto: Option<Mosquitto>,
+}
+
+fn embedded() -> Broker {
+    let b = EmbeddedBroker::start(None).expect("embedded broker");
+    Broker {
+        url: b.url(),
+        mosquitto: None,
+    }
+}
+
+fn mosquitto() -> Option<Broker> {
+    match Mosquitto::start("").expect("mosquitto starts") {
+        Some(m) => Some(Broker {
+            url: m.url(),
+            mosquitto: Some(m),
+        }),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "mosquitto is required in CI"
+            );
+            eprintln!(
+                "\n*** SKIPPED: mosquitto is not installed (apt-get install -y mosquitto) ***\n"
+            );
+            None
+        }
+    }
+}
+
+async fn reference_example_answers_then_times_out(b: Broker) {
+    let (_gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let mut sim = sim(&b.url, &["--client-id", "Device001"]);
+    let (status, body) = get(&format!("{base}{REFERENCE_QUERY}")).await;
+    assert_reference_answer(status, &body);
+
+    // The simulator stopped (no presence record): the caller waits out its 3 s.
+    sim.kill();
+    let (status, body) = get(&format!("{base}{REFERENCE_QUERY}")).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["result"], "timeout");
+    assert_eq!(body["id"].as_str().unwrap().len(), 36);
+    let elapsed = elapsed_ms(&body);
+    assert!((3000..=3200).contains(&elapsed), "elapsed {elapsed} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_example_on_mosquitto() {
+    if let Some(b) = mosquitto() {
+        reference_example_answers_then_times_out(b).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_example_on_the_embedded_broker() {
+    reference_example_answers_then_times_out(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_device_is_offline_at_once() {
+    let Some(b) = mosquitto() else { return };
+    let (_gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let mut car = sim(&b.url, &["--client-id", "Car7", "--presence"]);
+    let url = format!("{base}/invoke?request=r&method=m&target=Car7&timeout=5");
+    assert_eq!(get(&url).await.0, 200);
+    car.kill(); // SIGKILL: no DISCONNECT, the broker publishes the will
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        let (status, body) = get(&format!(
+            "{base}/invoke?request=r&method=m&target=Car7&timeout=1"
+        ))
+        .await;
+        if status == 404 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "never offline: {status} {body}"
+        );
+    };
+    assert_eq!(body["result"], "offline");
+    assert!(elapsed_ms(&body) < 1000, "{body}");
+    // back online: callable again
+    let _car = sim(&b.url, &["--client-id", "Car7", "--presence"]);
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while get(&url).await.0 != 200 {
+        assert!(std::time::Instant::now() < until, "never back online");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_get_400_naming_them_and_big_requests_413() {
+    let b = embedded();
+    let (_gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let _sim = sim(&b.url, &[]);
+    for (query, field) in [
+        ("method=m&request=r", "target"),
+        ("target=a%2Fb&method=m&request=r", "target"),
+        ("target=%23&method=m&request=r", "target"),
+        ("target=Device001&request=r", "method"),
+        ("target=Device001&method=%2B&request=r", "method"),
+        ("target=Device001&method=m", "request"),
+        ("target=Device001&method=m&request=r&timeout=0", "timeout"),
+        ("target=Device001&method=m&request=r&timeout=61", "timeout"),
+        ("target=Device001&method=m&request=r&timeout=abc", "timeout"),
+        ("target=Device001&target=x&method=m&request=r", "target"),
+    ] {
+        let (status, body) = get(&format!("{base}/invoke?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["result"], "invalid_parameters");
+        let msg = body["response"].as_str().unwrap();
+        assert!(
+            msg.starts_with(&format!("invalid {field}: ")),
+            "{query}: {msg}"
+        );
+    }
+    let json_ct = [("content-type", "application/json")];
+    for (path, headers, body, field) in [
+        (
+            "/v1/targets/Device001/methods/m",
+            &json_ct[..],
+            &b"{"[..],
+            "body",
+        ),
+        (
+            "/v1/targets/Device001/methods/m",
+            &json_ct[..],
+            br#"{"timeout_ms":-1}"#,
+            "timeout_ms",
+        ),
+        (
+            "/v1/targets/Device001/methods/m",
+            &[("content-type", "text/plain")][..],
+            b"{}",
+            "content-type",
+        ),
+        (
+            "/v1/targets/%24SYS/methods/m",
+            &json_ct[..],
+            b"{}",
+            "target",
+        ),
+        (
+            "/v1/targets/Device001/methods/a%20b",
+            &json_ct[..],
+            b"{}",
+            "method",
+        ),
+    ] {
+        let (status, reply) = post(&base, path, headers, body.to_vec()).await;
+        assert_eq!(status, 400, "{path}: {reply}");
+        let msg = reply["response"].as_str().unwrap();
+        assert!(
+            msg.starts_with(&format!("invalid {field}: ")),
+            "{path}: {msg}"
+        );
+    }
+    // POST with a JSON request works
+    let (status, reply) = post(
+        &base,
+        "/v1/targets/Device001/methods/m",
+        &json_ct,
+        br#"{"request":{"x":1},"timeout_ms":3000}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply["response"]
+        .as_str()
+        .unwrap()
+        .starts_with("Your request was '{\"x\":1}'"));
+
+    let big = serde_json::to_vec(&json!({"request": "x".repeat(200 * 1024)})).unwrap();
+    let (status, reply) = post(&base, "/v1/targets/Device001/methods/m", &json_ct, big).await;
+    assert_eq!(
+        (status, reply["result"].as_str()),
+        (413, Some("payload_too_large")),
+        "{reply}"
+    );
+    let long = "x".repeat(50 * 1024);
+    let (status, reply) = get(&format!(
+        "{base}/invoke?target=Device001&method=m&request={long}"
+    ))
+    .await;
+    assert_eq!(
+        (status, reply["result"].as_str()),
+        (413, Some("payload_too_large")),
+        "{reply}"
+    );
+
+    assert_eq!(get(&format!("{base}/nowhere")).await.0, 404);
+    assert_eq!(post(&base, "/invoke", &[], Vec::new()).await.0, 405);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_broker_means_503_and_recovery_without_restarts() {
+    let Some(mut b) = mosquitto() else { return };
+    let (_gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let _sim = sim(&b.url, &[]);
+    assert_reference_answer_ok(&base).await;
+    b.mosquitto.as_mut().unwrap().kill();
+    wait_health(&base, 503).await;
+    let (status, body) = get(&format!("{base}{REFERENCE_QUERY}")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["result"], "unavailable");
+    b.mosquitto.as_mut().unwrap().restart().unwrap();
+    wait_health(&base, 200).await;
+    // the simulator reconnects by itself too
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, body) = get(&format!("{base}{REFERENCE_QUERY}")).await;
+        if status == 200 {
+            assert_reference_answer(status, &body);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "never recovered: {status} {body}"
+        );
+    }
+}
+
+async fn assert_reference_answer_ok(base: &str) {
+    let (status, body) = get(&format!("{base}{REFERENCE_QUERY}")).await;
+    assert_reference_answer(status, &body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_tokens_guard_calls_and_metrics() {
+    let b = embedded();
+    let (_gw, base) = gateway(&b.url, &["--api-token", "alpha,beta"]).await;
+    wait_health(&base, 200).await;
+    let _sim = sim(&b.url, &[]);
+    let url = format!("{base}{REFERENCE_QUERY}");
+    let (status, body) = get(&url).await;
+    assert_eq!((status, body), (401, json!({"result": "unauthorized"})));
+    assert_eq!(
+        get_with(&url, &[("authorization", "Bearer alphA")]).await.0,
+        401
+    );
+    assert_eq!(get_with(&url, &[("authorization", "alpha")]).await.0, 401);
+    let (status, body) = get_with(&url, &[("authorization", "Bearer beta")]).await;
+    assert_reference_answer(status, &body);
+    assert_eq!(get(&format!("{base}/metrics")).await.0, 401);
+    let (status, metrics) = get_with(
+        &format!("{base}/metrics"),
+        &[("authorization", "Bearer alpha")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains("directcall_calls_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("directcall_calls_total{outcome=\"unauthorized\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("directcall_call_duration_seconds_count 1"),
+        "{text}"
+    );
+    assert!(text.contains("directcall_broker_connected 1"), "{text}");
+    // health and the API description stay public
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{base}/openapi.json")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_calls_in_flight_finish_then_exits_0() {
+    let b = embedded();
+    let (mut gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let _sim = sim(&b.url, &["--latency-ms", "1500"]);
+    let in_flight = tokio::spawn({
+        let url = format!("{base}{REFERENCE_QUERY}");
+        async move { get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.terminate();
+    let (status, body) = in_flight.await.unwrap();
+    assert_reference_answer(status, &body);
+    assert!(elapsed_ms(&body) >= 1500);
+    let exit = tokio::task::spawn_blocking(move || gw.wait_exit(15))
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+    assert!(
+        directcall_bins::http_client::get(&format!("{base}/healthz"), &[])
+            .await
+            .is_err(),
+        "still accepting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invoke_command_prints_the_gateway_json_with_exit_codes() {
+    let b = embedded();
+    let _sim = sim(&b.url, &["--methods", "unlock"]);
+    let run = |args: &[&str]| {
+        let mut all = vec!["invoke", "--broker", b.url.as_str()];
+        all.extend_from_slice(args);
+        let out = std::process::Command::new(DIRECTCALL)
+            .args(&all)
+            .output()
+            .unwrap();
+        let body: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.code(), body)
+    };
+    let (code, body) = run(&[
+        "--target",
+        "Device001",
+        "--method",
+        "unlock",
+        "--request",
+        "my_request_1",
+        "--timeout",
+        "3",
+    ]);
+    assert_eq!(code, Some(0), "{body}");
+    assert_eq!(body["result"], "ok");
+    assert!(body["response"]
+        .as_str()
+        .unwrap()
+        .starts_with("Your request was 'my_request_1'"));
+    let (code, body) = run(&["--target", "Device001", "--method", "fly", "--timeout", "3"]);
+    assert_eq!(
+        (code, body["status"].as_u64()),
+        (Some(6), Some(404)),
+        "{body}"
+    );
+    let (code, body) = run(&["--target", "Nobody", "--method", "unlock", "--timeout", "1"]);
+    assert_eq!(
+        (code, body["result"].as_str()),
+        (Some(3), Some("timeout")),
+        "{body}"
+    );
+    let (code, body) = run(&["--target", "a/b", "--method", "unlock"]);
+    assert_eq!(
+        (code, body["result"].as_str()),
+        (Some(2), Some("invalid_parameters")),
+        "{body}"
+    );
+    let port = directcall_bins::free_port().unwrap().to_string();
+    let out = std::process::Command::new(DIRECTCALL)
+        .args([
+            "invoke",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{port}"),
+            "--target",
+            "x",
+            "--method",
+            "m",
+            "--timeout",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (out.status.code(), body["result"].as_str()),
+        (Some(5), Some("unavailable")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_command_prints_status_and_body() {
+    let b = embedded();
+    let (_gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let _sim = sim(&b.url, &[]);
+    let out = std::process::Command::new(DIRECTCALL)
+        .args(["call", &format!("{base}{REFERENCE_QUERY}")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (first, rest) = stdout.split_once('\n').unwrap();
+    assert_eq!(first, "HTTP 200");
+    let body: Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_reference_answer(200, &body);
+    assert_eq!(out.status.code(), Some(0));
+    let out = std::process::Command::new(DIRECTCALL)
+        .args(["call", &format!("{base}/invoke?target=x")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .starts_with("HTTP 400\n"));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_knobs() {
+    let b = embedded();
+    let (_gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let _fleet = sim(&b.url, &["--devices", "3", "--methods", "a,b"]);
+    let _broken = sim(&b.url, &["--client-id", "Broken", "--fail-rate", "1"]);
+    for target in ["Device001", "Device002", "Device003"] {
+        let (status, body) = get(&format!(
+            "{base}/invoke?request=r&method=b&target={target}&timeout=5"
+        ))
+        .await;
+        assert_eq!(
+            (status, body["status"].as_u64()),
+            (200, Some(200)),
+            "{target}: {body}"
+        );
+    }
+    let (_, body) = get(&format!(
+        "{base}/invoke?request=r&method=c&target=Device002&timeout=5"
+    ))
+    .await;
+    assert_eq!(
+        (body["status"].as_u64(), body["response"].as_str()),
+        (Some(404), Some("unknown method 'c'"))
+    );
+    let (_, body) = get(&format!(
+        "{base}/invoke?request=r&method=c&target=Broken&timeout=5"
+    ))
+    .await;
+    assert_eq!(
+        (body["status"].as_u64(), body["response"].as_str()),
+        (Some(500), Some("simulated failure"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_a_curl_line_that_works() {
+    let port = directcall_bins::free_port().unwrap().to_string();
+    let demo = Proc::spawn(
+        DIRECTCALL,
+        &["demo", "--listen", &format!("127.0.0.1:{port}")],
+    );
+    let line = demo.wait_line("curl '");
+    let url = line
+        .trim()
+        .trim_start_matches("curl '")
+        .trim_end_matches('\'');
+    assert_eq!(url, format!("http://127.0.0.1:{port}{REFERENCE_QUERY}"));
+    let (status, body) = get(url).await;
+    assert_reference_answer(status, &body);
+}
+
+/// Every (route, method, status) the gateway answered in this run is in
+/// /openapi.json, and everything /openapi.json promises was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_gateway() {
+    let Some(mut b) = mosquitto() else { return };
+    let (_gw, base) = gateway(&b.url, &["--api-token", "tok"]).await;
+    wait_health(&base, 200).await;
+    let _device = sim(&b.url, &[]);
+    let mut gone = sim(&b.url, &["--client-id", "Gone", "--presence"]);
+    gone.kill();
+    let (_, doc) = get(&format!("{base}/openapi.json")).await;
+    let mut documented = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            for code in op["responses"].as_object().unwrap().keys() {
+                documented.insert((path.clone(), method.clone(), code.parse::<u16>().unwrap()));
+            }
+        }
+    }
+    let auth = [("authorization", "Bearer tok")];
+    let json_auth = [
+        ("authorization", "Bearer tok"),
+        ("content-type", "application/json"),
+    ];
+    let mut seen = BTreeSet::new();
+    let mut note = |path: &str, method: &str, status: u16| {
+        seen.insert((path.to_owned(), method.to_owned(), status));
+    };
+    // Offline needs the will to have arrived.
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while get_with(
+        &format!("{base}/invoke?request=r&method=m&target=Gone&timeout=1"),
+        &auth,
+    )
+    .await
+    .0 != 404
+    {
+        assert!(std::time::Instant::now() < until);
+    }
+    for route in ["/invoke", "/invoke/"] {
+        for (query, headers) in [
+            ("request=r&method=m&target=Device001&timeout=3", &auth[..]),
+            ("request=r&method=m&target=Device001", &[][..]),
+            ("request=r&method=m&target=a/b", &auth[..]),
+            ("request=r&method=m&target=Gone&timeout=1", &auth[..]),
+            ("request=r&method=m&target=Nobody&timeout=1", &auth[..]),
+        ] {
+            let (status, _) = get_with(&format!("{base}{route}?{query}"), headers).await;
+            note(route, "get", status);
+        }
+        let long = "x".repeat(50 * 1024);
+        let (status, _) = get_with(
+            &format!("{base}{route}?request={long}&method=m&target=Device001"),
+            &auth,
+        )
+        .await;
+        note(route, "get", status);
+    }
+    let post_route = "/v1/targets/{target}/methods/{method}";
+    for (target, headers, body) in [
+        (
+            "Device001",
+            &json_auth[..],
+            br#"{"request":1,"timeout_ms":3000}"#.to_vec(),
+        ),
+        (
+            "Device001",
+            &[("content-type", "application/json")][..],
+            b"{}".to_vec(),
+        ),
+        ("Device001", &json_auth[..], b"[".to_vec()),
+        ("Gone", &json_auth[..], br#"{"timeout_ms":1000}"#.to_vec()),
+        ("Nobody", &json_auth[..], br#"{"timeout_ms":1000}"#.to_vec()),
+        ("Device001", &json_auth[..], vec![b' '; 129 * 1024]),
+    ] {
+        let (status, _) = post(
+            &base,
+            &format!("/v1/targets/{target}/methods/m"),
+            headers,
+            body,
+        )
+        .await;
+        note(post_route, "post", status);
+    }
+    note("/healthz", "get", get(&format!("{base}/healthz")).await.0);
+    note("/metrics", "get", get(&format!("{base}/metrics")).await.0);
+    note(
+        "/metrics",
+        "get",
+        get_with(&format!("{base}/metrics"), &auth).await.0,
+    );
+    note(
+        "/openapi.json",
+        "get",
+        get(&format!("{base}/openapi.json")).await.0,
+    );
+    // and with the broker gone: 503 on every call route and on /healthz
+    b.mosquitto.as_mut().unwrap().kill();
+    wait_health(&base, 503).await;
+    note("/healthz", "get", 503);
+    for route in ["/invoke", "/invoke/"] {
+        let (status, _) = get_with(
+            &format!("{base}{route}?request=r&method=m&target=Device001"),
+            &auth,
+        )
+        .await;
+        note(route, "get", status);
+    }
+    let (status, _) = post(
+        &base,
+        "/v1/targets/Device001/methods/m",
+        &json_auth,
+        b"{}".to_vec(),
+    )
+    .await;
+    note(post_route, "post", status);
+
+    let undocumented: Vec<_> = seen.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "answered but not in openapi.json: {undocumented:?}"
+    );
+    let unseen: Vec<_> = documented.difference(&seen).collect();
+    assert!(
+        unseen.is_empty(),
+        "in openapi.json but never answered: {unseen:?}"
+    );
+}

@@ -1,0 +1,191 @@
+//! Running the real binaries: spawn, read their output, stop them.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use directcall_bins::free_port;
+use directcall_bins::http_client::{self, HttpResponse};
+use serde_json::Value;
+
+pub const DIRECTCALL: &str = env!("CARGO_BIN_EXE_directcall");
+pub const SIM: &str = env!("CARGO_BIN_EXE_directcall-sim");
+
+/// A child process, SIGKILLed on drop.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// The first stdout line containing `needle`, within 20 s.
+    pub fn wait_line(&self, needle: &str) -> String {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {needle:?} within 20 s"),
+            }
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `secs`.
+    pub fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < until, "did not exit within {secs} s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `directcall serve` on a free port; returns it and its base URL once it listens.
+pub async fn gateway(broker_url: &str, extra: &[&str]) -> (Proc, String) {
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["serve", "--broker", broker_url, "--listen", &listen];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(DIRECTCALL, &args);
+    let base = format!("http://{listen}");
+    let until = Instant::now() + Duration::from_secs(20);
+    while http_client::get(&format!("{base}/openapi.json"), &[])
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < until, "gateway did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (proc, base)
+}
+
+/// Waits until `/healthz` answers `status`.
+pub async fn wait_health(base: &str, status: u16) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http_client::get(&format!("{base}/healthz"), &[]).await {
+            if r.status == status {
+                return;
+            }
+        }
+        assert!(Instant::now() < until, "/healthz never answered {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `directcall-sim` with `args`, once it says it is waiting for commands.
+pub fn sim(broker_url: &str, args: &[&str]) -> Proc {
+    let mut all = vec!["--broker", broker_url];
+    all.extend_from_slice(args);
+    let proc = Proc::spawn(SIM, &all);
+    proc.wait_line("Waiting for command ...");
+    proc
+}
+
+pub async fn get(url: &str) -> (u16, Value) {
+    get_with(url, &[]).await
+}
+
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(a, b)| ((*a).into(), (*b).into()))
+        .collect();
+    let r = tokio::time::timeout(Duration::from_secs(70), http_client::get(url, &headers))
+        .await
+        .expect("HTTP answer within 70 s")
+        .expect("HTTP request");
+    parse(r)
+}
+
+pub async fn post(base: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Value) {
+    let mut conn = http_client::Connection::open(base).await.expect("connect");
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(a, b)| ((*a).into(), (*b).into()))
+        .collect();
+    let r = tokio::time::timeout(
+        Duration::from_secs(70),
+        conn.send("POST", path, &headers, body),
+    )
+    .await
+    .expect("HTTP answer within 70 s")
+    .expect("HTTP request");
+    parse(r)
+}
+
+fn parse(r: HttpResponse) -> (u16, Value) {
+    let body = serde_json::from_str(&r.body).unwrap_or(Value::String(r.body));
+    (r.status, body)
+}
+
+pub fn elapsed_ms(body: &Value) -> u64 {
+    body["elapsed"]
+        .as_str()
+        .expect("elapsed is a string")
+        .parse()
+        .expect("elapsed is decimal")
+}
+
+pub const REFERENCE_QUERY: &str =
+    "/invoke?request=my_request_1&method=reqid-ABCD&target=Device001&timeout=3";
+
+pub fn assert_reference_answer(status: u16, body: &Value) {
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"], "ok", "{body}");
+    assert_eq!(body["status"], 200, "{body}");
+    let text = body["response"].as_str().unwrap();
+    assert!(
+        text.starts_with("Your request was 'my_request_1'. Some random response: '"),
+        "{text}"
+    );
+    assert_eq!(body["id"].as_str().unwrap().len(), 36, "{body}");
+    elapsed_ms(body);
+}
