@@ -3,6 +3,7 @@
 //! broker (rumqttd) behind `directcall demo` and the examples, and a harness
 //! that runs a private Mosquitto for tests and benchmarks.
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod gateway;

@@ -1,3 +1,4 @@
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -10,6 +11,7 @@ use directcall_core::{
     Backoff, BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload,
     Target,
 };
+use futures_util::FutureExt;
 use rumqttc::{AsyncClient, LastWill, QoS, SubscribeFilter};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
@@ -473,8 +475,10 @@ impl Shared {
                 timeout_ms: request.timeout_ms,
             };
             shared.counters.executed.fetch_add(1, Relaxed);
-            // Its own task, so a panicking handler still gets its caller a 500.
-            let outcome = tokio::spawn(async move { handler.call(method_call).await }).await;
+            // A panicking handler still gets its caller a 500.
+            let outcome = AssertUnwindSafe(handler.call(method_call))
+                .catch_unwind()
+                .await;
             let (status, response) = match outcome {
                 Ok(Ok(value)) => (200, value),
                 Ok(Err(e)) => (e.status(), Value::String(e.message().to_owned())),

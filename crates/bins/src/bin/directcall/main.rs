@@ -1,5 +1,7 @@
-//! `directcall`: the HTTP gateway, one-off calls over MQTT or HTTP, and a
-//! self-contained demo.
+//! `directcall`: the HTTP gateway, one-off calls over MQTT or HTTP, a
+//! self-contained demo, and the load tool.
+
+mod bench;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -41,6 +43,9 @@ enum Command {
     /// Run an embedded broker, the gateway and a simulated Device001 in one
     /// process, and print a curl command to try.
     Demo(DemoArgs),
+    /// Measure calls/s and latency of the requester, the HTTP gateway or the
+    /// raw-MQTT floor (bounded by --calls and/or --duration).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +176,7 @@ fn main() -> ExitCode {
             Command::Invoke(args) => return invoke(args).await,
             Command::Call(args) => return call(args).await,
             Command::Demo(args) => demo(args).await,
+            Command::Bench(args) => bench::bench(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,441 @@
+//! `directcall bench`: load and latency against directcall, the HTTP gateway
+//! and the raw-MQTT floor, in one run.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use directcall_bins::bench::{self, LoadOptions, LoadReport, RawPair};
+use directcall_bins::cli::BrokerArgs;
+use directcall_bins::http_client::Connection;
+use directcall_bins::{gateway, sim, EmbeddedBroker, Mosquitto};
+use directcall_cloud::service::{InvokeService, Limits};
+use directcall_cloud::{Invocation, Options, Prefix, RequestQos, Requester};
+use directcall_core::{BrokerOptions, Method, Target};
+use rumqttc::QoS;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Mode {
+    /// Drive the requester library directly.
+    Requester,
+    /// Drive an HTTP gateway over keep-alive HTTP/1.1 connections.
+    Http,
+    /// A bare rumqttc request/echo pair correlated by id: the floor.
+    Raw,
+    /// Calls to a target nobody answers: how late timeouts fire, and memory.
+    Timeouts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// What to drive.
+    #[arg(long, env = "DIRECTCALL_BENCH_MODE", value_enum, default_value_t = Mode::Requester)]
+    mode: Mode,
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Start an embedded broker in this process and use it instead of --broker.
+    #[arg(long, env = "DIRECTCALL_BENCH_EMBEDDED", conflicts_with_all = ["mosquitto", "mosquitto_as_shipped"])]
+    embedded: bool,
+    /// Start a private Mosquitto (set_tcp_nodelay true) on a free port and use it.
+    #[arg(
+        long,
+        env = "DIRECTCALL_BENCH_MOSQUITTO",
+        conflicts_with = "mosquitto_as_shipped"
+    )]
+    mosquitto: bool,
+    /// Start a private Mosquitto as shipped (set_tcp_nodelay false) and use it.
+    #[arg(long, env = "DIRECTCALL_BENCH_MOSQUITTO_AS_SHIPPED")]
+    mosquitto_as_shipped: bool,
+    /// Gateway base URL for --mode http [default: a gateway started in this process].
+    #[arg(long, env = "DIRECTCALL_BENCH_URL")]
+    url: Option<String>,
+    /// Simulated devices in this process, each on its own connection; calls are spread over them.
+    #[arg(long, env = "DIRECTCALL_BENCH_DEVICES", default_value_t = 1)]
+    devices: usize,
+    /// Call running devices (e.g. directcall-sim --devices N) instead of starting any.
+    #[arg(long, env = "DIRECTCALL_BENCH_EXTERNAL_DEVICES")]
+    external_devices: bool,
+    /// Name prefix of the devices: <prefix>001, <prefix>002, ...
+    #[arg(long, env = "DIRECTCALL_BENCH_DEVICE_PREFIX", default_value = "Device")]
+    device_prefix: String,
+    /// Calls in flight at once (HTTP: concurrent connections).
+    #[arg(long, env = "DIRECTCALL_BENCH_CONCURRENCY", default_value_t = 1)]
+    concurrency: usize,
+    /// Calls to measure [default: 10000 when --duration is not given].
+    #[arg(long, env = "DIRECTCALL_BENCH_CALLS")]
+    calls: Option<u64>,
+    /// Seconds to run (the run stops at whichever of --calls and --duration comes first).
+    #[arg(long, env = "DIRECTCALL_BENCH_DURATION")]
+    duration: Option<f64>,
+    /// Unmeasured calls first.
+    #[arg(long, env = "DIRECTCALL_BENCH_WARMUP", default_value_t = 500)]
+    warmup: u64,
+    /// QoS of requests: 0 or 1.
+    #[arg(long, env = "DIRECTCALL_BENCH_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// Bytes of request payload.
+    #[arg(long, env = "DIRECTCALL_BENCH_PAYLOAD_BYTES", default_value_t = 16)]
+    payload_bytes: usize,
+    /// Deadline of each call, in milliseconds.
+    #[arg(long, env = "DIRECTCALL_BENCH_TIMEOUT_MS", default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Measure the raw-MQTT floor in the same run and report ratios.
+    #[arg(long, env = "DIRECTCALL_BENCH_COMPARE_RAW")]
+    compare_raw: bool,
+    /// One JSON object on stdout instead of text.
+    #[arg(long, env = "DIRECTCALL_BENCH_JSON")]
+    json: bool,
+}
+
+pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
+    let (broker, _own, broker_label) = broker(&args)?;
+    let calls = match (args.calls, args.duration) {
+        (None, None) => Some(10_000),
+        (c, _) => c,
+    };
+    let load = LoadOptions {
+        concurrency: args.concurrency.max(1),
+        calls,
+        duration: args.duration.map(Duration::from_secs_f64),
+        warmup: args.warmup,
+    };
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let payload = "x".repeat(args.payload_bytes);
+    let qos = if args.qos == 1 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::AtMostOnce
+    };
+
+    if args.mode == Mode::Timeouts {
+        return timeouts(
+            &args,
+            &broker,
+            &broker_label,
+            calls.unwrap_or(10_000),
+            timeout,
+        )
+        .await;
+    }
+
+    // Devices for the directcall modes.
+    let targets = sim::device_names(&args.device_prefix, args.devices.max(1))
+        .map_err(|e| format!("--device-prefix: {e}"))?;
+    let mut devices = Vec::new();
+    if args.mode != Mode::Raw && !args.external_devices {
+        let echo = sim::SimOptions::default();
+        devices = sim::start(&broker, &targets, &echo)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+
+    let report = match args.mode {
+        Mode::Raw => raw(&broker, &load, qos, payload.clone(), timeout, args.json).await?,
+        Mode::Requester => {
+            let requester = requester(&broker, qos, load.concurrency).await?;
+            let targets = Arc::new(targets.clone());
+            let method = Method::new("bench").map_err(|e| e.to_string())?;
+            let payload = Value::String(payload.clone());
+            let progress = progress_bar(&load, args.json);
+            let r = requester.clone();
+            let report = bench::run("requester", &load, progress, move |n| {
+                let call = Invocation::new(
+                    targets[n as usize % targets.len()].clone(),
+                    method.clone(),
+                    payload.clone(),
+                )
+                .timeout(timeout);
+                let r = r.clone();
+                async move {
+                    match r.invoke(call).await {
+                        Ok(reply) if reply.status == 200 => Ok(()),
+                        Ok(reply) => Err(format!("status_{}", reply.status)),
+                        Err(e) => Err(error_kind(&e)),
+                    }
+                }
+            })
+            .await;
+            requester.shutdown().await;
+            report
+        }
+        Mode::Http => http(&args, &broker, &load, qos, &targets, &payload, timeout).await?,
+        Mode::Timeouts => unreachable!("handled above"),
+    };
+
+    let raw_report = if args.compare_raw && args.mode != Mode::Raw {
+        Some(raw(&broker, &load, qos, payload, timeout, args.json).await?)
+    } else {
+        None
+    };
+    for d in devices {
+        d.shutdown().await;
+    }
+    print(&args, &broker_label, &report, raw_report.as_ref());
+    Ok(())
+}
+
+/// The broker to use; a Mosquitto the bench started lives as long as the returned value.
+fn broker(args: &BenchArgs) -> Result<(BrokerOptions, Option<Mosquitto>, String), String> {
+    if args.embedded {
+        let b = EmbeddedBroker::start(None).map_err(|e| e.to_string())?;
+        // rumqttd runs until the process exits.
+        return Ok((
+            b.options(),
+            None,
+            "embedded rumqttd (TCP_NODELAY patch)".into(),
+        ));
+    }
+    if args.mosquitto || args.mosquitto_as_shipped {
+        let nodelay = args.mosquitto;
+        let m = Mosquitto::start_with(nodelay, "")
+            .map_err(|e| e.to_string())?
+            .ok_or("--mosquitto needs the mosquitto binary (apt-get install -y mosquitto)")?;
+        let label = format!("private Mosquitto, set_tcp_nodelay {nodelay}");
+        return Ok((m.options(), Some(m), label));
+    }
+    let options = args.broker.options()?;
+    let label = options.url();
+    Ok((options, None, label))
+}
+
+async fn requester(
+    broker: &BrokerOptions,
+    qos: QoS,
+    concurrency: usize,
+) -> Result<Requester, String> {
+    let prefix = Prefix::new(format!("bench-{:06x}", fastrand::u32(..) & 0xff_ffff))
+        .map_err(|e| e.to_string())?;
+    let mut options = Options::new(broker.clone())
+        .prefix(prefix)
+        .max_in_flight(concurrency.max(16_384));
+    if qos == QoS::AtLeastOnce {
+        options = options.qos(RequestQos::AtLeastOnce);
+    }
+    Requester::connect(options).await.map_err(|e| e.to_string())
+}
+
+fn error_kind(e: &directcall_cloud::Error) -> String {
+    match e {
+        directcall_cloud::Error::Timeout { .. } => "timeout".into(),
+        directcall_cloud::Error::Unavailable { .. } => "unavailable".into(),
+        directcall_cloud::Error::Offline { .. } => "offline".into(),
+        directcall_cloud::Error::Invalid { .. } => "invalid".into(),
+        directcall_cloud::Error::PayloadTooLarge { .. } => "payload_too_large".into(),
+        _ => "closed".into(),
+    }
+}
+
+fn progress_bar(load: &LoadOptions, json: bool) -> Option<indicatif::ProgressBar> {
+    if json || !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let bar = match load.calls {
+        Some(n) if load.duration.is_none() => indicatif::ProgressBar::new(n),
+        _ => indicatif::ProgressBar::new_spinner(),
+    };
+    Some(bar)
+}
+
+async fn raw(
+    broker: &BrokerOptions,
+    load: &LoadOptions,
+    qos: QoS,
+    payload: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<LoadReport, String> {
+    let pair = Arc::new(RawPair::start(broker, qos).await?);
+    let payload = Arc::new(payload.into_bytes());
+    let progress = progress_bar(load, json);
+    Ok(bench::run("raw", load, progress, move |_| {
+        let (pair, payload) = (Arc::clone(&pair), Arc::clone(&payload));
+        async move { pair.call(&payload, timeout).await }
+    })
+    .await)
+}
+
+async fn http(
+    args: &BenchArgs,
+    broker: &BrokerOptions,
+    load: &LoadOptions,
+    qos: QoS,
+    targets: &[Target],
+    payload: &str,
+    timeout: Duration,
+) -> Result<LoadReport, String> {
+    // An external gateway, or one in this process on a free port.
+    let (base, _gateway) = match &args.url {
+        Some(url) => (url.trim_end_matches('/').to_owned(), None),
+        None => {
+            let requester = requester(broker, qos, load.concurrency).await?;
+            let service = InvokeService::new(requester, Limits::default());
+            let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .map_err(|e| e.to_string())?;
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let app = gateway::app(service, Vec::new());
+            tokio::spawn(gateway::serve(listener, app, async move {
+                let _ = stop_rx.await;
+            }));
+            (format!("http://{addr}"), Some(stop_tx))
+        }
+    };
+    let secs = timeout.as_secs().clamp(1, 60);
+    let paths: Arc<Vec<String>> = Arc::new(
+        targets
+            .iter()
+            .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
+            .collect(),
+    );
+    // One keep-alive connection per concurrent caller, handed out in turn.
+    let mut connections = Vec::new();
+    for _ in 0..load.concurrency {
+        connections.push(Connection::open(&base).await?);
+    }
+    let pool = Arc::new(tokio::sync::Mutex::new(connections));
+    let progress = progress_bar(load, args.json);
+    Ok(bench::run("http", load, progress, move |n| {
+        let (pool, paths) = (Arc::clone(&pool), Arc::clone(&paths));
+        async move {
+            let mut conn = pool.lock().await.pop().ok_or("no connection")?;
+            let result = conn.get(&paths[n as usize % paths.len()], &[]).await;
+            pool.lock().await.push(conn);
+            match result {
+                Ok(r) if r.status == 200 && r.body.contains("\"status\":200") => Ok(()),
+                Ok(r) => Err(format!("http_{}", r.status)),
+                Err(_) => Err("connection".into()),
+            }
+        }
+    })
+    .await)
+}
+
+/// `--mode timeouts`: `calls` calls at once to a target nobody answers.
+async fn timeouts(
+    args: &BenchArgs,
+    broker: &BrokerOptions,
+    label: &str,
+    calls: u64,
+    timeout: Duration,
+) -> Result<(), String> {
+    let qos = if args.qos == 1 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::AtMostOnce
+    };
+    let requester = requester(broker, qos, calls as usize).await?;
+    let target = Target::new("nobody-answers").map_err(|e| e.to_string())?;
+    let method = Method::new("bench").map_err(|e| e.to_string())?;
+    let rss_before = bench::rss_bytes();
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(calls as usize);
+    for _ in 0..calls {
+        let call = Invocation::new(target.clone(), method.clone(), json!("x")).timeout(timeout);
+        let r = requester.clone();
+        tasks.push(tokio::spawn(async move {
+            match r.invoke(call).await {
+                Err(directcall_cloud::Error::Timeout { elapsed, .. }) => Ok(elapsed),
+                Err(e) => Err(error_kind(&e)),
+                Ok(_) => Err("answered".into()),
+            }
+        }));
+    }
+    let all_pending_after = started.elapsed();
+    let mut peak_pending = 0;
+    let mut rss_peak = bench::rss_bytes();
+    while started.elapsed() < timeout.saturating_sub(Duration::from_millis(100)) {
+        peak_pending = peak_pending.max(requester.stats().pending);
+        rss_peak = rss_peak.max(bench::rss_bytes());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut lateness = Vec::with_capacity(calls as usize);
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(elapsed)) => lateness.push(elapsed.saturating_sub(timeout).as_micros() as u64),
+            Ok(Err(kind)) => *errors.entry(kind).or_default() += 1,
+            Err(_) => *errors.entry("panic".into()).or_default() += 1,
+        }
+    }
+    let stats = requester.stats();
+    requester.shutdown().await;
+    let fired = lateness.len();
+    let [p50, p90, p99, p999, max] = bench::percentiles(&mut lateness);
+    let growth_mb = (rss_peak.saturating_sub(rss_before)) as f64 / 1e6;
+    let out = json!({
+        "mode": "timeouts",
+        "broker": label,
+        "calls": calls,
+        "timeout_ms": timeout.as_millis() as u64,
+        "timeouts_fired": fired,
+        "errors": errors,
+        "peak_pending": peak_pending,
+        "pending_after": stats.pending,
+        "launch_ms": all_pending_after.as_millis() as u64,
+        "lateness_p50_us": p50,
+        "lateness_p90_us": p90,
+        "lateness_p99_us": p99,
+        "lateness_p999_us": p999,
+        "lateness_max_us": max,
+        "rss_before_mb": rss_before as f64 / 1e6,
+        "rss_peak_mb": rss_peak as f64 / 1e6,
+        "rss_growth_mb": growth_mb,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("broker     {label}");
+        println!(
+            "timeouts   {fired} of {calls} fired ({} pending at peak, {} after); errors {errors:?}",
+            peak_pending, stats.pending
+        );
+        println!("lateness µs  p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}");
+        println!(
+            "RSS        {:.1} MB before, {:.1} MB at peak: +{growth_mb:.1} MB",
+            rss_before as f64 / 1e6,
+            rss_peak as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+fn print(args: &BenchArgs, label: &str, report: &LoadReport, raw: Option<&LoadReport>) {
+    if args.json {
+        let mut out = report.to_json();
+        out["broker"] = json!(label);
+        out["qos"] = json!(args.qos);
+        out["payload_bytes"] = json!(args.payload_bytes);
+        if let Some(raw) = raw {
+            out["raw"] = raw.to_json();
+            out["ratio_p50"] = json!(ratio(report.latency_us[0] as f64, raw.latency_us[0] as f64));
+            out["ratio_calls_per_s"] = json!(ratio(report.calls_per_s(), raw.calls_per_s()));
+        }
+        println!("{out}");
+        return;
+    }
+    println!(
+        "broker     {label}  (qos {}, {} payload bytes)",
+        args.qos, args.payload_bytes
+    );
+    print!("{}", report.to_text());
+    if let Some(raw) = raw {
+        print!("{}", raw.to_text());
+        println!(
+            "ratio      p50 {:.3} × floor   calls/s {:.3} × floor",
+            ratio(report.latency_us[0] as f64, raw.latency_us[0] as f64),
+            ratio(report.calls_per_s(), raw.calls_per_s())
+        );
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        0.0
+    } else {
+        (a / b * 1000.0).round() / 1000.0
+    }
+}
