@@ -71,14 +71,14 @@ fn pending(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let table = PendingTable::<u64>::default();
     // 100k calls already waiting: insert + complete one more.
-    let _held: Vec<_> = (0..100_000).map(|i| table.insert(&call(), i)).collect();
+    let _held: Vec<_> = (0..100_000).map(|i| table.insert(call(), i)).collect();
     let calls: Vec<_> = (0..1024).map(|_| call()).collect();
     let mut i = 0;
     g.bench_function("insert+complete at 100k pending", |b| {
         b.iter(|| {
             let c = &calls[i % calls.len()];
             i += 1;
-            let guard = table.insert(c, 1);
+            let guard = table.insert(c.clone(), 1);
             black_box(table.complete(c).unwrap());
             drop(guard);
         })

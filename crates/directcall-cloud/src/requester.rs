@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 use directcall_core::deadline::{unix_millis, whole_millis};
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
-    Backoff, CallTopics, Deadline, Field, MessageId, Method, PendingTable, Prefix, PresenceRoot,
-    ReplyPayload, RequestPayload, Target, Unmatched,
+    Backoff, CallTopics, Field, MessageId, Method, PendingGuard, PendingTable, Prefix,
+    PresenceRoot, ReplyPayload, RequestPayload, Target, Unmatched,
 };
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use serde_json::Value;
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
 use crate::connection::{self, Session};
@@ -317,50 +317,9 @@ impl Requester {
     pub async fn invoke(&self, invocation: Invocation) -> Result<Reply, Error> {
         let shared = self.shared();
         let start = invocation.start.unwrap_or_else(Instant::now);
-        let deadline = Deadline::new(start, invocation.timeout);
-        if invocation.timeout.is_zero() {
-            return Err(Error::Invalid {
-                field: Field::Timeout,
-                reason: "must be greater than zero".into(),
-            });
-        }
-        check_call_length(&invocation.target, &invocation.method, &shared.prefix)?;
-        if *shared.shutdown.borrow() {
-            return Err(Error::Closed);
-        }
-        if !*shared.connected.borrow() {
-            return Err(Error::Unavailable {
-                reason: "not connected to the broker".into(),
-            });
-        }
-        if shared.is_offline(&invocation.target) {
-            return Err(Error::Offline {
-                target: invocation.target.to_string(),
-            });
-        }
+        shared.check(&invocation)?;
         let id = MessageId::new();
-        let call = CallTopics::new(
-            invocation.target,
-            invocation.method,
-            shared.prefix.clone(),
-            id,
-        )?;
-        let remaining = deadline.remaining();
-        let payload = RequestPayload {
-            id: id.to_string(),
-            request: invocation.request,
-            timestamp: Some(unix_millis(std::time::SystemTime::now())),
-            timeout_ms: Some(whole_millis(remaining)),
-        }
-        .to_vec();
-        let topic = call.request_topic();
-        let size = payload.len() + topic.len() + PUBLISH_OVERHEAD_BYTES;
-        if size > shared.max_packet_bytes {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: shared.max_packet_bytes,
-            });
-        }
+        let at = tokio::time::Instant::from_std(start + invocation.timeout);
         let timeout = |shared: &Shared| {
             shared.counters.timeouts.fetch_add(1, Relaxed);
             Error::Timeout {
@@ -368,21 +327,22 @@ impl Requester {
                 id,
             }
         };
-        let at = tokio::time::Instant::from_std(deadline.at());
-        let Ok(permit) = tokio::time::timeout_at(at, shared.permits.acquire()).await else {
-            return Err(timeout(shared));
+        // Only a full in-flight limit makes a call wait here.
+        let _permit = match shared.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(Error::Closed),
+            Err(TryAcquireError::NoPermits) => {
+                // Boxed: the rare path should not grow every call's future.
+                match Box::pin(tokio::time::timeout_at(at, shared.permits.acquire())).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(Error::Closed),
+                    Err(_) => return Err(timeout(shared)),
+                }
+            }
         };
-        let _permit = permit.map_err(|_| Error::Closed)?;
-
-        let (tx, rx) = oneshot::channel();
-        let _guard = shared.pending.insert(&call, tx);
-        shared
-            .client
-            .try_publish(topic, shared.qos, false, payload)
-            .map_err(|e| Error::Unavailable {
-                reason: format!("request not queued: {e}"),
-            })?;
-        shared.counters.published.fetch_add(1, Relaxed);
+        // Everything the wait below does not need is gone before it starts,
+        // which keeps each pending call's future small.
+        let (_guard, rx) = shared.send(invocation, id, at.into_std())?;
         match tokio::time::timeout_at(at, rx).await {
             Ok(Ok(reply)) => Ok(Reply {
                 id,
@@ -466,6 +426,72 @@ impl Session for Shared {
 }
 
 impl Shared {
+    /// Everything that refuses a call before an id is made.
+    fn check(&self, invocation: &Invocation) -> Result<(), Error> {
+        if invocation.timeout.is_zero() {
+            return Err(Error::Invalid {
+                field: Field::Timeout,
+                reason: "must be greater than zero".into(),
+            });
+        }
+        check_call_length(&invocation.target, &invocation.method, &self.prefix)?;
+        if *self.shutdown.borrow() {
+            return Err(Error::Closed);
+        }
+        if !*self.connected.borrow() {
+            return Err(Error::Unavailable {
+                reason: "not connected to the broker".into(),
+            });
+        }
+        if self.is_offline(&invocation.target) {
+            return Err(Error::Offline {
+                target: invocation.target.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Registers the call and queues its request, without waiting: the
+    /// request channel holds a slot for every call in flight.
+    fn send(
+        &self,
+        invocation: Invocation,
+        id: MessageId,
+        deadline: Instant,
+    ) -> Result<(PendingGuard<Waiter>, oneshot::Receiver<ReplyPayload>), Error> {
+        let call = CallTopics::new(
+            invocation.target,
+            invocation.method,
+            self.prefix.clone(),
+            id,
+        )?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let payload = RequestPayload {
+            id: id.to_string(),
+            request: invocation.request,
+            timestamp: Some(unix_millis(std::time::SystemTime::now())),
+            timeout_ms: Some(whole_millis(remaining)),
+        }
+        .to_vec();
+        let topic = call.request_topic();
+        let size = payload.len() + topic.len() + PUBLISH_OVERHEAD_BYTES;
+        if size > self.max_packet_bytes {
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: self.max_packet_bytes,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let guard = self.pending.insert(call, tx);
+        self.client
+            .try_publish(topic, self.qos, false, payload)
+            .map_err(|e| Error::Unavailable {
+                reason: format!("request not queued: {e}"),
+            })?;
+        self.counters.published.fetch_add(1, Relaxed);
+        Ok((guard, rx))
+    }
+
     fn is_offline(&self, target: &Target) -> bool {
         self.presence.as_ref().is_some_and(|p| {
             let online = p.online.read().unwrap_or_else(|e| e.into_inner());

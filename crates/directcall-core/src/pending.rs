@@ -44,6 +44,12 @@ struct Entry<W> {
     waiter: W,
 }
 
+impl<W> Entry<W> {
+    fn answers(&self, reply: &CallTopics) -> bool {
+        self.target == *reply.target() && self.method == *reply.method()
+    }
+}
+
 #[derive(Debug)]
 struct Inner<W> {
     calls: HashMap<MessageId, Entry<W>>,
@@ -89,13 +95,14 @@ impl<W> PendingTable<W> {
 
     /// Registers a waiter for the call `topics` describes. The entry lives
     /// until the returned guard is dropped or a matching reply completes it.
-    pub fn insert(&self, topics: &CallTopics, waiter: W) -> PendingGuard<W> {
+    pub fn insert(&self, topics: CallTopics, waiter: W) -> PendingGuard<W> {
         let id = topics.id();
+        let (target, method) = topics.into_target_method();
         lock(&self.inner).calls.insert(
             id,
             Entry {
-                target: topics.target().clone(),
-                method: topics.method().clone(),
+                target,
+                method,
                 waiter,
             },
         );
@@ -113,7 +120,7 @@ impl<W> PendingTable<W> {
         let mut inner = lock(&self.inner);
         let id = reply.id();
         match inner.calls.get(&id) {
-            Some(e) if e.target == *reply.target() && e.method == *reply.method() => {
+            Some(e) if e.answers(reply) => {
                 let entry = inner.calls.remove(&id).ok_or(Unmatched::Unknown)?;
                 inner.ended.insert(id, Ended::Completed);
                 Ok(entry.waiter)
@@ -205,7 +212,7 @@ mod tests {
     fn a_matching_reply_completes_once() {
         let t = PendingTable::default();
         let c = call("car", "unlock");
-        let guard = t.insert(&c, 7u8);
+        let guard = t.insert(c.clone(), 7u8);
         assert_eq!(t.len(), 1);
         assert_eq!(t.complete(&c), Ok(7));
         assert!(t.is_empty());
@@ -218,7 +225,7 @@ mod tests {
     fn dropping_the_guard_removes_the_call_and_later_replies_are_late() {
         let t = PendingTable::default();
         let c = call("car", "unlock");
-        drop(t.insert(&c, ()));
+        drop(t.insert(c.clone(), ()));
         assert!(t.is_empty());
         assert_eq!(t.complete(&c), Err(Unmatched::Late));
         assert_eq!(t.complete(&call("car", "unlock")), Err(Unmatched::Unknown));
@@ -228,7 +235,7 @@ mod tests {
     fn a_reply_naming_another_target_or_method_is_refused_and_the_call_stays() {
         let t = PendingTable::default();
         let c = call("car-a", "unlock");
-        let _guard = t.insert(&c, ());
+        let _guard = t.insert(c.clone(), ());
         assert_eq!(
             t.complete(&reply_for(&c, "car-b", "unlock")),
             Err(Unmatched::Mismatched)
@@ -244,7 +251,7 @@ mod tests {
     #[test]
     fn drain_takes_every_waiter() {
         let t = PendingTable::default();
-        let guards: Vec<_> = (0..5).map(|i| t.insert(&call("car", "m"), i)).collect();
+        let guards: Vec<_> = (0..5).map(|i| t.insert(call("car", "m"), i)).collect();
         let mut w = t.drain();
         w.sort_unstable();
         assert_eq!(w, vec![0, 1, 2, 3, 4]);
@@ -261,7 +268,7 @@ mod tests {
                 s.spawn(|| {
                     for i in 0..2000 {
                         let c = call("car", "m");
-                        let g = t.insert(&c, i);
+                        let g = t.insert(c.clone(), i);
                         if i % 2 == 0 {
                             assert_eq!(t.complete(&c), Ok(i));
                         }

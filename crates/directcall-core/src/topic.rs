@@ -245,6 +245,11 @@ impl CallTopics {
         self.id
     }
 
+    /// The target and method, taking them out.
+    pub fn into_target_method(self) -> (Target, Method) {
+        (self.target, self.method)
+    }
+
     /// `{target}/{method}/{prefix}/{id}`.
     pub fn request_topic(&self) -> String {
         let mut s = String::with_capacity(self.reply_len());
