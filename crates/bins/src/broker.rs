@@ -98,7 +98,8 @@ fn config(addr: SocketAddr) -> Config {
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
-            max_payload_size: 256 * 1024,
+            // Above any directcall limit: the broker is never the one refusing.
+            max_payload_size: 2 * 1024 * 1024,
             max_inflight_count: 1024,
             auth: None,
             external_auth: None,

@@ -16,6 +16,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
+/// Largest incoming packet accepted at least: 1 MiB.
+pub const MIN_INCOMING_PACKET_BYTES: usize = 1024 * 1024;
+
 /// rumqttc options for `broker` as `client_id`.
 ///
 /// # Errors
@@ -46,7 +49,13 @@ pub fn mqtt_options(
     };
     mqtt.set_keep_alive(broker.keep_alive)
         .set_clean_session(true)
-        .set_max_packet_size(broker.max_packet_bytes, broker.max_packet_bytes);
+        // Incoming packets get room to spare: rumqttc drops the whole
+        // connection on an oversized one, so one hostile message would cost
+        // every call in flight. Oversized messages are dropped one by one above.
+        .set_max_packet_size(
+            broker.max_packet_bytes.max(MIN_INCOMING_PACKET_BYTES),
+            broker.max_packet_bytes,
+        );
     if let Some((user, pass)) = &broker.credentials {
         mqtt.set_credentials(user.clone(), pass.clone());
     }
@@ -134,7 +143,8 @@ pub trait Session: Send + Sync + 'static {
     fn client(&self) -> &AsyncClient;
     /// Up and subscribed, or not.
     fn ready(&self) -> &watch::Sender<bool>;
-    /// Subscriptions to make on every connection.
+    /// Subscriptions to make on every connection. The session is ready once
+    /// the first is granted; the others are optional and asked for after it.
     fn filters(&self) -> Vec<SubscribeFilter>;
     /// A connection was made, before its subscriptions are acknowledged.
     fn connected(&self) {}
@@ -201,6 +211,10 @@ pub async fn drive<S: Session>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let filters = session.filters();
+    let (essential, optional) = filters.split_at(filters.len().min(1));
+    let mut optional: Vec<SubscribeFilter> = optional.to_vec();
+    // Which SUBACK comes next: the essential filter's, then the optional ones'.
+    let mut awaiting_optional = false;
     loop {
         let event = tokio::select! {
             biased;
@@ -211,23 +225,49 @@ pub async fn drive<S: Session>(
             Ok(Event::Incoming(Packet::Publish(p))) => session.publish(&p.topic, &p.payload),
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
+                awaiting_optional = false;
                 // Subscriptions do not survive a clean-session reconnect.
-                send_nowait(session.client(), Outgoing::Subscribe(filters.clone()));
+                send_nowait(session.client(), Outgoing::Subscribe(essential.to_vec()));
                 session.connected();
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
-                {
+                let granted = |i: usize| {
+                    matches!(
+                        ack.return_codes.get(i),
+                        Some(SubscribeReasonCode::Success(_))
+                    )
+                };
+                if awaiting_optional {
+                    awaiting_optional = false;
+                    for (i, filter) in optional.iter().enumerate() {
+                        if !granted(i) {
+                            tracing::error!(filter = %filter.path, "the broker refused the subscription; going on without it");
+                        }
+                    }
+                } else if granted(0) {
                     session.ready().send_replace(true);
+                    // Optional filters go in a SUBSCRIBE of their own, after:
+                    // a broker that closes the connection over them (AWS IoT
+                    // does, for a filter the policy denies) cannot take the
+                    // essential one down with them.
+                    if !optional.is_empty() {
+                        awaiting_optional = true;
+                        send_nowait(session.client(), Outgoing::Subscribe(optional.clone()));
+                    }
                 } else {
-                    tracing::error!(?filters, "the broker refused a subscription");
+                    tracing::error!(filter = ?essential.first().map(|f| &f.path), "the broker refused the subscription");
                 }
             }
             Ok(_) => {}
             Err(e) => {
+                if awaiting_optional {
+                    tracing::error!(
+                        filters = ?optional.iter().map(|f| &f.path).collect::<Vec<_>>(),
+                        "the broker closed the connection over these subscriptions; going on without them"
+                    );
+                    optional.clear();
+                    awaiting_optional = false;
+                }
                 session.ready().send_replace(false);
                 let delay = backoff.next_delay(fastrand::f64());
                 tracing::warn!(

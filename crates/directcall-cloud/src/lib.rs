@@ -31,6 +31,7 @@ pub use directcall_core::{
 };
 pub use error::Error;
 pub use options::{
-    Options, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_TIMEOUT,
+    Options, PresenceSource, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT,
+    DEFAULT_TIMEOUT,
 };
 pub use requester::{Invocation, Reply, Requester, Stats};

@@ -31,7 +31,18 @@ pub struct Options {
     pub(crate) max_in_flight: usize,
     pub(crate) ready_timeout: Duration,
     pub(crate) recent_capacity: usize,
-    pub(crate) presence: Option<PresenceRoot>,
+    pub(crate) presence: Option<PresenceSource>,
+}
+
+/// Where a requester learns which devices are online.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PresenceSource {
+    /// directcall's retained `{"online": bool}` records under a root
+    /// (default `directcall/presence`), kept by devices and their last wills.
+    Directcall(PresenceRoot),
+    /// AWS IoT Core's lifecycle events, `$aws/events/presence/+/+`.
+    AwsLifecycle,
 }
 
 impl Options {
@@ -96,7 +107,16 @@ impl Options {
     /// with [`Error::Offline`](crate::Error::Offline); a target with no record
     /// is tried as usual. Default: off.
     pub fn presence(mut self, root: PresenceRoot) -> Self {
-        self.presence = Some(root);
+        self.presence = Some(PresenceSource::Directcall(root));
+        self
+    }
+
+    /// Track presence through AWS IoT Core's lifecycle events instead
+    /// (`$aws/events/presence/connected/+` and `disconnected/+`; the
+    /// requester's policy must allow subscribing to them). Events that arrive
+    /// out of order are ignored by their timestamps. Default: off.
+    pub fn aws_presence(mut self) -> Self {
+        self.presence = Some(PresenceSource::AwsLifecycle);
         self
     }
 

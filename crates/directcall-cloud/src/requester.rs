@@ -4,10 +4,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use directcall_core::deadline::{unix_millis, whole_millis};
+use directcall_core::presence::{
+    parse_aws_lifecycle, parse_directcall, PresenceEvent, AWS_PRESENCE_FILTER,
+};
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
     Backoff, CallTopics, Field, MessageId, Method, PendingGuard, PendingTable, Prefix,
-    PresenceRoot, ReplyPayload, RequestPayload, Target, Unmatched,
+    ReplyPayload, RequestPayload, Target, Unmatched,
 };
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use serde_json::Value;
@@ -16,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::connection::{self, Session};
 use crate::error::Error;
-use crate::options::{Options, RequestQos, DEFAULT_TIMEOUT};
+use crate::options::{Options, PresenceSource, RequestQos, DEFAULT_TIMEOUT};
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
 const PUBLISH_OVERHEAD_BYTES: usize = 16;
@@ -135,6 +138,8 @@ pub struct Stats {
     pub dropped_mismatched: u64,
     /// Replies dropped: unparsable topic or payload.
     pub dropped_malformed: u64,
+    /// Replies dropped: larger than the packet limit.
+    pub dropped_oversized: u64,
     /// Connections made after the first one.
     pub reconnects: u64,
 }
@@ -149,6 +154,7 @@ struct Counters {
     unknown: AtomicU64,
     mismatched: AtomicU64,
     malformed: AtomicU64,
+    oversized: AtomicU64,
     connects: AtomicU64,
 }
 
@@ -168,11 +174,52 @@ struct Shared {
     presence: Option<Presence>,
 }
 
-/// The last presence record of each target that published one.
+/// The last presence record of each target that has one.
 #[derive(Debug)]
 struct Presence {
-    root: PresenceRoot,
-    online: RwLock<HashMap<Target, bool>>,
+    source: PresenceSource,
+    online: RwLock<HashMap<Target, (bool, Option<u64>)>>,
+}
+
+impl Presence {
+    fn filter(&self) -> String {
+        match &self.source {
+            PresenceSource::Directcall(root) => root.filter(),
+            _ => AWS_PRESENCE_FILTER.to_owned(),
+        }
+    }
+
+    fn parse(&self, topic: &str, payload: &[u8]) -> Option<Option<PresenceEvent>> {
+        match &self.source {
+            PresenceSource::Directcall(root) => {
+                root.parse(topic)?;
+                Some(parse_directcall(root, topic, payload))
+            }
+            _ => topic
+                .starts_with("$aws/events/presence/")
+                .then(|| parse_aws_lifecycle(topic, payload)),
+        }
+    }
+
+    fn record(&self, event: PresenceEvent) {
+        let mut online = self.online.write().unwrap_or_else(|e| e.into_inner());
+        let older = match (online.get(&event.target), event.timestamp_ms) {
+            (Some((_, Some(known))), Some(ts)) => ts < *known,
+            _ => false,
+        };
+        if older {
+            return;
+        }
+        tracing::debug!(target = %event.target, online = ?event.online, "presence");
+        match event.online {
+            Some(up) => {
+                online.insert(event.target, (up, event.timestamp_ms));
+            }
+            None => {
+                online.remove(&event.target);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -257,8 +304,8 @@ impl Requester {
             connected: watch::Sender::new(false),
             shutdown: watch::Sender::new(false),
             counters: Counters::default(),
-            presence: options.presence.clone().map(|root| Presence {
-                root,
+            presence: options.presence.clone().map(|source| Presence {
+                source,
                 online: RwLock::new(HashMap::new()),
             }),
         });
@@ -370,6 +417,7 @@ impl Requester {
             dropped_unknown: c.unknown.load(Relaxed),
             dropped_mismatched: c.mismatched.load(Relaxed),
             dropped_malformed: c.malformed.load(Relaxed),
+            dropped_oversized: c.oversized.load(Relaxed),
             reconnects: c.connects.load(Relaxed).saturating_sub(1),
         }
     }
@@ -406,7 +454,7 @@ impl Session for Shared {
             QoS::AtLeastOnce,
         )];
         if let Some(p) = &self.presence {
-            filters.push(SubscribeFilter::new(p.root.filter(), QoS::AtLeastOnce));
+            filters.push(SubscribeFilter::new(p.filter(), QoS::AtLeastOnce));
         }
         filters
     }
@@ -495,28 +543,17 @@ impl Shared {
     fn is_offline(&self, target: &Target) -> bool {
         self.presence.as_ref().is_some_and(|p| {
             let online = p.online.read().unwrap_or_else(|e| e.into_inner());
-            online.get(target) == Some(&false)
+            online.get(target).is_some_and(|(up, _)| !up)
         })
     }
 
     fn on_publish(&self, topic: &str, payload: &[u8]) {
         if let Some(p) = &self.presence {
-            if let Some(target) = p.root.parse(topic) {
-                let record: Option<bool> = serde_json::from_slice::<serde_json::Value>(payload)
-                    .ok()
-                    .and_then(|v| v.get("online")?.as_bool());
-                let mut online = p.online.write().unwrap_or_else(|e| e.into_inner());
-                match record {
-                    Some(up) => {
-                        tracing::debug!(%target, online = up, "presence");
-                        online.insert(target, up);
-                    }
-                    // An empty retained message clears the record.
-                    None => {
-                        online.remove(&target);
-                    }
-                }
-                return;
+            match p.parse(topic, payload) {
+                Some(Some(event)) => return p.record(event),
+                // A presence topic with an unreadable payload.
+                Some(None) => return,
+                None => {}
             }
         }
         self.on_reply(topic, payload);
@@ -524,6 +561,11 @@ impl Shared {
 
     fn on_reply(&self, topic: &str, payload: &[u8]) {
         let c = &self.counters;
+        if payload.len() > self.max_packet_bytes {
+            c.oversized.fetch_add(1, Relaxed);
+            tracing::debug!(topic, bytes = payload.len(), "dropped reply: oversized");
+            return;
+        }
         let Ok(call) = CallTopics::parse_reply(topic) else {
             c.malformed.fetch_add(1, Relaxed);
             tracing::debug!(topic, "dropped reply: malformed topic");

@@ -461,6 +461,7 @@ impl InvokeService {
             ("unknown", stats.dropped_unknown),
             ("mismatched", stats.dropped_mismatched),
             ("malformed", stats.dropped_malformed),
+            ("oversized", stats.dropped_oversized),
         ] {
             let _ = writeln!(
                 out,

@@ -7,7 +7,8 @@
 //! - [`deadline`]: call budgets and the device's expiry rule;
 //! - [`pending`]: the table of calls waiting for a reply, with a drop guard;
 //! - [`recent`]: a bounded memory of recent ids;
-//! - [`broker`]: broker address, connection settings and reconnect backoff.
+//! - [`broker`]: broker address, connection settings and reconnect backoff;
+//! - [`presence`]: directcall presence records and AWS IoT lifecycle events.
 //!
 //! ```
 //! use directcall_core::{CallTopics, MessageId, Method, Prefix, Target};
@@ -27,6 +28,7 @@ pub mod broker;
 pub mod deadline;
 pub mod error;
 pub mod pending;
+pub mod presence;
 pub mod recent;
 pub mod topic;
 pub mod wire;

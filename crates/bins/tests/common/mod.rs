@@ -61,6 +61,20 @@ impl TestBroker {
         }
     }
 
+    /// A broker of the test's own (not the shared embedded one).
+    pub fn own_embedded() -> Self {
+        let b = EmbeddedBroker::start(None).expect("embedded broker");
+        TestBroker {
+            kind: Kind::Embedded,
+            mosquitto: None,
+            options: b.options(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.options.url()
+    }
+
     pub fn options(&self) -> BrokerOptions {
         let mut o = self.options.clone();
         // Fast reconnects keep the broker-restart tests short.
@@ -164,6 +178,8 @@ impl Raw {
         let o = b.options();
         let mut mqtt = MqttOptions::new(id, o.host, o.port);
         mqtt.set_keep_alive(Duration::from_secs(30));
+        // rumqttc's default is 10 KiB; hostile tests send far more.
+        mqtt.set_max_packet_size(4 << 20, 4 << 20);
         let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, subacks) = mpsc::unbounded_channel();

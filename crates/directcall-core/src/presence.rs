@@ -1,0 +1,109 @@
+//! Presence records: directcall's retained `{"online": bool}` messages and
+//! AWS IoT Core's lifecycle events, both read into one shape.
+
+use serde::Deserialize;
+
+use crate::topic::{PresenceRoot, Target};
+
+/// The filter of AWS IoT Core's lifecycle events:
+/// `$aws/events/presence/{connected|disconnected}/{clientId}`.
+pub const AWS_PRESENCE_FILTER: &str = "$aws/events/presence/+/+";
+
+/// One presence observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    /// The device.
+    pub target: Target,
+    /// `Some(online)`, or `None` when the record was cleared (an empty
+    /// retained message).
+    pub online: Option<bool>,
+    /// When the source says it happened (ms since the Unix epoch), if it says;
+    /// lets a reader ignore events that arrive out of order.
+    pub timestamp_ms: Option<u64>,
+}
+
+/// Reads a directcall presence message on `topic` under `root`; `None` when
+/// the topic is not a presence topic of `root`.
+pub fn parse_directcall(root: &PresenceRoot, topic: &str, payload: &[u8]) -> Option<PresenceEvent> {
+    let target = root.parse(topic)?;
+    let online = serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("online")?.as_bool());
+    Some(PresenceEvent {
+        target,
+        online,
+        timestamp_ms: None,
+    })
+}
+
+#[derive(Deserialize)]
+struct Lifecycle {
+    #[serde(rename = "clientId")]
+    client_id: String,
+    #[serde(rename = "eventType")]
+    event_type: String,
+    #[serde(default)]
+    timestamp: Option<u64>,
+}
+
+/// Reads an AWS IoT Core lifecycle event; `None` for any other topic or a
+/// payload that does not match its topic.
+pub fn parse_aws_lifecycle(topic: &str, payload: &[u8]) -> Option<PresenceEvent> {
+    let rest = topic.strip_prefix("$aws/events/presence/")?;
+    let (kind, client_id) = rest.split_once('/')?;
+    let online = match kind {
+        "connected" => true,
+        "disconnected" => false,
+        _ => return None,
+    };
+    let event: Lifecycle = serde_json::from_slice(payload).ok()?;
+    if event.client_id != client_id || event.event_type != kind {
+        return None;
+    }
+    Some(PresenceEvent {
+        target: Target::new(client_id).ok()?,
+        online: Some(online),
+        timestamp_ms: event.timestamp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directcall_records() {
+        let root = PresenceRoot::default();
+        let e = parse_directcall(&root, "directcall/presence/car", br#"{"online":false}"#).unwrap();
+        assert_eq!((e.target.as_str(), e.online), ("car", Some(false)));
+        let e = parse_directcall(&root, "directcall/presence/car", b"").unwrap();
+        assert_eq!(e.online, None);
+        assert!(parse_directcall(&root, "other/car", br#"{"online":true}"#).is_none());
+    }
+
+    #[test]
+    fn aws_lifecycle_events() {
+        // The shape AWS IoT Core documents for lifecycle events.
+        let connected = br#"{"clientId":"Device001","timestamp":1764300000000,"eventType":"connected","sessionIdentifier":"00000000-0000-0000-0000-000000000000","principalIdentifier":"12345678901234567890123456789012","ipAddress":"192.0.2.0","versionNumber":0}"#;
+        let e = parse_aws_lifecycle("$aws/events/presence/connected/Device001", connected).unwrap();
+        assert_eq!(
+            (e.target.as_str(), e.online, e.timestamp_ms),
+            ("Device001", Some(true), Some(1_764_300_000_000))
+        );
+        let gone = br#"{"clientId":"Device001","timestamp":1764300005000,"eventType":"disconnected","clientInitiatedDisconnect":false,"disconnectReason":"CONNECTION_LOST","versionNumber":0}"#;
+        let e = parse_aws_lifecycle("$aws/events/presence/disconnected/Device001", gone).unwrap();
+        assert_eq!(e.online, Some(false));
+        // the payload must agree with its topic
+        assert!(parse_aws_lifecycle("$aws/events/presence/connected/Other", connected).is_none());
+        assert!(
+            parse_aws_lifecycle("$aws/events/presence/disconnected/Device001", connected).is_none()
+        );
+        assert!(
+            parse_aws_lifecycle("$aws/events/subscriptions/subscribed/Device001", connected)
+                .is_none()
+        );
+        assert!(
+            parse_aws_lifecycle("$aws/events/presence/connected/Device001", b"garbage").is_none()
+        );
+    }
+}
