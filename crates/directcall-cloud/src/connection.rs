@@ -150,6 +150,8 @@ pub trait Session: Send + Sync + 'static {
     fn connected(&self) {}
     /// A message arrived.
     fn publish(self: &Arc<Self>, topic: &str, payload: &[u8]);
+    /// The connection failed or was lost, with why.
+    fn disconnected(&self, _error: &str) {}
     /// The task is stopping, before DISCONNECT is sent.
     fn stopping(&self) {}
 }
@@ -269,6 +271,7 @@ pub async fn drive<S: Session>(
                     awaiting_optional = false;
                 }
                 session.ready().send_replace(false);
+                session.disconnected(&e.to_string());
                 let delay = backoff.next_delay(fastrand::f64());
                 tracing::warn!(
                     "broker connection: {e}; retrying in {} ms",

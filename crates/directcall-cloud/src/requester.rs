@@ -172,6 +172,7 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     counters: Counters,
     presence: Option<Presence>,
+    last_error: Mutex<Option<String>>,
 }
 
 /// The last presence record of each target that has one.
@@ -259,11 +260,13 @@ impl Requester {
         if requester.wait_ready(ready_timeout).await {
             Ok(requester)
         } else {
+            let last = requester.last_error();
             requester.shutdown().await;
             Err(Error::Unavailable {
                 reason: format!(
-                    "not connected and subscribed within {} ms",
-                    ready_timeout.as_millis()
+                    "not connected and subscribed within {} ms; last error: {}",
+                    ready_timeout.as_millis(),
+                    last.as_deref().unwrap_or("none (no answer)")
                 ),
             })
         }
@@ -308,6 +311,7 @@ impl Requester {
                 source,
                 online: RwLock::new(HashMap::new()),
             }),
+            last_error: Mutex::new(None),
         });
         let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
         tracing::debug!(broker = %options.broker.url(), client_id, "requester starting");
@@ -336,6 +340,16 @@ impl Requester {
         tokio::time::timeout(timeout, rx.wait_for(|up| *up))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Why the connection last failed, if it ever did (TLS errors, refused
+    /// credentials, ...).
+    pub fn last_error(&self) -> Option<String> {
+        self.shared()
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether the connection is up and subscribed now.
@@ -465,6 +479,10 @@ impl Session for Shared {
 
     fn publish(self: &Arc<Self>, topic: &str, payload: &[u8]) {
         self.on_publish(topic, payload);
+    }
+
+    fn disconnected(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
     }
 
     fn stopping(&self) {

@@ -176,6 +176,7 @@ struct Shared {
     connected: watch::Sender<bool>,
     shutdown: watch::Sender<bool>,
     counters: Counters,
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// A running device: answers calls until [`Device::shutdown`] or drop.
@@ -239,6 +240,7 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         connected: watch::Sender::new(false),
         shutdown: watch::Sender::new(false),
         counters: Counters::default(),
+        last_error: std::sync::Mutex::new(None),
     });
     let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
     let driver = tokio::spawn(connection::drive(
@@ -258,11 +260,18 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
     {
         Ok(device)
     } else {
+        let last = device
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         device.stop(false).await;
         Err(Error::Unavailable {
             reason: format!(
-                "not connected and subscribed within {} ms",
-                options.ready_timeout.as_millis()
+                "not connected and subscribed within {} ms; last error: {}",
+                options.ready_timeout.as_millis(),
+                last.as_deref().unwrap_or("none (no answer)")
             ),
         })
     }
@@ -350,6 +359,10 @@ impl Session for Shared {
 
     fn publish(self: &Arc<Self>, topic: &str, payload: &[u8]) {
         Shared::on_request(self, topic, payload);
+    }
+
+    fn disconnected(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
     }
 
     fn stopping(&self) {

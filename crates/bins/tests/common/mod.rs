@@ -9,7 +9,7 @@ use directcall_bins::{EmbeddedBroker, Mosquitto};
 use directcall_cloud::{Options, Requester};
 use directcall_core::{BrokerOptions, Prefix, Target};
 use directcall_device::{serve, Device, DeviceOptions, HandlerError, MethodCall, Router};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -175,8 +175,12 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(b: &TestBroker, id: &str) -> Raw {
-        let o = b.options();
-        let mut mqtt = MqttOptions::new(id, o.host, o.port);
+        Self::connect_to(&b.options(), id).await
+    }
+
+    /// Connects with `o`'s transport (TLS and client certificates included).
+    pub async fn connect_to(o: &BrokerOptions, id: &str) -> Raw {
+        let (mut mqtt, _) = directcall_cloud::connection::mqtt_options(o, id).expect("options");
         mqtt.set_keep_alive(Duration::from_secs(30));
         // rumqttc's default is 10 KiB; hostile tests send far more.
         mqtt.set_max_packet_size(4 << 20, 4 << 20);

@@ -1,0 +1,361 @@
+//! Security against a Mosquitto configured like a production broker: TLS,
+//! required client certificates whose CN is the username, and an ACL that
+//! confines each device to its own topics (like an AWS IoT policy with
+//! `${iot:ClientId}`). Certificates are made at test time with openssl.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{unique, within, Raw};
+use directcall_bins::Mosquitto;
+use directcall_cloud::{Error, Invocation, Options, Requester};
+use directcall_core::{BrokerOptions, MessageId, Target};
+use directcall_device::{serve, DeviceOptions, HandlerError, MethodCall, Router};
+use serde_json::{json, Value};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and certificates signed by it, in a fresh folder.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(unique(&format!("directcall-pki-{name}")));
+        std::fs::create_dir_all(&dir).unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name}-ca"),
+            ],
+        );
+        Pki { dir }
+    }
+
+    /// A certificate for `cn`; servers get the SANs rustls insists on.
+    fn issue(&self, cn: &str) {
+        let d = &self.dir;
+        std::fs::write(
+            d.join(format!("{cn}.ext")),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{cn}.key"),
+                "-out",
+                &format!("{cn}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{cn}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{cn}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{cn}.ext"),
+            ],
+        );
+        // Mosquitto run as root drops privileges before reading its key.
+        for f in [format!("{cn}.key"), format!("{cn}.pem"), "ca.pem".into()] {
+            let _ = Command::new("chmod").arg("644").arg(d.join(f)).status();
+        }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    fn read(&self, file: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(file)).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const ACL: &str = "\
+# the requester (certificate CN gateway): requests out, replies and presence in
+user gateway
+topic write +/+/invocation_client/+
+topic read invocation_client/+/+/+/ack
+topic read directcall/presence/+
+
+# every device: only its own requests, only replies as itself
+pattern read %u/#
+pattern write +/+/%u/+/ack
+pattern write directcall/presence/%u
+";
+
+struct SecureBroker {
+    mosquitto: Mosquitto,
+    pki: Pki,
+}
+
+fn secure_broker() -> Option<SecureBroker> {
+    let pki = Pki::new("directcall");
+    pki.issue("localhost");
+    for cn in ["gateway", "devA", "devB"] {
+        pki.issue(cn);
+    }
+    std::fs::write(pki.dir.join("acl"), ACL).unwrap();
+    let _ = Command::new("chmod").arg("755").arg(&pki.dir).status();
+    let _ = Command::new("chmod")
+        .arg("644")
+        .arg(pki.dir.join("acl"))
+        .status();
+    let extra = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nacl_file {}\n",
+        pki.path("ca.pem"),
+        pki.path("localhost.pem"),
+        pki.path("localhost.key"),
+        pki.path("acl"),
+    );
+    match Mosquitto::start(&extra).expect("TLS mosquitto starts") {
+        Some(mosquitto) => Some(SecureBroker { mosquitto, pki }),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "mosquitto is required in CI"
+            );
+            eprintln!("\n*** SKIPPED: mosquitto is not installed ***\n");
+            None
+        }
+    }
+}
+
+impl SecureBroker {
+    /// mqtts://localhost with this CA and `cn`'s certificate (or none).
+    fn options(&self, cn: Option<&str>) -> BrokerOptions {
+        let mut o =
+            BrokerOptions::from_url(&format!("mqtts://localhost:{}", self.mosquitto.port()))
+                .unwrap();
+        o.backoff_max = Duration::from_millis(500);
+        let tls = o.tls_mut().unwrap();
+        tls.ca_pem = Some(self.pki.read("ca.pem"));
+        if let Some(cn) = cn {
+            tls.client_auth = Some((
+                self.pki.read(&format!("{cn}.pem")),
+                self.pki.read(&format!("{cn}.key")),
+            ));
+        }
+        o
+    }
+}
+
+fn counting(label: &'static str) -> Router {
+    Router::new().fallback(move |c: MethodCall| async move {
+        Ok::<_, HandlerError>(json!(format!("{label} ran {}", c.method)))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_confined_to_their_own_topics() {
+    let Some(b) = secure_broker() else { return };
+    let _a = within(
+        15,
+        serve(
+            counting("devA"),
+            DeviceOptions::new(b.options(Some("devA")), Target::new("devA").unwrap()),
+        ),
+    )
+    .await
+    .expect("devA connects with its certificate");
+    let dev_b = within(
+        15,
+        serve(
+            counting("devB"),
+            DeviceOptions::new(b.options(Some("devB")), Target::new("devB").unwrap()),
+        ),
+    )
+    .await
+    .expect("devB connects");
+    let r = within(
+        15,
+        Requester::connect(Options::new(b.options(Some("gateway")))),
+    )
+    .await
+    .expect("the requester connects with its certificate");
+    let call = |t: &str| {
+        Invocation::parse(t, "unlock", Value::Null)
+            .unwrap()
+            .timeout(Duration::from_secs(3))
+    };
+    assert_eq!(
+        within(10, r.invoke(call("devB"))).await.unwrap().response,
+        json!("devB ran unlock")
+    );
+
+    // devA's identity, a hostile client: tries to read devB's requests...
+    let mut evil = Raw::connect_to(&b.options(Some("devA")), "devA-evil").await;
+    evil.subscribe("devB/#").await; // granted, but the ACL delivers nothing
+    assert_eq!(
+        within(10, r.invoke(call("devB"))).await.unwrap().response,
+        json!("devB ran unlock")
+    );
+    evil.nothing_for(300).await;
+    // ...and to answer as devB: the broker drops it, the requester never sees it.
+    let before = r.stats();
+    let spoof = MessageId::new();
+    evil.publish(
+        &format!("invocation_client/{spoof}/devB/unlock/ack"),
+        json!({"id": spoof.to_string(), "response": "spoofed"}).to_string(),
+    )
+    .await;
+    // control: answering as itself is allowed, and reaches the requester (as unknown)
+    let own = MessageId::new();
+    evil.publish(
+        &format!("invocation_client/{own}/devA/unlock/ack"),
+        json!({"id": own.to_string()}).to_string(),
+    )
+    .await;
+    within(10, async {
+        while r.stats().dropped_unknown == before.dropped_unknown {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = r.stats();
+    assert_eq!(
+        after.dropped_unknown,
+        before.dropped_unknown + 1,
+        "only the allowed message arrived: {after:?}"
+    );
+    assert_eq!(after.dropped_mismatched, before.dropped_mismatched);
+    assert_eq!(dev_b.stats().executed, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failures_are_clear_errors_not_hangs() {
+    let Some(b) = secure_broker() else { return };
+    let other = Pki::new("stranger");
+    // a CA that did not sign the broker's certificate
+    let mut wrong_ca = b.options(Some("gateway"));
+    wrong_ca.tls_mut().unwrap().ca_pem = Some(other.read("ca.pem"));
+    let e = within(
+        10,
+        Requester::connect(Options::new(wrong_ca).ready_timeout(Duration::from_secs(3))),
+    )
+    .await
+    .unwrap_err();
+    let Error::Unavailable { reason } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(
+        reason.contains("certificate"),
+        "the reason says what failed: {reason}"
+    );
+
+    // no client certificate where one is required
+    let e = within(
+        10,
+        Requester::connect(Options::new(b.options(None)).ready_timeout(Duration::from_secs(3))),
+    )
+    .await
+    .unwrap_err();
+    let Error::Unavailable { reason } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(reason.contains("last error"), "{reason}");
+
+    // a CA file with no certificate in it is refused before connecting
+    let mut empty = b.options(Some("gateway"));
+    empty.tls_mut().unwrap().ca_pem = Some(b"not a certificate".to_vec());
+    let e = Requester::start(Options::new(empty)).unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e:?}");
+}
+
+#[test]
+fn secrets_never_reach_the_logs() {
+    let port = directcall_bins::free_port().unwrap();
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_directcall"))
+        .args([
+            "serve",
+            "--broker",
+            "mqtt://127.0.0.1:9",
+            "--username",
+            "u",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("DIRECTCALL_PASSWORD", "hunter2-password")
+        .env("DIRECTCALL_API_TOKENS", "tok-secret-1,tok-secret-2")
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = gw.kill();
+    let out = gw.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr) + String::from_utf8_lossy(&out.stdout);
+    assert!(logs.contains("gateway listening"), "{logs}");
+    for secret in ["hunter2-password", "tok-secret-1", "tok-secret-2"] {
+        assert!(!logs.contains(secret), "{secret} was logged");
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_directcall"))
+        .args(["serve", "--help"])
+        .env("DIRECTCALL_PASSWORD", "hunter2-password")
+        .env("DIRECTCALL_API_TOKENS", "tok-secret-1")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        !help.contains("hunter2-password") && !help.contains("tok-secret-1"),
+        "--help shows secrets"
+    );
+}
