@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use directcall_cloud::service::{
-    HttpReply, InvokeService, Outcome, MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES,
+    HttpReply, InvokeService, Limits, Outcome, MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES,
 };
 use serde_json::json;
 
@@ -24,12 +24,37 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 struct Gateway {
     service: InvokeService,
     tokens: Arc<Vec<Vec<u8>>>,
+    openapi: Arc<String>,
+}
+
+/// The OpenAPI document with this gateway's timeout limits filled in, so a
+/// client (or a schema-driven tester) sees the bounds it will be held to.
+fn openapi_for(limits: Limits) -> String {
+    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(OPENAPI) else {
+        return OPENAPI.to_owned();
+    };
+    let max_s = limits.max_timeout.as_secs().max(1);
+    let default_s = limits.default_timeout.as_secs().clamp(1, max_s);
+    for path in ["/invoke", "/invoke/"] {
+        if let Some(params) = doc["paths"][path]["get"]["parameters"].as_array_mut() {
+            for p in params.iter_mut().filter(|p| p["name"] == "timeout") {
+                p["schema"]["maximum"] = json!(max_s);
+                p["schema"]["default"] = json!(default_s);
+            }
+        }
+    }
+    doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"] =
+        json!(u64::try_from(limits.max_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1));
+    doc.to_string()
 }
 
 /// The gateway's routes. With `tokens`, `/invoke`, `/v1/...` and `/metrics`
 /// need `Authorization: Bearer <token>`; `/healthz` and `/openapi.json` never do.
 pub fn app(service: InvokeService, tokens: Vec<String>) -> Router {
     let state = Gateway {
+        openapi: Arc::new(openapi_for(service.limits())),
         service,
         tokens: Arc::new(tokens.into_iter().map(String::into_bytes).collect()),
     };
@@ -217,8 +242,12 @@ async fn metrics(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+async fn openapi(State(gw): State<Gateway>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        gw.openapi.as_str().to_owned(),
+    )
+        .into_response()
 }
 
 async fn not_found(uri: Uri) -> Response {
@@ -271,8 +300,20 @@ mod tests {
     }
 
     #[test]
-    fn the_openapi_document_is_json() {
+    fn the_openapi_document_is_json_with_the_limits_filled_in() {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let limits = Limits {
+            default_timeout: std::time::Duration::from_secs(2),
+            max_timeout: std::time::Duration::from_secs(5),
+        };
+        let doc: serde_json::Value = serde_json::from_str(&openapi_for(limits)).unwrap();
+        let timeout = &doc["paths"]["/invoke"]["get"]["parameters"][3]["schema"];
+        assert_eq!(
+            (timeout["maximum"].as_u64(), timeout["default"].as_u64()),
+            (Some(5), Some(2))
+        );
+        let ms = &doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"];
+        assert_eq!(ms.as_u64(), Some(5000));
     }
 }

@@ -20,6 +20,8 @@ pub struct SimOptions {
     pub methods: Option<Vec<Method>>,
     /// Publish presence (retained online record and last will).
     pub presence: bool,
+    /// Answer requests to every target (test tooling; see `DeviceOptions::any_target`).
+    pub any_target: bool,
 }
 
 /// The reference simulator's answer: `Your request was '<request>'. Some random response: '<float>'`.
@@ -97,6 +99,9 @@ pub async fn start(
         let mut device_options = DeviceOptions::new(broker.clone(), target.clone());
         if options.presence {
             device_options = device_options.presence(PresenceRoot::default());
+        }
+        if options.any_target {
+            device_options = device_options.any_target();
         }
         devices.push(serve(router.clone(), device_options).await?);
     }

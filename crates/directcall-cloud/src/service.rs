@@ -24,6 +24,9 @@ pub const MAX_HTTP_REQUEST_BYTES: usize = 128 * 1024;
 pub const MAX_QUERY_BYTES: usize = 48 * 1024;
 /// Default `timeout` of the seed's GET form: 10 s.
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest `timeout_ms` of the JSON form: a deadline shorter than a network
+/// round trip could only ever time out.
+pub const MIN_TIMEOUT_MS: u64 = 100;
 /// Default longest `timeout` a caller may ask for: 60 s.
 pub const DEFAULT_MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -284,10 +287,12 @@ impl InvokeService {
                 format!("not a JSON object; {SHAPE}"),
             ));
         }
+        // Present but null is a wrong type, not an absent field.
+        let timeout_given = value.get("timeout_ms").cloned();
         let parsed: PostBody = serde_json::from_value(value)
             .map_err(|e| HttpReply::invalid("body", format!("{e}; {SHAPE}")))?;
-        let timeout = match parsed.timeout_ms {
-            None | Some(Value::Null) => self.limits.default_timeout,
+        let timeout = match timeout_given.or(parsed.timeout_ms) {
+            None => self.limits.default_timeout,
             Some(v) => self.timeout_ms(&v)?,
         };
         Ok(Invocation::new(target, method, parsed.request)
@@ -310,15 +315,15 @@ impl InvokeService {
     }
 
     fn timeout_ms(&self, value: &Value) -> Result<Duration, HttpReply> {
-        let max = whole_millis(self.limits.max_timeout).max(1);
+        let max = whole_millis(self.limits.max_timeout).max(MIN_TIMEOUT_MS);
         value
             .as_u64()
-            .filter(|ms| (1..=max).contains(ms))
+            .filter(|ms| (MIN_TIMEOUT_MS..=max).contains(ms))
             .map(Duration::from_millis)
             .ok_or_else(|| {
                 HttpReply::invalid(
                     "timeout_ms",
-                    format!("must be a whole number of milliseconds from 1 to {max}, got {value}"),
+                    format!("must be a whole number of milliseconds from {MIN_TIMEOUT_MS} to {max}, got {value}"),
                 )
             })
     }
@@ -591,6 +596,8 @@ mod tests {
             (None, br#"{"timeout_ms":60001}"#, "timeout_ms"),
             (None, br#"{"timeout_ms":1.5}"#, "timeout_ms"),
             (None, br#"{"timeout_ms":"100"}"#, "timeout_ms"),
+            (None, br#"{"timeout_ms":null}"#, "timeout_ms"),
+            (None, br#"{"timeout_ms":99}"#, "timeout_ms"),
             (Some("text/plain"), b"{}", "content-type"),
         ] {
             let m = message(

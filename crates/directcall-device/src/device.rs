@@ -56,6 +56,7 @@ pub struct DeviceOptions {
     dedup_capacity: usize,
     presence: Option<PresenceRoot>,
     ready_timeout: Duration,
+    any_target: bool,
 }
 
 impl DeviceOptions {
@@ -71,6 +72,7 @@ impl DeviceOptions {
             dedup_capacity: DEFAULT_DEDUP_CAPACITY,
             presence: None,
             ready_timeout: Duration::from_secs(10),
+            any_target: false,
         }
     }
 
@@ -117,6 +119,15 @@ impl DeviceOptions {
     /// and a retained last will `{"online":false}` (default: off).
     pub fn presence(mut self, root: PresenceRoot) -> Self {
         self.presence = Some(root);
+        self
+    }
+
+    /// Answer requests addressed to *any* target (subscribing `+/+/+/+`),
+    /// each as the target its topic names. For test tooling that must answer
+    /// whatever a generator invents; never for a real device, which must
+    /// only see its own requests. Default: off.
+    pub fn any_target(mut self) -> Self {
+        self.any_target = true;
         self
     }
 
@@ -173,6 +184,7 @@ struct Shared {
     max_in_flight: usize,
     seen: Mutex<RecentIds<MessageId, ()>>,
     presence_topic: Option<String>,
+    any_target: bool,
     connected: watch::Sender<bool>,
     shutdown: watch::Sender<bool>,
     counters: Counters,
@@ -237,6 +249,7 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         max_in_flight: options.max_concurrent + options.max_queued,
         seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
         presence_topic,
+        any_target: options.any_target,
         connected: watch::Sender::new(false),
         shutdown: watch::Sender::new(false),
         counters: Counters::default(),
@@ -347,10 +360,12 @@ impl Session for Shared {
     }
 
     fn filters(&self) -> Vec<SubscribeFilter> {
-        vec![SubscribeFilter::new(
-            device_filter(&self.target),
-            QoS::AtLeastOnce,
-        )]
+        let filter = if self.any_target {
+            "+/+/+/+".to_owned()
+        } else {
+            device_filter(&self.target)
+        };
+        vec![SubscribeFilter::new(filter, QoS::AtLeastOnce)]
     }
 
     fn connected(&self) {
@@ -417,7 +432,7 @@ impl Shared {
         let c = &this.counters;
         c.received.fetch_add(1, Relaxed);
         let call = match CallTopics::parse_request(topic) {
-            Ok(call) if *call.target() == this.target => call,
+            Ok(call) if this.any_target || *call.target() == this.target => call,
             _ => {
                 c.malformed.fetch_add(1, Relaxed);
                 tracing::debug!(topic, "ignored: not a request topic");

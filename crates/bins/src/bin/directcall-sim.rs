@@ -42,6 +42,10 @@ struct Cli {
     /// Publish presence: a retained online record and a last will.
     #[arg(long, env = "DIRECTCALL_SIM_PRESENCE")]
     presence: bool,
+    /// Answer requests to every target, each as the target addressed: for
+    /// contract tests whose targets are generated (not a real device's mode).
+    #[arg(long, env = "DIRECTCALL_SIM_ANY_TARGET", conflicts_with = "presence")]
+    any_target: bool,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +97,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         fail_rate: cli.fail_rate,
         methods,
         presence: cli.presence,
+        any_target: cli.any_target,
     };
     let devices = sim::start(&broker, &targets, &options)
         .await
