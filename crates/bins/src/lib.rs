@@ -1,5 +1,5 @@
 //! The parts the directcall binaries share: broker flags and logging, the
-//! HTTP gateway, the device simulator, a small HTTP client, the embedded
+//! HTTP gateway, the Lambda front end, the device simulator, a small HTTP client, the embedded
 //! broker (rumqttd) behind `directcall demo` and the examples, and a harness
 //! that runs a private Mosquitto for tests and benchmarks.
 
@@ -8,6 +8,7 @@ pub mod broker;
 pub mod cli;
 pub mod gateway;
 pub mod http_client;
+pub mod lambda;
 pub mod mosquitto;
 pub mod sim;
 

@@ -67,8 +67,29 @@ pub fn mqtt_options(
         Transport::Ws { .. } => {
             mqtt.set_transport(rumqttc::Transport::Ws);
         }
-        Transport::Wss { tls, .. } => {
+        Transport::Wss { tls, path } => {
             mqtt.set_transport(rumqttc::Transport::Wss(tls_configuration(tls)?));
+            if let Some(creds) = broker.aws_sigv4.clone() {
+                // Signed anew for every connection attempt: presigned URLs
+                // expire, and AWS IoT ends connections after 24 h.
+                let (host, path) = (broker.host.clone(), path.clone());
+                mqtt.set_request_modifier(move |mut request: http::Request<()>| {
+                    let signed = crate::sigv4::presign_iot_url(
+                        &host,
+                        &path,
+                        &creds,
+                        std::time::SystemTime::now(),
+                    );
+                    async move {
+                        match signed.map(|url| url.parse::<http::Uri>()) {
+                            Ok(Ok(uri)) => *request.uri_mut() = uri,
+                            Ok(Err(e)) => tracing::error!("presigned URL: {e}"),
+                            Err(e) => tracing::error!("{e}"),
+                        }
+                        request
+                    }
+                });
+            }
         }
         other => return Err(format!("transport {other:?} is not supported")),
     }

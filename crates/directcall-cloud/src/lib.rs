@@ -25,6 +25,7 @@ mod error;
 mod options;
 mod requester;
 pub mod service;
+pub mod sigv4;
 
 pub use directcall_core::{
     BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,

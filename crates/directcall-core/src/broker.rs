@@ -47,6 +47,30 @@ impl std::fmt::Debug for TlsOptions {
     }
 }
 
+/// AWS credentials for signing the WebSocket URL of AWS IoT Core (SigV4,
+/// service `iotdevicegateway`). Plain data: where they come from (the
+/// environment, a Lambda role) is the binary's business.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AwsSigV4 {
+    /// Region, e.g. `eu-west-1`.
+    pub region: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Session token of temporary credentials; added after signing, as AWS IoT requires.
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for AwsSigV4 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsSigV4")
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How bytes reach the broker.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -79,6 +103,9 @@ pub struct BrokerOptions {
     pub port: u16,
     /// TCP, TLS, WebSocket or secure WebSocket (default TCP).
     pub transport: Transport,
+    /// Sign the secure WebSocket URL with SigV4 (AWS IoT Core), anew on
+    /// every connection attempt (default: none).
+    pub aws_sigv4: Option<AwsSigV4>,
     /// User name and password, if the broker wants them.
     pub credentials: Option<(String, String)>,
     /// MQTT keepalive (default 30 s).
@@ -101,6 +128,7 @@ impl BrokerOptions {
             host: host.into(),
             port,
             transport: Transport::Tcp,
+            aws_sigv4: None,
             credentials: None,
             keep_alive: DEFAULT_KEEP_ALIVE,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,

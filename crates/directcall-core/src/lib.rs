@@ -33,7 +33,7 @@ pub mod recent;
 pub mod topic;
 pub mod wire;
 
-pub use broker::{Backoff, BrokerOptions, TlsOptions, Transport};
+pub use broker::{AwsSigV4, Backoff, BrokerOptions, TlsOptions, Transport};
 pub use deadline::Deadline;
 pub use error::{Error, Field};
 pub use pending::{PendingGuard, PendingTable, Unmatched};
