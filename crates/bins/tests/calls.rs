@@ -744,3 +744,44 @@ async fn a_refused_presence_filter_does_not_stop_the_requester() {
     }
     assert_eq!(r.stats().reconnects, 1);
 }
+
+/// MQTT over WebSockets (the transport AWS IoT's SigV4 auth rides on),
+/// against Mosquitto's websockets listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_websockets() {
+    let ws_port = directcall_bins::free_port().unwrap();
+    let extra = format!("listener {ws_port} 127.0.0.1\nprotocol websockets\n");
+    let Some(m) = directcall_bins::Mosquitto::start(&extra).expect("mosquitto") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto is required in CI"
+        );
+        return;
+    };
+    let ws = directcall_core::BrokerOptions::from_url(&format!("ws://127.0.0.1:{ws_port}/mqtt"))
+        .unwrap();
+    let car = unique("car");
+    let _dev = within(
+        15,
+        directcall_device::serve(
+            car_router(),
+            directcall_device::DeviceOptions::new(
+                ws.clone(),
+                directcall_core::Target::new(&car).unwrap(),
+            ),
+        ),
+    )
+    .await
+    .expect("device over ws");
+    let r = within(
+        15,
+        directcall_cloud::Requester::connect(directcall_cloud::Options::new(ws)),
+    )
+    .await
+    .expect("requester over ws");
+    let reply = within(10, r.invoke(call(&car, "alarm_off", Value::Null, 5000)))
+        .await
+        .unwrap();
+    assert_eq!(reply.response, json!("alarm off"));
+    drop(m);
+}

@@ -312,6 +312,15 @@ async fn tls_failures_are_clear_errors_not_hangs() {
     };
     assert!(reason.contains("last error"), "{reason}");
 
+    // mutual TLS with ALPN offered, as for AWS IoT on port 443 (Mosquitto
+    // selects no protocol, which rustls accepts)
+    let mut alpn = b.options(Some("gateway"));
+    alpn.tls_mut().unwrap().alpn = vec!["x-amzn-mqtt-ca".into()];
+    let r = within(10, Requester::connect(Options::new(alpn)))
+        .await
+        .expect("mTLS with ALPN connects");
+    r.shutdown().await;
+
     // a CA file with no certificate in it is refused before connecting
     let mut empty = b.options(Some("gateway"));
     empty.tls_mut().unwrap().ca_pem = Some(b"not a certificate".to_vec());

@@ -145,6 +145,15 @@ struct CallArgs {
         value_delimiter = '\n'
     )]
     headers: Vec<String>,
+    /// Sign the request with SigV4 for API Gateway's IAM auth (service
+    /// execute-api), with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    /// AWS_SESSION_TOKEN from the environment.
+    #[arg(long, env = "DIRECTCALL_SIGV4")]
+    sigv4: bool,
+    /// Region for --sigv4 [default: AWS_REGION, else the region in an
+    /// *.execute-api.<region>.amazonaws.com host].
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -316,6 +325,15 @@ async fn call(args: CallArgs) -> ExitCode {
     if let Some(token) = &args.token {
         headers.push(("authorization".into(), format!("Bearer {token}")));
     }
+    if args.sigv4 {
+        match sigv4_headers(&args.url, args.region.as_deref()) {
+            Ok(signed) => headers.extend(signed),
+            Err(e) => {
+                eprintln!("directcall: --sigv4: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match http_client::get(&args.url, &headers).await {
         Ok(response) => {
             println!("HTTP {}", response.status);
@@ -331,6 +349,33 @@ async fn call(args: CallArgs) -> ExitCode {
             ExitCode::from(5)
         }
     }
+}
+
+fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let env = |name: &str| std::env::var(name).map_err(|_| format!("{name} is not set"));
+    let region = match region {
+        Some(r) => r.to_owned(),
+        None => url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split(['/', ':']).next())
+            .and_then(|host| host.split(".execute-api.").nth(1))
+            .and_then(|rest| rest.split('.').next())
+            .map(str::to_owned)
+            .ok_or("no --region / AWS_REGION, and no region in the host name")?,
+    };
+    let creds = directcall_core::AwsSigV4 {
+        region,
+        access_key_id: env("AWS_ACCESS_KEY_ID")?,
+        secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
+        session_token: std::env::var("AWS_SESSION_TOKEN").ok(),
+    };
+    directcall_cloud::sigv4::sign_get_headers(
+        url,
+        "execute-api",
+        &creds,
+        std::time::SystemTime::now(),
+    )
 }
 
 async fn demo(args: DemoArgs) -> Result<(), String> {
