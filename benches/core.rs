@@ -86,5 +86,35 @@ fn pending(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, topics, payloads, pending);
+fn pending_contended(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pending");
+    g.throughput(Throughput::Elements(1));
+    let table = PendingTable::<u64>::default();
+    // 4 threads inserting and completing at once on one table (a requester
+    // with calls from many tasks and the reply path competing for its lock).
+    g.bench_function("insert+complete, 4 threads contending", |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(4);
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    let table = &table;
+                    s.spawn(move || {
+                        let calls: Vec<_> = (0..64).map(|_| call()).collect();
+                        for i in 0..per_thread {
+                            let c = &calls[i as usize % calls.len()];
+                            let guard = table.insert(c.clone(), i);
+                            black_box(table.complete(c).unwrap());
+                            drop(guard);
+                        }
+                    });
+                }
+            });
+            start.elapsed()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, topics, payloads, pending, pending_contended);
 criterion_main!(benches);

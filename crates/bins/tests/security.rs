@@ -368,3 +368,71 @@ fn secrets_never_reach_the_logs() {
         "--help shows secrets"
     );
 }
+
+/// Secure WebSockets (the transport of AWS IoT's SigV4 auth) with server
+/// verification against this test's CA, and refused with a stranger CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_websockets_verify_the_server() {
+    let pki = Pki::new("wss");
+    pki.issue("localhost");
+    let _ = Command::new("chmod").arg("755").arg(&pki.dir).status();
+    let port = directcall_bins::free_port().unwrap();
+    let extra = format!(
+        "listener {port} 127.0.0.1\nprotocol websockets\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        pki.path("ca.pem"),
+        pki.path("localhost.pem"),
+        pki.path("localhost.key"),
+    );
+    let Some(_m) = Mosquitto::start(&extra).expect("mosquitto with a wss listener") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto is required in CI"
+        );
+        return;
+    };
+    let wss = |ca: Vec<u8>| {
+        let mut o = BrokerOptions::from_url(&format!("wss://localhost:{port}/mqtt")).unwrap();
+        o.tls_mut().unwrap().ca_pem = Some(ca);
+        o
+    };
+    let car = unique("car");
+    let _dev = within(
+        15,
+        serve(
+            counting("car"),
+            DeviceOptions::new(wss(pki.read("ca.pem")), Target::new(&car).unwrap()),
+        ),
+    )
+    .await
+    .expect("device over wss");
+    let r = within(
+        15,
+        Requester::connect(Options::new(wss(pki.read("ca.pem")))),
+    )
+    .await
+    .expect("requester over wss");
+    let call = Invocation::parse(&car, "unlock", Value::Null)
+        .unwrap()
+        .timeout(Duration::from_secs(5));
+    assert_eq!(
+        within(10, r.invoke(call)).await.unwrap().response,
+        json!("car ran unlock")
+    );
+
+    let stranger = Pki::new("stranger-wss");
+    let e = within(
+        10,
+        Requester::connect(
+            Options::new(wss(stranger.read("ca.pem"))).ready_timeout(Duration::from_secs(3)),
+        ),
+    )
+    .await
+    .unwrap_err();
+    let Error::Unavailable { reason } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(
+        reason.contains("certificate") || reason.contains("Tls") || reason.contains("TLS"),
+        "{reason}"
+    );
+}
