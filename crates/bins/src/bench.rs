@@ -225,105 +225,56 @@ impl RawPair {
         let (stop, _) = watch::channel(false);
         let waiters: Waiters = Arc::default();
 
-        // Responder: echo every request to the reply topic with the same id.
-        let (mqtt, net) = connection::mqtt_options(broker, &format!("rawbench-{run}-responder"))?;
-        let (responder, mut events) = AsyncClient::new(mqtt, 100_000);
-        events.set_network_options(net);
         let (ready_tx, mut ready_rx) = watch::channel(0u8);
-        {
-            let responder = responder.clone();
-            let filter = format!("{request_root}/+");
-            let reply_root = reply_root.clone();
-            let ready = ready_tx.clone();
-            let mut stop = stop.subscribe();
-            tokio::spawn(async move {
-                loop {
-                    let event = tokio::select! {
-                        _ = stop.wait_for(|s| *s) => break,
-                        e = events.poll() => e,
-                    };
-                    match event {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            send_nowait(
-                                &responder,
-                                Outgoing::Subscribe(vec![rumqttc::SubscribeFilter::new(
-                                    filter.clone(),
-                                    QoS::AtLeastOnce,
-                                )]),
-                            );
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(_))) => {
-                            ready.send_modify(|n| *n += 1);
-                        }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let id = p.topic.rsplit('/').next().unwrap_or_default();
-                            send_nowait(
-                                &responder,
-                                Outgoing::Publish {
-                                    topic: format!("{reply_root}/{id}"),
-                                    qos: QoS::AtLeastOnce,
-                                    retain: false,
-                                    payload: p.payload.to_vec(),
-                                },
-                            );
-                        }
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
+
+        // Responder: echo every request to the reply topic with the same id.
+        // Its event loop keeps its own handle of the client.
+        raw_client(
+            broker,
+            &format!("rawbench-{run}-responder"),
+            format!("{request_root}/+"),
+            &ready_tx,
+            &stop,
+            {
+                let reply_root = reply_root.clone();
+                move |client: &AsyncClient, topic: &str, payload: &[u8]| {
+                    let id = topic.rsplit('/').next().unwrap_or_default();
+                    send_nowait(
+                        client,
+                        Outgoing::Publish {
+                            topic: format!("{reply_root}/{id}"),
+                            qos: QoS::AtLeastOnce,
+                            retain: false,
+                            payload: payload.to_vec(),
+                        },
+                    );
                 }
-            });
-        }
+            },
+        )?;
 
         // Requester: complete the waiter named by the reply topic.
-        let (mqtt, net) = connection::mqtt_options(broker, &format!("rawbench-{run}-requester"))?;
-        let (client, mut events) = AsyncClient::new(mqtt, 200_000);
-        events.set_network_options(net);
-        {
-            let client = client.clone();
-            let filter = format!("{reply_root}/+");
-            let waiters = Arc::clone(&waiters);
-            let mut stop = stop.subscribe();
-            tokio::spawn(async move {
-                loop {
-                    let event = tokio::select! {
-                        _ = stop.wait_for(|s| *s) => break,
-                        e = events.poll() => e,
-                    };
-                    match event {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            send_nowait(
-                                &client,
-                                Outgoing::Subscribe(vec![rumqttc::SubscribeFilter::new(
-                                    filter.clone(),
-                                    QoS::AtLeastOnce,
-                                )]),
-                            );
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(_))) => {
-                            ready_tx.send_modify(|n| *n += 1);
-                        }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let id = p
-                                .topic
-                                .rsplit('/')
-                                .next()
-                                .and_then(|i| i.parse::<u64>().ok());
-                            let waiter = id.and_then(|id| {
-                                waiters
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .remove(&id)
-                            });
-                            if let Some(w) = waiter {
-                                let _ = w.send(());
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        let client = raw_client(
+            broker,
+            &format!("rawbench-{run}-requester"),
+            format!("{reply_root}/+"),
+            &ready_tx,
+            &stop,
+            {
+                let waiters = Arc::clone(&waiters);
+                move |_: &AsyncClient, topic: &str, _: &[u8]| {
+                    let id = topic.rsplit('/').next().and_then(|i| i.parse::<u64>().ok());
+                    let waiter = id.and_then(|id| {
+                        waiters
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id)
+                    });
+                    if let Some(w) = waiter {
+                        let _ = w.send(());
                     }
                 }
-            });
-        }
+            },
+        )?;
         tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|n| *n >= 2))
             .await
             .map_err(|_| format!("raw pair: no connection to {} within 10 s", broker.url()))?
@@ -372,6 +323,42 @@ impl RawPair {
             }
         }
     }
+}
+
+/// A bare rumqttc client with TCP_NODELAY, subscribed to `filter` on every
+/// connection, handing each message to `on_message` from its event loop.
+fn raw_client(
+    broker: &BrokerOptions,
+    client_id: &str,
+    filter: String,
+    ready: &watch::Sender<u8>,
+    stop: &watch::Sender<bool>,
+    on_message: impl Fn(&AsyncClient, &str, &[u8]) + Send + 'static,
+) -> Result<AsyncClient, String> {
+    let (mqtt, net) = connection::mqtt_options(broker, client_id)?;
+    let (client, mut events) = AsyncClient::new(mqtt, 200_000);
+    events.set_network_options(net);
+    let (me, ready) = (client.clone(), ready.clone());
+    let mut stop = stop.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                e = events.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let f = rumqttc::SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce);
+                    send_nowait(&me, Outgoing::Subscribe(vec![f]));
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => ready.send_modify(|n| *n += 1),
+                Ok(Event::Incoming(Packet::Publish(p))) => on_message(&me, &p.topic, &p.payload),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    Ok(client)
 }
 
 impl Drop for RawPair {
