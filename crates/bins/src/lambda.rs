@@ -162,6 +162,14 @@ pub struct LambdaConfig {
     pub idle_reconnect: Duration,
     /// How long init waits for the connection.
     pub init_wait: Duration,
+    /// Client ids are `<this>-<12 random hex digits>`, fresh for every
+    /// connection made anew, so the old one (still open until it is shut
+    /// down) is never pushed off the broker by a duplicate id, nor pushes back.
+    pub client_id_prefix: String,
+}
+
+fn fresh_client_id(prefix: &str) -> String {
+    format!("{prefix}-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
 }
 
 /// Builds the Lambda's settings from an environment lookup.
@@ -237,13 +245,9 @@ pub fn config_from(env: impl Fn(&str) -> Option<String>) -> Result<LambdaConfig,
     let prefix =
         Prefix::new(prefix_text.as_str()).map_err(|e| format!("DIRECTCALL_PREFIX: {e}"))?;
     let client_prefix = env("DIRECTCALL_CLIENT_ID_PREFIX").unwrap_or(prefix_text);
-    let client_id = format!(
-        "{client_prefix}-{:012x}",
-        fastrand::u64(..) & 0xffff_ffff_ffff
-    );
     let mut options = Options::new(broker.clone())
         .prefix(prefix)
-        .client_id(client_id);
+        .client_id(fresh_client_id(&client_prefix));
     options = match env("DIRECTCALL_PRESENCE").as_deref() {
         None | Some("off") => options,
         Some("aws") => options.aws_presence(),
@@ -270,6 +274,7 @@ pub fn config_from(env: impl Fn(&str) -> Option<String>) -> Result<LambdaConfig,
             broker.keep_alive.as_secs(),
         )?),
         init_wait: Duration::from_secs(5),
+        client_id_prefix: client_prefix,
     })
 }
 
@@ -340,7 +345,12 @@ impl LambdaState {
         if idle > self.config.idle_reconnect {
             // After a long freeze the socket may be dead without knowing it:
             // make the connection anew rather than publish into the void.
-            if let Ok(fresh) = Requester::start(self.config.options.clone()) {
+            let options = self
+                .config
+                .options
+                .clone()
+                .client_id(fresh_client_id(&self.config.client_id_prefix));
+            if let Ok(fresh) = Requester::start(options) {
                 tracing::info!(
                     idle_s = idle.as_secs(),
                     "idle past the keepalive: reconnecting"
