@@ -675,19 +675,21 @@ async fn aws_lifecycle_events_mark_a_device_offline(b: TestBroker) {
     let event = |kind: &str, ts: u64| {
         json!({"clientId": car, "timestamp": ts, "eventType": kind, "versionNumber": 0}).to_string()
     };
-    aws.publish(
-        &format!("$aws/events/presence/disconnected/{car}"),
-        event("disconnected", 2000),
-    )
-    .await;
-    // an older "connected" arriving late must not undo the newer disconnect
-    aws.publish(
-        &format!("$aws/events/presence/connected/{car}"),
-        event("connected", 1000),
-    )
-    .await;
     let e = within(10, async {
         loop {
+            // Until the presence subscription (asked for after the reply
+            // subscription) is in place, events go nowhere: send them again.
+            aws.publish(
+                &format!("$aws/events/presence/disconnected/{car}"),
+                event("disconnected", 2000),
+            )
+            .await;
+            // an older "connected" arriving late must not undo the newer disconnect
+            aws.publish(
+                &format!("$aws/events/presence/connected/{car}"),
+                event("connected", 1000),
+            )
+            .await;
             match r.invoke(call(&car, "m", Value::Null, 200)).await {
                 Err(e @ Error::Offline { .. }) => break e,
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,

@@ -2,7 +2,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use directcall_bins::{EmbeddedBroker, Mosquitto};
@@ -30,16 +29,9 @@ impl TestBroker {
     /// The broker, or `None` (loudly) when Mosquitto is not installed outside CI.
     pub fn start(kind: Kind) -> Option<Self> {
         match kind {
-            Kind::Embedded => {
-                static EMBEDDED: OnceLock<EmbeddedBroker> = OnceLock::new();
-                let b =
-                    EMBEDDED.get_or_init(|| EmbeddedBroker::start(None).expect("embedded broker"));
-                Some(TestBroker {
-                    kind,
-                    mosquitto: None,
-                    options: b.options(),
-                })
-            }
+            // A broker per test: one test's trouble (rumqttd closing a
+            // connection over a `$` filter, say) never reaches another.
+            Kind::Embedded => Some(Self::own_embedded()),
             Kind::Mosquitto => match Mosquitto::start("").expect("mosquitto failed to start") {
                 Some(m) => Some(TestBroker {
                     kind,
