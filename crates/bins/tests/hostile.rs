@@ -318,15 +318,21 @@ async fn hostile_requests_do_not_stop_a_device() {
             format!("{car}/m/{prefix}/{}", id()),
             json!({"id": 5}).to_string().into_bytes(),
         ),
+        // over the 128 KiB packet limit
+        (format!("{car}/m/{prefix}/{}", id()), vec![b'x'; 200 * 1024]),
     ];
     for (topic, payload) in &bad {
         evil.publish(topic, payload.clone()).await;
     }
-    // malformed payloads on a well-formed topic get a 400 reply; the rest nothing
-    for _ in 0..4 {
+    // malformed payloads on a well-formed topic get a 400 reply, the oversized
+    // one 413; the rest nothing
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
         let (_, reply) = evil.next().await;
-        assert_eq!(reply["status"], 400, "{reply}");
+        statuses.push(reply["status"].as_u64().unwrap());
     }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [400, 400, 400, 400, 413]);
     evil.nothing_for(300).await;
     let r = requester(&b).await;
     let call = Invocation::parse(&car, "alarm_off", Value::Null)
@@ -336,6 +342,6 @@ async fn hostile_requests_do_not_stop_a_device() {
         within(10, r.invoke(call)).await.unwrap().response,
         json!("alarm off")
     );
-    assert_eq!(dev.stats().malformed, 7);
+    assert_eq!(dev.stats().malformed, 8);
     assert_eq!(dev.stats().executed, 1);
 }

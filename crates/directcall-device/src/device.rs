@@ -182,6 +182,7 @@ struct Shared {
     slots: Arc<Semaphore>,
     in_flight: AtomicUsize,
     max_in_flight: usize,
+    max_packet_bytes: usize,
     seen: Mutex<RecentIds<MessageId, ()>>,
     presence_topic: Option<String>,
     any_target: bool,
@@ -247,6 +248,7 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         slots: Arc::new(Semaphore::new(options.max_concurrent)),
         in_flight: AtomicUsize::new(0),
         max_in_flight: options.max_concurrent + options.max_queued,
+        max_packet_bytes: options.broker.max_packet_bytes,
         seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
         presence_topic,
         any_target: options.any_target,
@@ -447,6 +449,19 @@ impl Shared {
         if !first_time {
             c.duplicates.fetch_add(1, Relaxed);
             tracing::debug!(topic, "dropped: duplicate request");
+            return;
+        }
+        if payload.len() > this.max_packet_bytes {
+            c.malformed.fetch_add(1, Relaxed);
+            this.reply(
+                &call,
+                413,
+                json!(format!(
+                    "request of {} bytes is over the {}-byte limit",
+                    payload.len(),
+                    this.max_packet_bytes
+                )),
+            );
             return;
         }
         let request = match RequestPayload::from_slice(payload) {
