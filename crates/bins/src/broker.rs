@@ -57,7 +57,7 @@ impl EmbeddedBroker {
             })
             .map_err(BrokerError::Port)?;
         let until = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        while !answers_mqtt(addr) {
             if Instant::now() > until {
                 return Err(BrokerError::NotListening(addr));
             }
@@ -80,6 +80,28 @@ impl EmbeddedBroker {
     pub fn options(&self) -> BrokerOptions {
         BrokerOptions::new(self.addr.ip().to_string(), self.addr.port())
     }
+}
+
+/// Whether an MQTT broker at `addr` accepts a CONNECT. A full exchange
+/// (CONNECT, CONNACK, DISCONNECT) rather than a bare TCP connect, which
+/// rumqttd would log as an error.
+fn answers_mqtt(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    // CONNECT, MQTT 3.1.1, clean session, keepalive 60 s, client id "probe"
+    const CONNECT: [u8; 19] = [
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5, b'p', b'r', b'o', b'b', b'e',
+    ];
+    const DISCONNECT: [u8; 2] = [0xe0, 0];
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut connack = [0u8; 4];
+    let ok = stream.write_all(&CONNECT).is_ok()
+        && stream.read_exact(&mut connack).is_ok()
+        && connack == [0x20, 2, 0, 0];
+    let _ = stream.write_all(&DISCONNECT);
+    ok
 }
 
 fn config(addr: SocketAddr) -> Config {

@@ -86,10 +86,10 @@ fn read(path: &PathBuf, flag: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=warn`).
+/// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=off`: the embedded broker logs a normal disconnect as an error; `RUST_LOG=info,rumqttd=info` shows its logs).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
