@@ -95,3 +95,19 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Sets up logging and a tokio runtime, then runs `main` to its exit code;
+/// `name` prefixes the one error a failed start prints.
+pub fn run<F>(name: &str, main: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = std::process::ExitCode>,
+{
+    init_tracing();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

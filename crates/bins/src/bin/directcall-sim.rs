@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use directcall_bins::cli::{init_tracing, BrokerArgs};
+use directcall_bins::cli::BrokerArgs;
 use directcall_bins::sim::{self, SimOptions};
 use directcall_core::{Method, Target};
 
@@ -50,21 +50,15 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("directcall-sim: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+    directcall_bins::cli::run("directcall-sim", async move {
+        match run(cli).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("directcall-sim: {e}");
+                ExitCode::from(2)
+            }
         }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("directcall-sim: {e}");
-            ExitCode::from(2)
-        }
-    }
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), String> {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use directcall_bins::cli::{init_tracing, BrokerArgs};
+use directcall_bins::cli::BrokerArgs;
 use directcall_bins::{gateway, http_client, sim, EmbeddedBroker};
 use directcall_cloud::service::{HttpReply, InvokeService, Limits};
 use directcall_cloud::{Options, Prefix, PresenceRoot, RequestQos, Requester};
@@ -171,15 +171,7 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("directcall: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async move {
+    directcall_bins::cli::run("directcall", async move {
         let result = match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Invoke(args) => return invoke(args).await,
