@@ -331,8 +331,9 @@ impl InvokeService {
     /// Runs `invocation` and renders the outcome; also counts it and logs one
     /// line at debug level.
     pub async fn invoke(&self, invocation: Invocation) -> HttpReply {
-        let target = invocation.target().clone();
-        let method = invocation.method().clone();
+        // Kept only for the debug line, and only when it will be written.
+        let names = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (invocation.target().clone(), invocation.method().clone()));
         let start = invocation.start_time().unwrap_or_else(Instant::now);
         self.metrics.in_flight.fetch_add(1, Relaxed);
         let result = self.requester.invoke(invocation).await;
@@ -377,14 +378,16 @@ impl InvokeService {
             ),
         };
         self.record(outcome, Some(elapsed));
-        tracing::debug!(
-            id = id.map(|i| i.to_string()).unwrap_or_default(),
-            %target,
-            %method,
-            outcome = outcome.as_str(),
-            elapsed_ms = whole_millis(elapsed),
-            "call"
-        );
+        if let Some((target, method)) = names {
+            tracing::debug!(
+                id = id.map(|i| i.to_string()).unwrap_or_default(),
+                %target,
+                %method,
+                outcome = outcome.as_str(),
+                elapsed_ms = whole_millis(elapsed),
+                "call"
+            );
+        }
         HttpReply {
             status: outcome.http_status(),
             body,
