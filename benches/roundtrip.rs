@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use directcall_bins::bench::RawPair;
 use directcall_bins::{sim, EmbeddedBroker, Mosquitto};
 use directcall_cloud::{Invocation, Options, Prefix, Requester};
+use directcall_core::mqtt::QoS;
+use directcall_core::testkit::{Legs, RawPair};
 use directcall_core::{BrokerOptions, Method, Target};
-use rumqttc::QoS;
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,7 +54,7 @@ fn roundtrips(
     let (requester, raw, _device) = runtime.block_on(async {
         let target = Target::new("BenchCar001").unwrap();
         let device = sim::start(
-            &broker,
+            &broker.clone().into(),
             std::slice::from_ref(&target),
             &sim::SimOptions::default(),
         )
@@ -65,9 +65,17 @@ fn roundtrips(
             .await
             .expect("requester");
         let raw = Arc::new(
-            RawPair::start(&broker, QoS::AtMostOnce)
-                .await
-                .expect("raw pair"),
+            RawPair::start(
+                &broker,
+                Legs {
+                    request: QoS::AtMostOnce,
+                    request_subscription: QoS::AtLeastOnce,
+                    reply: QoS::AtLeastOnce,
+                    reply_subscription: QoS::AtLeastOnce,
+                },
+            )
+            .await
+            .expect("raw pair"),
         );
         (requester, raw, device)
     });

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use directcall_bins::EmbeddedBroker;
 use directcall_cloud::{Invocation, Options, Requester};
-use directcall_device::{serve, DeviceOptions, HandlerError, MethodCall, Router, Target};
+use directcall_device::{serve, DeviceOptions, HandlerError, Router, Target};
 use serde_json::json;
 
 #[tokio::main]
@@ -21,16 +21,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The device side: a car with two methods.
     let car = Router::new()
-        .method("windows_down", |call: MethodCall| async move {
+        .method("windows_down", |call| async move {
             let percent = call.request["percent"].as_u64().unwrap_or(100);
             if percent > 100 {
                 return Err(HandlerError::bad_request("percent must be 0-100"));
             }
             Ok(json!({ "windows": "down", "percent": percent }))
         })
-        .method("alarm_off", |_call: MethodCall| async {
-            Ok::<_, HandlerError>(json!("alarm off"))
-        });
+        .method("alarm_off", |_| async { Ok("alarm off") });
     let device = serve(
         car,
         DeviceOptions::new(broker.options(), Target::new("VIN123")?),

@@ -1,19 +1,15 @@
 //! The load tool behind `directcall bench` and the end-to-end criterion
-//! benches: a closed-loop driver with latency percentiles, and the raw-MQTT
-//! floor (a bare rumqttc request/echo pair correlated by id) that every
-//! directcall figure is compared with in the same run.
+//! benches: a closed-loop driver with latency percentiles. The raw-MQTT
+//! floor every figure is compared with in the same run is
+//! `directcall_core::testkit::RawPair`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use directcall_cloud::connection::{self, send_nowait, Outgoing};
-use directcall_core::BrokerOptions;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, watch};
 
 /// How long and how hard to drive.
 #[derive(Debug, Clone)]
@@ -117,6 +113,29 @@ pub fn percentiles(samples: &mut [u64]) -> [u64; 5] {
     ]
 }
 
+/// What kind of failure a call of the load tool ended in (`timeout`,
+/// `status_404`, ...), for counting.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Failure(pub String);
+
+impl From<&str> for Failure {
+    fn from(kind: &str) -> Self {
+        Failure(kind.to_owned())
+    }
+}
+
+impl From<String> for Failure {
+    fn from(kind: String) -> Self {
+        Failure(kind)
+    }
+}
+
+impl From<directcall_core::testkit::RawCallError> for Failure {
+    fn from(e: directcall_core::testkit::RawCallError) -> Self {
+        Failure(e.to_string())
+    }
+}
+
 /// Drives `call` from `concurrency` tasks until the call count or the
 /// duration is reached, after `warmup` unmeasured calls. `call(n)` returns
 /// `Err(kind)` for a failed call. `progress` is told of each measured call.
@@ -128,7 +147,7 @@ pub async fn run<F, Fut>(
 ) -> LoadReport
 where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
+    Fut: Future<Output = Result<(), Failure>> + Send,
 {
     // Warm-up: connections, caches, the broker's routes.
     let warm = Arc::new(AtomicU64::new(0));
@@ -163,7 +182,7 @@ where
                 let t = Instant::now();
                 match call(n).await {
                     Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
-                    Err(kind) => *errors.entry(kind).or_default() += 1,
+                    Err(Failure(kind)) => *errors.entry(kind).or_default() += 1,
                 }
                 if let Some(p) = &progress {
                     p.inc(1);
@@ -195,175 +214,6 @@ where
         errors,
         elapsed,
         latency_us: percentiles(&mut latencies),
-    }
-}
-
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
-
-/// The floor: one requester connection and one responder connection of bare
-/// rumqttc, with TCP_NODELAY and the same QoS as directcall (request at
-/// `qos`, reply at 1), correlated by an id in the topic through a map of
-/// oneshots. Everything directcall adds is measured against this.
-pub struct RawPair {
-    client: AsyncClient,
-    waiters: Waiters,
-    next_id: AtomicU64,
-    request_root: String,
-    qos: QoS,
-    stop: watch::Sender<bool>,
-}
-
-impl RawPair {
-    /// Connects both ends to `broker` and waits for their subscriptions.
-    ///
-    /// # Errors
-    /// A message when either end cannot connect within 10 s.
-    pub async fn start(broker: &BrokerOptions, qos: QoS) -> Result<RawPair, String> {
-        let run = format!("{:08x}", fastrand::u32(..));
-        let request_root = format!("rawbench-{run}/req");
-        let reply_root = format!("rawbench-{run}/rep");
-        let (stop, _) = watch::channel(false);
-        let waiters: Waiters = Arc::default();
-
-        let (ready_tx, mut ready_rx) = watch::channel(0u8);
-
-        // Responder: echo every request to the reply topic with the same id.
-        // Its event loop keeps its own handle of the client.
-        raw_client(
-            broker,
-            &format!("rawbench-{run}-responder"),
-            format!("{request_root}/+"),
-            &ready_tx,
-            &stop,
-            {
-                let reply_root = reply_root.clone();
-                move |client: &AsyncClient, topic: &str, payload: &[u8]| {
-                    let id = topic.rsplit('/').next().unwrap_or_default();
-                    send_nowait(
-                        client,
-                        Outgoing::Publish {
-                            topic: format!("{reply_root}/{id}"),
-                            qos: QoS::AtLeastOnce,
-                            retain: false,
-                            payload: payload.to_vec(),
-                        },
-                    );
-                }
-            },
-        )?;
-
-        // Requester: complete the waiter named by the reply topic.
-        let client = raw_client(
-            broker,
-            &format!("rawbench-{run}-requester"),
-            format!("{reply_root}/+"),
-            &ready_tx,
-            &stop,
-            {
-                let waiters = Arc::clone(&waiters);
-                move |_: &AsyncClient, topic: &str, _: &[u8]| {
-                    let id = topic.rsplit('/').next().and_then(|i| i.parse::<u64>().ok());
-                    let waiter = id.and_then(|id| {
-                        waiters
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id)
-                    });
-                    if let Some(w) = waiter {
-                        let _ = w.send(());
-                    }
-                }
-            },
-        )?;
-        tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|n| *n >= 2))
-            .await
-            .map_err(|_| format!("raw pair: no connection to {} within 10 s", broker.url()))?
-            .map_err(|e| e.to_string())?;
-        Ok(RawPair {
-            client,
-            waiters,
-            next_id: AtomicU64::new(0),
-            request_root,
-            qos,
-            stop,
-        })
-    }
-
-    /// One request/echo round trip carrying `payload`.
-    ///
-    /// # Errors
-    /// `"timeout"` or `"unavailable"`.
-    pub async fn call(&self, payload: &[u8], timeout: Duration) -> Result<(), String> {
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
-        let topic = format!("{}/{id}", self.request_root);
-        if self
-            .client
-            .try_publish(topic, self.qos, false, payload.to_vec())
-            .is_err()
-        {
-            self.waiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            return Err("unavailable".into());
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(())) => Ok(()),
-            _ => {
-                self.waiters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                Err("timeout".into())
-            }
-        }
-    }
-}
-
-/// A bare rumqttc client with TCP_NODELAY, subscribed to `filter` on every
-/// connection, handing each message to `on_message` from its event loop.
-fn raw_client(
-    broker: &BrokerOptions,
-    client_id: &str,
-    filter: String,
-    ready: &watch::Sender<u8>,
-    stop: &watch::Sender<bool>,
-    on_message: impl Fn(&AsyncClient, &str, &[u8]) + Send + 'static,
-) -> Result<AsyncClient, String> {
-    let (mqtt, net) = connection::mqtt_options(broker, client_id)?;
-    let (client, mut events) = AsyncClient::new(mqtt, 200_000);
-    events.set_network_options(net);
-    let (me, ready) = (client.clone(), ready.clone());
-    let mut stop = stop.subscribe();
-    tokio::spawn(async move {
-        loop {
-            let event = tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                e = events.poll() => e,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let f = rumqttc::SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce);
-                    send_nowait(&me, Outgoing::Subscribe(vec![f]));
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => ready.send_modify(|n| *n += 1),
-                Ok(Event::Incoming(Packet::Publish(p))) => on_message(&me, &p.topic, &p.payload),
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    Ok(client)
-}
-
-impl Drop for RawPair {
-    fn drop(&mut self) {
-        self.stop.send_replace(true);
     }
 }
 

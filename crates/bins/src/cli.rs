@@ -1,22 +1,81 @@
-//! Command-line pieces every binary shares: broker flags and logging.
+//! Configuration every binary shares, parsed once: the broker flags
+//! (`serve`, `invoke`, `bench`, `directcall-sim` and `directcall-lambda` take
+//! the same ones, with the same environment variables), the requester
+//! flags, logging and the runtime.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use directcall_cloud::sigv4::AwsSigV4;
+use directcall_cloud::{Options, Prefix, PresenceRoot, RequestQos};
+use directcall_core::mqtt::UrlSigner;
 use directcall_core::BrokerOptions;
+
+/// Why a configuration cannot be used. Each names the flag (and its
+/// environment variable) at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A value breaks a rule.
+    #[error("{flag}: {source}")]
+    Invalid {
+        /// The flag, e.g. `--broker`.
+        flag: &'static str,
+        /// Why.
+        #[source]
+        source: directcall_core::Error,
+    },
+    /// A file named by a flag cannot be read.
+    #[error("{flag} {}: {source}", path.display())]
+    File {
+        /// The flag.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Flags that do not go together, or a value out of range.
+    #[error("{0}")]
+    Conflict(String),
+    /// An environment variable SigV4 signing needs is not set.
+    #[error("{0} is not set (needed for SigV4 signing)")]
+    MissingEnv(&'static str),
+}
+
+/// How to authenticate to AWS IoT Core when `--iot-endpoint` is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AwsAuth {
+    /// MQTT over WebSockets on 443, signed with SigV4 from the environment's
+    /// credentials (a Lambda's role).
+    Sigv4,
+    /// Mutual TLS on 8883 with --cert and --key.
+    Mtls,
+    /// Mutual TLS on 443 with ALPN `x-amzn-mqtt-ca`.
+    Mtls443,
+}
+
+/// Default broker when none is given.
+pub const DEFAULT_BROKER: &str = "mqtt://127.0.0.1:1883";
 
 /// How to reach the broker. Every flag has an environment fallback.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// Broker URL: mqtt://host:port, mqtts://host:port (with --ca, --cert,
-    /// --key), ws://host:port/path or wss://host:port/path.
-    #[arg(
-        long,
-        env = "DIRECTCALL_BROKER",
-        default_value = "mqtt://127.0.0.1:1883"
-    )]
-    pub broker: String,
+    /// --key), ws://host:port/path or wss://host:port/path [default:
+    /// mqtt://127.0.0.1:1883].
+    #[arg(long, env = "DIRECTCALL_BROKER", conflicts_with = "iot_endpoint")]
+    pub broker: Option<String>,
+    /// AWS IoT Core data endpoint (…-ats.iot.<region>.amazonaws.com), instead
+    /// of --broker; see --auth.
+    #[arg(long, env = "DIRECTCALL_IOT_ENDPOINT")]
+    pub iot_endpoint: Option<String>,
+    /// How to authenticate to --iot-endpoint.
+    #[arg(long, env = "DIRECTCALL_AUTH", value_enum, default_value_t = AwsAuth::Sigv4)]
+    pub auth: AwsAuth,
     /// CA certificate (PEM) the broker's certificate must chain to; without
     /// it, TLS trusts the platform's roots.
     #[arg(long, env = "DIRECTCALL_CA")]
@@ -46,15 +105,60 @@ pub struct BrokerArgs {
     pub keep_alive: u64,
 }
 
+/// Broker settings and, for AWS IoT Core over SigV4, the URL signer.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    /// Where and how.
+    pub options: BrokerOptions,
+    /// Signs the WebSocket URL on every connection attempt.
+    pub signer: Option<Arc<dyn UrlSigner>>,
+}
+
+impl From<BrokerOptions> for Broker {
+    fn from(options: BrokerOptions) -> Self {
+        Broker {
+            options,
+            signer: None,
+        }
+    }
+}
+
 impl BrokerArgs {
-    /// Broker settings from the flags, reading the TLS files.
+    /// Broker settings from the flags, reading the TLS files and, for
+    /// `--auth sigv4`, the AWS credentials from the environment.
     ///
     /// # Errors
-    /// A message naming the flag when the URL is bad, a file cannot be read,
-    /// or TLS files are given for a transport without TLS.
-    pub fn options(&self) -> Result<BrokerOptions, String> {
-        let mut options =
-            BrokerOptions::from_url(&self.broker).map_err(|e| format!("--broker: {e}"))?;
+    /// [`ConfigError`] naming the flag when the URL is bad, a file cannot be
+    /// read, TLS files are given for a transport without TLS, or SigV4
+    /// credentials are missing.
+    pub fn resolve(&self) -> Result<Broker, ConfigError> {
+        let invalid = |flag, source| ConfigError::Invalid { flag, source };
+        let (mut options, signer) = match &self.iot_endpoint {
+            Some(endpoint) => {
+                let url = match self.auth {
+                    AwsAuth::Sigv4 => format!("wss://{endpoint}/mqtt"),
+                    AwsAuth::Mtls => format!("mqtts://{endpoint}:8883"),
+                    AwsAuth::Mtls443 => format!("mqtts://{endpoint}:443"),
+                };
+                let mut options =
+                    BrokerOptions::from_url(&url).map_err(|e| invalid("--iot-endpoint", e))?;
+                if self.auth == AwsAuth::Mtls443 {
+                    if let Some(tls) = options.tls_mut() {
+                        tls.alpn = vec!["x-amzn-mqtt-ca".into()];
+                    }
+                }
+                let signer: Option<Arc<dyn UrlSigner>> = match self.auth {
+                    AwsAuth::Sigv4 => Some(Arc::new(aws_credentials()?)),
+                    AwsAuth::Mtls | AwsAuth::Mtls443 => None,
+                };
+                (options, signer)
+            }
+            None => {
+                let url = self.broker.as_deref().unwrap_or(DEFAULT_BROKER);
+                let options = BrokerOptions::from_url(url).map_err(|e| invalid("--broker", e))?;
+                (options, None)
+            }
+        };
         options.keep_alive = Duration::from_secs(self.keep_alive.max(1));
         if let Some(user) = &self.username {
             options.credentials = Some((user.clone(), self.password.clone().unwrap_or_default()));
@@ -65,28 +169,140 @@ impl BrokerArgs {
                 if let Some(ca) = &self.ca {
                     tls.ca_pem = Some(read(ca, "--ca")?);
                 }
-                if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-                    tls.client_auth = Some((read(cert, "--cert")?, read(key, "--key")?));
+                match (&self.cert, &self.key) {
+                    (Some(cert), Some(key)) => {
+                        tls.client_auth = Some((read(cert, "--cert")?, read(key, "--key")?));
+                    }
+                    // clap's `requires` catches this for flags; environment
+                    // variables set one without the other must fail too.
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(ConfigError::Conflict(
+                            "--cert (DIRECTCALL_CERT) and --key (DIRECTCALL_KEY) go together: give both or neither".into(),
+                        ))
+                    }
+                    (None, None) => {}
                 }
-                tls.alpn = self.alpn.iter().cloned().collect();
+                if let Some(alpn) = &self.alpn {
+                    tls.alpn = vec![alpn.clone()];
+                }
             }
-            None if wants_tls => {
-                return Err(format!(
+            None if wants_tls => return Err(ConfigError::Conflict(format!(
                 "--ca, --cert, --key and --alpn need a TLS broker URL (mqtts:// or wss://), not {}",
-                self.broker
-            ))
-            }
+                options.url()
+            ))),
             None => {}
         }
+        Ok(Broker { options, signer })
+    }
+}
+
+fn read(path: &Path, flag: &'static str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::File {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// SigV4 credentials from the environment: `AWS_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and, for temporary
+/// credentials, `AWS_SESSION_TOKEN` (what Lambda sets from its role).
+///
+/// # Errors
+/// [`ConfigError::MissingEnv`] naming the first one missing.
+pub fn aws_credentials() -> Result<AwsSigV4, ConfigError> {
+    let need = |name: &'static str| std::env::var(name).map_err(|_| ConfigError::MissingEnv(name));
+    let mut creds = AwsSigV4::new(
+        need("AWS_REGION")?,
+        need("AWS_ACCESS_KEY_ID")?,
+        need("AWS_SECRET_ACCESS_KEY")?,
+    );
+    if let Ok(token) = std::env::var("AWS_SESSION_TOKEN") {
+        creds = creds.session_token(token);
+    }
+    Ok(creds)
+}
+
+/// Where the requester learns which devices are online.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PresenceMode {
+    /// directcall's retained records under --presence-root.
+    Directcall,
+    /// AWS IoT Core's lifecycle events.
+    Aws,
+    /// No presence: every call is tried.
+    Off,
+}
+
+/// The requester's identity and behaviour.
+#[derive(Debug, Clone, Args)]
+pub struct RequesterArgs {
+    /// Topic prefix replies come back under.
+    #[arg(long, env = "DIRECTCALL_PREFIX", default_value = "invocation_client")]
+    pub prefix: String,
+    /// MQTT client id, exactly [default: <client id prefix>-<12 random hex digits>].
+    #[arg(
+        long,
+        env = "DIRECTCALL_CLIENT_ID",
+        conflicts_with = "client_id_prefix"
+    )]
+    pub client_id: Option<String>,
+    /// Client ids are <this>-<12 random hex digits>, fresh per process [default: the prefix].
+    #[arg(long, env = "DIRECTCALL_CLIENT_ID_PREFIX")]
+    pub client_id_prefix: Option<String>,
+    /// QoS of request publishes: 0 (never queued) or 1.
+    #[arg(long, env = "DIRECTCALL_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Where presence comes from: calls to a target known offline fail at once with 404.
+    #[arg(long, env = "DIRECTCALL_PRESENCE", value_enum, default_value_t = PresenceMode::Directcall)]
+    pub presence: PresenceMode,
+    /// Topic root of directcall presence records.
+    #[arg(
+        long,
+        env = "DIRECTCALL_PRESENCE_ROOT",
+        default_value = "directcall/presence"
+    )]
+    pub presence_root: String,
+}
+
+impl RequesterArgs {
+    /// Requester options for `broker`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the flag with an invalid value.
+    pub fn options(&self, broker: &Broker) -> Result<Options, ConfigError> {
+        let invalid = |flag, source| ConfigError::Invalid { flag, source };
+        let prefix = Prefix::new(self.prefix.as_str()).map_err(|e| invalid("--prefix", e))?;
+        let mut options = Options::new(broker.options.clone()).prefix(prefix);
+        if let Some(signer) = &broker.signer {
+            options = options.url_signer(Arc::clone(signer));
+        }
+        match (&self.client_id, &self.client_id_prefix) {
+            (Some(id), _) => options = options.client_id(id.clone()),
+            (None, Some(base)) => {
+                options = options.client_id(directcall_core::mqtt::unique_client_id(base));
+            }
+            (None, None) => {}
+        }
+        if self.qos == 1 {
+            options = options.qos(RequestQos::AtLeastOnce);
+        }
+        options = match self.presence {
+            PresenceMode::Directcall => {
+                let root = PresenceRoot::new(self.presence_root.as_str())
+                    .map_err(|e| invalid("--presence-root", e))?;
+                options.presence(root)
+            }
+            PresenceMode::Aws => options.aws_presence(),
+            PresenceMode::Off => options,
+        };
         Ok(options)
     }
 }
 
-fn read(path: &PathBuf, flag: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=off`: the embedded broker logs a normal disconnect as an error; `RUST_LOG=info,rumqttd=info` shows its logs).
+/// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=off`: the
+/// embedded broker logs a normal disconnect as an error;
+/// `RUST_LOG=info,rumqttd=info` shows its logs).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
@@ -110,4 +326,29 @@ where
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// The Prometheus recorder of this process, installed on first use as the
+/// global `metrics` recorder (with [`crate::service::CALL_DURATION`]'s
+/// buckets), and its handle to render `/metrics`.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(crate::service::CALL_DURATION.to_owned()),
+                    &crate::service::CALL_DURATION_BUCKETS,
+                )
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed: /metrics stays empty");
+            }
+            handle
+        })
+        .clone()
 }

@@ -1,38 +1,154 @@
-//! The HTTP gateway (`directcall serve`): PROTOCOL.md's HTTP mapping over
-//! axum, on top of the shared [`InvokeService`].
+//! The HTTP gateway: PROTOCOL.md's HTTP mapping over axum, on top of
+//! [`InvokeService`]. `directcall serve` listens with it, and
+//! `directcall-lambda` runs the very same Router behind API Gateway
+//! (lambda_http), so both answer alike by construction.
+//!
+//! The OpenAPI document is derived from the handlers and body types below
+//! (utoipa), served at `/openapi.json` with this instance's limits filled in.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
-use directcall_cloud::service::{
-    HttpReply, InvokeService, Limits, Outcome, MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES,
-};
+use axum::{Extension, Router};
+use directcall_cloud::Invocation;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use serde_json::json;
+use utoipa::{OpenApi, ToSchema};
 
-/// The OpenAPI 3 document of the gateway's HTTP API, served at `/openapi.json`.
-pub const OPENAPI: &str = include_str!("openapi.json");
+use crate::service::{
+    HttpReply, InvokeQuery, InvokeService, Limits, MessageBody, OfflineBody, OkBody, Outcome,
+    PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES,
+};
+
+/// The longest a call may still take, set per request by a front end that
+/// has a deadline of its own (the Lambda's invocation deadline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallBudget(pub Duration);
+
+/// What the gateway serves, and how.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GatewayConfig {
+    /// The call path.
+    pub service: InvokeService,
+    /// API tokens: when any is set, calls and `/metrics` need
+    /// `Authorization: Bearer <token>`.
+    pub tokens: Vec<String>,
+    /// Renders `/metrics`; `None` serves no such route (nor documents one).
+    pub metrics: Option<PrometheusHandle>,
+    /// Wait for the broker connection within each call's own deadline
+    /// instead of answering 503 at once (the Lambda: a frozen, then thawed,
+    /// environment reconnects first). Default: false.
+    pub wait_for_broker: bool,
+}
+
+impl GatewayConfig {
+    /// A gateway for `service`: no tokens, no `/metrics`, 503 at once while
+    /// the broker is away.
+    pub fn new(service: InvokeService) -> Self {
+        GatewayConfig {
+            service,
+            tokens: Vec::new(),
+            metrics: None,
+            wait_for_broker: false,
+        }
+    }
+
+    /// Require one of `tokens` as a bearer token (empty ones are ignored).
+    pub fn tokens(mut self, tokens: Vec<String>) -> Self {
+        self.tokens = tokens.into_iter().filter(|t| !t.is_empty()).collect();
+        self
+    }
+
+    /// Serve `/metrics` from `handle`.
+    pub fn metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// Wait for the broker within each call's deadline (default: 503 at once).
+    pub fn wait_for_broker(mut self, wait: bool) -> Self {
+        self.wait_for_broker = wait;
+        self
+    }
+}
 
 #[derive(Clone)]
 struct Gateway {
     service: InvokeService,
     tokens: Arc<Vec<Vec<u8>>>,
+    metrics: Option<PrometheusHandle>,
     openapi: Arc<String>,
+    wait_for_broker: bool,
 }
 
-/// The OpenAPI document with this gateway's timeout limits filled in, so a
-/// client (or a schema-driven tester) sees the bounds it will be held to.
-fn openapi_for(limits: Limits) -> String {
-    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(OPENAPI) else {
-        return OPENAPI.to_owned();
+/// `{"status": "ok"|"unavailable", "broker": "connected"|"disconnected"}`.
+#[derive(Debug, Serialize, ToSchema)]
+struct HealthBody {
+    /// `ok` when the broker connection is up and subscribed.
+    #[schema(pattern = "^(ok|unavailable)$")]
+    status: &'static str,
+    /// `connected` or `disconnected`.
+    #[schema(pattern = "^(connected|disconnected)$")]
+    broker: &'static str,
+    /// The broker in use, as a URL without credentials.
+    broker_url: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "directcall gateway",
+        version = "1",
+        description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
+    ),
+    paths(invoke_get, invoke_get_slash, invoke_post, healthz, metrics, openapi),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Required only when the gateway runs with --api-token.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document of the gateway, with `limits` filled in so a client
+/// (or a schema-driven tester) sees the bounds it will be held to, and
+/// without `/metrics` when the gateway serves none.
+pub fn openapi_json(limits: Limits, with_metrics: bool) -> String {
+    let Ok(mut doc) = serde_json::to_value(ApiDoc::openapi()) else {
+        return String::new();
     };
+    if !with_metrics {
+        if let Some(paths) = doc["paths"].as_object_mut() {
+            paths.remove("/metrics");
+        }
+    }
     let max_s = limits.max_timeout.as_secs().max(1);
     let default_s = limits.default_timeout.as_secs().clamp(1, max_s);
     for path in ["/invoke", "/invoke/"] {
@@ -43,28 +159,35 @@ fn openapi_for(limits: Limits) -> String {
             }
         }
     }
-    doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"] =
-        json!(u64::try_from(limits.max_timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1));
+    let max_ms = u64::try_from(limits.max_timeout.as_millis()).unwrap_or(u64::MAX);
+    doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"] = json!(max_ms);
     doc.to_string()
 }
 
-/// The gateway's routes. With `tokens`, `/invoke`, `/v1/...` and `/metrics`
-/// need `Authorization: Bearer <token>`; `/healthz` and `/openapi.json` never do.
-pub fn app(service: InvokeService, tokens: Vec<String>) -> Router {
+/// The gateway's routes. With tokens, `/invoke`, `/v1/...` and `/metrics`
+/// need `Authorization: Bearer <token>`; `/healthz` and `/openapi.json`
+/// never do.
+pub fn app(config: GatewayConfig) -> Router {
     let state = Gateway {
-        openapi: Arc::new(openapi_for(service.limits())),
-        service,
-        tokens: Arc::new(tokens.into_iter().map(String::into_bytes).collect()),
+        openapi: Arc::new(openapi_json(
+            config.service.limits(),
+            config.metrics.is_some(),
+        )),
+        tokens: Arc::new(config.tokens.into_iter().map(String::into_bytes).collect()),
+        metrics: config.metrics,
+        wait_for_broker: config.wait_for_broker,
+        service: config.service,
     };
-    Router::new()
+    let mut router = Router::new()
         .route("/invoke", get(invoke_get))
-        .route("/invoke/", get(invoke_get))
+        .route("/invoke/", get(invoke_get_slash))
         .route("/v1/targets/{target}/methods/{method}", post(invoke_post))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/openapi.json", get(openapi));
+    if state.metrics.is_some() {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -89,6 +212,19 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// A middleware that caps every call at `budget(request)`: for a front end
+/// with a deadline of its own.
+pub async fn with_budget(
+    budget: impl Fn(&Request) -> Option<Duration>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if let Some(b) = budget(&request) {
+        request.extensions_mut().insert(CallBudget(b));
+    }
+    next.run(request).await
 }
 
 fn respond(reply: HttpReply) -> Response {
@@ -137,20 +273,60 @@ impl Gateway {
     }
 
     fn refuse(&self, reply: HttpReply) -> Response {
-        let outcome = if reply.status == 413 {
-            Outcome::TooLarge
-        } else {
-            Outcome::Invalid
-        };
-        self.service.record_refused(outcome);
+        self.service
+            .record_refused(reply.outcome().unwrap_or(Outcome::Invalid));
         respond(reply)
+    }
+
+    /// Runs a parsed call within its budget.
+    async fn call(
+        &self,
+        invocation: Invocation,
+        budget: Option<Extension<CallBudget>>,
+    ) -> Response {
+        let invocation = match budget {
+            Some(Extension(CallBudget(b))) => {
+                let timeout = invocation
+                    .get_timeout()
+                    .min(b.max(Duration::from_millis(1)));
+                invocation.timeout(timeout)
+            }
+            None => invocation,
+        };
+        let requester = self.service.requester();
+        if self.wait_for_broker && !requester.is_connected() {
+            let start = invocation
+                .get_started_at()
+                .unwrap_or_else(tokio::time::Instant::now);
+            let left = (start + invocation.get_timeout())
+                .saturating_duration_since(tokio::time::Instant::now());
+            requester.wait_ready(left).await;
+        }
+        respond(self.service.invoke(invocation).await)
     }
 }
 
+/// Call a method on a device (the seed's form).
+#[utoipa::path(
+    get,
+    path = "/invoke",
+    params(InvokeQuery),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
+        (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+        (status = 404, description = "The target is known to be offline; nothing was published.", body = OfflineBody),
+        (status = 413, description = "The query string is too large.", body = MessageBody),
+        (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
+    )
+)]
 async fn invoke_get(
     State(gw): State<Gateway>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    budget: Option<Extension<CallBudget>>,
 ) -> Response {
     let start = Instant::now();
     if let Some(denied) = gw.denied(&headers) {
@@ -168,15 +344,61 @@ async fn invoke_get(
         .service
         .query_invocation(form_urlencoded::parse(query.as_bytes()), start)
     {
-        Ok(invocation) => respond(gw.service.invoke(invocation).await),
+        Ok(invocation) => gw.call(invocation, budget).await,
         Err(reply) => gw.refuse(reply),
     }
 }
 
+/// Call a method on a device (the seed's form, with API Gateway's trailing slash).
+#[utoipa::path(
+    get,
+    path = "/invoke/",
+    params(InvokeQuery),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
+        (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+        (status = 404, description = "The target is known to be offline; nothing was published.", body = OfflineBody),
+        (status = 413, description = "The query string is too large.", body = MessageBody),
+        (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
+    )
+)]
+async fn invoke_get_slash(
+    state: State<Gateway>,
+    query: RawQuery,
+    headers: HeaderMap,
+    budget: Option<Extension<CallBudget>>,
+) -> Response {
+    invoke_get(state, query, headers, budget).await
+}
+
+/// Call a method on a device with any JSON request.
+#[utoipa::path(
+    post,
+    path = "/v1/targets/{target}/methods/{method}",
+    params(
+        ("target" = String, Path, description = "The device (one topic level).", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$"),
+        ("method" = String, Path, description = "The method (one topic level).", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$"),
+    ),
+    request_body(content = PostBody, content_type = "application/json"),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
+        (status = 400, description = "A parameter or the body is invalid; nothing was published.", body = MessageBody),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+        (status = 404, description = "The target is known to be offline; nothing was published.", body = OfflineBody),
+        (status = 413, description = "The body is over 128 KiB.", body = MessageBody),
+        (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
+    )
+)]
 async fn invoke_post(
     State(gw): State<Gateway>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
+    budget: Option<Extension<CallBudget>>,
     body: Body,
 ) -> Response {
     let start = Instant::now();
@@ -198,6 +420,8 @@ async fn invoke_post(
         Ok(b) => b,
         Err(_) => return gw.refuse(HttpReply::too_large("body", None, MAX_HTTP_REQUEST_BYTES)),
     };
+    // axum percent-decodes path segments (not form-decodes: `+` stays `+`,
+    // and is then refused as a name).
     let Ok(Path((target, method))) = path else {
         return gw.refuse(HttpReply::invalid(
             "path",
@@ -213,35 +437,62 @@ async fn invoke_post(
         .service
         .post_invocation(&target, &method, content_type, &body, start)
     {
-        Ok(invocation) => respond(gw.service.invoke(invocation).await),
+        Ok(invocation) => gw.call(invocation, budget).await,
         Err(reply) => gw.refuse(reply),
     }
 }
 
+/// Whether the broker connection is up and subscribed.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses(
+        (status = 200, description = "Connected and subscribed.", body = HealthBody),
+        (status = 503, description = "Not connected.", body = HealthBody),
+    )
+)]
 async fn healthz(State(gw): State<Gateway>) -> Response {
-    let connected = gw.service.requester().is_connected();
-    let (status, body) = if connected {
-        (200, json!({"status": "ok", "broker": "connected"}))
-    } else {
-        (
-            503,
-            json!({"status": "unavailable", "broker": "disconnected"}),
-        )
+    let requester = gw.service.requester();
+    let connected = requester.is_connected();
+    let body = HealthBody {
+        status: if connected { "ok" } else { "unavailable" },
+        broker: if connected {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        broker_url: requester.broker_url().to_owned(),
     };
-    respond(HttpReply { status, body })
+    respond(HttpReply {
+        status: if connected { 200 } else { 503 },
+        body: serde_json::to_value(body).unwrap_or_default(),
+    })
 }
 
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The metrics.", content_type = "text/plain", body = String),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+    )
+)]
 async fn metrics(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
     if let Some(denied) = gw.denied(&headers) {
         return denied;
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gw.service.metrics_text(),
-    )
-        .into_response()
+    let text = gw.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    responses((status = 200, description = "The OpenAPI 3 document.", content_type = "application/json", body = Object))
+)]
 async fn openapi(State(gw): State<Gateway>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -251,17 +502,11 @@ async fn openapi(State(gw): State<Gateway>) -> Response {
 }
 
 async fn not_found(uri: Uri) -> Response {
-    respond(HttpReply {
-        status: 404,
-        body: json!({"result": "not_found", "response": format!("no route {}", uri.path())}),
-    })
+    respond(HttpReply::not_found(uri.path()))
 }
 
-async fn method_not_allowed(uri: Uri) -> Response {
-    respond(HttpReply {
-        status: 405,
-        body: json!({"result": "method_not_allowed", "response": format!("{} does not take this method", uri.path())}),
-    })
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
+    respond(HttpReply::method_not_allowed(uri.path(), method.as_str()))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -300,20 +545,49 @@ mod tests {
     }
 
     #[test]
-    fn the_openapi_document_is_json_with_the_limits_filled_in() {
-        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+    fn the_openapi_document_has_every_route_and_the_limits() {
+        let limits = Limits::new(2, 5).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json(limits, true)).unwrap();
+        let without: serde_json::Value =
+            serde_json::from_str(&openapi_json(limits, false)).unwrap();
+        assert!(without["paths"].get("/metrics").is_none());
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-        let limits = Limits {
-            default_timeout: std::time::Duration::from_secs(2),
-            max_timeout: std::time::Duration::from_secs(5),
-        };
-        let doc: serde_json::Value = serde_json::from_str(&openapi_for(limits)).unwrap();
-        let timeout = &doc["paths"]["/invoke"]["get"]["parameters"][3]["schema"];
+        let paths: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for p in [
+            "/invoke",
+            "/invoke/",
+            "/v1/targets/{target}/methods/{method}",
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+        let timeout = doc["paths"]["/invoke"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "timeout")
+            .unwrap();
         assert_eq!(
-            (timeout["maximum"].as_u64(), timeout["default"].as_u64()),
+            (
+                timeout["schema"]["maximum"].as_u64(),
+                timeout["schema"]["default"].as_u64()
+            ),
             (Some(5), Some(2))
         );
         let ms = &doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"];
         assert_eq!(ms.as_u64(), Some(5000));
+        let responses = doc["paths"]["/invoke"]["get"]["responses"]
+            .as_object()
+            .unwrap();
+        let mut codes: Vec<&str> = responses.keys().map(String::as_str).collect();
+        codes.sort_unstable();
+        assert_eq!(codes, ["200", "400", "401", "404", "413", "503", "504"]);
     }
 }

@@ -10,6 +10,43 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// Why an HTTP exchange failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// The URL is not an absolute http(s) URL.
+    #[error("bad URL {url:?}: {reason}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The TCP connection could not be made.
+    #[error("connect {addr}: {source}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS could not be set up or the handshake failed.
+    #[error("TLS with {host}: {reason}")]
+    Tls {
+        /// The host.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request could not be built.
+    #[error("request: {0}")]
+    Request(#[from] http::Error),
+    /// The HTTP exchange failed.
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+}
+
 /// One HTTP response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {
@@ -30,36 +67,47 @@ impl Connection {
     /// Connects to the scheme, host and port of `url` (`http://` or `https://`).
     ///
     /// # Errors
-    /// A message when the URL is not absolute http(s), or connecting fails.
-    pub async fn open(url: &str) -> Result<Self, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
-        let host = uri
-            .host()
-            .ok_or_else(|| format!("no host in {url:?}"))?
-            .to_owned();
+    /// [`HttpError`] when the URL is not absolute http(s), or connecting fails.
+    pub async fn open(url: &str) -> Result<Self, HttpError> {
+        let bad = |reason: &str| HttpError::Url {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        let host = uri.host().ok_or_else(|| bad("no host"))?.to_owned();
         let tls = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
-            _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
+            _ => return Err(bad("not an http:// or https:// URL")),
         };
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
             .await
-            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            .map_err(|source| HttpError::Connect {
+                addr: format!("{host}:{port}"),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let authority = uri
             .authority()
             .map(|a| a.to_string())
             .unwrap_or(host.clone());
         let sender = if tls {
-            let mut config = directcall_cloud::connection::tls_config(&TlsOptions::default())?;
+            let tls_error = |reason: String| HttpError::Tls {
+                host: host.clone(),
+                reason,
+            };
+            let mut config = directcall_core::mqtt::tls::client_config(&TlsOptions::default())
+                .map_err(|e| tls_error(e.to_string()))?;
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             let name = rustls::pki_types::ServerName::try_from(host.clone())
-                .map_err(|e| format!("{host}: {e}"))?;
+                .map_err(|e| tls_error(e.to_string()))?;
             let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS with {host}: {e}"))?;
+                .map_err(|e| tls_error(e.to_string()))?;
             handshake(stream).await?
         } else {
             handshake(tcp).await?
@@ -70,26 +118,26 @@ impl Connection {
     /// Sends `GET path_and_query` with `headers` and reads the whole response.
     ///
     /// # Errors
-    /// A message when the connection fails.
+    /// [`HttpError`] when the connection fails.
     pub async fn get(
         &mut self,
         path_and_query: &str,
         headers: &[(String, String)],
-    ) -> Result<HttpResponse, String> {
+    ) -> Result<HttpResponse, HttpError> {
         self.send("GET", path_and_query, headers, Vec::new()).await
     }
 
     /// Sends any request and reads the whole response.
     ///
     /// # Errors
-    /// A message when the request cannot be built or the connection fails.
+    /// [`HttpError`] when the request cannot be built or the connection fails.
     pub async fn send(
         &mut self,
         method: &str,
         path_and_query: &str,
         headers: &[(String, String)],
         body: Vec<u8>,
-    ) -> Result<HttpResponse, String> {
+    ) -> Result<HttpResponse, HttpError> {
         let mut request = Request::builder()
             .method(method)
             .uri(path_and_query)
@@ -97,25 +145,11 @@ impl Connection {
         for (name, value) in headers {
             request = request.header(name.as_str(), value.as_str());
         }
-        let request = request
-            .body(Full::new(axum::body::Bytes::from(body)))
-            .map_err(|e| format!("request: {e}"))?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| format!("connection: {e}"))?;
-        let response = self
-            .sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
+        let request = request.body(Full::new(axum::body::Bytes::from(body)))?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
         let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("response body: {e}"))?
-            .to_bytes();
+        let body = response.into_body().collect().await?.to_bytes();
         Ok(HttpResponse {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
@@ -123,13 +157,11 @@ impl Connection {
     }
 }
 
-async fn handshake<S>(stream: S) -> Result<SendRequest<Full<axum::body::Bytes>>, String>
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<axum::body::Bytes>>, HttpError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     Ok(sender)
 }
@@ -137,9 +169,14 @@ where
 /// One GET of `url` with `headers` on a fresh connection.
 ///
 /// # Errors
-/// A message when the URL is bad or the request fails.
-pub async fn get(url: &str, headers: &[(String, String)]) -> Result<HttpResponse, String> {
-    let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
+/// [`HttpError`] when the URL is bad or the request fails.
+pub async fn get(url: &str, headers: &[(String, String)]) -> Result<HttpResponse, HttpError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| HttpError::Url {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     Connection::open(url).await?.get(&path, headers).await
 }

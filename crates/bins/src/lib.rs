@@ -1,16 +1,17 @@
-//! The parts the directcall binaries share: broker flags and logging, the
-//! HTTP gateway, the Lambda front end, the device simulator, a small HTTP client, the embedded
-//! broker (rumqttd) behind `directcall demo` and the examples, and a harness
-//! that runs a private Mosquitto for tests and benchmarks.
+//! The parts the directcall binaries share: configuration (broker and
+//! requester flags, logging, metrics), the HTTP mapping and the gateway
+//! that `directcall serve` and `directcall-lambda` both run, the device
+//! simulator, a small HTTP client, SigV4 request signing for `directcall
+//! call`, and the load tool.
 
 pub mod bench;
-pub mod broker;
 pub mod cli;
 pub mod gateway;
 pub mod http_client;
 pub mod lambda;
-pub mod mosquitto;
+pub mod service;
+pub mod sigv4;
 pub mod sim;
 
-pub use broker::{free_port, EmbeddedBroker};
-pub use mosquitto::Mosquitto;
+pub use directcall_core::embedded::EmbeddedBroker;
+pub use directcall_core::testkit::{free_port, Mosquitto};

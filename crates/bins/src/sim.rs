@@ -3,12 +3,15 @@
 
 use std::time::Duration;
 
-use directcall_core::{BrokerOptions, Method, PresenceRoot, Target};
+use directcall_core::{Method, PresenceRoot, Target};
 use directcall_device::{serve, Device, DeviceOptions, Handler, HandlerError, MethodCall, Router};
 use serde_json::Value;
 
+use crate::cli::Broker;
+
 /// How simulated devices behave.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct SimOptions {
     /// Added to every answer.
     pub latency: Duration,
@@ -89,14 +92,17 @@ pub fn device_names(prefix: &str, n: usize) -> Result<Vec<Target>, directcall_co
 /// # Errors
 /// The first device that could not connect.
 pub async fn start(
-    broker: &BrokerOptions,
+    broker: &Broker,
     targets: &[Target],
     options: &SimOptions,
 ) -> Result<Vec<Device>, directcall_device::Error> {
     let router = router(options);
     let mut devices = Vec::with_capacity(targets.len());
     for target in targets {
-        let mut device_options = DeviceOptions::new(broker.clone(), target.clone());
+        let mut device_options = DeviceOptions::new(broker.options.clone(), target.clone());
+        if let Some(signer) = &broker.signer {
+            device_options = device_options.url_signer(std::sync::Arc::clone(signer));
+        }
         if options.presence {
             device_options = device_options.presence(PresenceRoot::default());
         }

@@ -638,14 +638,14 @@ async fn the_call_command_signs_with_sigv4() {
     assert_eq!(h("x-amz-security-token").as_deref(), Some("session-token"));
     // Recompute for the time it used: same URL, same credentials, same signature.
     let when = chrono_like_parse(&date);
-    let creds = directcall_core::AwsSigV4 {
-        region: "eu-west-1".into(),
-        access_key_id: "AKIDEXAMPLE".into(),
-        secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
-        session_token: Some("session-token".into()),
-    };
+    let creds = directcall_cloud::sigv4::AwsSigV4::new(
+        "eu-west-1",
+        "AKIDEXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+    )
+    .session_token("session-token");
     let expected =
-        directcall_cloud::sigv4::sign_get_headers(&url, "execute-api", &creds, when).unwrap();
+        directcall_bins::sigv4::sign_get_headers(&url, "execute-api", &creds, when).unwrap();
     let auth = expected
         .iter()
         .find(|(k, _)| k == "authorization")

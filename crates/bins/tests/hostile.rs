@@ -37,8 +37,8 @@ fn post_b(path: &str, content_type: Option<&'static str>, body: impl Into<Vec<u8
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_http_input_gets_a_4xx_naming_the_parameter_and_publishes_nothing() {
-    let b = TestBroker::own_embedded();
-    let mut spy = Raw::connect(&b, &unique("spy")).await;
+    let b = TestBroker::start(common::Kind::Embedded).unwrap();
+    let mut spy = Raw::connect(&b.options(), &unique("spy")).await;
     spy.subscribe("#").await;
     let (_gw, base) = gateway(&b.url(), &[]).await;
     wait_health(&base, 200).await;
@@ -217,11 +217,11 @@ async fn hostile_http_input_gets_a_4xx_naming_the_parameter_and_publishes_nothin
 /// answering real calls with bounded memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_replies_are_dropped_and_counted() {
-    let b = TestBroker::own_embedded();
+    let b = TestBroker::start(common::Kind::Embedded).unwrap();
     let r = requester(&b).await;
     let car = unique("car");
     let _dev = common::device(&b, &car, common::car_router()).await;
-    let evil = Raw::connect(&b, &unique("evil")).await;
+    let evil = Raw::connect(&b.options(), &unique("evil")).await;
     let prefix = r.prefix().to_string();
     let id = MessageId::new();
     let garbage: Vec<(String, Vec<u8>)> = vec![
@@ -295,10 +295,10 @@ async fn hostile_replies_are_dropped_and_counted() {
 /// The same for requests arriving at a device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_do_not_stop_a_device() {
-    let b = TestBroker::own_embedded();
+    let b = TestBroker::start(common::Kind::Embedded).unwrap();
     let car = unique("car");
     let dev = common::device(&b, &car, common::car_router()).await;
-    let mut evil = Raw::connect(&b, &unique("evil")).await;
+    let mut evil = Raw::connect(&b.options(), &unique("evil")).await;
     let prefix = unique("evilprefix");
     evil.subscribe(&format!("{prefix}/+/+/+/ack")).await;
     let id = || MessageId::new();

@@ -11,22 +11,37 @@
 //! use std::time::Duration;
 //! use directcall_cloud::{BrokerOptions, Invocation, Options, Requester};
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let requester = Requester::connect(Options::new(BrokerOptions::new("127.0.0.1", 1883))).await?;
+//! # async fn run() -> Result<(), directcall_cloud::Error> {
+//! let requester = Requester::connect(Options::new(BrokerOptions::from_url("mqtt://127.0.0.1:1883")?)).await?;
 //! let call = Invocation::parse("VIN123", "unlock", "now")?.timeout(Duration::from_secs(3));
 //! let reply = requester.invoke(call).await?;
 //! println!("{} {}", reply.status, reply.response);
 //! # Ok(()) }
 //! ```
+//!
+//! # Features
+//!
+//! | feature | default | adds |
+//! |---|---|---|
+//! | `tls` | yes | `mqtts://` and `wss://` brokers |
+//! | `websocket` | no | `ws://` and `wss://`, [`Options::url_signer`] |
+//! | `sigv4` | no | [`sigv4::AwsSigV4`]: AWS IoT Core over `wss://` with SigV4 |
+//!
+//! # Metrics
+//!
+//! Counters and gauges go through the [`metrics`](https://docs.rs/metrics)
+//! facade, to whatever exporter the process installs (install it before
+//! starting a requester); their names are the constants of [`metrics`].
 
-#[doc(hidden)]
-pub mod connection;
 mod error;
+pub mod metrics;
 mod options;
+mod presence;
 mod requester;
-pub mod service;
+#[cfg(feature = "sigv4")]
 pub mod sigv4;
 
+pub use directcall_core::mqtt::{ConnectionError, SetupError};
 pub use directcall_core::{
     BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,
 };

@@ -21,7 +21,19 @@ pub enum RequestQos {
     AtLeastOnce,
 }
 
-/// How a [`Requester`](crate::Requester) connects and behaves.
+/// Where a requester learns which devices are online.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PresenceSource {
+    /// directcall's retained `{"online": bool}` records under a root
+    /// (default `directcall/presence`), kept by devices and their last wills.
+    Directcall(PresenceRoot),
+    /// AWS IoT Core's lifecycle events, `$aws/events/presence/+/+`.
+    AwsLifecycle,
+}
+
+/// How a [`Requester`](crate::Requester) connects and behaves: a builder
+/// whose setters consume and return it, each stating its default.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub(crate) broker: BrokerOptions,
@@ -32,17 +44,8 @@ pub struct Options {
     pub(crate) ready_timeout: Duration,
     pub(crate) recent_capacity: usize,
     pub(crate) presence: Option<PresenceSource>,
-}
-
-/// Where a requester learns which devices are online.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PresenceSource {
-    /// directcall's retained `{"online": bool}` records under a root
-    /// (default `directcall/presence`), kept by devices and their last wills.
-    Directcall(PresenceRoot),
-    /// AWS IoT Core's lifecycle events, `$aws/events/presence/+/+`.
-    AwsLifecycle,
+    #[cfg(feature = "websocket")]
+    pub(crate) url_signer: Option<std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
 
 impl Options {
@@ -57,6 +60,8 @@ impl Options {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             recent_capacity: DEFAULT_RECENT_CAPACITY,
             presence: None,
+            #[cfg(feature = "websocket")]
+            url_signer: None,
         }
     }
 
@@ -120,13 +125,25 @@ impl Options {
         self
     }
 
+    /// Sign the WebSocket URL with `signer` on every connection attempt
+    /// (feature `websocket`; AWS IoT Core's SigV4 signer is
+    /// [`AwsSigV4`](crate::sigv4::AwsSigV4), feature `sigv4`). Default: none.
+    #[cfg(feature = "websocket")]
+    pub fn url_signer(
+        mut self,
+        signer: std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>,
+    ) -> Self {
+        self.url_signer = Some(signer);
+        self
+    }
+
     /// The broker settings.
-    pub fn broker(&self) -> &BrokerOptions {
+    pub fn get_broker(&self) -> &BrokerOptions {
         &self.broker
     }
 
     /// The prefix.
-    pub fn prefix_ref(&self) -> &Prefix {
+    pub fn get_prefix(&self) -> &Prefix {
         &self.prefix
     }
 }

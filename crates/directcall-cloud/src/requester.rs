@@ -1,30 +1,34 @@
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use directcall_core::deadline::{unix_millis, whole_millis};
-use directcall_core::presence::{
-    parse_aws_lifecycle, parse_directcall, PresenceEvent, AWS_PRESENCE_FILTER,
+use directcall_core::mqtt::{
+    unique_client_id, Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, QoS,
+    Session, Subscription,
 };
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
-    Backoff, CallTopics, Field, MessageId, Method, PendingGuard, PendingTable, Prefix,
-    ReplyPayload, RequestPayload, Target, Unmatched,
+    CallTopics, Field, MessageId, Method, PendingGuard, PendingTable, Prefix, ReplyPayload,
+    RequestPayload, Target, Unmatched,
 };
-use rumqttc::{AsyncClient, QoS, SubscribeFilter};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::{oneshot, watch, Semaphore, TryAcquireError};
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, Semaphore, SemaphorePermit, TryAcquireError};
+use tokio::time::Instant;
 
-use crate::connection::{self, Session};
 use crate::error::Error;
-use crate::options::{Options, PresenceSource, RequestQos, DEFAULT_TIMEOUT};
+use crate::metrics::{Metrics, PendingGauge};
+use crate::options::{Options, RequestQos, DEFAULT_TIMEOUT};
+use crate::presence::Presence;
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
 const PUBLISH_OVERHEAD_BYTES: usize = 16;
 
 /// One call to make: which method on which device, with what, for how long.
+///
+/// Setters consume and return the value, each stating its default; getters
+/// of the same values carry `get_` (as `std::process::Command` does).
 #[derive(Debug, Clone)]
 pub struct Invocation {
     target: Target,
@@ -69,39 +73,41 @@ impl Invocation {
 
     /// When the call started, if earlier than `invoke` (an HTTP gateway passes
     /// the request's arrival); the deadline and `elapsed` count from here.
-    pub fn started_at(mut self, start: Instant) -> Self {
-        self.start = Some(start);
+    /// Default: when `invoke` is called.
+    pub fn started_at(mut self, start: impl Into<Instant>) -> Self {
+        self.start = Some(start.into());
         self
     }
 
     /// The device.
-    pub fn target(&self) -> &Target {
+    pub fn get_target(&self) -> &Target {
         &self.target
     }
 
     /// The method.
-    pub fn method(&self) -> &Method {
+    pub fn get_method(&self) -> &Method {
         &self.method
     }
 
     /// The request value.
-    pub fn request(&self) -> &Value {
+    pub fn get_request(&self) -> &Value {
         &self.request
     }
 
     /// The timeout.
-    pub fn timeout_duration(&self) -> Duration {
+    pub fn get_timeout(&self) -> Duration {
         self.timeout
     }
 
     /// When the call started, if set with [`Invocation::started_at`].
-    pub fn start_time(&self) -> Option<Instant> {
+    pub fn get_started_at(&self) -> Option<Instant> {
         self.start
     }
 }
 
 /// A device's answer to one call.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Reply {
     /// The call's id.
     pub id: MessageId,
@@ -111,6 +117,51 @@ pub struct Reply {
     pub response: Value,
     /// Time from the call's start to the reply.
     pub elapsed: Duration,
+}
+
+impl Reply {
+    /// Whether the device's status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The response when the status is 2xx.
+    ///
+    /// # Errors
+    /// [`Error::Rejected`] with the status and response otherwise.
+    pub fn into_result(self) -> Result<Value, Error> {
+        if self.is_success() {
+            Ok(self.response)
+        } else {
+            Err(Error::Rejected {
+                id: self.id,
+                status: self.status,
+                response: self.response,
+            })
+        }
+    }
+
+    /// The response, decoded as `T`, when the status is 2xx.
+    ///
+    /// ```
+    /// # use directcall_cloud::Reply;
+    /// # fn demo(reply: Reply) -> Result<(), directcall_cloud::Error> {
+    /// #[derive(serde::Deserialize)]
+    /// struct Windows { percent: u8 }
+    /// let windows: Windows = reply.json()?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Rejected`] for a status outside 2xx, [`Error::Decode`] when
+    /// the response is not a `T`.
+    pub fn json<T: DeserializeOwned>(self) -> Result<T, Error> {
+        let id = self.id;
+        serde_json::from_value(self.into_result()?).map_err(|e| Error::Decode {
+            id,
+            source: Arc::new(e),
+        })
+    }
 }
 
 /// Counters of a requester, read with [`Requester::stats`].
@@ -144,95 +195,49 @@ pub struct Stats {
     pub reconnects: u64,
 }
 
+/// Why a reply was dropped, in the order of `metrics::DROP_REASONS`.
+#[derive(Debug, Clone, Copy)]
+enum Dropped {
+    Late = 0,
+    Duplicate,
+    Unknown,
+    Mismatched,
+    Malformed,
+    Oversized,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     published: AtomicU64,
     completed: AtomicU64,
     timeouts: AtomicU64,
-    late: AtomicU64,
-    duplicate: AtomicU64,
-    unknown: AtomicU64,
-    mismatched: AtomicU64,
-    malformed: AtomicU64,
-    oversized: AtomicU64,
-    connects: AtomicU64,
+    dropped: [AtomicU64; 6],
 }
 
 type Waiter = oneshot::Sender<ReplyPayload>;
 
 #[derive(Debug)]
 struct Shared {
-    client: AsyncClient,
+    link: Link,
     pending: PendingTable<Waiter>,
     prefix: Prefix,
     qos: QoS,
-    max_packet_bytes: usize,
     permits: Semaphore,
-    connected: watch::Sender<bool>,
-    shutdown: watch::Sender<bool>,
     counters: Counters,
+    metrics: Metrics,
     presence: Option<Presence>,
-    last_error: Mutex<Option<String>>,
-}
-
-/// The last presence record of each target that has one.
-#[derive(Debug)]
-struct Presence {
-    source: PresenceSource,
-    online: RwLock<HashMap<Target, (bool, Option<u64>)>>,
-}
-
-impl Presence {
-    fn filter(&self) -> String {
-        match &self.source {
-            PresenceSource::Directcall(root) => root.filter(),
-            _ => AWS_PRESENCE_FILTER.to_owned(),
-        }
-    }
-
-    fn parse(&self, topic: &str, payload: &[u8]) -> Option<Option<PresenceEvent>> {
-        match &self.source {
-            PresenceSource::Directcall(root) => {
-                root.parse(topic)?;
-                Some(parse_directcall(root, topic, payload))
-            }
-            _ => topic
-                .starts_with("$aws/events/presence/")
-                .then(|| parse_aws_lifecycle(topic, payload)),
-        }
-    }
-
-    fn record(&self, event: PresenceEvent) {
-        let mut online = self.online.write().unwrap_or_else(|e| e.into_inner());
-        let older = match (online.get(&event.target), event.timestamp_ms) {
-            (Some((_, Some(known))), Some(ts)) => ts < *known,
-            _ => false,
-        };
-        if older {
-            return;
-        }
-        tracing::debug!(target = %event.target, online = ?event.online, "presence");
-        match event.online {
-            Some(up) => {
-                online.insert(event.target, (up, event.timestamp_ms));
-            }
-            None => {
-                online.remove(&event.target);
-            }
-        }
-    }
 }
 
 #[derive(Debug)]
 struct Handle {
     shared: Arc<Shared>,
-    driver: Mutex<Option<JoinHandle<()>>>,
+    driver: Mutex<Option<Driver>>,
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
         // The last handle is gone: stop the driver, which disconnects.
-        self.shared.shutdown.send_replace(true);
+        self.shared.link.stop();
     }
 }
 
@@ -252,22 +257,23 @@ impl Requester {
     /// Connects and waits until the reply subscription is acknowledged.
     ///
     /// # Errors
-    /// [`Error::Unavailable`] when the broker cannot be reached and subscribed
-    /// within the options' ready timeout (default 10 s).
+    /// [`Error::Setup`] for unusable broker settings; [`Error::Unavailable`]
+    /// when the broker cannot be reached and subscribed within the options'
+    /// ready timeout (default 10 s).
     pub async fn connect(options: Options) -> Result<Self, Error> {
         let ready_timeout = options.ready_timeout;
         let requester = Self::start(options)?;
         if requester.wait_ready(ready_timeout).await {
             Ok(requester)
         } else {
-            let last = requester.last_error();
+            let last_error = requester.last_error();
             requester.shutdown().await;
             Err(Error::Unavailable {
                 reason: format!(
-                    "not connected and subscribed within {} ms; last error: {}",
-                    ready_timeout.as_millis(),
-                    last.as_deref().unwrap_or("none (no answer)")
+                    "not connected and subscribed within {} ms",
+                    ready_timeout.as_millis()
                 ),
+                last_error,
             })
         }
     }
@@ -277,50 +283,37 @@ impl Requester {
     /// that must start while the broker is down.
     ///
     /// # Errors
-    /// [`Error::Invalid`] naming `broker` when its TLS material is unusable.
+    /// [`Error::Setup`] when the TLS material is unusable or the transport
+    /// needs a feature that is not compiled in.
     pub fn start(options: Options) -> Result<Self, Error> {
-        let client_id = options.client_id.clone().unwrap_or_else(|| {
-            format!(
-                "{}-{:012x}",
-                options.prefix,
-                fastrand::u64(..) & 0xffff_ffff_ffff
-            )
-        });
-        let (mqtt_options, network) = connection::mqtt_options(&options.broker, &client_id)
-            .map_err(|reason| Error::Invalid {
-                field: Field::Broker,
-                reason,
-            })?;
-        // Every in-flight call holds at most one request in the channel.
-        let (client, mut eventloop) = AsyncClient::new(mqtt_options, options.max_in_flight + 64);
-        eventloop.set_network_options(network);
+        let client_id = options
+            .client_id
+            .clone()
+            .unwrap_or_else(|| unique_client_id(options.prefix.as_str()));
+        // Every in-flight call holds at most one request in the queue.
+        #[allow(unused_mut)]
+        let mut connection_options = ConnectionOptions::new(options.broker.clone(), client_id)
+            .capacity(options.max_in_flight);
+        #[cfg(feature = "websocket")]
+        if let Some(signer) = options.url_signer.clone() {
+            connection_options = connection_options.url_signer(signer);
+        }
+        let connection = Connection::new(connection_options)?;
         let shared = Arc::new(Shared {
-            client,
+            link: connection.link(),
             pending: PendingTable::new(options.recent_capacity),
             prefix: options.prefix.clone(),
             qos: match options.qos {
+                RequestQos::AtMostOnce => QoS::AtMostOnce,
                 RequestQos::AtLeastOnce => QoS::AtLeastOnce,
-                _ => QoS::AtMostOnce,
             },
-            max_packet_bytes: options.broker.max_packet_bytes,
             permits: Semaphore::new(options.max_in_flight),
-            connected: watch::Sender::new(false),
-            shutdown: watch::Sender::new(false),
             counters: Counters::default(),
-            presence: options.presence.clone().map(|source| Presence {
-                source,
-                online: RwLock::new(HashMap::new()),
-            }),
-            last_error: Mutex::new(None),
+            metrics: Metrics::register(),
+            presence: options.presence.clone().map(Presence::new),
         });
-        let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
-        tracing::debug!(broker = %options.broker.url(), client_id, "requester starting");
-        let driver = tokio::spawn(connection::drive(
-            Arc::clone(&shared),
-            eventloop,
-            backoff,
-            shared.shutdown.subscribe(),
-        ));
+        tracing::debug!(broker = %options.broker.url(), client_id = shared.link.client_id(), "requester starting");
+        let driver = connection.run(Arc::clone(&shared));
         Ok(Requester {
             handle: Arc::new(Handle {
                 shared,
@@ -336,25 +329,36 @@ impl Requester {
     /// Waits until the connection is up and subscribed, at most `timeout`;
     /// returns whether it is.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let mut rx = self.shared().connected.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|up| *up))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        self.shared().link.wait_ready(timeout).await
     }
 
     /// Why the connection last failed, if it ever did (TLS errors, refused
     /// credentials, ...).
-    pub fn last_error(&self) -> Option<String> {
-        self.shared()
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    pub fn last_error(&self) -> Option<ConnectionError> {
+        self.shared().link.last_error()
     }
 
     /// Whether the connection is up and subscribed now.
     pub fn is_connected(&self) -> bool {
-        *self.shared().connected.borrow()
+        self.shared().link.is_ready()
+    }
+
+    /// The broker, as a URL without credentials or query.
+    pub fn broker_url(&self) -> &str {
+        self.shared().link.broker_url()
+    }
+
+    /// Drops the connection and makes a new one at once: for a process that
+    /// was frozen (a Lambda execution environment thawed after an idle spell)
+    /// and cannot trust a socket that sent no keepalive meanwhile. Calls
+    /// fail with [`Error::Unavailable`] until the new connection is ready.
+    pub fn reconnect(&self) {
+        self.shared().link.reconnect();
+    }
+
+    /// The MQTT client id.
+    pub fn client_id(&self) -> &str {
+        self.shared().link.client_id()
     }
 
     /// The prefix replies come back under.
@@ -362,11 +366,12 @@ impl Requester {
         &self.shared().prefix
     }
 
-    /// Calls `invocation.method` on `invocation.target` and waits for the
-    /// device's reply, never past the call's deadline.
+    /// Calls `invocation`'s method on its target and waits for the device's
+    /// reply, never past the call's deadline.
     ///
-    /// A reply with a non-200 `status` (404 unknown method, 500 handler
-    /// failed, ...) is still `Ok`: the device answered.
+    /// A reply with a non-2xx `status` (404 unknown method, 500 handler
+    /// failed, ...) is still `Ok`: the device answered
+    /// ([`Reply::into_result`] turns it into an error).
     ///
     /// # Errors
     /// - [`Error::Invalid`] for a zero timeout or topics over 256 bytes;
@@ -374,73 +379,50 @@ impl Requester {
     /// - [`Error::Offline`] when presence tracking knows the target is offline;
     /// - [`Error::Unavailable`] when not connected (nothing was published);
     /// - [`Error::Timeout`] when no reply came before the deadline;
-    /// - [`Error::Closed`] after [`Requester::shutdown`].
+    /// - [`Error::Closed`] after [`Requester::shutdown`], also for a call
+    ///   that was waiting when it came.
     pub async fn invoke(&self, invocation: Invocation) -> Result<Reply, Error> {
         let shared = self.shared();
         let start = invocation.start.unwrap_or_else(Instant::now);
         shared.check(&invocation)?;
         let id = MessageId::new();
-        let at = tokio::time::Instant::from_std(start + invocation.timeout);
-        let timeout = |shared: &Shared| {
-            shared.counters.timeouts.fetch_add(1, Relaxed);
-            Error::Timeout {
-                elapsed: start.elapsed(),
-                id,
-            }
-        };
-        // Only a full in-flight limit makes a call wait here.
-        let _permit = match shared.permits.try_acquire() {
-            Ok(permit) => permit,
-            Err(TryAcquireError::Closed) => return Err(Error::Closed),
-            Err(TryAcquireError::NoPermits) => {
-                // Boxed: the rare path should not grow every call's future.
-                match Box::pin(tokio::time::timeout_at(at, shared.permits.acquire())).await {
-                    Ok(Ok(permit)) => permit,
-                    Ok(Err(_)) => return Err(Error::Closed),
-                    Err(_) => return Err(timeout(shared)),
-                }
-            }
-        };
+        let at = start + invocation.timeout;
+        let _permit = shared.count_timeout(acquire_by(&shared.permits, at, start, id).await)?;
         // Everything the wait below does not need is gone before it starts,
         // which keeps each pending call's future small.
-        let (_guard, rx) = shared.send(invocation, id, at.into_std())?;
-        match tokio::time::timeout_at(at, rx).await {
-            Ok(Ok(reply)) => Ok(Reply {
-                id,
-                status: reply.status,
-                response: reply.response,
-                elapsed: start.elapsed(),
-            }),
-            Ok(Err(_)) => Err(Error::Closed),
-            Err(_) => Err(timeout(shared)),
-        }
+        let (_guard, rx) = shared.send(invocation, id, at)?;
+        let _pending = PendingGauge::new(&shared.metrics.pending);
+        shared.count_timeout(reply_by(rx, at, start, id).await)
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         let s = self.shared();
         let c = &s.counters;
+        let dropped = |d: Dropped| c.dropped[d as usize].load(Relaxed);
         Stats {
             pending: s.pending.len(),
-            connected: *s.connected.borrow(),
+            connected: s.link.is_ready(),
             published: c.published.load(Relaxed),
             completed: c.completed.load(Relaxed),
             timeouts: c.timeouts.load(Relaxed),
-            dropped_late: c.late.load(Relaxed),
-            dropped_duplicate: c.duplicate.load(Relaxed),
-            dropped_unknown: c.unknown.load(Relaxed),
-            dropped_mismatched: c.mismatched.load(Relaxed),
-            dropped_malformed: c.malformed.load(Relaxed),
-            dropped_oversized: c.oversized.load(Relaxed),
-            reconnects: c.connects.load(Relaxed).saturating_sub(1),
+            dropped_late: dropped(Dropped::Late),
+            dropped_duplicate: dropped(Dropped::Duplicate),
+            dropped_unknown: dropped(Dropped::Unknown),
+            dropped_mismatched: dropped(Dropped::Mismatched),
+            dropped_malformed: dropped(Dropped::Malformed),
+            dropped_oversized: dropped(Dropped::Oversized),
+            reconnects: s.link.connects().saturating_sub(1),
         }
     }
 
-    /// Stops intake, ends pending calls with [`Error::Closed`], disconnects
-    /// cleanly and waits for the connection task to finish. Every clone is
-    /// closed.
+    /// Stops intake, ends every call in flight with [`Error::Closed`] (those
+    /// waiting for a slot too), disconnects cleanly and waits for the
+    /// connection task to finish. Every clone is closed.
     pub async fn shutdown(&self) {
-        self.shared().shutdown.send_replace(true);
+        let shared = self.shared();
+        shared.permits.close();
+        shared.link.stop();
         let driver = self
             .handle
             .driver
@@ -448,44 +430,99 @@ impl Requester {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(driver) = driver {
-            let _ = driver.await;
+            driver.stop().await;
         }
     }
 }
 
+/// Takes an in-flight slot, waiting for one no later than `at`.
+async fn acquire_by(
+    permits: &Semaphore,
+    at: Instant,
+    start: Instant,
+    id: MessageId,
+) -> Result<SemaphorePermit<'_>, Error> {
+    match permits.try_acquire() {
+        Ok(permit) => Ok(permit),
+        Err(TryAcquireError::Closed) => Err(Error::Closed),
+        // Only a full in-flight limit makes a call wait here. Boxed: the
+        // rare path should not grow every call's future.
+        Err(TryAcquireError::NoPermits) => {
+            match Box::pin(tokio::time::timeout_at(at, permits.acquire())).await {
+                Ok(Ok(permit)) => Ok(permit),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    elapsed: start.elapsed(),
+                    id,
+                }),
+            }
+        }
+    }
+}
+
+/// Waits for the reply no later than `at`. The sender is dropped unanswered
+/// only when the requester shuts down.
+async fn reply_by(
+    rx: oneshot::Receiver<ReplyPayload>,
+    at: Instant,
+    start: Instant,
+    id: MessageId,
+) -> Result<Reply, Error> {
+    match tokio::time::timeout_at(at, rx).await {
+        Ok(Ok(reply)) => Ok(Reply {
+            id,
+            status: reply.status,
+            response: reply.response,
+            elapsed: start.elapsed(),
+        }),
+        Ok(Err(_)) => Err(Error::Closed),
+        Err(_) => Err(Error::Timeout {
+            elapsed: start.elapsed(),
+            id,
+        }),
+    }
+}
+
 impl Session for Shared {
-    fn client(&self) -> &AsyncClient {
-        &self.client
-    }
-
-    fn ready(&self) -> &watch::Sender<bool> {
-        &self.connected
-    }
-
-    fn filters(&self) -> Vec<SubscribeFilter> {
-        let mut filters = vec![SubscribeFilter::new(
+    fn subscriptions(&self) -> Vec<Subscription> {
+        let mut subscriptions = vec![Subscription::new(
             reply_filter(&self.prefix),
             QoS::AtLeastOnce,
         )];
         if let Some(p) = &self.presence {
-            filters.push(SubscribeFilter::new(p.filter(), QoS::AtLeastOnce));
+            subscriptions.push(Subscription::new(p.filter(), QoS::AtLeastOnce));
         }
-        filters
+        subscriptions
     }
 
-    fn connected(&self) {
-        self.counters.connects.fetch_add(1, Relaxed);
+    fn on_connected(&self) {
+        if self.link.connects() > 1 {
+            self.metrics.reconnects.increment(1);
+        }
     }
 
-    fn publish(self: &Arc<Self>, topic: &str, payload: &[u8]) {
-        self.on_publish(topic, payload);
+    fn on_ready(&self) {
+        self.metrics.connected.set(1.0);
     }
 
-    fn disconnected(&self, error: &str) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
+    fn on_message(self: &Arc<Self>, message: Message<'_>) {
+        if let Some(p) = &self.presence {
+            match p.parse(message.topic, message.payload) {
+                Some(Some(event)) => return p.record(event),
+                // A presence topic with an unreadable payload.
+                Some(None) => return,
+                None => {}
+            }
+        }
+        self.on_reply(message.topic, message.payload);
     }
 
-    fn stopping(&self) {
+    fn on_disconnected(&self, _error: &ConnectionError) {
+        self.metrics.connected.set(0.0);
+    }
+
+    fn on_stopping(&self) {
+        self.metrics.connected.set(0.0);
         // Waiters dropped here end their calls with `Closed`.
         drop(self.pending.drain());
     }
@@ -501,24 +538,37 @@ impl Shared {
             });
         }
         check_call_length(&invocation.target, &invocation.method, &self.prefix)?;
-        if *self.shutdown.borrow() {
+        if self.link.is_stopping() {
             return Err(Error::Closed);
         }
-        if !*self.connected.borrow() {
+        if !self.link.is_ready() {
             return Err(Error::Unavailable {
                 reason: "not connected to the broker".into(),
+                last_error: self.link.last_error(),
             });
         }
-        if self.is_offline(&invocation.target) {
+        if self
+            .presence
+            .as_ref()
+            .is_some_and(|p| p.is_offline(&invocation.target))
+        {
             return Err(Error::Offline {
-                target: invocation.target.to_string(),
+                target: invocation.target.clone(),
             });
         }
         Ok(())
     }
 
+    fn count_timeout<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        if let Err(Error::Timeout { .. }) = &result {
+            self.counters.timeouts.fetch_add(1, Relaxed);
+            self.metrics.timeouts.increment(1);
+        }
+        result
+    }
+
     /// Registers the call and queues its request, without waiting: the
-    /// request channel holds a slot for every call in flight.
+    /// request queue holds a slot for every call in flight.
     fn send(
         &self,
         invocation: Invocation,
@@ -541,68 +591,57 @@ impl Shared {
         .to_vec();
         let topic = call.request_topic();
         let size = payload.len() + topic.len() + PUBLISH_OVERHEAD_BYTES;
-        if size > self.max_packet_bytes {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: self.max_packet_bytes,
-            });
+        let max = self.link.max_packet_bytes();
+        if size > max {
+            return Err(Error::PayloadTooLarge { size, max });
         }
         let (tx, rx) = oneshot::channel();
         let guard = self.pending.insert(call, tx);
-        self.client
-            .try_publish(topic, self.qos, false, payload)
+        // A shutdown that began before the insert would not drain this call.
+        if self.link.is_stopping() {
+            return Err(Error::Closed);
+        }
+        self.link
+            .publish(topic, payload, self.qos, false)
             .map_err(|e| Error::Unavailable {
-                reason: format!("request not queued: {e}"),
+                reason: format!("request {e}"),
+                last_error: None,
             })?;
         self.counters.published.fetch_add(1, Relaxed);
+        self.metrics.published.increment(1);
         Ok((guard, rx))
     }
 
-    fn is_offline(&self, target: &Target) -> bool {
-        self.presence.as_ref().is_some_and(|p| {
-            let online = p.online.read().unwrap_or_else(|e| e.into_inner());
-            online.get(target).is_some_and(|(up, _)| !up)
-        })
-    }
-
-    fn on_publish(&self, topic: &str, payload: &[u8]) {
-        if let Some(p) = &self.presence {
-            match p.parse(topic, payload) {
-                Some(Some(event)) => return p.record(event),
-                // A presence topic with an unreadable payload.
-                Some(None) => return,
-                None => {}
-            }
-        }
-        self.on_reply(topic, payload);
+    fn dropped(&self, why: Dropped) {
+        self.counters.dropped[why as usize].fetch_add(1, Relaxed);
+        self.metrics.dropped[why as usize].increment(1);
     }
 
     fn on_reply(&self, topic: &str, payload: &[u8]) {
-        let c = &self.counters;
-        if payload.len() > self.max_packet_bytes {
-            c.oversized.fetch_add(1, Relaxed);
+        if payload.len() > self.link.max_packet_bytes() {
+            self.dropped(Dropped::Oversized);
             tracing::debug!(topic, bytes = payload.len(), "dropped reply: oversized");
             return;
         }
         let Ok(call) = CallTopics::parse_reply(topic) else {
-            c.malformed.fetch_add(1, Relaxed);
+            self.dropped(Dropped::Malformed);
             tracing::debug!(topic, "dropped reply: malformed topic");
             return;
         };
         if *call.prefix() != self.prefix {
-            c.unknown.fetch_add(1, Relaxed);
+            self.dropped(Dropped::Unknown);
             return;
         }
         let reply = match ReplyPayload::from_slice(payload) {
             Ok(r) => r,
             Err(e) => {
-                c.malformed.fetch_add(1, Relaxed);
+                self.dropped(Dropped::Malformed);
                 tracing::debug!(topic, "dropped reply: {e}");
                 return;
             }
         };
         if MessageId::parse(&reply.id).ok() != Some(call.id()) {
-            c.mismatched.fetch_add(1, Relaxed);
+            self.dropped(Dropped::Mismatched);
             tracing::debug!(topic, "dropped reply: payload id differs from the topic's");
             return;
         }
@@ -610,23 +649,140 @@ impl Shared {
             Ok(waiter) => {
                 // Counted before the send, so a caller reading stats after
                 // its reply sees it.
-                c.completed.fetch_add(1, Relaxed);
+                self.counters.completed.fetch_add(1, Relaxed);
                 if waiter.send(reply).is_err() {
                     // The caller gave up between our lookup and the send.
-                    c.completed.fetch_sub(1, Relaxed);
-                    c.late.fetch_add(1, Relaxed);
+                    self.counters.completed.fetch_sub(1, Relaxed);
+                    self.dropped(Dropped::Late);
+                } else {
+                    self.metrics.completed.increment(1);
                 }
             }
             Err(reason) => {
-                let counter = match reason {
-                    Unmatched::Late => &c.late,
-                    Unmatched::Duplicate => &c.duplicate,
-                    Unmatched::Mismatched => &c.mismatched,
-                    _ => &c.unknown,
-                };
-                counter.fetch_add(1, Relaxed);
+                self.dropped(match reason {
+                    Unmatched::Late => Dropped::Late,
+                    Unmatched::Duplicate => Dropped::Duplicate,
+                    Unmatched::Mismatched => Dropped::Mismatched,
+                    // Unmatched is another crate's non-exhaustive enum.
+                    _ => Dropped::Unknown,
+                });
                 tracing::debug!(topic, ?reason, "dropped reply");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The deadline logic on tokio's paused clock: exact and instant.
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_before_the_deadline_is_the_answer() {
+        let (tx, rx) = oneshot::channel();
+        let start = Instant::now();
+        let id = MessageId::new();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(999)).await;
+            let _ = tx.send(ReplyPayload {
+                id: id.to_string(),
+                response: Value::from("done"),
+                status: 200,
+            });
+        });
+        let reply = reply_by(rx, start + SECOND, start, id).await.unwrap();
+        assert_eq!(reply.elapsed, Duration::from_millis(999));
+        assert_eq!(reply.response, Value::from("done"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_reply_times_out_exactly_at_the_deadline() {
+        let (_tx, rx) = oneshot::channel::<ReplyPayload>();
+        let start = Instant::now();
+        let e = reply_by(rx, start + SECOND, start, MessageId::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout { elapsed, .. } if elapsed == SECOND),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_counts_from_the_start_not_from_the_wait() {
+        let (_tx, rx) = oneshot::channel::<ReplyPayload>();
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let e = reply_by(rx, start + SECOND, start, MessageId::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout { elapsed, .. } if elapsed == SECOND),
+            "{e:?}"
+        );
+        assert_eq!(start.elapsed(), SECOND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_waiter_means_closed() {
+        let (tx, rx) = oneshot::channel::<ReplyPayload>();
+        let start = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(tx);
+        });
+        let e = reply_by(rx, start + SECOND, start, MessageId::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Closed), "{e:?}");
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_slot_never_passes_the_deadline() {
+        let permits = Semaphore::new(1);
+        let _busy = permits.try_acquire().unwrap();
+        let start = Instant::now();
+        let e = acquire_by(&permits, start + SECOND, start, MessageId::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout { elapsed, .. } if elapsed == SECOND),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_freed_in_time_is_taken() {
+        let permits = Arc::new(Semaphore::new(1));
+        let busy = Arc::clone(&permits).try_acquire_owned().unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            drop(busy);
+        });
+        let start = Instant::now();
+        let _permit = acquire_by(&permits, start + SECOND, start, MessageId::new())
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_while_waiting_for_a_slot_is_closed_not_a_timeout() {
+        let permits = Arc::new(Semaphore::new(1));
+        let _busy = permits.try_acquire().unwrap();
+        let closer = Arc::clone(&permits);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            closer.close();
+        });
+        let start = Instant::now();
+        let e = acquire_by(&permits, start + SECOND, start, MessageId::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Closed), "{e:?}");
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
     }
 }

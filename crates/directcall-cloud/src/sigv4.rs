@@ -1,6 +1,18 @@
-//! SigV4 signing with the `aws-sigv4` crate (not the whole AWS SDK): the
-//! presigned WebSocket URL of AWS IoT Core, and signed HTTP requests for API
-//! Gateway's IAM auth.
+//! AWS IoT Core over MQTT-over-WebSockets, signed with SigV4 (feature
+//! `sigv4`): the presigned URL, made anew on every connection attempt
+//! through [`UrlSigner`], with the `aws-sigv4` crate (not the whole AWS SDK).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use directcall_cloud::sigv4::AwsSigV4;
+//! use directcall_cloud::{BrokerOptions, Options};
+//!
+//! # fn run() -> Result<(), directcall_cloud::Error> {
+//! let creds = AwsSigV4::new("eu-west-1", "AKID...", "secret...");
+//! let broker = BrokerOptions::from_url("wss://abc123-ats.iot.eu-west-1.amazonaws.com/mqtt")?;
+//! let options = Options::new(broker).url_signer(Arc::new(creds));
+//! # Ok(()) }
+//! ```
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
@@ -10,7 +22,79 @@ use aws_sigv4::http_request::{
     sign, SessionTokenMode, SignableBody, SignableRequest, SignatureLocation, SigningSettings,
 };
 use aws_sigv4::sign::v4;
-use directcall_core::AwsSigV4;
+use directcall_core::mqtt::UrlSigner;
+
+/// AWS credentials for signing the WebSocket URL of AWS IoT Core (SigV4,
+/// service `iotdevicegateway`). Plain data: where they come from (the
+/// environment, a Lambda role) is the caller's business. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AwsSigV4 {
+    /// Region, e.g. `eu-west-1`.
+    pub region: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Session token of temporary credentials; added after signing, as AWS IoT requires.
+    pub session_token: Option<String>,
+}
+
+impl AwsSigV4 {
+    /// Long-term credentials (no session token).
+    pub fn new(
+        region: impl Into<String>,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
+        AwsSigV4 {
+            region: region.into(),
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            session_token: None,
+        }
+    }
+
+    /// Temporary credentials' session token (default: none).
+    pub fn session_token(mut self, token: impl Into<String>) -> Self {
+        self.session_token = Some(token.into());
+        self
+    }
+}
+
+impl std::fmt::Debug for AwsSigV4 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsSigV4")
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UrlSigner for AwsSigV4 {
+    fn sign(&self, url: &str) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        let rest = url.strip_prefix("wss://").unwrap_or(url);
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        Ok(presign_iot_url(host, path, self, SystemTime::now())?)
+    }
+}
+
+/// Why a URL could not be signed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("SigV4 {what}: {reason}")]
+pub struct SigningError {
+    what: &'static str,
+    reason: String,
+}
+
+impl SigningError {
+    fn new(what: &'static str, e: impl std::fmt::Display) -> Self {
+        SigningError {
+            what,
+            reason: e.to_string(),
+        }
+    }
+}
 
 /// How long a presigned connection URL stays valid; it is made anew for
 /// every connection attempt.
@@ -29,69 +113,51 @@ fn uri_encode(s: &str) -> String {
     out
 }
 
-fn sign_parts(
-    method: &str,
+/// The presigned query parameters of `GET url`: only `host` signed, the
+/// session token left out of the signature (AWS IoT's rule).
+fn presign_params(
     url: &str,
     host: &str,
-    service: &str,
     creds: &AwsSigV4,
     time: SystemTime,
-    location: SignatureLocation,
-) -> Result<Vec<(String, String)>, String> {
-    // For the IoT URL the session token is left out of the signature and
-    // appended afterwards (AWS IoT's rule); for API Gateway it is signed.
-    let token_signed = matches!(location, SignatureLocation::Headers);
-    let token = if token_signed {
-        creds.session_token.clone()
-    } else {
-        None
-    };
+) -> Result<Vec<(String, String)>, SigningError> {
     let identity = Credentials::new(
         &creds.access_key_id,
         &creds.secret_access_key,
-        token,
+        None,
         None,
         "directcall",
     )
     .into();
     let mut settings = SigningSettings::default();
-    settings.signature_location = location;
-    if !token_signed {
-        settings.expires_in = Some(PRESIGNED_URL_EXPIRY);
-        settings.session_token_mode = SessionTokenMode::Exclude;
-    }
+    settings.signature_location = SignatureLocation::QueryParams;
+    settings.expires_in = Some(PRESIGNED_URL_EXPIRY);
+    settings.session_token_mode = SessionTokenMode::Exclude;
     let params = v4::SigningParams::builder()
         .identity(&identity)
         .region(&creds.region)
-        .name(service)
+        .name("iotdevicegateway")
         .time(time)
         .settings(settings)
         .build()
-        .map_err(|e| format!("SigV4 parameters: {e}"))?
+        .map_err(|e| SigningError::new("parameters", e))?
         .into();
     let signable = SignableRequest::new(
-        method,
+        "GET",
         url,
         std::iter::once(("host", host)),
         SignableBody::Bytes(&[]),
     )
-    .map_err(|e| format!("SigV4 request: {e}"))?;
+    .map_err(|e| SigningError::new("request", e))?;
     let (instructions, _signature) = sign(signable, &params)
-        .map_err(|e| format!("SigV4 signing: {e}"))?
+        .map_err(|e| SigningError::new("signing", e))?
         .into_parts();
-    let mut out: Vec<(String, String)> = match location {
-        SignatureLocation::QueryParams => instructions
-            .params()
-            .iter()
-            .map(|(k, v): &(&str, Cow<'_, str>)| ((*k).to_owned(), v.to_string()))
-            .collect(),
-        _ => instructions
-            .headers()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-    };
-    out.retain(|(k, _)| !k.eq_ignore_ascii_case("x-amz-security-token") || token_signed);
-    Ok(out)
+    Ok(instructions
+        .params()
+        .iter()
+        .map(|(k, v): &(&str, Cow<'_, str>)| ((*k).to_owned(), v.to_string()))
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("x-amz-security-token"))
+        .collect())
 }
 
 /// The presigned `wss://{host}{path}?X-Amz-…` URL of AWS IoT Core's MQTT
@@ -99,24 +165,16 @@ fn sign_parts(
 /// token (if any) appended after signing. `host` must not carry `:443`.
 ///
 /// # Errors
-/// A message when signing fails (an unusable region or time).
+/// [`SigningError`] when signing fails (an unusable region or time).
 pub fn presign_iot_url(
     host: &str,
     path: &str,
     creds: &AwsSigV4,
     time: SystemTime,
-) -> Result<String, String> {
+) -> Result<String, SigningError> {
     let path = path.split('?').next().unwrap_or("/mqtt");
     let url = format!("https://{host}{path}");
-    let params = sign_parts(
-        "GET",
-        &url,
-        host,
-        "iotdevicegateway",
-        creds,
-        time,
-        SignatureLocation::QueryParams,
-    )?;
+    let params = presign_params(&url, host, creds, time)?;
     let mut query: Vec<String> = params
         .iter()
         .map(|(k, v)| format!("{}={}", uri_encode(k), uri_encode(v)))
@@ -125,33 +183,6 @@ pub fn presign_iot_url(
         query.push(format!("X-Amz-Security-Token={}", uri_encode(token)));
     }
     Ok(format!("wss://{host}{path}?{}", query.join("&")))
-}
-
-/// Headers that sign `GET url` for `service` (API Gateway: `execute-api`),
-/// session token included and signed.
-///
-/// # Errors
-/// A message when the URL has no host or signing fails.
-pub fn sign_get_headers(
-    url: &str,
-    service: &str,
-    creds: &AwsSigV4,
-    time: SystemTime,
-) -> Result<Vec<(String, String)>, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
-    let host = uri
-        .authority()
-        .ok_or_else(|| format!("no host in {url:?}"))?
-        .to_string();
-    sign_parts(
-        "GET",
-        url,
-        &host,
-        service,
-        creds,
-        time,
-        SignatureLocation::Headers,
-    )
 }
 
 #[cfg(test)]
@@ -261,27 +292,5 @@ mod tests {
             with,
             format!("{without}&X-Amz-Security-Token=tok%2Fen%2B%3D")
         );
-    }
-
-    #[test]
-    fn api_gateway_requests_are_signed_in_headers() {
-        let url = "https://abc123.execute-api.eu-west-1.amazonaws.com/Prod/invoke/?request=r&method=m&target=t&timeout=3";
-        let mut c = creds(Some("session"));
-        c.region = "eu-west-1".into();
-        let headers = sign_get_headers(url, "execute-api", &c, at_20150830t123600z()).unwrap();
-        let get = |k: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(k))
-                .map(|(_, v)| v.as_str())
-        };
-        let auth = get("authorization").unwrap();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/eu-west-1/execute-api/aws4_request"), "{auth}");
-        assert!(
-            auth.contains("x-amz-security-token"),
-            "the token is signed: {auth}"
-        );
-        assert_eq!(get("x-amz-date"), Some("20150830T123600Z"));
-        assert_eq!(get("x-amz-security-token"), Some("session"));
     }
 }

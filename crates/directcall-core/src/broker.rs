@@ -23,6 +23,7 @@ pub const DEFAULT_WS_PATH: &str = "/mqtt";
 
 /// TLS settings: PEM bytes, so the library never reads files itself.
 #[derive(Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct TlsOptions {
     /// CA certificates (PEM) the server's certificate must chain to; `None`
     /// trusts the platform's root store.
@@ -44,30 +45,6 @@ impl std::fmt::Debug for TlsOptions {
             )
             .field("alpn", &self.alpn)
             .finish()
-    }
-}
-
-/// AWS credentials for signing the WebSocket URL of AWS IoT Core (SigV4,
-/// service `iotdevicegateway`). Plain data: where they come from (the
-/// environment, a Lambda role) is the binary's business.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AwsSigV4 {
-    /// Region, e.g. `eu-west-1`.
-    pub region: String,
-    /// Access key id.
-    pub access_key_id: String,
-    /// Secret access key.
-    pub secret_access_key: String,
-    /// Session token of temporary credentials; added after signing, as AWS IoT requires.
-    pub session_token: Option<String>,
-}
-
-impl std::fmt::Debug for AwsSigV4 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AwsSigV4")
-            .field("region", &self.region)
-            .field("access_key_id", &self.access_key_id)
-            .finish_non_exhaustive()
     }
 }
 
@@ -96,6 +73,7 @@ pub enum Transport {
 
 /// How to reach a broker.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BrokerOptions {
     /// Host name or address.
     pub host: String,
@@ -103,9 +81,6 @@ pub struct BrokerOptions {
     pub port: u16,
     /// TCP, TLS, WebSocket or secure WebSocket (default TCP).
     pub transport: Transport,
-    /// Sign the secure WebSocket URL with SigV4 (AWS IoT Core), anew on
-    /// every connection attempt (default: none).
-    pub aws_sigv4: Option<AwsSigV4>,
     /// User name and password, if the broker wants them.
     pub credentials: Option<(String, String)>,
     /// MQTT keepalive (default 30 s).
@@ -128,7 +103,6 @@ impl BrokerOptions {
             host: host.into(),
             port,
             transport: Transport::Tcp,
-            aws_sigv4: None,
             credentials: None,
             keep_alive: DEFAULT_KEEP_ALIVE,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,

@@ -1,61 +1,9 @@
-//! Deadline arithmetic: call budgets on the requester, expiry on the device.
+//! Deadline arithmetic: the device's expiry rule and the units of the wire.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Default clock skew a device allows before dropping a late request.
 pub const DEFAULT_SKEW: Duration = Duration::from_millis(1000);
-
-/// When one call must be finished, fixed when the call starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deadline {
-    start: Instant,
-    at: Instant,
-}
-
-impl Deadline {
-    /// A deadline `timeout` after `start`.
-    pub fn new(start: Instant, timeout: Duration) -> Self {
-        Deadline {
-            start,
-            at: start + timeout,
-        }
-    }
-
-    /// A deadline `timeout` from now.
-    pub fn after(timeout: Duration) -> Self {
-        Self::new(Instant::now(), timeout)
-    }
-
-    /// When the call started.
-    pub fn start(&self) -> Instant {
-        self.start
-    }
-
-    /// When the call must be finished.
-    pub fn at(&self) -> Instant {
-        self.at
-    }
-
-    /// Time left at `now` (zero once passed).
-    pub fn remaining_at(&self, now: Instant) -> Duration {
-        self.at.saturating_duration_since(now)
-    }
-
-    /// Time left now.
-    pub fn remaining(&self) -> Duration {
-        self.remaining_at(Instant::now())
-    }
-
-    /// Time since the call started.
-    pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
-    }
-
-    /// Whether the deadline has passed at `now`.
-    pub fn is_past(&self, now: Instant) -> bool {
-        now >= self.at
-    }
-}
 
 /// Milliseconds since the Unix epoch (0 for a clock before 1970).
 pub fn unix_millis(t: SystemTime) -> u64 {
@@ -98,19 +46,6 @@ mod tests {
         assert!(!is_expired(Some(1000), None, u64::MAX, skew));
         assert!(!is_expired(Some(u64::MAX), Some(u64::MAX), u64::MAX, skew));
         assert!(is_expired(Some(0), Some(0), 1, Duration::ZERO));
-    }
-
-    #[test]
-    fn deadline_arithmetic() {
-        let start = Instant::now();
-        let d = Deadline::new(start, Duration::from_millis(50));
-        assert_eq!(d.remaining_at(start), Duration::from_millis(50));
-        assert_eq!(
-            d.remaining_at(start + Duration::from_secs(1)),
-            Duration::ZERO
-        );
-        assert!(!d.is_past(start + Duration::from_millis(49)));
-        assert!(d.is_past(start + Duration::from_millis(50)));
     }
 
     #[test]

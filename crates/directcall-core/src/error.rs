@@ -81,4 +81,12 @@ impl Error {
             Error::Invalid { field, .. } => *field,
         }
     }
+
+    /// Why it was refused, without the field's name (for a caller that
+    /// names the field itself).
+    pub fn reason(&self) -> &str {
+        match self {
+            Error::Invalid { reason, .. } => reason,
+        }
+    }
 }

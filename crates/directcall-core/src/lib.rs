@@ -10,6 +10,17 @@
 //! - [`broker`]: broker address, connection settings and reconnect backoff;
 //! - [`presence`]: directcall presence records and AWS IoT lifecycle events.
 //!
+//! Without features the crate does no I/O (it is what the fuzz targets and
+//! the property tests exercise). Features add what both sides share:
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `mqtt` | [`mqtt`]: the one connection layer of the requester and the device (rumqttc, tokio) |
+//! | `tls` | `mqtts://` and `wss://` (rustls, ring) |
+//! | `websocket` | `ws://` and `wss://`, with a URL signing hook ([`mqtt::UrlSigner`]) |
+//! | `embedded-broker` | [`embedded`]: rumqttd in-process, behind `directcall demo` |
+//! | `testkit` | [`testkit`]: real brokers on free ports and bare MQTT peers, for tests |
+//!
 //! ```
 //! use directcall_core::{CallTopics, MessageId, Method, Prefix, Target};
 //!
@@ -26,15 +37,20 @@
 
 pub mod broker;
 pub mod deadline;
+#[cfg(feature = "embedded-broker")]
+pub mod embedded;
 pub mod error;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod pending;
 pub mod presence;
 pub mod recent;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod topic;
 pub mod wire;
 
-pub use broker::{AwsSigV4, Backoff, BrokerOptions, TlsOptions, Transport};
-pub use deadline::Deadline;
+pub use broker::{Backoff, BrokerOptions, TlsOptions, Transport};
 pub use error::{Error, Field};
 pub use pending::{PendingGuard, PendingTable, Unmatched};
 pub use topic::{CallTopics, MessageId, Method, Prefix, PresenceRoot, Target};

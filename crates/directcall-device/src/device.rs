@@ -1,23 +1,25 @@
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use directcall_cloud::connection::{self, send_nowait, Outgoing, Session};
 use directcall_core::deadline::{is_expired, unix_millis, DEFAULT_SKEW};
+use directcall_core::mqtt::{
+    Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, QoS, Session,
+    Subscription, Will,
+};
 use directcall_core::recent::RecentIds;
 use directcall_core::topic::device_filter;
 use directcall_core::{
-    Backoff, BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload,
-    Target,
+    BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload, Target,
 };
-use futures_util::FutureExt;
-use rumqttc::{AsyncClient, LastWill, QoS, SubscribeFilter};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 
+use crate::error::Error;
 use crate::handler::{MethodCall, Router};
+use crate::metrics::Metrics;
 
 /// Default number of handlers running at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
@@ -25,26 +27,13 @@ pub const DEFAULT_MAX_CONCURRENT: usize = 64;
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
 /// Default number of recent request ids remembered to run each once.
 pub const DEFAULT_DEDUP_CAPACITY: usize = 4096;
+/// Default time [`serve`] waits for the connection and subscription.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time [`Device::shutdown`] lets running handlers finish.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Errors of the device side.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The broker could not be reached and subscribed in time.
-    #[error("broker unavailable: {reason}")]
-    Unavailable {
-        /// What went wrong.
-        reason: String,
-    },
-    /// The broker settings are unusable (TLS material, ...).
-    #[error("invalid broker settings: {reason}")]
-    InvalidBroker {
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-/// How a device connects and serves.
+/// How a device connects and serves: a builder whose setters consume and
+/// return it, each stating its default.
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
     broker: BrokerOptions,
@@ -56,7 +45,10 @@ pub struct DeviceOptions {
     dedup_capacity: usize,
     presence: Option<PresenceRoot>,
     ready_timeout: Duration,
+    drain_timeout: Duration,
     any_target: bool,
+    #[cfg(feature = "websocket")]
+    url_signer: Option<Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
 
 impl DeviceOptions {
@@ -71,9 +63,20 @@ impl DeviceOptions {
             max_queued: DEFAULT_MAX_QUEUED,
             dedup_capacity: DEFAULT_DEDUP_CAPACITY,
             presence: None,
-            ready_timeout: Duration::from_secs(10),
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             any_target: false,
+            #[cfg(feature = "websocket")]
+            url_signer: None,
         }
+    }
+
+    /// Sign the WebSocket URL with `signer` on every connection attempt
+    /// (feature `websocket`). Default: none.
+    #[cfg(feature = "websocket")]
+    pub fn url_signer(mut self, signer: Arc<dyn directcall_core::mqtt::UrlSigner>) -> Self {
+        self.url_signer = Some(signer);
+        self
     }
 
     /// MQTT client id (default: the target name, as AWS IoT expects).
@@ -131,9 +134,17 @@ impl DeviceOptions {
         self
     }
 
-    /// How long [`serve`] waits for the connection and subscription (default 10 s).
+    /// How long [`serve`] waits for the connection and subscription
+    /// (default 10 s). [`start`] does not wait.
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.ready_timeout = d;
+        self
+    }
+
+    /// How long [`Device::shutdown`] lets running handlers finish before it
+    /// answers the rest 503 (default 5 s).
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
         self
     }
 }
@@ -152,13 +163,14 @@ pub struct DeviceStats {
     pub replied: u64,
     /// Requests answered 404: no such method.
     pub unknown_method: u64,
-    /// Requests answered 503: too many waiting.
+    /// Requests answered 503: too many waiting, or shutting down.
     pub busy: u64,
     /// Requests dropped unanswered: past their deadline.
     pub expired: u64,
     /// Requests dropped: the same id was already received.
     pub duplicates: u64,
-    /// Messages dropped or answered 400: unparsable topic or payload.
+    /// Messages dropped or answered 400 or 413: unparsable topic or payload,
+    /// or too large.
     pub malformed: u64,
 }
 
@@ -174,36 +186,106 @@ struct Counters {
     malformed: AtomicU64,
 }
 
+/// A request between its arrival and its answer.
+struct Running {
+    call: CallTopics,
+    task: AbortHandle,
+}
+
 struct Shared {
-    client: AsyncClient,
+    link: Link,
     router: Router,
     target: Target,
     skew: Option<Duration>,
     slots: Arc<Semaphore>,
-    in_flight: AtomicUsize,
     max_in_flight: usize,
-    max_packet_bytes: usize,
     seen: Mutex<RecentIds<MessageId, ()>>,
+    running: Mutex<HashMap<MessageId, Running>>,
+    running_count: watch::Sender<usize>,
+    draining: AtomicBool,
     presence_topic: Option<String>,
     any_target: bool,
-    connected: watch::Sender<bool>,
-    shutdown: watch::Sender<bool>,
     counters: Counters,
-    last_error: std::sync::Mutex<Option<String>>,
+    metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here holds an invariant a panic elsewhere could break half-way.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A running device: answers calls until [`Device::shutdown`] or drop.
 pub struct Device {
     shared: Arc<Shared>,
-    driver: Option<JoinHandle<()>>,
+    driver: Option<Driver>,
+    drain_timeout: Duration,
 }
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
             .field("target", &self.shared.target)
+            .field("connected", &self.is_connected())
             .finish()
     }
+}
+
+/// Starts a device and returns at once, before it is connected: firmware
+/// boots before the network does. The connection is made, and remade after
+/// every loss, in the background with capped backoff; requests are answered
+/// from the first connection on. See [`serve`] for the behaviour.
+///
+/// # Errors
+/// [`Error::Setup`] when the broker settings cannot be used (TLS material,
+/// a transport whose feature is not compiled in). Never for an unreachable
+/// broker.
+pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
+    let client_id = options
+        .client_id
+        .clone()
+        .unwrap_or_else(|| options.target.to_string());
+    let presence_topic = options
+        .presence
+        .as_ref()
+        .map(|root| root.topic(&options.target));
+    let max_in_flight = options.max_concurrent + options.max_queued;
+    let mut connection_options =
+        ConnectionOptions::new(options.broker.clone(), client_id).capacity(max_in_flight);
+    if let Some(topic) = &presence_topic {
+        connection_options = connection_options.will(Will {
+            topic: topic.clone(),
+            payload: json!({"online": false}).to_string().into_bytes(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        });
+    }
+    #[cfg(feature = "websocket")]
+    if let Some(signer) = options.url_signer.clone() {
+        connection_options = connection_options.url_signer(signer);
+    }
+    let connection = Connection::new(connection_options)?;
+    let shared = Arc::new(Shared {
+        link: connection.link(),
+        router,
+        target: options.target.clone(),
+        skew: options.skew,
+        slots: Arc::new(Semaphore::new(options.max_concurrent)),
+        max_in_flight,
+        seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
+        running: Mutex::new(HashMap::new()),
+        running_count: watch::Sender::new(0),
+        draining: AtomicBool::new(false),
+        presence_topic,
+        any_target: options.any_target,
+        counters: Counters::default(),
+        metrics: Metrics::register(),
+    });
+    let driver = connection.run(Arc::clone(&shared));
+    Ok(Device {
+        shared,
+        driver: Some(driver),
+        drain_timeout: options.drain_timeout,
+    })
 }
 
 /// Connects as a device, subscribes to `{target}/#` and answers calls with
@@ -216,78 +298,23 @@ impl std::fmt::Debug for Device {
 /// neither run nor answered, and one delivered twice runs once.
 ///
 /// # Errors
-/// [`Error::Unavailable`] when not connected and subscribed within the ready
-/// timeout.
+/// [`Error::Setup`] for unusable broker settings; [`Error::Unavailable`]
+/// when not connected and subscribed within the ready timeout (default
+/// 10 s). A device that must boot while the broker is away uses [`start`].
 pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Error> {
-    let client_id = options
-        .client_id
-        .clone()
-        .unwrap_or_else(|| options.target.to_string());
-    let (mut mqtt_options, network) = connection::mqtt_options(&options.broker, &client_id)
-        .map_err(|reason| Error::InvalidBroker { reason })?;
-    let presence_topic = options
-        .presence
-        .as_ref()
-        .map(|root| root.topic(&options.target));
-    if let Some(topic) = &presence_topic {
-        mqtt_options.set_last_will(LastWill::new(
-            topic.clone(),
-            json!({"online": false}).to_string(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    }
-    let cap = options.max_concurrent + options.max_queued + 64;
-    let (client, mut eventloop) = AsyncClient::new(mqtt_options, cap);
-    eventloop.set_network_options(network);
-    let shared = Arc::new(Shared {
-        client,
-        router,
-        target: options.target.clone(),
-        skew: options.skew,
-        slots: Arc::new(Semaphore::new(options.max_concurrent)),
-        in_flight: AtomicUsize::new(0),
-        max_in_flight: options.max_concurrent + options.max_queued,
-        max_packet_bytes: options.broker.max_packet_bytes,
-        seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
-        presence_topic,
-        any_target: options.any_target,
-        connected: watch::Sender::new(false),
-        shutdown: watch::Sender::new(false),
-        counters: Counters::default(),
-        last_error: std::sync::Mutex::new(None),
-    });
-    let backoff = Backoff::new(options.broker.backoff_min, options.broker.backoff_max);
-    let driver = tokio::spawn(connection::drive(
-        Arc::clone(&shared),
-        eventloop,
-        backoff,
-        shared.shutdown.subscribe(),
-    ));
-    let mut device = Device {
-        shared,
-        driver: Some(driver),
-    };
-    let mut ready = device.shared.connected.subscribe();
-    if tokio::time::timeout(options.ready_timeout, ready.wait_for(|up| *up))
-        .await
-        .is_ok_and(|r| r.is_ok())
-    {
+    let ready_timeout = options.ready_timeout;
+    let device = start(router, options)?;
+    if device.wait_ready(ready_timeout).await {
         Ok(device)
     } else {
-        let last = device
-            .shared
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        device.stop(false).await;
+        let last_error = device.shared.link.last_error();
+        device.abort().await;
         Err(Error::Unavailable {
             reason: format!(
-                "not connected and subscribed within {} ms; last error: {}",
-                options.ready_timeout.as_millis(),
-                last.as_deref().unwrap_or("none (no answer)")
+                "not connected and subscribed within {} ms",
+                ready_timeout.as_millis()
             ),
+            last_error,
         })
     }
 }
@@ -300,7 +327,18 @@ impl Device {
 
     /// Whether the connection is up and subscribed now.
     pub fn is_connected(&self) -> bool {
-        *self.shared.connected.borrow()
+        self.shared.link.is_ready()
+    }
+
+    /// Waits until the connection is up and subscribed, at most `timeout`;
+    /// returns whether it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        self.shared.link.wait_ready(timeout).await
+    }
+
+    /// Why the connection last failed, if it ever did.
+    pub fn last_error(&self) -> Option<ConnectionError> {
+        self.shared.link.last_error()
     }
 
     /// A snapshot of the counters.
@@ -319,216 +357,234 @@ impl Device {
         }
     }
 
-    /// Publishes the offline record (with presence), disconnects cleanly and
-    /// waits for the connection task to end.
+    /// Stops gracefully: new requests are answered 503 at once, running
+    /// handlers get up to the drain timeout (default 5 s) to finish and be
+    /// answered, the ones still running then are answered 503; then the
+    /// offline record is published (with presence) and the connection is
+    /// closed cleanly.
     pub async fn shutdown(mut self) {
-        self.stop(true).await;
+        let shared = &self.shared;
+        shared.draining.store(true, Relaxed);
+        let mut count = shared.running_count.subscribe();
+        let drained = tokio::time::timeout(self.drain_timeout, count.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
+        if !drained {
+            let left: Vec<Running> = lock(&shared.running).drain().map(|(_, r)| r).collect();
+            tracing::warn!(
+                calls = left.len(),
+                "handlers still running after the drain timeout: answering 503"
+            );
+            for running in left {
+                running.task.abort();
+                shared.answer(&running.call, 503, json!("device shutting down"));
+            }
+        }
+        if let Some(driver) = self.driver.take() {
+            driver.stop().await;
+        }
     }
 
     /// Drops the connection without DISCONNECT, as a crash or a lost network
-    /// would: the broker then publishes the last will. For tests and
-    /// simulations.
+    /// would: the broker then publishes the last will. Handlers still running
+    /// are abandoned. For tests and simulations.
     pub async fn abort(mut self) {
-        self.stop(false).await;
-    }
-
-    async fn stop(&mut self, graceful: bool) {
-        if graceful {
-            self.shared.shutdown.send_replace(true);
-            if let Some(driver) = self.driver.take() {
-                let _ = driver.await;
-            }
-        } else if let Some(driver) = self.driver.take() {
-            driver.abort();
-            let _ = driver.await;
-            self.shared.connected.send_replace(false);
+        for (_, running) in lock(&self.shared.running).drain() {
+            running.task.abort();
+        }
+        if let Some(driver) = self.driver.take() {
+            driver.abort().await;
         }
     }
 }
 
 impl Drop for Device {
     fn drop(&mut self) {
-        self.shared.shutdown.send_replace(true);
+        self.shared.link.stop();
     }
 }
 
 impl Session for Shared {
-    fn client(&self) -> &AsyncClient {
-        &self.client
-    }
-
-    fn ready(&self) -> &watch::Sender<bool> {
-        &self.connected
-    }
-
-    fn filters(&self) -> Vec<SubscribeFilter> {
+    fn subscriptions(&self) -> Vec<Subscription> {
         let filter = if self.any_target {
             "+/+/+/+".to_owned()
         } else {
             device_filter(&self.target)
         };
-        vec![SubscribeFilter::new(filter, QoS::AtLeastOnce)]
+        vec![Subscription::new(filter, QoS::AtLeastOnce)]
     }
 
-    fn connected(&self) {
+    fn on_connected(&self) {
         self.publish_presence(true);
     }
 
-    fn publish(self: &Arc<Self>, topic: &str, payload: &[u8]) {
-        Shared::on_request(self, topic, payload);
+    fn on_ready(&self) {
+        self.metrics.connected.set(1.0);
     }
 
-    fn disconnected(&self, error: &str) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_owned());
+    fn on_message(self: &Arc<Self>, message: Message<'_>) {
+        self.on_request(message.topic, message.payload);
     }
 
-    fn stopping(&self) {
+    fn on_disconnected(&self, _error: &ConnectionError) {
+        self.metrics.connected.set(0.0);
+    }
+
+    fn on_stopping(&self) {
+        self.metrics.connected.set(0.0);
         self.publish_presence(false);
-    }
-}
-
-/// Counts a request as in flight until it is answered or dropped.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
     }
 }
 
 impl Shared {
     fn publish_presence(&self, online: bool) {
         if let Some(topic) = &self.presence_topic {
-            send_nowait(
-                &self.client,
-                Outgoing::Publish {
-                    topic: topic.clone(),
-                    qos: QoS::AtLeastOnce,
-                    retain: true,
-                    payload: json!({ "online": online }).to_string().into_bytes(),
-                },
+            self.link.publish_or_queue(
+                topic.clone(),
+                json!({ "online": online }).to_string(),
+                QoS::AtLeastOnce,
+                true,
             );
         }
     }
 
-    fn reply(&self, call: &CallTopics, status: u16, response: Value) {
+    fn answer(&self, call: &CallTopics, status: u16, response: Value) {
         let payload = ReplyPayload {
             id: call.id().to_string(),
             response,
             status,
         };
-        send_nowait(
-            &self.client,
-            Outgoing::Publish {
-                topic: call.reply_topic(),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                payload: payload.to_vec(),
-            },
+        self.link.publish_or_queue(
+            call.reply_topic(),
+            payload.to_vec(),
+            QoS::AtLeastOnce,
+            false,
         );
         self.counters.replied.fetch_add(1, Relaxed);
+        self.metrics.replied.increment(1);
+    }
+
+    fn count(&self, counter: &AtomicU64, metric: &metrics::Counter) {
+        counter.fetch_add(1, Relaxed);
+        metric.increment(1);
     }
 
     fn on_request(self: &Arc<Self>, topic: &str, payload: &[u8]) {
-        let this = self;
-        let c = &this.counters;
+        let (c, m) = (&self.counters, &self.metrics);
         c.received.fetch_add(1, Relaxed);
         let call = match CallTopics::parse_request(topic) {
-            Ok(call) if this.any_target || *call.target() == this.target => call,
+            Ok(call) if self.any_target || *call.target() == self.target => call,
             _ => {
-                c.malformed.fetch_add(1, Relaxed);
+                self.count(&c.malformed, &m.malformed);
                 tracing::debug!(topic, "ignored: not a request topic");
                 return;
             }
         };
-        let first_time = this
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(call.id(), ());
-        if !first_time {
-            c.duplicates.fetch_add(1, Relaxed);
-            tracing::debug!(topic, "dropped: duplicate request");
-            return;
-        }
-        if payload.len() > this.max_packet_bytes {
-            c.malformed.fetch_add(1, Relaxed);
-            this.reply(
-                &call,
-                413,
-                json!(format!(
-                    "request of {} bytes is over the {}-byte limit",
-                    payload.len(),
-                    this.max_packet_bytes
-                )),
+        // Everything that refuses a message comes before its id is marked
+        // as seen: a malformed first delivery must not suppress a later
+        // well-formed one.
+        if payload.len() > self.link.max_packet_bytes() {
+            self.count(&c.malformed, &m.malformed);
+            let reason = format!(
+                "request of {} bytes is over the {}-byte limit",
+                payload.len(),
+                self.link.max_packet_bytes()
             );
+            self.answer(&call, 413, json!(reason));
             return;
         }
         let request = match RequestPayload::from_slice(payload) {
             Ok(r) if MessageId::parse(&r.id).ok() == Some(call.id()) => r,
             Ok(_) => {
-                c.malformed.fetch_add(1, Relaxed);
-                this.reply(&call, 400, json!("payload id differs from the topic's"));
+                self.count(&c.malformed, &m.malformed);
+                self.answer(&call, 400, json!("payload id differs from the topic's"));
                 return;
             }
             Err(e) => {
-                c.malformed.fetch_add(1, Relaxed);
-                this.reply(&call, 400, json!(format!("malformed request: {e}")));
+                self.count(&c.malformed, &m.malformed);
+                self.answer(&call, 400, json!(format!("malformed request: {e}")));
                 return;
             }
         };
-        if this.is_expired(&request) {
-            c.expired.fetch_add(1, Relaxed);
+        if !lock(&self.seen).insert(call.id(), ()) {
+            self.count(&c.duplicates, &m.duplicates);
+            tracing::debug!(topic, "dropped: duplicate request");
+            return;
+        }
+        if self.is_expired(&request) {
+            self.count(&c.expired, &m.expired);
             tracing::debug!(topic, "dropped: past its deadline");
             return;
         }
-        let Some(handler) = this.router.get(call.method()) else {
-            c.unknown_method.fetch_add(1, Relaxed);
-            this.reply(
-                &call,
-                404,
-                json!(format!("unknown method '{}'", call.method())),
-            );
-            return;
-        };
-        if this.in_flight.fetch_add(1, Relaxed) >= this.max_in_flight {
-            this.in_flight.fetch_sub(1, Relaxed);
-            c.busy.fetch_add(1, Relaxed);
-            this.reply(&call, 503, json!("busy: too many requests waiting"));
+        if !self.router.knows(call.method()) {
+            self.count(&c.unknown_method, &m.unknown_method);
+            let reason = format!("unknown method '{}'", call.method());
+            self.answer(&call, 404, json!(reason));
             return;
         }
-        let shared = Arc::clone(this);
-        tokio::spawn(async move {
-            let _in_flight = InFlight(&shared.in_flight);
-            let Ok(_slot) = Arc::clone(&shared.slots).acquire_owned().await else {
-                return;
-            };
+        if self.draining.load(Relaxed) {
+            self.count(&c.busy, &m.busy);
+            self.answer(&call, 503, json!("device shutting down"));
+            return;
+        }
+        let mut running = lock(&self.running);
+        if running.len() >= self.max_in_flight {
+            drop(running);
+            self.count(&c.busy, &m.busy);
+            self.answer(&call, 503, json!("busy: too many requests waiting"));
+            return;
+        }
+        let id = call.id();
+        let shared = Arc::clone(self);
+        let method_call = MethodCall {
+            id,
+            target: call.target().clone(),
+            method: call.method().clone(),
+            prefix: call.prefix().clone(),
+            request: request.request,
+            timestamp: request.timestamp,
+            timeout_ms: request.timeout_ms,
+        };
+        let (timestamp, timeout_ms) = (request.timestamp, request.timeout_ms);
+        let task = tokio::spawn(async move {
+            let slot = Arc::clone(&shared.slots).acquire_owned().await;
             // It may have waited for its slot past its deadline.
-            if shared.is_expired(&request) {
-                shared.counters.expired.fetch_add(1, Relaxed);
+            let expired = shared.skew.is_some_and(|skew| {
+                is_expired(timestamp, timeout_ms, unix_millis(SystemTime::now()), skew)
+            });
+            let answer = if slot.is_err() || expired {
+                None
+            } else {
+                shared.count(&shared.counters.executed, &shared.metrics.executed);
+                Some(shared.router.call(method_call).await)
+            };
+            drop(slot);
+            // Answered only by whoever takes the entry: this task, or a
+            // shutdown whose drain timeout passed.
+            let Some(running) = shared.finish(id) else {
                 return;
+            };
+            match answer {
+                Some(a) => shared.answer(&running.call, a.status, a.response),
+                None => shared.count(&shared.counters.expired, &shared.metrics.expired),
             }
-            let method_call = MethodCall {
-                id: call.id(),
-                target: call.target().clone(),
-                method: call.method().clone(),
-                prefix: call.prefix().clone(),
-                request: request.request,
-                timestamp: request.timestamp,
-                timeout_ms: request.timeout_ms,
-            };
-            shared.counters.executed.fetch_add(1, Relaxed);
-            // A panicking handler still gets its caller a 500.
-            let outcome = AssertUnwindSafe(handler.call(method_call))
-                .catch_unwind()
-                .await;
-            let (status, response) = match outcome {
-                Ok(Ok(value)) => (200, value),
-                Ok(Err(e)) => (e.status(), Value::String(e.message().to_owned())),
-                Err(_) => (500, json!("handler panicked")),
-            };
-            shared.reply(&call, status, response);
         });
+        running.insert(
+            id,
+            Running {
+                call,
+                task: task.abort_handle(),
+            },
+        );
+        self.running_count.send_replace(running.len());
+    }
+
+    /// Takes the running entry of `id`, if it is still there.
+    fn finish(&self, id: MessageId) -> Option<Running> {
+        let mut running = lock(&self.running);
+        let entry = running.remove(&id);
+        self.running_count.send_replace(running.len());
+        entry
     }
 
     fn is_expired(&self, request: &RequestPayload) -> bool {

@@ -8,28 +8,63 @@
 //! deadline is neither run nor answered; one delivered twice runs once.
 //!
 //! ```no_run
-//! use directcall_device::{serve, BrokerOptions, DeviceOptions, HandlerError, MethodCall, Router, Target};
+//! use directcall_device::{serve, BrokerOptions, DeviceOptions, HandlerError, Router, Target};
 //! use serde_json::json;
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let router = Router::new().method("windows_down", |call: MethodCall| async move {
-//!     Ok::<_, HandlerError>(json!({ "windows": "down", "asked": call.request }))
-//! });
-//! let options = DeviceOptions::new(BrokerOptions::new("127.0.0.1", 1883), Target::new("VIN123")?);
-//! let device = serve(router, options).await?;
+//! # async fn run() -> Result<(), directcall_device::Error> {
+//! let router = Router::new()
+//!     .method("windows_down", |call| async move {
+//!         let percent = call.request["percent"].as_u64().unwrap_or(100);
+//!         if percent > 100 {
+//!             return Err(HandlerError::bad_request("percent must be 0-100"));
+//!         }
+//!         Ok(json!({ "windows": "down", "percent": percent }))
+//!     })
+//!     .method("alarm_off", |_| async { Ok("alarm off") });
+//! let broker = BrokerOptions::from_url("mqtt://127.0.0.1:1883")?;
+//! let device = serve(router, DeviceOptions::new(broker, Target::new("VIN123")?)).await?;
 //! // ... answers calls until:
 //! device.shutdown().await;
 //! # Ok(()) }
 //! ```
+//!
+//! [`serve`] waits for the broker; [`start`] returns at once and keeps
+//! trying in the background, for firmware that boots before its network.
+//! [`Router::call`] runs a handler as the device would, with no broker, for
+//! unit tests.
+//!
+//! # Features
+//!
+//! Only `directcall-device` goes in a device's `Cargo.toml`; it re-exports
+//! what an mTLS or WebSocket device needs ([`BrokerOptions`],
+//! [`TlsOptions`], [`Transport`]).
+//!
+//! | feature | default | adds |
+//! |---|---|---|
+//! | `tls` | no | `mqtts://` (mutual TLS with a device certificate) |
+//! | `websocket` | no | `ws://`, and `wss://` with `tls` |
+//!
+//! # Metrics
+//!
+//! Counters go through the [`metrics`](https://docs.rs/metrics) facade; the
+//! names are the constants of [`metrics`].
 
 mod device;
+mod error;
 mod handler;
+pub mod metrics;
 
 /// Re-exported so a stateful [`Handler`] can be written without naming the crate.
 pub use async_trait::async_trait;
 pub use device::{
-    serve, Device, DeviceOptions, DeviceStats, Error, DEFAULT_DEDUP_CAPACITY,
-    DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED,
+    serve, start, Device, DeviceOptions, DeviceStats, DEFAULT_DEDUP_CAPACITY,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, DEFAULT_READY_TIMEOUT,
 };
-pub use directcall_core::{BrokerOptions, MessageId, Method, Prefix, PresenceRoot, Target};
-pub use handler::{Handler, HandlerError, MethodCall, Router};
+pub use directcall_core::mqtt::{ConnectionError, SetupError};
+pub use directcall_core::{
+    BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,
+};
+pub use error::Error;
+pub use handler::{
+    handler_fn, Answer, Handler, HandlerError, HandlerFn, IntoAnswer, MethodCall, Router,
+};

@@ -68,7 +68,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             cli.fail_rate
         ));
     }
-    let broker = cli.broker.options()?;
+    let broker = cli.broker.resolve().map_err(|e| e.to_string())?;
     let targets = if cli.devices == 1 {
         vec![Target::new(cli.client_id.as_str()).map_err(|e| format!("--client-id: {e}"))?]
     } else {
@@ -85,18 +85,17 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .collect::<Result<Vec<_>, _>>()?,
         )
     };
-    let options = SimOptions {
-        latency: Duration::from_millis(cli.latency_ms),
-        jitter: Duration::from_millis(cli.jitter_ms),
-        fail_rate: cli.fail_rate,
-        methods,
-        presence: cli.presence,
-        any_target: cli.any_target,
-    };
+    let mut options = SimOptions::default();
+    options.latency = Duration::from_millis(cli.latency_ms);
+    options.jitter = Duration::from_millis(cli.jitter_ms);
+    options.fail_rate = cli.fail_rate;
+    options.methods = methods;
+    options.presence = cli.presence;
+    options.any_target = cli.any_target;
     let devices = sim::start(&broker, &targets, &options)
         .await
         .map_err(|e| e.to_string())?;
-    tracing::info!(devices = devices.len(), broker = %broker.url(), "connected");
+    tracing::info!(devices = devices.len(), broker = %broker.options.url(), "connected");
     println!("Waiting for command ...");
     directcall_bins::gateway::shutdown_signal().await;
     for device in devices {

@@ -7,15 +7,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use directcall_bins::bench::{self, LoadOptions, LoadReport, RawPair};
+use directcall_bins::bench::{self, Failure, LoadOptions, LoadReport};
 use directcall_bins::cli::BrokerArgs;
+use directcall_bins::gateway::GatewayConfig;
 use directcall_bins::http_client::Connection;
+use directcall_bins::service::{InvokeService, Limits};
 use directcall_bins::{gateway, sim, EmbeddedBroker, Mosquitto};
-use directcall_cloud::service::{InvokeService, Limits};
 use directcall_cloud::{Invocation, Options, Prefix, RequestQos, Requester};
+use directcall_core::mqtt;
+use directcall_core::testkit::{Legs, RawPair};
 use directcall_core::{BrokerOptions, Method, Target};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use rumqttc::QoS;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -106,9 +108,9 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let payload = "x".repeat(args.payload_bytes);
     let qos = if args.qos == 1 {
-        QoS::AtLeastOnce
+        mqtt::QoS::AtLeastOnce
     } else {
-        QoS::AtMostOnce
+        mqtt::QoS::AtMostOnce
     };
 
     if args.mode == Mode::Timeouts {
@@ -128,7 +130,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     let mut devices = Vec::new();
     if args.mode != Mode::Raw && !args.external_devices {
         let echo = sim::SimOptions::default();
-        devices = sim::start(&broker, &targets, &echo)
+        devices = sim::start(&broker.clone().into(), &targets, &echo)
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -153,8 +155,8 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
                 async move {
                     match r.invoke(call).await {
                         Ok(reply) if reply.status == 200 => Ok(()),
-                        Ok(reply) => Err(format!("status_{}", reply.status)),
-                        Err(e) => Err(error_kind(&e)),
+                        Ok(reply) => Err(Failure(format!("status_{}", reply.status))),
+                        Err(e) => Err(Failure(error_kind(&e))),
                     }
                 }
             })
@@ -197,14 +199,14 @@ fn broker(args: &BenchArgs) -> Result<(BrokerOptions, Option<Mosquitto>, String)
         let label = format!("private Mosquitto, set_tcp_nodelay {nodelay}");
         return Ok((m.options(), Some(m), label));
     }
-    let options = args.broker.options()?;
+    let options = args.broker.resolve().map_err(|e| e.to_string())?.options;
     let label = options.url();
     Ok((options, None, label))
 }
 
 async fn requester(
     broker: &BrokerOptions,
-    qos: QoS,
+    qos: mqtt::QoS,
     concurrency: usize,
 ) -> Result<Requester, String> {
     let prefix = Prefix::new(format!("bench-{:06x}", fastrand::u32(..) & 0xff_ffff))
@@ -212,7 +214,7 @@ async fn requester(
     let mut options = Options::new(broker.clone())
         .prefix(prefix)
         .max_in_flight(concurrency.max(16_384));
-    if qos == QoS::AtLeastOnce {
+    if qos == mqtt::QoS::AtLeastOnce {
         options = options.qos(RequestQos::AtLeastOnce);
     }
     Requester::connect(options).await.map_err(|e| e.to_string())
@@ -243,17 +245,29 @@ fn progress_bar(load: &LoadOptions, json: bool) -> Option<indicatif::ProgressBar
 async fn raw(
     broker: &BrokerOptions,
     load: &LoadOptions,
-    qos: QoS,
+    qos: mqtt::QoS,
     payload: String,
     timeout: Duration,
     json: bool,
 ) -> Result<LoadReport, String> {
-    let pair = Arc::new(RawPair::start(broker, qos).await?);
+    // Until the reply QoS is chosen by measurement: request at `qos`, the
+    // reply leg at QoS 1, as directcall does.
+    let legs = Legs {
+        request: qos,
+        request_subscription: mqtt::QoS::AtLeastOnce,
+        reply: mqtt::QoS::AtLeastOnce,
+        reply_subscription: mqtt::QoS::AtLeastOnce,
+    };
+    let pair = Arc::new(
+        RawPair::start(broker, legs)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     let payload = Arc::new(payload.into_bytes());
     let progress = progress_bar(load, json);
     Ok(bench::run("raw", load, progress, move |_| {
         let (pair, payload) = (Arc::clone(&pair), Arc::clone(&payload));
-        async move { pair.call(&payload, timeout).await }
+        async move { Ok(pair.call(&payload, timeout).await?) }
     })
     .await)
 }
@@ -262,7 +276,7 @@ async fn http(
     args: &BenchArgs,
     broker: &BrokerOptions,
     load: &LoadOptions,
-    qos: QoS,
+    qos: mqtt::QoS,
     targets: &[Target],
     payload: &str,
     timeout: Duration,
@@ -278,7 +292,7 @@ async fn http(
                 .map_err(|e| e.to_string())?;
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let app = gateway::app(service, Vec::new());
+            let app = gateway::app(GatewayConfig::new(service));
             tokio::spawn(gateway::serve(listener, app, async move {
                 let _ = stop_rx.await;
             }));
@@ -295,20 +309,24 @@ async fn http(
     // One keep-alive connection per concurrent caller, handed out in turn.
     let mut connections = Vec::new();
     for _ in 0..load.concurrency {
-        connections.push(Connection::open(&base).await?);
+        connections.push(Connection::open(&base).await.map_err(|e| e.to_string())?);
     }
     let pool = Arc::new(tokio::sync::Mutex::new(connections));
     let progress = progress_bar(load, args.json);
     Ok(bench::run("http", load, progress, move |n| {
         let (pool, paths) = (Arc::clone(&pool), Arc::clone(&paths));
         async move {
-            let mut conn = pool.lock().await.pop().ok_or("no connection")?;
+            let mut conn = pool
+                .lock()
+                .await
+                .pop()
+                .ok_or(Failure::from("no connection"))?;
             let result = conn.get(&paths[n as usize % paths.len()], &[]).await;
             pool.lock().await.push(conn);
             match result {
                 Ok(r) if r.status == 200 && r.body.contains("\"status\":200") => Ok(()),
-                Ok(r) => Err(format!("http_{}", r.status)),
-                Err(_) => Err("connection".into()),
+                Ok(r) => Err(Failure(format!("http_{}", r.status))),
+                Err(_) => Err(Failure::from("connection")),
             }
         }
     })
@@ -324,9 +342,9 @@ async fn timeouts(
     timeout: Duration,
 ) -> Result<(), String> {
     let qos = if args.qos == 1 {
-        QoS::AtLeastOnce
+        mqtt::QoS::AtLeastOnce
     } else {
-        QoS::AtMostOnce
+        mqtt::QoS::AtMostOnce
     };
     let requester = requester(broker, qos, calls as usize).await?;
     let target = Target::new("nobody-answers").map_err(|e| e.to_string())?;

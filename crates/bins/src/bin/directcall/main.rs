@@ -5,13 +5,13 @@ mod bench;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use directcall_bins::cli::BrokerArgs;
+use directcall_bins::cli::{BrokerArgs, RequesterArgs};
+use directcall_bins::gateway::GatewayConfig;
+use directcall_bins::service::{HttpReply, InvokeService, Limits};
 use directcall_bins::{gateway, http_client, sim, EmbeddedBroker};
-use directcall_cloud::service::{HttpReply, InvokeService, Limits};
-use directcall_cloud::{Options, Prefix, PresenceRoot, RequestQos, Requester};
+use directcall_cloud::{Options, PresenceRoot, Requester};
 use directcall_core::Target;
 
 #[derive(Debug, Parser)]
@@ -49,33 +49,6 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-struct RequesterArgs {
-    /// Topic prefix replies come back under.
-    #[arg(long, env = "DIRECTCALL_PREFIX", default_value = "invocation_client")]
-    prefix: String,
-    /// MQTT client id [default: <prefix>-<12 random hex digits>, unique per process].
-    #[arg(long, env = "DIRECTCALL_CLIENT_ID")]
-    client_id: Option<String>,
-    /// QoS of request publishes: 0 (never queued) or 1.
-    #[arg(long, env = "DIRECTCALL_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
-    qos: u8,
-}
-
-impl RequesterArgs {
-    fn options(&self, broker: &BrokerArgs) -> Result<Options, String> {
-        let prefix = Prefix::new(self.prefix.as_str()).map_err(|e| format!("--prefix: {e}"))?;
-        let mut options = Options::new(broker.options()?).prefix(prefix);
-        if let Some(id) = &self.client_id {
-            options = options.client_id(id.clone());
-        }
-        if self.qos == 1 {
-            options = options.qos(RequestQos::AtLeastOnce);
-        }
-        Ok(options)
-    }
-}
-
-#[derive(Debug, Args)]
 struct ServeArgs {
     #[command(flatten)]
     broker: BrokerArgs,
@@ -98,16 +71,6 @@ struct ServeArgs {
         hide_env_values = true
     )]
     api_tokens: Vec<String>,
-    /// Presence topic root: calls to a target whose last record is offline fail at once with 404.
-    #[arg(
-        long,
-        env = "DIRECTCALL_PRESENCE_ROOT",
-        default_value = "directcall/presence"
-    )]
-    presence_root: String,
-    /// Do not track presence.
-    #[arg(long, env = "DIRECTCALL_NO_PRESENCE")]
-    no_presence: bool,
 }
 
 #[derive(Debug, Args)]
@@ -189,22 +152,9 @@ fn main() -> ExitCode {
     })
 }
 
-fn limits(default_timeout: u64, max_timeout: u64) -> Result<Limits, String> {
-    if default_timeout == 0 || max_timeout == 0 || default_timeout > max_timeout {
-        return Err(format!(
-            "--default-timeout ({default_timeout}) must be from 1 to --max-timeout ({max_timeout})"
-        ));
-    }
-    Ok(Limits {
-        default_timeout: Duration::from_secs(default_timeout),
-        max_timeout: Duration::from_secs(max_timeout),
-    })
-}
-
 async fn run_gateway(
-    service: InvokeService,
+    config: GatewayConfig,
     listen: SocketAddr,
-    tokens: Vec<String>,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -212,8 +162,8 @@ async fn run_gateway(
         .map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     ready(addr);
-    let requester = service.requester().clone();
-    let app = gateway::app(service, tokens);
+    let requester = config.service.requester().clone();
+    let app = gateway::app(config);
     gateway::serve(listener, app, gateway::shutdown_signal())
         .await
         .map_err(|e| format!("HTTP server: {e}"))?;
@@ -223,39 +173,33 @@ async fn run_gateway(
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    let limits = limits(args.default_timeout, args.max_timeout)?;
-    let mut options = args.requester.options(&args.broker)?;
-    if !args.no_presence {
-        let root = PresenceRoot::new(args.presence_root.as_str())
-            .map_err(|e| format!("--presence-root: {e}"))?;
-        options = options.presence(root);
-    }
-    let broker_url = options.broker().url();
+    let limits = Limits::new(args.default_timeout, args.max_timeout).map_err(|e| e.to_string())?;
+    let broker = args.broker.resolve().map_err(|e| e.to_string())?;
+    let options = args.requester.options(&broker).map_err(|e| e.to_string())?;
+    let metrics = directcall_bins::cli::metrics_handle();
     // Start even while the broker is down: /healthz says 503 and calls get 503 until it is up.
     let requester = Requester::start(options).map_err(|e| e.to_string())?;
-    let tokens: Vec<String> = args
-        .api_tokens
-        .into_iter()
-        .filter(|t| !t.is_empty())
-        .collect();
-    let auth = if tokens.is_empty() {
+    let config = GatewayConfig::new(InvokeService::new(requester, limits))
+        .tokens(args.api_tokens)
+        .metrics(metrics);
+    let auth = if config.tokens.is_empty() {
         "off"
     } else {
         "bearer token"
     };
-    run_gateway(
-        InvokeService::new(requester, limits),
-        args.listen,
-        tokens,
-        |addr| {
-            tracing::info!(%addr, broker = %broker_url, auth, "gateway listening");
-        },
-    )
+    let broker_url = broker.options.url();
+    run_gateway(config, args.listen, |addr| {
+        tracing::info!(%addr, broker = %broker_url, auth, "gateway listening");
+    })
     .await
 }
 
 async fn invoke(args: InvokeArgs) -> ExitCode {
-    let options = match args.requester.options(&args.broker) {
+    let options = match args
+        .broker
+        .resolve()
+        .and_then(|broker| args.requester.options(&broker))
+    {
         Ok(o) => o,
         Err(e) => {
             eprintln!("directcall: {e}");
@@ -280,7 +224,7 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
     let reply = match service.query_invocation(pairs, start) {
         Ok(invocation) => {
             // Wait for the connection within the call's own budget.
-            requester.wait_ready(invocation.timeout_duration()).await;
+            requester.wait_ready(invocation.get_timeout()).await;
             service.invoke(invocation).await
         }
         Err(reply) => reply,
@@ -345,6 +289,14 @@ async fn call(args: CallArgs) -> ExitCode {
 
 fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)>, String> {
     let env = |name: &str| std::env::var(name).map_err(|_| format!("{name} is not set"));
+    let mut creds = directcall_cloud::sigv4::AwsSigV4::new(
+        String::new(),
+        env("AWS_ACCESS_KEY_ID")?,
+        env("AWS_SECRET_ACCESS_KEY")?,
+    );
+    if let Ok(token) = std::env::var("AWS_SESSION_TOKEN") {
+        creds = creds.session_token(token);
+    }
     let region = match region {
         Some(r) => r.to_owned(),
         None => url
@@ -356,29 +308,24 @@ fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)
             .map(str::to_owned)
             .ok_or("no --region / AWS_REGION, and no region in the host name")?,
     };
-    let creds = directcall_core::AwsSigV4 {
-        region,
-        access_key_id: env("AWS_ACCESS_KEY_ID")?,
-        secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
-        session_token: std::env::var("AWS_SESSION_TOKEN").ok(),
-    };
-    directcall_cloud::sigv4::sign_get_headers(
+    creds.region = region;
+    directcall_bins::sigv4::sign_get_headers(
         url,
         "execute-api",
         &creds,
         std::time::SystemTime::now(),
     )
+    .map_err(|e| e.to_string())
 }
 
 async fn demo(args: DemoArgs) -> Result<(), String> {
     let device = Target::new(args.device.as_str()).map_err(|e| format!("--device: {e}"))?;
+    let metrics = directcall_bins::cli::metrics_handle();
     let broker = EmbeddedBroker::start(args.broker_port).map_err(|e| e.to_string())?;
-    let sim_options = sim::SimOptions {
-        presence: true,
-        ..sim::SimOptions::default()
-    };
+    let mut sim_options = sim::SimOptions::default();
+    sim_options.presence = true;
     let devices = sim::start(
-        &broker.options(),
+        &broker.options().into(),
         std::slice::from_ref(&device),
         &sim_options,
     )
@@ -388,9 +335,10 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     let requester = Requester::connect(options)
         .await
         .map_err(|e| e.to_string())?;
-    let service = InvokeService::new(requester, Limits::default());
+    let config =
+        GatewayConfig::new(InvokeService::new(requester, Limits::default())).metrics(metrics);
     let broker_url = broker.url();
-    run_gateway(service, args.listen, Vec::new(), |addr| {
+    run_gateway(config, args.listen, |addr| {
         println!("directcall demo");
         println!("  broker   {broker_url} (embedded rumqttd)");
         println!("  device   {device} (simulated, answers every method)");

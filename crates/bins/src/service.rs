@@ -1,21 +1,21 @@
-//! The HTTP-shaped invoke service the gateway and the Lambda share: request
-//! parameters in, `(status, JSON body)` out, exactly as PROTOCOL.md's "HTTP
-//! mapping" says. No HTTP server here: each front end parses its own
-//! transport and calls this one code path.
+//! The HTTP mapping of PROTOCOL.md, independent of any HTTP server:
+//! request parameters in, `(status, JSON body)` out. The bodies are the
+//! typed structs below, so the OpenAPI document (derived from them with
+//! utoipa) cannot drift from what is sent.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use directcall_cloud::{Invocation, Requester};
 use directcall_core::deadline::whole_millis;
 use directcall_core::{Method, Target};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::error::Error;
-use crate::requester::{Invocation, Requester};
+use crate::cli::ConfigError;
 
 /// Largest HTTP body accepted, in bytes (128 KiB, AWS IoT Core's payload limit).
 pub const MAX_HTTP_REQUEST_BYTES: usize = 128 * 1024;
@@ -30,8 +30,14 @@ pub const MIN_TIMEOUT_MS: u64 = 100;
 /// Default longest `timeout` a caller may ask for: 60 s.
 pub const DEFAULT_MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Latency histogram bucket bounds, in seconds.
-const BUCKETS_S: [f64; 16] = [
+/// Calls by outcome.
+pub const CALLS: &str = "directcall_calls_total";
+/// Time from request arrival to answer, for calls that reached the broker.
+pub const CALL_DURATION: &str = "directcall_call_duration_seconds";
+/// Calls waiting for a device now.
+pub const CALLS_IN_FLIGHT: &str = "directcall_calls_in_flight";
+/// Bucket bounds of [`CALL_DURATION`], in seconds.
+pub const CALL_DURATION_BUCKETS: [f64; 16] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0,
 ];
@@ -45,8 +51,9 @@ pub struct HttpReply {
     pub body: Value,
 }
 
-/// What a call ended as, for metrics and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What a call ended as: the `result` of the body and its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Outcome {
     /// The device replied (200).
@@ -56,17 +63,24 @@ pub enum Outcome {
     /// The target is known offline (404).
     Offline,
     /// A bad parameter (400).
+    #[serde(rename = "invalid_parameters")]
     Invalid,
     /// Too large (413).
+    #[serde(rename = "payload_too_large")]
     TooLarge,
     /// No broker connection (503).
     Unavailable,
     /// Missing or wrong credentials (401).
     Unauthorized,
+    /// No such route (404).
+    NotFound,
+    /// The route does not take this HTTP method (405).
+    MethodNotAllowed,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 7] = [
+    /// Every outcome, in a fixed order.
+    pub const ALL: [Outcome; 9] = [
         Outcome::Ok,
         Outcome::Timeout,
         Outcome::Offline,
@@ -74,6 +88,8 @@ impl Outcome {
         Outcome::TooLarge,
         Outcome::Unavailable,
         Outcome::Unauthorized,
+        Outcome::NotFound,
+        Outcome::MethodNotAllowed,
     ];
 
     /// The `result` string of the HTTP body.
@@ -86,6 +102,8 @@ impl Outcome {
             Outcome::TooLarge => "payload_too_large",
             Outcome::Unavailable => "unavailable",
             Outcome::Unauthorized => "unauthorized",
+            Outcome::NotFound => "not_found",
+            Outcome::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -94,17 +112,130 @@ impl Outcome {
         match self {
             Outcome::Ok => 200,
             Outcome::Timeout => 504,
-            Outcome::Offline => 404,
+            Outcome::Offline | Outcome::NotFound => 404,
             Outcome::Invalid => 400,
             Outcome::TooLarge => 413,
             Outcome::Unavailable => 503,
             Outcome::Unauthorized => 401,
+            Outcome::MethodNotAllowed => 405,
         }
     }
 
     fn index(self) -> usize {
-        Outcome::ALL.iter().position(|o| *o == self).unwrap_or(0)
+        match self {
+            Outcome::Ok => 0,
+            Outcome::Timeout => 1,
+            Outcome::Offline => 2,
+            Outcome::Invalid => 3,
+            Outcome::TooLarge => 4,
+            Outcome::Unavailable => 5,
+            Outcome::Unauthorized => 6,
+            Outcome::NotFound => 7,
+            Outcome::MethodNotAllowed => 8,
+        }
     }
+}
+
+/// 200: the device answered.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OkBody {
+    /// Always `ok`.
+    #[schema(value_type = String, pattern = "^ok$")]
+    pub result: Outcome,
+    /// Whole milliseconds since the request arrived.
+    #[schema(pattern = "^[0-9]+$")]
+    pub elapsed: String,
+    /// The device's answer, any JSON.
+    #[schema(value_type = Object)]
+    pub response: Value,
+    /// The device's verdict: 200 done, 400, 404 unknown method, 500 handler
+    /// failed, 503 busy.
+    pub status: u16,
+    /// The call's id.
+    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+    pub id: String,
+}
+
+/// 504: no reply before the deadline. The device may or may not have run
+/// the method.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TimeoutBody {
+    /// Always `timeout`.
+    #[schema(value_type = String, pattern = "^timeout$")]
+    pub result: Outcome,
+    /// Whole milliseconds since the request arrived.
+    #[schema(pattern = "^[0-9]+$")]
+    pub elapsed: String,
+    /// The call's id.
+    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+    pub id: String,
+}
+
+/// 404: the target is known to be offline; nothing was published.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OfflineBody {
+    /// Always `offline`.
+    #[schema(value_type = String, pattern = "^offline$")]
+    pub result: Outcome,
+    /// Whole milliseconds since the request arrived.
+    #[schema(pattern = "^[0-9]+$")]
+    pub elapsed: String,
+}
+
+/// 400, 404 (no route), 405, 413, 503: what went wrong, in words.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MessageBody {
+    /// `invalid_parameters`, `payload_too_large`, `unavailable`,
+    /// `not_found` or `method_not_allowed`.
+    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed)$")]
+    pub result: Outcome,
+    /// Which parameter, and why; or what is unavailable.
+    pub response: String,
+}
+
+/// 401: missing or wrong credentials.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UnauthorizedBody {
+    /// Always `unauthorized`.
+    #[schema(value_type = String, pattern = "^unauthorized$")]
+    pub result: Outcome,
+}
+
+/// The seed's query parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct InvokeQuery {
+    /// The device (one topic level: 1-128 bytes of `A-Z a-z 0-9 _ - . :`).
+    #[param(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$")]
+    target: String,
+    /// The method (one topic level).
+    #[param(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$")]
+    method: String,
+    /// The request value, sent to the device as a JSON string.
+    request: String,
+    /// Whole seconds to wait, 1 to the gateway's maximum.
+    #[param(minimum = 1, maximum = 60, default = 10)]
+    timeout: Option<u64>,
+}
+
+/// The JSON form's body: `{"request": <any JSON>, "timeout_ms": <int>}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostBody {
+    /// The request value, any JSON (default `null`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub request: Value,
+    /// Milliseconds to wait, 100 to the gateway's maximum.
+    #[serde(default)]
+    #[schema(value_type = Option<u64>, minimum = 100, maximum = 60000)]
+    pub timeout_ms: Option<Value>,
+}
+
+fn body(value: &impl Serialize) -> Value {
+    // Serialising these structs of strings, numbers and JSON values cannot fail.
+    serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
 impl HttpReply {
@@ -112,7 +243,10 @@ impl HttpReply {
     pub fn message(outcome: Outcome, message: impl Into<String>) -> Self {
         HttpReply {
             status: outcome.http_status(),
-            body: json!({ "result": outcome.as_str(), "response": message.into() }),
+            body: body(&MessageBody {
+                result: outcome,
+                response: message.into(),
+            }),
         }
     }
 
@@ -120,7 +254,9 @@ impl HttpReply {
     pub fn unauthorized() -> Self {
         HttpReply {
             status: 401,
-            body: json!({ "result": "unauthorized" }),
+            body: body(&UnauthorizedBody {
+                result: Outcome::Unauthorized,
+            }),
         }
     }
 
@@ -137,15 +273,54 @@ impl HttpReply {
             format!("{what}{size} exceeds {limit} bytes"),
         )
     }
+
+    /// 404 for a path that is no route.
+    pub fn not_found(path: &str) -> Self {
+        Self::message(Outcome::NotFound, format!("no route {path}"))
+    }
+
+    /// 405 for a route that does not take the request's method.
+    pub fn method_not_allowed(path: &str, method: &str) -> Self {
+        Self::message(
+            Outcome::MethodNotAllowed,
+            format!("{path} does not take {method}"),
+        )
+    }
+
+    /// The outcome its body names.
+    pub fn outcome(&self) -> Option<Outcome> {
+        let result = self.body.get("result")?.as_str()?;
+        Outcome::ALL.into_iter().find(|o| o.as_str() == result)
+    }
 }
 
 /// Timeout limits of the HTTP forms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// When the caller names none (default 10 s).
     pub default_timeout: Duration,
     /// The most a caller may ask for (default 60 s); more is refused with 400.
     pub max_timeout: Duration,
+}
+
+impl Limits {
+    /// `default_timeout` and `max_timeout`, both whole seconds.
+    ///
+    /// # Errors
+    /// [`ConfigError::Conflict`] when either is zero or the default exceeds
+    /// the maximum.
+    pub fn new(default_timeout: u64, max_timeout: u64) -> Result<Self, ConfigError> {
+        if default_timeout == 0 || max_timeout == 0 || default_timeout > max_timeout {
+            return Err(ConfigError::Conflict(format!(
+                "--default-timeout ({default_timeout}) must be from 1 to --max-timeout ({max_timeout})"
+            )));
+        }
+        Ok(Limits {
+            default_timeout: Duration::from_secs(default_timeout),
+            max_timeout: Duration::from_secs(max_timeout),
+        })
+    }
 }
 
 impl Default for Limits {
@@ -157,13 +332,28 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Metrics {
-    calls: [AtomicU64; 7],
-    buckets: [AtomicU64; BUCKETS_S.len()],
-    latency_sum_us: AtomicU64,
-    latency_count: AtomicU64,
-    in_flight: AtomicI64,
+    calls: [Counter; 9],
+    duration: Histogram,
+    in_flight: Gauge,
+}
+
+impl Metrics {
+    fn register() -> Self {
+        describe_counter!(CALLS, "HTTP calls by outcome.");
+        describe_histogram!(
+            CALL_DURATION,
+            metrics::Unit::Seconds,
+            "Time from request arrival to answer, for calls that reached the broker."
+        );
+        describe_gauge!(CALLS_IN_FLIGHT, "Calls waiting for a device now.");
+        Metrics {
+            calls: Outcome::ALL.map(|o| counter!(CALLS, "outcome" => o.as_str())),
+            duration: histogram!(CALL_DURATION),
+            in_flight: gauge!(CALLS_IN_FLIGHT),
+        }
+    }
 }
 
 /// Validates HTTP-shaped calls, runs them through a [`Requester`], and renders
@@ -172,26 +362,17 @@ struct Metrics {
 pub struct InvokeService {
     requester: Requester,
     limits: Limits,
-    metrics: Arc<Metrics>,
-}
-
-/// The POST body: `{"request": <any JSON>, "timeout_ms": <int>}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PostBody {
-    #[serde(default)]
-    request: Value,
-    #[serde(default)]
-    timeout_ms: Option<Value>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl InvokeService {
-    /// A service calling through `requester` within `limits`.
+    /// A service calling through `requester` within `limits`. Its metrics
+    /// go to the `metrics` recorder installed at this point.
     pub fn new(requester: Requester, limits: Limits) -> Self {
         InvokeService {
             requester,
             limits,
-            metrics: Arc::default(),
+            metrics: std::sync::Arc::new(Metrics::register()),
         }
     }
 
@@ -233,9 +414,9 @@ impl InvokeService {
             }
         }
         let target = required(&params, "target")?;
-        let target = Target::new(target).map_err(|e| HttpReply::invalid("target", reason(&e)))?;
+        let target = Target::new(target).map_err(|e| HttpReply::invalid("target", e.reason()))?;
         let method = required(&params, "method")?;
-        let method = Method::new(method).map_err(|e| HttpReply::invalid("method", reason(&e)))?;
+        let method = Method::new(method).map_err(|e| HttpReply::invalid("method", e.reason()))?;
         let request = required(&params, "request")?.to_owned();
         let timeout = match params.get("timeout") {
             None => self.limits.default_timeout,
@@ -267,8 +448,8 @@ impl InvokeService {
                 MAX_HTTP_REQUEST_BYTES,
             ));
         }
-        let target = Target::new(target).map_err(|e| HttpReply::invalid("target", reason(&e)))?;
-        let method = Method::new(method).map_err(|e| HttpReply::invalid("method", reason(&e)))?;
+        let target = Target::new(target).map_err(|e| HttpReply::invalid("target", e.reason()))?;
+        let method = Method::new(method).map_err(|e| HttpReply::invalid("method", e.reason()))?;
         if let Some(ct) = content_type {
             let essence = ct.split(';').next().unwrap_or_default().trim();
             if !essence.eq_ignore_ascii_case("application/json") {
@@ -332,55 +513,25 @@ impl InvokeService {
     /// line at debug level.
     pub async fn invoke(&self, invocation: Invocation) -> HttpReply {
         // Kept only for the debug line, and only when it will be written.
-        let names = tracing::enabled!(tracing::Level::DEBUG)
-            .then(|| (invocation.target().clone(), invocation.method().clone()));
-        let start = invocation.start_time().unwrap_or_else(Instant::now);
-        self.metrics.in_flight.fetch_add(1, Relaxed);
+        let names = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            (
+                invocation.get_target().clone(),
+                invocation.get_method().clone(),
+            )
+        });
+        let start = invocation
+            .get_started_at()
+            .unwrap_or_else(tokio::time::Instant::now);
+        self.metrics.in_flight.increment(1.0);
         let result = self.requester.invoke(invocation).await;
-        self.metrics.in_flight.fetch_sub(1, Relaxed);
+        self.metrics.in_flight.decrement(1.0);
         let elapsed = start.elapsed();
-        let elapsed_ms = whole_millis(elapsed).to_string();
-        let (outcome, body, id) = match result {
-            Ok(reply) => (
-                Outcome::Ok,
-                json!({
-                    "result": "ok",
-                    "elapsed": whole_millis(reply.elapsed).to_string(),
-                    "response": reply.response,
-                    "status": reply.status,
-                    "id": reply.id.to_string(),
-                }),
-                Some(reply.id),
-            ),
-            Err(Error::Timeout { elapsed, id }) => (
-                Outcome::Timeout,
-                json!({"result": "timeout", "elapsed": whole_millis(elapsed).to_string(), "id": id.to_string()}),
-                Some(id),
-            ),
-            Err(Error::Offline { .. }) => (
-                Outcome::Offline,
-                json!({"result": "offline", "elapsed": elapsed_ms}),
-                None,
-            ),
-            Err(Error::Invalid { field, reason }) => {
-                let r = HttpReply::invalid(field, reason);
-                (Outcome::Invalid, r.body, None)
-            }
-            Err(e @ Error::PayloadTooLarge { .. }) => (
-                Outcome::TooLarge,
-                HttpReply::message(Outcome::TooLarge, e.to_string()).body,
-                None,
-            ),
-            Err(e) => (
-                Outcome::Unavailable,
-                HttpReply::message(Outcome::Unavailable, e.to_string()).body,
-                None,
-            ),
-        };
+        let reply = render(result, elapsed);
+        let outcome = reply.outcome().unwrap_or(Outcome::Unavailable);
         self.record(outcome, Some(elapsed));
         if let Some((target, method)) = names {
             tracing::debug!(
-                id = id.map(|i| i.to_string()).unwrap_or_default(),
+                id = reply.body.get("id").and_then(serde_json::Value::as_str).unwrap_or_default(),
                 %target,
                 %method,
                 outcome = outcome.as_str(),
@@ -388,10 +539,7 @@ impl InvokeService {
                 "call"
             );
         }
-        HttpReply {
-            status: outcome.http_status(),
-            body,
-        }
+        reply
     }
 
     /// Counts a request refused before it became a call (401, 413, 400 at
@@ -401,92 +549,57 @@ impl InvokeService {
     }
 
     fn record(&self, outcome: Outcome, latency: Option<Duration>) {
-        let m = &self.metrics;
-        m.calls[outcome.index()].fetch_add(1, Relaxed);
+        self.metrics.calls[outcome.index()].increment(1);
         if let Some(latency) = latency {
-            let s = latency.as_secs_f64();
-            if let Some(i) = BUCKETS_S.iter().position(|b| s <= *b) {
-                m.buckets[i].fetch_add(1, Relaxed);
-            }
-            m.latency_sum_us.fetch_add(
-                u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-                Relaxed,
-            );
-            m.latency_count.fetch_add(1, Relaxed);
+            self.metrics.duration.record(latency.as_secs_f64());
         }
     }
+}
 
-    /// Prometheus text exposition (format 0.0.4) of calls by outcome, the
-    /// latency histogram, calls in flight, pending calls, dropped replies by
-    /// reason, broker reconnects and connection state.
-    pub fn metrics_text(&self) -> String {
-        let m = &self.metrics;
-        let stats = self.requester.stats();
-        let mut out = String::with_capacity(4096);
-        out.push_str("# HELP directcall_calls_total HTTP calls by outcome.\n# TYPE directcall_calls_total counter\n");
-        for o in Outcome::ALL {
-            let _ = writeln!(
-                out,
-                "directcall_calls_total{{outcome=\"{}\"}} {}",
-                o.as_str(),
-                m.calls[o.index()].load(Relaxed)
-            );
+/// PROTOCOL.md's HTTP table.
+fn render(
+    result: Result<directcall_cloud::Reply, directcall_cloud::Error>,
+    elapsed: Duration,
+) -> HttpReply {
+    use directcall_cloud::Error;
+    let ms = |d: Duration| whole_millis(d).to_string();
+    let (status, value) = match result {
+        Ok(reply) => (
+            200,
+            body(&OkBody {
+                result: Outcome::Ok,
+                elapsed: ms(reply.elapsed),
+                response: reply.response,
+                status: reply.status,
+                id: reply.id.to_string(),
+            }),
+        ),
+        Err(Error::Timeout { elapsed, id }) => (
+            504,
+            body(&TimeoutBody {
+                result: Outcome::Timeout,
+                elapsed: ms(elapsed),
+                id: id.to_string(),
+            }),
+        ),
+        Err(Error::Offline { .. }) => (
+            404,
+            body(&OfflineBody {
+                result: Outcome::Offline,
+                elapsed: ms(elapsed),
+            }),
+        ),
+        Err(Error::Invalid { field, reason }) => return HttpReply::invalid(field, reason),
+        Err(e @ Error::PayloadTooLarge { .. }) => {
+            return HttpReply::message(Outcome::TooLarge, e.to_string())
         }
-        out.push_str("# HELP directcall_call_duration_seconds Time from request arrival to answer, for calls that reached the broker.\n# TYPE directcall_call_duration_seconds histogram\n");
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS_S.iter().enumerate() {
-            cumulative += m.buckets[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "directcall_call_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = m.latency_count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "directcall_call_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "directcall_call_duration_seconds_sum {}",
-            m.latency_sum_us.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "directcall_call_duration_seconds_count {count}");
-        let _ = write!(
-            out,
-            "# HELP directcall_calls_in_flight Calls waiting for a device now.\n# TYPE directcall_calls_in_flight gauge\ndirectcall_calls_in_flight {}\n",
-            m.in_flight.load(Relaxed)
-        );
-        let _ = write!(
-            out,
-            "# HELP directcall_pending_calls Entries in the pending-call table.\n# TYPE directcall_pending_calls gauge\ndirectcall_pending_calls {}\n",
-            stats.pending
-        );
-        out.push_str("# HELP directcall_replies_dropped_total Replies that completed no call, by reason.\n# TYPE directcall_replies_dropped_total counter\n");
-        for (reason, n) in [
-            ("late", stats.dropped_late),
-            ("duplicate", stats.dropped_duplicate),
-            ("unknown", stats.dropped_unknown),
-            ("mismatched", stats.dropped_mismatched),
-            ("malformed", stats.dropped_malformed),
-            ("oversized", stats.dropped_oversized),
-        ] {
-            let _ = writeln!(
-                out,
-                "directcall_replies_dropped_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        let _ = write!(
-            out,
-            "# HELP directcall_broker_reconnects_total Broker connections made after the first.\n# TYPE directcall_broker_reconnects_total counter\ndirectcall_broker_reconnects_total {}\n",
-            stats.reconnects
-        );
-        let _ = write!(
-            out,
-            "# HELP directcall_broker_connected Whether the broker connection is up and subscribed.\n# TYPE directcall_broker_connected gauge\ndirectcall_broker_connected {}\n",
-            u8::from(stats.connected)
-        );
-        out
+        // Unavailable, Closed, and what a later version may add: not the
+        // caller's doing, and nothing was delivered.
+        Err(e) => return HttpReply::message(Outcome::Unavailable, e.to_string()),
+    };
+    HttpReply {
+        status,
+        body: value,
     }
 }
 
@@ -500,18 +613,11 @@ fn required<'a>(
     }
 }
 
-/// The reason part of a core validation error (the field is named by the caller).
-fn reason(e: &directcall_core::Error) -> String {
-    match e {
-        directcall_core::Error::Invalid { reason, .. } => reason.clone(),
-        other => other.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BrokerOptions, Options};
+    use directcall_cloud::{BrokerOptions, Options};
+    use serde_json::json;
 
     fn service() -> InvokeService {
         // Never connects: parsing needs no broker.
@@ -537,12 +643,12 @@ mod tests {
             "request=my_request_1&method=reqid-ABCD&target=Device001&timeout=3",
         )
         .unwrap();
-        assert_eq!(inv.target().as_str(), "Device001");
-        assert_eq!(inv.method().as_str(), "reqid-ABCD");
-        assert_eq!(inv.request(), &json!("my_request_1"));
-        assert_eq!(inv.timeout_duration(), Duration::from_secs(3));
+        assert_eq!(inv.get_target().as_str(), "Device001");
+        assert_eq!(inv.get_method().as_str(), "reqid-ABCD");
+        assert_eq!(inv.get_request(), &json!("my_request_1"));
+        assert_eq!(inv.get_timeout(), Duration::from_secs(3));
         let inv = query(&s, "request=&method=m&target=t&extra=1").unwrap();
-        assert_eq!(inv.timeout_duration(), DEFAULT_HTTP_TIMEOUT);
+        assert_eq!(inv.get_timeout(), DEFAULT_HTTP_TIMEOUT);
     }
 
     #[tokio::test]
@@ -585,12 +691,12 @@ mod tests {
                 now,
             )
             .unwrap();
-        assert_eq!(inv.request(), &json!({"a": [1]}));
-        assert_eq!(inv.timeout_duration(), Duration::from_millis(2500));
+        assert_eq!(inv.get_request(), &json!({"a": [1]}));
+        assert_eq!(inv.get_timeout(), Duration::from_millis(2500));
         let inv = s
             .post_invocation("car", "unlock", None, b"{}", now)
             .unwrap();
-        assert_eq!(inv.request(), &Value::Null);
+        assert_eq!(inv.get_request(), &Value::Null);
         for (ct, body, field) in [
             (None, &b"not json"[..], "body"),
             (None, b"[]", "body"),
@@ -629,18 +735,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn every_outcome_round_trips_through_its_body() {
+        for o in Outcome::ALL {
+            let r = HttpReply::message(o, "x");
+            assert_eq!(r.outcome(), Some(o));
+            assert_eq!(r.status, o.http_status());
+        }
+    }
+
     #[tokio::test]
     async fn an_unconnected_service_answers_503_and_counts_it() {
-        let s = service();
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let s = metrics::with_local_recorder(&recorder, service);
         let inv = query(&s, "target=t&method=m&request=r&timeout=1").unwrap();
         let r = s.invoke(inv).await;
         assert_eq!(r.status, 503);
         assert_eq!(r.body["result"], "unavailable");
-        let text = s.metrics_text();
+        let text = handle.render();
         assert!(
             text.contains("directcall_calls_total{outcome=\"unavailable\"} 1"),
             "{text}"
         );
-        assert!(text.contains("directcall_broker_connected 0"), "{text}");
     }
 }

@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use directcall_core::BrokerOptions;
+use crate::broker::BrokerOptions;
 
-use crate::broker::free_port;
+use crate::embedded::free_port;
 
 /// A Mosquitto process owned by this one; killed on drop.
 #[derive(Debug)]

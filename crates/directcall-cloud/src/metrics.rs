@@ -1,0 +1,89 @@
+//! The requester's metrics, recorded through the `metrics` facade so they
+//! reach whatever exporter the process installed (Prometheus, StatsD,
+//! OpenTelemetry, ...). Handles are registered when the requester starts:
+//! install the recorder before that.
+
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
+
+/// Requests published.
+pub const REQUESTS_PUBLISHED: &str = "directcall_requests_published_total";
+/// Calls ended by a reply.
+pub const REPLIES_COMPLETED: &str = "directcall_replies_completed_total";
+/// Calls ended by their deadline.
+pub const CALL_TIMEOUTS: &str = "directcall_call_timeouts_total";
+/// Replies that completed no call, by `reason`.
+pub const REPLIES_DROPPED: &str = "directcall_replies_dropped_total";
+/// Calls waiting for a reply now.
+pub const PENDING_CALLS: &str = "directcall_pending_calls";
+/// Broker connections made after the first.
+pub const BROKER_RECONNECTS: &str = "directcall_broker_reconnects_total";
+/// Whether the requester's connection is up and subscribed (1 or 0).
+pub const BROKER_CONNECTED: &str = "directcall_broker_connected";
+
+/// Why a reply completed no call, as the `reason` label spells it.
+pub(crate) const DROP_REASONS: [&str; 6] = [
+    "late",
+    "duplicate",
+    "unknown",
+    "mismatched",
+    "malformed",
+    "oversized",
+];
+
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    pub(crate) published: Counter,
+    pub(crate) completed: Counter,
+    pub(crate) timeouts: Counter,
+    /// In the order of [`DROP_REASONS`].
+    pub(crate) dropped: [Counter; 6],
+    pub(crate) pending: Gauge,
+    pub(crate) reconnects: Counter,
+    pub(crate) connected: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn register() -> Self {
+        describe_counter!(REQUESTS_PUBLISHED, "Requests published.");
+        describe_counter!(REPLIES_COMPLETED, "Calls ended by a reply.");
+        describe_counter!(CALL_TIMEOUTS, "Calls ended by their deadline.");
+        describe_counter!(
+            REPLIES_DROPPED,
+            "Replies that completed no call, by reason."
+        );
+        describe_gauge!(PENDING_CALLS, "Calls waiting for a reply now.");
+        describe_counter!(
+            BROKER_RECONNECTS,
+            "Broker connections made after the first."
+        );
+        describe_gauge!(
+            BROKER_CONNECTED,
+            "Whether the broker connection is up and subscribed."
+        );
+        Metrics {
+            published: counter!(REQUESTS_PUBLISHED),
+            completed: counter!(REPLIES_COMPLETED),
+            timeouts: counter!(CALL_TIMEOUTS),
+            dropped: DROP_REASONS.map(|reason| counter!(REPLIES_DROPPED, "reason" => reason)),
+            pending: gauge!(PENDING_CALLS),
+            reconnects: counter!(BROKER_RECONNECTS),
+            connected: gauge!(BROKER_CONNECTED),
+        }
+    }
+}
+
+/// Counts one call as pending until dropped.
+pub(crate) struct PendingGauge<'a>(&'a Gauge);
+
+impl<'a> PendingGauge<'a> {
+    pub(crate) fn new(gauge: &'a Gauge) -> Self {
+        gauge.increment(1.0);
+        PendingGauge(gauge)
+    }
+}
+
+impl Drop for PendingGauge<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}

@@ -1,0 +1,506 @@
+//! The requester against real brokers (the embedded rumqttd and a Mosquitto
+//! started for each test), with bare MQTT peers as devices: seed devices,
+//! slow ones, hostile ones. No directcall-device here.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use directcall_cloud::{Error, Field, Invocation, Options, Prefix, Requester};
+use directcall_core::testkit::{eventually, now_ms, unique, within, Kind, Raw, Relay, TestBroker};
+use directcall_core::{both_brokers, MessageId, PresenceRoot};
+use serde_json::{json, Value};
+
+fn call(target: &str, method: &str, request: Value, timeout_ms: u64) -> Invocation {
+    Invocation::parse(target, method, request)
+        .unwrap()
+        .timeout(Duration::from_millis(timeout_ms))
+}
+
+/// A requester with its own prefix, so parallel tests never see each other's replies.
+async fn requester_with(b: &TestBroker, configure: impl FnOnce(Options) -> Options) -> Requester {
+    let options = configure(Options::new(b.options()).prefix(Prefix::new(unique("test")).unwrap()));
+    within(15, Requester::connect(options))
+        .await
+        .expect("requester connects")
+}
+
+async fn requester(b: &TestBroker) -> Requester {
+    requester_with(b, |o| o).await
+}
+
+/// The topic levels of a request a raw device received.
+fn levels(topic: &str) -> Vec<String> {
+    topic.split('/').map(str::to_owned).collect()
+}
+
+async fn a_seed_device_answers_a_directcall_requester(b: TestBroker) {
+    // A device that knows only the seed's fields: reads id, request, timestamp;
+    // answers {"id", "response"} with no status.
+    let car = unique("Device001");
+    let mut seed = Raw::connect(&b.options(), &car).await;
+    seed.subscribe(&format!("{car}/#")).await;
+    let r = requester(&b).await;
+    let pending = tokio::spawn({
+        let (r, car) = (r.clone(), car.clone());
+        async move {
+            r.invoke(call(&car, "reqid-ABCD", json!("my_request_1"), 5000))
+                .await
+        }
+    });
+    let (topic, req) = seed.next().await;
+    let l = levels(&topic);
+    assert_eq!(l.len(), 4);
+    assert_eq!(
+        (l[0].as_str(), l[1].as_str(), l[2].as_str()),
+        (car.as_str(), "reqid-ABCD", r.prefix().as_str())
+    );
+    assert_eq!(req["id"], json!(l[3]));
+    assert_eq!(req["request"], json!("my_request_1"));
+    let ts: u64 = req["timestamp"]
+        .as_str()
+        .expect("timestamp is a decimal string")
+        .parse()
+        .unwrap();
+    assert!(ts.abs_diff(now_ms()) < 60_000);
+    let text = "Your request was 'my_request_1'. Some random response: '333.0155808661127'";
+    seed.publish(
+        &format!("{}/{}/{}/{}/ack", l[2], l[3], l[0], l[1]),
+        json!({"id": l[3], "response": text}).to_string(),
+    )
+    .await;
+    let reply = within(10, pending).await.unwrap().unwrap();
+    assert_eq!(reply.status, 200, "no status means 200");
+    assert_eq!(reply.response, json!(text));
+    assert!(reply.is_success());
+}
+both_brokers!(a_seed_device_answers_a_directcall_requester);
+
+async fn a_timeout_fires_at_the_deadline(b: TestBroker) {
+    let r = requester(&b).await;
+    let started = Instant::now();
+    let e = within(10, r.invoke(call(&unique("nobody"), "m", Value::Null, 700)))
+        .await
+        .unwrap_err();
+    let Error::Timeout { elapsed, .. } = e else {
+        panic!("expected a timeout, got {e:?}")
+    };
+    assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(1200),
+        "timeout fired late: {elapsed:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1300));
+    let s = r.stats();
+    assert_eq!((s.timeouts, s.pending), (1, 0));
+}
+both_brokers!(a_timeout_fires_at_the_deadline);
+
+async fn a_reply_on_another_targets_topic_is_refused(b: TestBroker) {
+    let car = unique("car");
+    let other = unique("other");
+    let mut fake = Raw::connect(&b.options(), &unique("fake")).await;
+    fake.subscribe(&format!("{car}/#")).await;
+    let r = requester(&b).await;
+    let pending = tokio::spawn({
+        let (r, car) = (r.clone(), car.clone());
+        async move { r.invoke(call(&car, "unlock", Value::Null, 10_000)).await }
+    });
+    let (topic, req) = fake.next().await;
+    let l = levels(&topic);
+    let (prefix, id) = (&l[2], &l[3]);
+    assert_eq!(req["id"], json!(id));
+    // right id, but another device's topic: refused, the call keeps waiting
+    fake.publish(
+        &format!("{prefix}/{id}/{other}/unlock/ack"),
+        json!({"id": id, "response": "spoofed"}).to_string(),
+    )
+    .await;
+    // right topic, but the payload names another id: refused too
+    fake.publish(
+        &format!("{prefix}/{id}/{car}/unlock/ack"),
+        json!({"id": MessageId::new().to_string(), "response": "spoofed"}).to_string(),
+    )
+    .await;
+    // then the genuine answer
+    fake.publish(
+        &format!("{prefix}/{id}/{car}/unlock/ack"),
+        json!({"id": id, "response": "genuine"}).to_string(),
+    )
+    .await;
+    let reply = within(10, pending).await.unwrap().unwrap();
+    assert_eq!(reply.response, json!("genuine"));
+    let s = r.stats();
+    assert_eq!(s.dropped_mismatched, 2);
+    assert_eq!((s.completed, s.pending), (1, 0));
+}
+both_brokers!(a_reply_on_another_targets_topic_is_refused);
+
+async fn a_reply_after_the_timeout_is_dropped_and_nothing_is_left(b: TestBroker) {
+    let car = unique("car");
+    let mut slow = Raw::connect(&b.options(), &unique("slowcar")).await;
+    slow.subscribe(&format!("{car}/#")).await;
+    let r = requester(&b).await;
+    let pending = tokio::spawn({
+        let (r, car) = (r.clone(), car.clone());
+        async move { r.invoke(call(&car, "unlock", Value::Null, 300)).await }
+    });
+    let (topic, _) = slow.next().await;
+    let e = within(10, pending).await.unwrap().unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert_eq!(r.stats().pending, 0);
+    let l = levels(&topic);
+    let (prefix, id) = (&l[2], &l[3]);
+    let reply_topic = format!("{prefix}/{id}/{car}/unlock/ack");
+    for text in ["too late", "too late again"] {
+        slow.publish(
+            &reply_topic,
+            json!({"id": id, "response": text}).to_string(),
+        )
+        .await;
+    }
+    // an id nobody ever asked for, and garbage
+    let unknown = MessageId::new();
+    slow.publish(
+        &format!("{prefix}/{unknown}/{car}/unlock/ack"),
+        json!({"id": unknown.to_string()}).to_string(),
+    )
+    .await;
+    slow.publish(&reply_topic, b"\xff not json".to_vec()).await;
+    eventually(10, || {
+        let s = r.stats();
+        s.dropped_late == 2 && s.dropped_unknown == 1 && s.dropped_malformed == 1
+    })
+    .await;
+    let s = r.stats();
+    assert_eq!((s.pending, s.completed, s.timeouts), (0, 0, 1));
+}
+both_brokers!(a_reply_after_the_timeout_is_dropped_and_nothing_is_left);
+
+async fn bad_input_is_refused_before_anything_is_published(b: TestBroker) {
+    let mut spy = Raw::connect(&b.options(), &unique("spy")).await;
+    let r = requester(&b).await;
+    let target = unique("car");
+    spy.subscribe(&format!("{target}/#")).await;
+    let e = Invocation::parse("car/#", "m", Value::Null).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Invalid {
+                field: Field::Target,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = Invocation::parse(&target, "+", Value::Null).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Invalid {
+                field: Field::Method,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let (long_target, long_method) = ("t".repeat(128), "m".repeat(100));
+    let e = r
+        .invoke(call(&long_target, &long_method, Value::Null, 1000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Invalid {
+                field: Field::Topic,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = r
+        .invoke(call(&target, "m", Value::Null, 0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Invalid {
+                field: Field::Timeout,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let big = json!("x".repeat(200 * 1024));
+    let e = r.invoke(call(&target, "m", big, 1000)).await.unwrap_err();
+    assert!(matches!(e, Error::PayloadTooLarge { .. }), "{e:?}");
+    spy.nothing_for(300).await;
+    assert_eq!(r.stats().published, 0);
+}
+both_brokers!(bad_input_is_refused_before_anything_is_published);
+
+async fn shutdown_ends_pending_calls_with_closed(b: TestBroker) {
+    let r = requester(&b).await;
+    let pending = tokio::spawn({
+        let r = r.clone();
+        async move {
+            r.invoke(call(&unique("nobody"), "m", Value::Null, 10_000))
+                .await
+        }
+    });
+    eventually(10, || r.stats().pending == 1).await;
+    within(10, r.shutdown()).await;
+    let e = within(10, pending).await.unwrap().unwrap_err();
+    assert!(matches!(e, Error::Closed), "{e:?}");
+    let e = r
+        .invoke(call("x", "m", Value::Null, 1000))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Closed), "{e:?}");
+    assert_eq!(r.stats().pending, 0);
+}
+both_brokers!(shutdown_ends_pending_calls_with_closed);
+
+async fn a_call_waiting_for_a_slot_when_shutdown_comes_ends_closed(b: TestBroker) {
+    // One slot, taken by a call nobody answers: the second call waits for
+    // the slot. Shutdown must end it with Closed, never let it time out.
+    let r = requester_with(&b, |o| o.max_in_flight(1)).await;
+    let nobody = unique("nobody");
+    let first = tokio::spawn({
+        let (r, t) = (r.clone(), nobody.clone());
+        async move { r.invoke(call(&t, "m", Value::Null, 10_000)).await }
+    });
+    eventually(10, || r.stats().pending == 1).await;
+    let second = tokio::spawn({
+        let (r, t) = (r.clone(), nobody.clone());
+        async move { r.invoke(call(&t, "m", Value::Null, 3_000)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    within(10, r.shutdown()).await;
+    for task in [first, second] {
+        let e = within(10, task).await.unwrap().unwrap_err();
+        assert!(matches!(e, Error::Closed), "{e:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the waiting call must not wait out its deadline"
+    );
+    assert_eq!(r.stats().timeouts, 0);
+}
+both_brokers!(a_call_waiting_for_a_slot_when_shutdown_comes_ends_closed);
+
+async fn a_target_recorded_offline_fails_at_once(b: TestBroker) {
+    let car = unique("car");
+    let root = PresenceRoot::new(unique("presence")).unwrap();
+    let r = requester_with(&b, |o| o.presence(root.clone())).await;
+    let record = Raw::connect(&b.options(), &unique("will")).await;
+    let car_target = directcall_core::Target::new(&car).unwrap();
+    record
+        .publish_with(
+            &root.topic(&car_target),
+            json!({"online": false}).to_string(),
+            1,
+            true,
+        )
+        .await;
+    let e = within(10, async {
+        loop {
+            match r.invoke(call(&car, "m", Value::Null, 200)).await {
+                Err(e @ Error::Offline { .. }) => break e,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    let Error::Offline { target } = e else {
+        unreachable!()
+    };
+    assert_eq!(target.as_str(), car);
+    let published = r.stats().published;
+    let started = Instant::now();
+    assert!(matches!(
+        r.invoke(call(&car, "m", Value::Null, 5000)).await,
+        Err(Error::Offline { .. })
+    ));
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(r.stats().published, published, "nothing is published");
+    // a target with no record is tried as usual
+    let e = r
+        .invoke(call(&unique("unknown"), "x", Value::Null, 200))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    // cleared records: tried again
+    record
+        .publish_with(&root.topic(&car_target), Vec::new(), 1, true)
+        .await;
+    within(10, async {
+        while let Err(Error::Offline { .. }) = r.invoke(call(&car, "m", Value::Null, 50)).await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+both_brokers!(a_target_recorded_offline_fails_at_once);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_lifecycle_events_mark_a_device_offline_on_mosquitto() {
+    // rumqttd refuses `$` filters; Mosquitto, like AWS IoT Core, grants them.
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let car = unique("thing");
+    let r = requester_with(&b, |o| o.aws_presence()).await;
+    let aws = Raw::connect(&b.options(), &unique("lifecycle")).await;
+    let event = |kind: &str, ts: u64| {
+        json!({"clientId": car, "timestamp": ts, "eventType": kind, "versionNumber": 0}).to_string()
+    };
+    within(10, async {
+        loop {
+            // Until the presence subscription (asked for after the reply
+            // subscription) is in place, events go nowhere: send them again.
+            aws.publish(
+                &format!("$aws/events/presence/disconnected/{car}"),
+                event("disconnected", 2000),
+            )
+            .await;
+            // an older "connected" arriving late must not undo the newer disconnect
+            aws.publish(
+                &format!("$aws/events/presence/connected/{car}"),
+                event("connected", 1000),
+            )
+            .await;
+            match r.invoke(call(&car, "m", Value::Null, 200)).await {
+                Err(Error::Offline { .. }) => break,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(matches!(
+        r.invoke(call(&car, "m", Value::Null, 200)).await,
+        Err(Error::Offline { .. })
+    ));
+    aws.publish(
+        &format!("$aws/events/presence/connected/{car}"),
+        event("connected", 3000),
+    )
+    .await;
+    within(10, async {
+        while let Err(Error::Offline { .. }) = r.invoke(call(&car, "m", Value::Null, 50)).await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_presence_filter_does_not_stop_the_requester() {
+    let b = TestBroker::start(Kind::Embedded).unwrap();
+    let r = requester_with(&b, |o| o.aws_presence()).await;
+    // rumqttd closes the connection over the `$aws` filter (as AWS IoT does
+    // over a filter its policy denies), every time: a few reconnects, then
+    // the requester goes on without presence.
+    eventually(20, || r.stats().reconnects >= 3).await;
+    assert!(r.wait_ready(Duration::from_secs(10)).await);
+    let reconnects = r.stats().reconnects;
+    let car = unique("car");
+    let mut seed = Raw::connect(&b.options(), &car).await;
+    seed.subscribe(&format!("{car}/#")).await;
+    let answer = tokio::spawn(async move {
+        for _ in 0..5 {
+            let (topic, req) = seed.next().await;
+            let l = levels(&topic);
+            seed.publish(
+                &format!("{}/{}/{}/{}/ack", l[2], l[3], l[0], l[1]),
+                json!({"id": req["id"], "response": "ok"}).to_string(),
+            )
+            .await;
+        }
+    });
+    for _ in 0..5 {
+        let reply = within(10, r.invoke(call(&car, "m", Value::Null, 5000)))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    within(10, answer).await.unwrap();
+    assert_eq!(r.stats().reconnects, reconnects, "no more reconnects");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_survives_a_lost_connection_while_its_subscription_waits() {
+    // The connection dies exactly while the optional presence subscription
+    // waits for its SUBACK (as a broker restart at that moment would): the
+    // next connection must ask for it again, not give presence up for good.
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let upstream: SocketAddr = format!("127.0.0.1:{}", b.options().port).parse().unwrap();
+    let relay = Relay::start(upstream).await;
+    relay.cut_at_subscribe(2);
+    let root = PresenceRoot::new(unique("presence")).unwrap();
+    let options = Options::new(relay.options())
+        .prefix(Prefix::new(unique("test")).unwrap())
+        .presence(root.clone());
+    let r = within(15, Requester::connect(options)).await.unwrap();
+    eventually(10, || relay.connections() >= 2 && r.is_connected()).await;
+    let car = unique("car");
+    let record = Raw::connect(&b.options(), &unique("record")).await;
+    record
+        .publish_with(
+            &root.topic(&directcall_core::Target::new(&car).unwrap()),
+            json!({"online": false}).to_string(),
+            1,
+            true,
+        )
+        .await;
+    let offline = within(10, async {
+        loop {
+            match r.invoke(call(&car, "m", Value::Null, 100)).await {
+                Err(Error::Offline { .. }) => break true,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert!(offline);
+    assert_eq!(r.stats().reconnects, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_makes_a_new_connection_at_once() {
+    let b = TestBroker::start(Kind::Embedded).unwrap();
+    let r = requester(&b).await;
+    r.reconnect();
+    eventually(10, || r.stats().reconnects == 1 && r.is_connected()).await;
+    let e = r
+        .invoke(call(&unique("nobody"), "m", Value::Null, 200))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "connected again: {e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_calls_are_unavailable_with_the_cause() {
+    let port = directcall_core::testkit::free_port().unwrap();
+    let options = Options::new(directcall_core::BrokerOptions::new("127.0.0.1", port))
+        .ready_timeout(Duration::from_millis(300));
+    let e = Requester::connect(options.clone()).await.unwrap_err();
+    let Error::Unavailable { last_error, .. } = &e else {
+        panic!("{e:?}")
+    };
+    let cause = last_error.as_ref().expect("the connection error is kept");
+    assert!(cause.to_string().contains(&port.to_string()), "{cause}");
+    assert!(std::error::Error::source(&e).is_some(), "{e}");
+    let r = Requester::start(options).unwrap();
+    eventually(5, || r.last_error().is_some()).await;
+    let e = r
+        .invoke(call("car", "m", Value::Null, 1000))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+}

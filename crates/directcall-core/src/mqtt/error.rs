@@ -1,0 +1,84 @@
+//! Errors of the connection layer. None carries a rumqttc type in its public
+//! shape; the underlying error is reachable through `source()`.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+/// Why a connection could not be set up (before any network traffic).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The transport needs a cargo feature of directcall-core that is not
+    /// compiled in.
+    #[error("{url} needs the `{feature}` feature")]
+    Unsupported {
+        /// The broker URL.
+        url: String,
+        /// The feature to enable.
+        feature: &'static str,
+    },
+    /// TLS material that cannot be used.
+    #[error("TLS {what}: {source}")]
+    Tls {
+        /// Which part: `CA certificate`, `client key`, ...
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Arc<dyn StdError + Send + Sync>,
+    },
+}
+
+impl SetupError {
+    /// A TLS error about `what`, caused by `source`.
+    pub fn tls(what: &'static str, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        SetupError::Tls {
+            what,
+            source: Arc::from(source.into()),
+        }
+    }
+}
+
+/// Why a connection failed or was lost: the broker it was to, and the
+/// transport's error as the source.
+#[derive(Debug, Clone)]
+pub struct ConnectionError {
+    broker: String,
+    source: Arc<dyn StdError + Send + Sync>,
+}
+
+impl ConnectionError {
+    pub(crate) fn new(broker: &str, source: impl StdError + Send + Sync + 'static) -> Self {
+        ConnectionError {
+            broker: broker.to_owned(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// The broker URL the connection was to.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+}
+
+impl fmt::Display for ConnectionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.broker, self.source)
+    }
+}
+
+impl StdError for ConnectionError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// A publish that was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The request queue is full, the connection has ended, or the topic is
+    /// not a valid MQTT topic name.
+    #[error("not queued: the request queue is full or the connection has ended")]
+    NotQueued,
+}

@@ -1,0 +1,509 @@
+//! The one MQTT connection layer the requester and the device share
+//! (feature `mqtt`).
+//!
+//! It holds what both sides must get right and nothing either side owns:
+//! rumqttc options with the traps of PITFALLS.md set (TCP_NODELAY, packet
+//! sizes, clean sessions), TLS (feature `tls`) and WebSockets with a URL
+//! signing hook (feature `websocket`), and the task that drives a
+//! connection: it reconnects with capped, jittered backoff, subscribes again
+//! on every connection, reports ready only after the essential SUBACK, and
+//! owns the ready state, the last error and shutdown. No rumqttc type appears
+//! in this module's public API.
+//!
+//! A side builds a [`Connection`], takes its [`Link`] (the cheap handle that
+//! publishes and reports state) into its own state, then runs the connection
+//! with that state as its [`Session`]:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use directcall_core::mqtt::{Connection, ConnectionOptions, Link, Message, QoS, Session, Subscription};
+//! use directcall_core::BrokerOptions;
+//!
+//! struct Echo { link: Link }
+//!
+//! impl Session for Echo {
+//!     fn subscriptions(&self) -> Vec<Subscription> {
+//!         vec![Subscription::new("echo/in", QoS::AtLeastOnce)]
+//!     }
+//!     fn on_message(self: &Arc<Self>, message: Message<'_>) {
+//!         self.link.publish_or_queue("echo/out", message.payload.to_vec(), QoS::AtMostOnce, false);
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), directcall_core::mqtt::SetupError> {
+//! let connection = Connection::new(ConnectionOptions::new(BrokerOptions::new("127.0.0.1", 1883), "echo-1"))?;
+//! let session = Arc::new(Echo { link: connection.link() });
+//! let driver = connection.run(session);
+//! driver.link().wait_ready(std::time::Duration::from_secs(5)).await;
+//! driver.stop().await;
+//! # Ok(()) }
+//! ```
+
+mod driver;
+mod error;
+pub(crate) mod options;
+#[cfg(feature = "tls")]
+pub mod tls;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, EventLoop};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::broker::BrokerOptions;
+
+pub use error::{ConnectionError, PublishError, SetupError};
+
+/// Room in the request channel beyond what a side asks for: presence
+/// records, subscriptions and the DISCONNECT never wait behind calls.
+const CHANNEL_SLACK: usize = 64;
+
+/// Delivery guarantee of a publish or subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum QoS {
+    /// At most once: never queued, never repeated.
+    #[default]
+    AtMostOnce,
+    /// At least once: acknowledged by the broker, repeated until it is.
+    AtLeastOnce,
+}
+
+impl QoS {
+    /// `0` or `1`, as MQTT numbers them.
+    pub fn level(self) -> u8 {
+        match self {
+            QoS::AtMostOnce => 0,
+            QoS::AtLeastOnce => 1,
+        }
+    }
+
+    /// The QoS of level `0` or `1`; `None` for any other number (QoS 2 is
+    /// not used: AWS IoT Core does not support it).
+    pub fn from_level(level: u8) -> Option<Self> {
+        match level {
+            0 => Some(QoS::AtMostOnce),
+            1 => Some(QoS::AtLeastOnce),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn to_rumqttc(self) -> rumqttc::QoS {
+        match self {
+            QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
+            QoS::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+        }
+    }
+}
+
+/// One topic filter to subscribe to on every connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The filter, e.g. `VIN123/#`.
+    pub filter: String,
+    /// The most the broker may deliver at.
+    pub qos: QoS,
+}
+
+impl Subscription {
+    /// A subscription to `filter` at `qos`.
+    pub fn new(filter: impl Into<String>, qos: QoS) -> Self {
+        Subscription {
+            filter: filter.into(),
+            qos,
+        }
+    }
+}
+
+/// A message the broker publishes when the connection dies without a
+/// DISCONNECT (MQTT's last will).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Its QoS.
+    pub qos: QoS,
+    /// Whether the broker retains it.
+    pub retain: bool,
+}
+
+/// One incoming message, borrowed from the connection's buffer.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Message<'a> {
+    /// The topic it was published on.
+    pub topic: &'a str,
+    /// Its payload.
+    pub payload: &'a [u8],
+}
+
+/// Signs the URL of a WebSocket connection anew on every connection attempt:
+/// presigned URLs expire (AWS IoT Core's SigV4 URLs after minutes), so a URL
+/// signed once would fail the first reconnect after that.
+///
+/// directcall-cloud implements it for AWS IoT Core (`AwsSigV4`).
+pub trait UrlSigner: std::fmt::Debug + Send + Sync + 'static {
+    /// `url` (`wss://host/path`, no query) with its signature added.
+    ///
+    /// # Errors
+    /// When it cannot be signed now; the attempt then goes out unsigned and
+    /// the broker refuses it, which the connection reports as its last error.
+    fn sign(&self, url: &str) -> Result<String, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// What one side does with its connection's events. Every method is called
+/// from the driver task and must return quickly: never await user code or a
+/// full channel here (spawn instead).
+pub trait Session: Send + Sync + 'static {
+    /// The filters to subscribe to on every connection. The first is
+    /// essential: the link is ready once the broker grants it. The others
+    /// are optional and asked for in a SUBSCRIBE of their own afterwards, so
+    /// a broker that closes the connection over one of them (AWS IoT Core
+    /// does, for a filter the policy denies) cannot take the essential one
+    /// down with it.
+    fn subscriptions(&self) -> Vec<Subscription>;
+
+    /// A connection was made (CONNACK), before its subscriptions are granted.
+    fn on_connected(&self) {}
+
+    /// The essential subscription was granted: the link is ready.
+    fn on_ready(&self) {}
+
+    /// A message arrived.
+    fn on_message(self: &Arc<Self>, message: Message<'_>);
+
+    /// The connection failed or was lost.
+    fn on_disconnected(&self, _error: &ConnectionError) {}
+
+    /// The driver is stopping, before it sends DISCONNECT: the last chance to
+    /// publish (an offline presence record, say).
+    fn on_stopping(&self) {}
+}
+
+/// How to open one connection.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ConnectionOptions {
+    /// Where and how.
+    pub broker: BrokerOptions,
+    /// The MQTT client id.
+    pub client_id: String,
+    /// The last will, if any.
+    pub will: Option<Will>,
+    /// Requests that may wait to be written at once (default 1024); size it
+    /// for the calls a side keeps in flight.
+    pub capacity: usize,
+    /// Signs WebSocket URLs on every attempt (default: none).
+    pub url_signer: Option<Arc<dyn UrlSigner>>,
+}
+
+impl std::fmt::Debug for ConnectionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionOptions")
+            .field("broker", &self.broker)
+            .field("client_id", &self.client_id)
+            .field("will", &self.will.as_ref().map(|w| &w.topic))
+            .field("capacity", &self.capacity)
+            .field("url_signer", &self.url_signer.is_some())
+            .finish()
+    }
+}
+
+impl ConnectionOptions {
+    /// A connection to `broker` as `client_id`, with no will, room for 1024
+    /// queued requests and no URL signer.
+    pub fn new(broker: BrokerOptions, client_id: impl Into<String>) -> Self {
+        ConnectionOptions {
+            broker,
+            client_id: client_id.into(),
+            will: None,
+            capacity: 1024,
+            url_signer: None,
+        }
+    }
+
+    /// The last will (default: none).
+    pub fn will(mut self, will: Will) -> Self {
+        self.will = Some(will);
+        self
+    }
+
+    /// Room in the request queue (default 1024).
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Sign WebSocket URLs with `signer` on every connection attempt.
+    pub fn url_signer(mut self, signer: Arc<dyn UrlSigner>) -> Self {
+        self.url_signer = Some(signer);
+        self
+    }
+}
+
+/// A client id made unique per process: `{base}-` and 12 random hex digits.
+/// A second connection with the same id would push the first off the broker
+/// (and AWS IoT Core allows one CONNECT per second per id).
+pub fn unique_client_id(base: &str) -> String {
+    format!("{base}-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
+}
+
+/// State shared by the driver and every [`Link`].
+#[derive(Debug)]
+struct LinkState {
+    ready: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    reconnect: watch::Sender<u64>,
+    last_error: Mutex<Option<ConnectionError>>,
+    connects: AtomicU64,
+    client_id: String,
+    broker_url: String,
+    max_packet_bytes: usize,
+}
+
+/// A connection that is built but not yet driven. Take its [`Link`] into the
+/// session, then [`Connection::run`] it.
+pub struct Connection {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    state: Arc<LinkState>,
+    backoff: crate::broker::Backoff,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("client_id", &self.state.client_id)
+            .field("broker", &self.state.broker_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Builds the connection; nothing touches the network until
+    /// [`Connection::run`].
+    ///
+    /// # Errors
+    /// [`SetupError`] when the TLS material is unusable or the transport
+    /// needs a feature that is not compiled in.
+    pub fn new(options: ConnectionOptions) -> Result<Self, SetupError> {
+        let (mqtt, network) = options::rumqttc_options(&options)?;
+        let (client, mut eventloop) =
+            AsyncClient::new(mqtt, options.capacity.saturating_add(CHANNEL_SLACK));
+        eventloop.set_network_options(network);
+        let broker = &options.broker;
+        Ok(Connection {
+            client,
+            eventloop,
+            backoff: crate::broker::Backoff::new(broker.backoff_min, broker.backoff_max),
+            state: Arc::new(LinkState {
+                ready: watch::Sender::new(false),
+                stop: watch::Sender::new(false),
+                reconnect: watch::Sender::new(0),
+                last_error: Mutex::new(None),
+                connects: AtomicU64::new(0),
+                client_id: options.client_id,
+                broker_url: broker.url(),
+                max_packet_bytes: broker.max_packet_bytes,
+            }),
+        })
+    }
+
+    /// The handle that publishes on this connection and reports its state.
+    pub fn link(&self) -> Link {
+        Link {
+            client: self.client.clone(),
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// Spawns the task that drives the connection for `session`, until
+    /// [`Driver::stop`] or [`Link::stop`].
+    pub fn run<S: Session>(self, session: Arc<S>) -> Driver {
+        let link = self.link();
+        let task = tokio::spawn(driver::drive(
+            session,
+            self.eventloop,
+            link.clone(),
+            self.backoff,
+        ));
+        Driver { link, task }
+    }
+}
+
+/// A cheap, cloneable handle on a running connection: publish, and read or
+/// wait for its state.
+#[derive(Clone)]
+pub struct Link {
+    client: AsyncClient,
+    state: Arc<LinkState>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("client_id", &self.state.client_id)
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Link {
+    /// Queues a publish without waiting.
+    ///
+    /// # Errors
+    /// [`PublishError`] when the request queue is full, the connection has
+    /// ended, or the topic is not a valid MQTT topic name.
+    pub fn publish(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), PublishError> {
+        self.client
+            .try_publish(topic, qos.to_rumqttc(), retain, payload)
+            .map_err(|_| PublishError::NotQueued)
+    }
+
+    /// Queues a publish and never fails or blocks the caller: when the queue
+    /// is full, a task waits for room (from the driver, awaiting the queue
+    /// would deadlock: rumqttc issues 263 and 1025).
+    pub fn publish_or_queue(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+        qos: QoS,
+        retain: bool,
+    ) {
+        let result = self
+            .client
+            .try_publish(topic, qos.to_rumqttc(), retain, payload);
+        if let Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) = result {
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                let _ = client
+                    .publish_bytes(p.topic, p.qos, p.retain, p.payload)
+                    .await;
+            });
+        }
+    }
+
+    /// Whether the connection is up and its essential subscription granted.
+    pub fn is_ready(&self) -> bool {
+        *self.state.ready.borrow()
+    }
+
+    /// Waits until the link is ready, at most `timeout`; returns whether it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.state.ready.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|up| *up))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// A future that resolves whenever readiness changes (for gauges and
+    /// health endpoints); `None` once the driver has ended.
+    pub fn watch_ready(&self) -> impl Future<Output = Option<bool>> + Send + 'static {
+        let mut rx = self.state.ready.subscribe();
+        async move { rx.changed().await.ok().map(|()| *rx.borrow()) }
+    }
+
+    /// Why the connection last failed, if it ever did.
+    pub fn last_error(&self) -> Option<ConnectionError> {
+        self.state
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Connections made so far (CONNACKs received).
+    pub fn connects(&self) -> u64 {
+        self.state.connects.load(Relaxed)
+    }
+
+    /// The MQTT client id.
+    pub fn client_id(&self) -> &str {
+        &self.state.client_id
+    }
+
+    /// The broker, as a URL without credentials or query.
+    pub fn broker_url(&self) -> &str {
+        &self.state.broker_url
+    }
+
+    /// The largest packet this side sends.
+    pub fn max_packet_bytes(&self) -> usize {
+        self.state.max_packet_bytes
+    }
+
+    /// Asks the driver to stop: it calls [`Session::on_stopping`], sends
+    /// DISCONNECT and ends. Returns at once.
+    pub fn stop(&self) {
+        self.state.stop.send_replace(true);
+    }
+
+    /// Drops the connection and makes a new one at once, whatever state it
+    /// is in: for a process that was frozen (a Lambda execution environment)
+    /// and cannot trust a socket that sent no keepalive meanwhile. Requests
+    /// queued and not yet written are dropped.
+    pub fn reconnect(&self) {
+        self.state.reconnect.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_stopping(&self) -> bool {
+        *self.state.stop.borrow()
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.state.ready.send_if_modified(|r| {
+            let changed = *r != ready;
+            *r = ready;
+            changed
+        });
+    }
+
+    fn set_error(&self, error: ConnectionError) {
+        *self
+            .state
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+}
+
+/// The running connection task.
+#[derive(Debug)]
+pub struct Driver {
+    link: Link,
+    task: JoinHandle<()>,
+}
+
+impl Driver {
+    /// The connection's link.
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Stops cleanly (see [`Link::stop`]) and waits for the task to end.
+    pub async fn stop(self) {
+        self.link.stop();
+        let _ = self.task.await;
+    }
+
+    /// Drops the connection without DISCONNECT, as a crash or a lost network
+    /// would: the broker then publishes the last will.
+    pub async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.link.set_ready(false);
+    }
+}

@@ -1,0 +1,171 @@
+//! Real servers on free ports, bare MQTT peers and small helpers, for the
+//! tests and benches of every directcall crate (feature `testkit`).
+//!
+//! Nothing here is a mock: [`TestBroker`] is the embedded rumqttd or a
+//! Mosquitto process started from the `mosquitto` binary on a free port
+//! (never the machine's 1883), and [`Raw`] is a bare MQTT client, what a seed
+//! device or a hostile peer would be.
+//!
+//! ```no_run
+//! use directcall_core::testkit::{within, Kind, Raw, TestBroker};
+//!
+//! # async fn run() {
+//! let broker = TestBroker::start(Kind::Mosquitto).expect("mosquitto installed");
+//! let mut peer = Raw::connect(&broker.options(), "peer-1").await;
+//! peer.subscribe("car/#").await;
+//! peer.publish("car/unlock", "{}").await;
+//! let (topic, _payload) = within(5, peer.next_raw()).await;
+//! assert_eq!(topic, "car/unlock");
+//! # }
+//! ```
+
+mod mosquitto;
+mod raw;
+mod raw_pair;
+mod relay;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use crate::embedded::{free_port, BrokerError, EmbeddedBroker};
+pub use mosquitto::{mosquitto_binary, Mosquitto};
+pub use raw::Raw;
+pub use raw_pair::{Legs, RawCallError, RawPair, RawPairError};
+pub use relay::Relay;
+
+use crate::broker::BrokerOptions;
+
+/// Which real broker a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Kind {
+    /// The embedded rumqttd, in this process, a broker per test.
+    Embedded,
+    /// A Mosquitto process on a free port.
+    Mosquitto,
+}
+
+/// A broker of the test's own.
+#[derive(Debug)]
+pub struct TestBroker {
+    /// Which one.
+    pub kind: Kind,
+    /// The Mosquitto process, when it is one (to kill, restart, read its log).
+    pub mosquitto: Option<Mosquitto>,
+    options: BrokerOptions,
+}
+
+/// Whether a missing server must fail the test (under `CI`) rather than
+/// skip it with a loud message.
+pub fn required() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Prints the loud skip message, or panics under `CI`.
+pub fn skip(what: &str, install: &str) {
+    assert!(!required(), "{what} is required in CI ({install})");
+    eprintln!("\n*** SKIPPED: {what} is not installed; `{install}` to run this test ***\n");
+}
+
+impl TestBroker {
+    /// The broker, or `None` (loudly) when Mosquitto is not installed
+    /// outside CI. Panics when it is installed but does not start.
+    pub fn start(kind: Kind) -> Option<Self> {
+        match kind {
+            // A broker per test: one test's trouble (rumqttd closing a
+            // connection over a `$` filter, say) never reaches another.
+            Kind::Embedded => {
+                let b = EmbeddedBroker::start(None).expect("embedded broker");
+                Some(TestBroker {
+                    kind,
+                    mosquitto: None,
+                    options: b.options(),
+                })
+            }
+            Kind::Mosquitto => match Mosquitto::start("").expect("mosquitto failed to start") {
+                Some(m) => Some(TestBroker {
+                    kind,
+                    options: m.options(),
+                    mosquitto: Some(m),
+                }),
+                None => {
+                    skip("the mosquitto binary", "apt-get install -y mosquitto");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        self.options.url()
+    }
+
+    /// Settings for it, with fast reconnects (50 ms to 500 ms) so restart
+    /// tests stay short.
+    pub fn options(&self) -> BrokerOptions {
+        let mut o = self.options.clone();
+        o.backoff_min = Duration::from_millis(50);
+        o.backoff_max = Duration::from_millis(500);
+        o
+    }
+}
+
+/// Runs the async fn `$name(broker: TestBroker)` against both brokers, as two
+/// tests `$name::embedded` and `$name::mosquitto` (the caller needs tokio's
+/// `macros` and `rt-multi-thread` features).
+#[macro_export]
+macro_rules! both_brokers {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                if let Some(b) = $crate::testkit::TestBroker::start($crate::testkit::Kind::Embedded)
+                {
+                    super::$name(b).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mosquitto() {
+                if let Some(b) =
+                    $crate::testkit::TestBroker::start($crate::testkit::Kind::Mosquitto)
+                {
+                    super::$name(b).await;
+                }
+            }
+        }
+    };
+}
+
+/// A name unique to this test run: `{base}-` and 8 random hex digits.
+pub fn unique(base: &str) -> String {
+    format!("{base}-{:08x}", fastrand::u32(..))
+}
+
+/// Bounds an await: a hung test fails instead of hanging CI.
+///
+/// # Panics
+/// When `fut` does not finish within `secs` seconds.
+pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
+
+/// Polls `check` every 10 ms until it returns true, at most `secs` seconds.
+///
+/// # Panics
+/// When `check` is still false after `secs` seconds.
+pub async fn eventually(secs: u64, mut check: impl FnMut() -> bool) {
+    within(secs, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Milliseconds since the Unix epoch now.
+pub fn now_ms() -> u64 {
+    crate::deadline::unix_millis(std::time::SystemTime::now())
+}

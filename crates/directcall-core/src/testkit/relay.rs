@@ -1,0 +1,182 @@
+//! A TCP relay between MQTT clients and a broker that can cut connections
+//! at exact moments: network faults at the process level, without `tc` or
+//! iptables (neither is on these machines).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::broker::BrokerOptions;
+
+/// MQTT control packet type of SUBSCRIBE (fixed header `0x82`).
+const SUBSCRIBE: u8 = 8;
+
+#[derive(Debug, Default)]
+struct Faults {
+    /// Cut the connection instead of forwarding the n-th SUBSCRIBE (1-based)
+    /// of the next connection; 0 means never.
+    cut_at_subscribe: AtomicUsize,
+    connections: AtomicUsize,
+}
+
+/// A relay on a free port of 127.0.0.1 to `upstream`.
+#[derive(Debug)]
+pub struct Relay {
+    addr: SocketAddr,
+    faults: Arc<Faults>,
+    cut: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+}
+
+impl Relay {
+    /// Starts relaying to `upstream`.
+    ///
+    /// # Panics
+    /// When no local port can be bound.
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("relay port");
+        let addr = listener.local_addr().expect("relay address");
+        let faults = Arc::new(Faults::default());
+        let (cut, _) = watch::channel(0u64);
+        let (stop, mut stopped) = watch::channel(false);
+        let (faults2, cut2) = (Arc::clone(&faults), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    a = listener.accept() => a,
+                };
+                let Ok((client, _)) = accepted else { continue };
+                let (faults, cut) = (Arc::clone(&faults2), cut2.subscribe());
+                tokio::spawn(relay(client, upstream, faults, cut));
+            }
+        });
+        Relay {
+            addr,
+            faults,
+            cut,
+            stop,
+        }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Settings for clients of the relay, with fast reconnects.
+    pub fn options(&self) -> BrokerOptions {
+        let mut o = BrokerOptions::new("127.0.0.1", self.addr.port());
+        o.backoff_min = std::time::Duration::from_millis(50);
+        o.backoff_max = std::time::Duration::from_millis(500);
+        o
+    }
+
+    /// On the next connection, cut it (both ways, at once) when the client
+    /// sends its `n`-th SUBSCRIBE, which never reaches the broker.
+    pub fn cut_at_subscribe(&self, n: usize) {
+        self.faults.cut_at_subscribe.store(n, SeqCst);
+    }
+
+    /// Cuts every open connection now.
+    pub fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.faults.connections.load(SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        self.cut_all();
+    }
+}
+
+async fn relay(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    faults: Arc<Faults>,
+    mut cut: watch::Receiver<u64>,
+) {
+    let Ok(mut broker) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = broker.set_nodelay(true);
+    faults.connections.fetch_add(1, SeqCst);
+    let cut_at = faults.cut_at_subscribe.swap(0, SeqCst);
+    cut.borrow_and_update();
+    let (mut client_rd, mut client_wr) = client.split();
+    let (mut broker_rd, mut broker_wr) = broker.split();
+    let upward = async {
+        let mut pending = Vec::new();
+        let mut subscribes = 0;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = client_rd.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            // Forward whole packets only, so a cut falls between packets.
+            while let Some(len) = packet_len(&pending) {
+                if pending[0] >> 4 == SUBSCRIBE {
+                    subscribes += 1;
+                    if subscribes == cut_at {
+                        return;
+                    }
+                }
+                if broker_wr.write_all(&pending[..len]).await.is_err() {
+                    return;
+                }
+                pending.drain(..len);
+            }
+        }
+    };
+    let downward = async {
+        let _ = tokio::io::copy(&mut broker_rd, &mut client_wr).await;
+    };
+    tokio::select! {
+        () = upward => {}
+        () = downward => {}
+        _ = cut.changed() => {}
+    }
+}
+
+/// The length of the first whole MQTT packet in `buf`, if it is all there.
+fn packet_len(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let byte = *buf.get(1 + i)?;
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let len = 1 + i + 1 + remaining;
+            return (buf.len() >= len).then_some(len);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::packet_len;
+
+    #[test]
+    fn packet_lengths() {
+        assert_eq!(packet_len(&[0xc0, 0]), Some(2));
+        assert_eq!(packet_len(&[0x82, 3, 0, 1, 2]), Some(5));
+        assert_eq!(packet_len(&[0x82, 3, 0, 1]), None);
+        assert_eq!(packet_len(&[0x30, 0x80]), None);
+        let mut long = vec![0x30, 0x80, 0x01];
+        long.extend(std::iter::repeat_n(0, 128));
+        assert_eq!(packet_len(&long), Some(131));
+    }
+}
