@@ -45,19 +45,14 @@ fn topics(c: &mut Criterion) {
 fn payloads(c: &mut Criterion) {
     let mut g = c.benchmark_group("payload");
     g.throughput(Throughput::Elements(1));
-    let request = RequestPayload {
-        id: MessageId::new().to_string(),
-        request: json!("my_request_1"),
-        timestamp: Some(1_764_300_000_000),
-        timeout_ms: Some(3000),
-    };
-    let reply = ReplyPayload {
-        id: MessageId::new().to_string(),
-        response: json!(
-            "Your request was 'my_request_1'. Some random response: '333.0155808661127'"
-        ),
-        status: 200,
-    }
+    let mut request = RequestPayload::new(MessageId::new().to_string(), json!("my_request_1"));
+    request.timestamp = Some(1_764_300_000_000);
+    request.timeout_ms = Some(3000);
+    let reply = ReplyPayload::new(
+        MessageId::new().to_string(),
+        200,
+        json!("Your request was 'my_request_1'. Some random response: '333.0155808661127'"),
+    )
     .to_vec();
     g.bench_function("encode request", |b| b.iter(|| black_box(request.to_vec())));
     g.bench_function("decode reply", |b| {

@@ -67,12 +67,7 @@ fn roundtrips(
         let raw = Arc::new(
             RawPair::start(
                 &broker,
-                Legs {
-                    request: QoS::AtMostOnce,
-                    request_subscription: QoS::AtLeastOnce,
-                    reply: QoS::AtLeastOnce,
-                    reply_subscription: QoS::AtLeastOnce,
-                },
+                Legs::uniform(QoS::AtLeastOnce).request(QoS::AtMostOnce),
             )
             .await
             .expect("raw pair"),

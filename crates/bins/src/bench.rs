@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 /// How long and how hard to drive.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LoadOptions {
     /// Calls in flight at once.
     pub concurrency: usize,
@@ -24,8 +25,27 @@ pub struct LoadOptions {
     pub warmup: u64,
 }
 
+impl LoadOptions {
+    /// `concurrency` calls in flight, until `calls` calls or `duration` (the
+    /// first reached), after `warmup` unmeasured calls.
+    pub fn new(
+        concurrency: usize,
+        calls: Option<u64>,
+        duration: Option<Duration>,
+        warmup: u64,
+    ) -> Self {
+        LoadOptions {
+            concurrency,
+            calls,
+            duration,
+            warmup,
+        }
+    }
+}
+
 /// What a run measured.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct LoadReport {
     /// `requester`, `http`, `raw`, ...
     pub mode: String,

@@ -63,13 +63,14 @@ pub const DEFAULT_BROKER: &str = "mqtt://127.0.0.1:1883";
 
 /// How to reach the broker. Every flag has an environment fallback.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct BrokerArgs {
     /// Broker URL: mqtt://host:port, mqtts://host:port (with --ca, --cert,
     /// --key), ws://host:port/path or wss://host:port/path [default:
     /// mqtt://127.0.0.1:1883].
     #[arg(long, env = "DIRECTCALL_BROKER", conflicts_with = "iot_endpoint")]
     pub broker: Option<String>,
-    /// AWS IoT Core data endpoint (…-ats.iot.<region>.amazonaws.com), instead
+    /// AWS IoT Core data endpoint (…-ats.iot.REGION.amazonaws.com), instead
     /// of --broker; see --auth.
     #[arg(long, env = "DIRECTCALL_IOT_ENDPOINT")]
     pub iot_endpoint: Option<String>,
@@ -107,6 +108,7 @@ pub struct BrokerArgs {
 
 /// Broker settings and, for AWS IoT Core over SigV4, the URL signer.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Broker {
     /// Where and how.
     pub options: BrokerOptions,
@@ -186,10 +188,12 @@ impl BrokerArgs {
                     tls.alpn = vec![alpn.clone()];
                 }
             }
-            None if wants_tls => return Err(ConfigError::Conflict(format!(
+            None if wants_tls => {
+                return Err(ConfigError::Conflict(format!(
                 "--ca, --cert, --key and --alpn need a TLS broker URL (mqtts:// or wss://), not {}",
                 options.url()
-            ))),
+            )))
+            }
             None => {}
         }
         Ok(Broker { options, signer })
@@ -236,18 +240,19 @@ pub enum PresenceMode {
 
 /// The requester's identity and behaviour.
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct RequesterArgs {
     /// Topic prefix replies come back under.
     #[arg(long, env = "DIRECTCALL_PREFIX", default_value = "invocation_client")]
     pub prefix: String,
-    /// MQTT client id, exactly [default: <client id prefix>-<12 random hex digits>].
+    /// MQTT client id, exactly [default: the client id prefix, a dash and 12 random hex digits].
     #[arg(
         long,
         env = "DIRECTCALL_CLIENT_ID",
         conflicts_with = "client_id_prefix"
     )]
     pub client_id: Option<String>,
-    /// Client ids are <this>-<12 random hex digits>, fresh per process [default: the prefix].
+    /// Client ids are this, a dash and 12 random hex digits, fresh per process [default: the prefix].
     #[arg(long, env = "DIRECTCALL_CLIENT_ID_PREFIX")]
     pub client_id_prefix: Option<String>,
     /// QoS of request publishes: 0 (never queued) or 1.

@@ -409,12 +409,10 @@ async fn invoke_post(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if let Some(len) = declared.filter(|len| *len > MAX_HTTP_REQUEST_BYTES) {
-        return gw.refuse(HttpReply::too_large(
-            "body",
-            Some(len),
-            MAX_HTTP_REQUEST_BYTES,
-        ));
+    // The same answer whether the length was declared or found by reading
+    // (API Gateway declares none to the Lambda).
+    if declared.is_some_and(|len| len > MAX_HTTP_REQUEST_BYTES) {
+        return gw.refuse(HttpReply::too_large("body", None, MAX_HTTP_REQUEST_BYTES));
     }
     let body: Bytes = match axum::body::to_bytes(body, MAX_HTTP_REQUEST_BYTES).await {
         Ok(b) => b,

@@ -49,6 +49,7 @@ pub enum HttpError {
 
 /// One HTTP response.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HttpResponse {
     /// Status code.
     pub status: u16,

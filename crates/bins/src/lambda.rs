@@ -42,6 +42,7 @@ pub const RESPONSE_MARGIN: Duration = Duration::from_millis(250);
     version,
     about = "directcall behind API Gateway: the gateway's routes as an AWS Lambda"
 )]
+#[non_exhaustive]
 pub struct LambdaArgs {
     #[command(flatten)]
     #[allow(missing_docs)]

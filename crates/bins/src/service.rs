@@ -44,6 +44,7 @@ pub const CALL_DURATION_BUCKETS: [f64; 16] = [
 
 /// An HTTP answer: status code and JSON body.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HttpReply {
     /// HTTP status code.
     pub status: u16,
@@ -138,6 +139,7 @@ impl Outcome {
 
 /// 200: the device answered.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct OkBody {
     /// Always `ok`.
     #[schema(value_type = String, pattern = "^ok$")]
@@ -159,6 +161,7 @@ pub struct OkBody {
 /// 504: no reply before the deadline. The device may or may not have run
 /// the method.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct TimeoutBody {
     /// Always `timeout`.
     #[schema(value_type = String, pattern = "^timeout$")]
@@ -173,6 +176,7 @@ pub struct TimeoutBody {
 
 /// 404: the target is known to be offline; nothing was published.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct OfflineBody {
     /// Always `offline`.
     #[schema(value_type = String, pattern = "^offline$")]
@@ -184,6 +188,7 @@ pub struct OfflineBody {
 
 /// 400, 404 (no route), 405, 413, 503: what went wrong, in words.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct MessageBody {
     /// `invalid_parameters`, `payload_too_large`, `unavailable`,
     /// `not_found` or `method_not_allowed`.
@@ -195,6 +200,7 @@ pub struct MessageBody {
 
 /// 401: missing or wrong credentials.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
 pub struct UnauthorizedBody {
     /// Always `unauthorized`.
     #[schema(value_type = String, pattern = "^unauthorized$")]
@@ -222,6 +228,7 @@ pub struct InvokeQuery {
 /// The JSON form's body: `{"request": <any JSON>, "timeout_ms": <int>}`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PostBody {
     /// The request value, any JSON (default `null`).
     #[serde(default)]

@@ -11,16 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{car_router, device, requester, unique, within, Kind, TestBroker};
-use directcall_cloud::{Error, Invocation};
-use directcall_device::{HandlerError, MethodCall, Router};
+use common::{call, car_router, device, requester, unique, within, Kind, TestBroker};
+use directcall_cloud::Error;
+use directcall_device::Router;
 use serde_json::{json, Value};
-
-fn call(target: &str, method: &str, timeout_ms: u64) -> Invocation {
-    Invocation::parse(target, method, Value::Null)
-        .unwrap()
-        .timeout(Duration::from_millis(timeout_ms))
-}
 
 fn kind(r: &Result<directcall_cloud::Reply, Error>) -> &'static str {
     match r {
@@ -59,7 +53,9 @@ async fn the_broker_killed_under_load_loses_no_call() {
                 while !stop.load(Ordering::Relaxed) {
                     sent.fetch_add(1, Ordering::Relaxed);
                     let t = Instant::now();
-                    let result = r.invoke(call(&car, "alarm_off", DEADLINE_MS)).await;
+                    let result = r
+                        .invoke(call(&car, "alarm_off", Value::Null, DEADLINE_MS))
+                        .await;
                     let took = t.elapsed();
                     {
                         let mut late = worst_late.lock().unwrap();
@@ -124,16 +120,16 @@ async fn a_device_restarted_mid_call_costs_that_call_only() {
     };
     let car = unique("car");
     let slow = || {
-        Router::new().method("slow", |_c: MethodCall| async {
+        Router::new().method("slow", |_| async {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            Ok::<_, HandlerError>(json!("done"))
+            Ok(json!("done"))
         })
     };
     let dev = device(&b, &car, slow()).await;
     let r = requester(&b).await;
     let in_flight = tokio::spawn({
         let (r, car) = (r.clone(), car.clone());
-        async move { r.invoke(call(&car, "slow", 2000)).await }
+        async move { r.invoke(call(&car, "slow", Value::Null, 2000)).await }
     });
     within(10, async {
         while dev.stats().executed == 0 {
@@ -145,7 +141,7 @@ async fn a_device_restarted_mid_call_costs_that_call_only() {
     let _again = device(&b, &car, slow()).await;
     let e = within(10, in_flight).await.unwrap().unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
-    let reply = within(10, r.invoke(call(&car, "slow", 5000)))
+    let reply = within(10, r.invoke(call(&car, "slow", Value::Null, 5000)))
         .await
         .unwrap();
     assert_eq!(reply.response, json!("done"));
@@ -158,14 +154,14 @@ async fn a_device_slower_than_the_deadline_times_out_on_time_and_its_reply_is_dr
         return;
     };
     let car = unique("car");
-    let router = Router::new().method("slow", |_c: MethodCall| async {
+    let router = Router::new().method("slow", |_| async {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        Ok::<_, HandlerError>(json!("too late"))
+        Ok(json!("too late"))
     });
     // The device trusts no clock here, so it runs the request and answers late.
     let _dev = common::device_with(&b, &car, router, |o| o.ignore_deadlines()).await;
     let r = requester(&b).await;
-    let e = within(10, r.invoke(call(&car, "slow", 300)))
+    let e = within(10, r.invoke(call(&car, "slow", Value::Null, 300)))
         .await
         .unwrap_err();
     let Error::Timeout { elapsed, .. } = e else {
@@ -262,7 +258,7 @@ async fn soak_200k_calls() {
                         let mut p = peak.lock().unwrap();
                         *p = p.max(rss_mb());
                     }
-                    let result = r.invoke(call(&car, "alarm_off", 5000)).await;
+                    let result = r.invoke(call(&car, "alarm_off", Value::Null, 5000)).await;
                     *counts.lock().unwrap().entry(kind(&result)).or_default() += 1;
                 }
             })

@@ -1,6 +1,7 @@
 //! The real `directcall-lambda` binary driven through a Lambda Runtime API
 //! served on localhost (the documented endpoints: next, response, error),
-//! with API Gateway events, against a real Mosquitto and a simulated device.
+//! with API Gateway events, against a real Mosquitto and a simulated device;
+//! and PROTOCOL.md's HTTP table run against it and `directcall serve` alike.
 
 mod e2e;
 
@@ -14,6 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use directcall_bins::Mosquitto;
+use e2e::{gateway, get_with, sim, wait_health};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -111,35 +113,452 @@ fn fastrand_u32() -> u32 {
         .subsec_nanos()
 }
 
-fn rest_v1(query: &[(&str, &str)]) -> Value {
-    let single: serde_json::Map<String, Value> = query
+/// A `directcall-lambda` process polling a Runtime API of this test's own.
+struct Lambda {
+    api: Arc<RuntimeApi>,
+    process: std::process::Child,
+}
+
+impl Lambda {
+    async fn start(broker_url: &str, env: &[(&str, &str)]) -> Lambda {
+        let api = Arc::new(RuntimeApi::default());
+        let app = Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route(
+                "/2018-06-01/runtime/invocation/{id}/response",
+                post(respond),
+            )
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+            .route("/2018-06-01/runtime/init/error", post(error))
+            .with_state(Arc::clone(&api));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let runtime_api = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_directcall-lambda"));
+        command
+            .env("AWS_LAMBDA_RUNTIME_API", &runtime_api)
+            .env("AWS_LAMBDA_FUNCTION_NAME", "directcall")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+            .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+            .env("AWS_LAMBDA_LOG_GROUP_NAME", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("DIRECTCALL_BROKER", broker_url)
+            .env("RUST_LOG", "warn");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Lambda {
+            api,
+            process: command.spawn().unwrap(),
+        }
+    }
+
+    /// One HTTP request as an API Gateway event (REST v1 or HTTP API v2,
+    /// stage `Prod`), answered through the runtime: (status, JSON body).
+    async fn http(&self, version: u8, request: &Req, deadline_in: Duration) -> (u16, Value) {
+        let event = if version == 1 {
+            rest_v1_event(request)
+        } else {
+            http_v2_event(request)
+        };
+        let r = self.api.invoke(event, deadline_in).await;
+        let status = u16::try_from(r["statusCode"].as_u64().expect("statusCode")).unwrap();
+        let body = r["body"].as_str().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+        )
+    }
+}
+
+impl Drop for Lambda {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// An HTTP request of the table.
+#[derive(Debug, Clone)]
+struct Req {
+    method: &'static str,
+    /// Path with its query, as sent (percent-encoded).
+    path: String,
+    headers: Vec<(&'static str, String)>,
+    body: Option<String>,
+}
+
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// A REST API (v1) proxy event, as API Gateway sends it: the stage is not in
+/// `path`, repeated query parameters are in the multi-value map.
+fn rest_v1_event(r: &Req) -> Value {
+    let (path, query) = r.path.split_once('?').unwrap_or((&r.path, ""));
+    let mut multi = serde_json::Map::new();
+    for (k, v) in query_pairs(query) {
+        multi
+            .entry(k)
+            .or_insert_with(|| json!([]))
+            .as_array_mut()
+            .unwrap()
+            .push(json!(v));
+    }
+    let single: serde_json::Map<String, Value> = multi
+        .iter()
+        .map(|(k, v)| (k.clone(), v[0].clone()))
+        .collect();
+    let headers: serde_json::Map<String, Value> = r
+        .headers
         .iter()
         .map(|(k, v)| ((*k).to_owned(), json!(v)))
         .collect();
-    let multi: serde_json::Map<String, Value> = query
+    json!({
+        "resource": path, "path": path, "httpMethod": r.method,
+        "headers": headers,
+        "queryStringParameters": if single.is_empty() { Value::Null } else { Value::Object(single) },
+        "multiValueQueryStringParameters": if multi.is_empty() { Value::Null } else { Value::Object(multi) },
+        "requestContext": {"resourcePath": path, "httpMethod": r.method, "stage": "Prod", "path": format!("/Prod{path}")},
+        "body": r.body, "isBase64Encoded": false
+    })
+}
+
+/// An HTTP API (v2) event with a named stage: the stage is in `rawPath`.
+fn http_v2_event(r: &Req) -> Value {
+    let (path, query) = r.path.split_once('?').unwrap_or((&r.path, ""));
+    let headers: serde_json::Map<String, Value> = r
+        .headers
         .iter()
-        .map(|(k, v)| ((*k).to_owned(), json!([v])))
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
         .collect();
     json!({
-        "resource": "/invoke", "path": "/invoke/", "httpMethod": "GET",
-        "headers": {"Host": "abc123.execute-api.us-east-1.amazonaws.com"},
-        "queryStringParameters": single, "multiValueQueryStringParameters": multi,
-        "requestContext": {"resourcePath": "/invoke", "httpMethod": "GET", "stage": "Prod"},
-        "body": null, "isBase64Encoded": false
+        "version": "2.0", "routeKey": "$default", "rawPath": format!("/Prod{path}"), "rawQueryString": query,
+        "headers": headers,
+        "requestContext": {"http": {"method": r.method, "path": format!("/Prod{path}")}, "stage": "Prod"},
+        "body": r.body, "isBase64Encoded": false
     })
 }
 
-fn http_v2(raw_query: &str) -> Value {
-    json!({
-        "version": "2.0", "routeKey": "GET /invoke", "rawPath": "/invoke", "rawQueryString": raw_query,
-        "headers": {"host": "abc123.execute-api.us-east-1.amazonaws.com"},
-        "requestContext": {"http": {"method": "GET", "path": "/invoke"}, "stage": "$default"},
-        "isBase64Encoded": false
-    })
+async fn over_http(base: &str, r: &Req) -> (u16, Value) {
+    let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    match r.method {
+        "POST" => {
+            e2e::post(
+                base,
+                &r.path,
+                &headers,
+                r.body.clone().unwrap_or_default().into_bytes(),
+            )
+            .await
+        }
+        "GET" => get_with(&format!("{base}{}", r.path), &headers).await,
+        other => {
+            let mut conn = directcall_bins::http_client::Connection::open(base)
+                .await
+                .unwrap();
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .map(|(a, b)| ((*a).into(), (*b).into()))
+                .collect();
+            let resp = conn
+                .send(other, &r.path, &headers, Vec::new())
+                .await
+                .unwrap();
+            (
+                resp.status,
+                serde_json::from_str(&resp.body).unwrap_or(Value::String(resp.body)),
+            )
+        }
+    }
 }
 
-fn body(response: &Value) -> Value {
-    serde_json::from_str(response["body"].as_str().expect("a proxy response body")).unwrap()
+/// The body with what differs from call to call (`elapsed`, `id`, the
+/// simulator's random number) blanked.
+fn normalized(mut body: Value) -> Value {
+    for field in ["elapsed", "id"] {
+        if body.get(field).is_some() {
+            body[field] = json!("*");
+        }
+    }
+    if let Some(text) = body["response"].as_str() {
+        if let Some((head, _)) = text.split_once(" Some random response:") {
+            body["response"] = json!(format!("{head} *"));
+        }
+    }
+    body
+}
+
+fn req(method: &'static str, path: &str, token: bool, body: Option<&str>) -> Req {
+    let mut headers = vec![];
+    if token {
+        headers.push(("authorization", "Bearer tok".to_owned()));
+    }
+    if body.is_some() {
+        headers.push(("content-type", "application/json".to_owned()));
+    }
+    Req {
+        method,
+        path: path.to_owned(),
+        headers,
+        body: body.map(str::to_owned),
+    }
+}
+
+/// PROTOCOL.md's HTTP table, and the routes around it, against the gateway
+/// and the Lambda (REST v1 and HTTP API v2 events): same inputs, same
+/// statuses, same bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_and_the_lambda_answer_the_http_table_alike() {
+    let Some(mut m) = Mosquitto::start("").expect("mosquitto") else {
+        directcall_core::testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
+        return;
+    };
+    let url = m.url();
+    let _device = sim(
+        &url,
+        &["--client-id", "Device001", "--methods", "reqid-ABCD"],
+    );
+    let mut gone = sim(&url, &["--client-id", "Gone", "--presence"]);
+    gone.kill();
+    let (_gw, base) = gateway(&url, &["--api-token", "tok", "--max-timeout", "29"]).await;
+    wait_health(&base, 200).await;
+    let lambda = Lambda::start(&url, &[("DIRECTCALL_API_TOKENS", "tok")]).await;
+
+    // The will of "Gone" must have reached both.
+    let offline = req(
+        "GET",
+        "/invoke?request=r&method=m&target=Gone&timeout=1",
+        true,
+        None,
+    );
+    let until = Instant::now() + Duration::from_secs(15);
+    while over_http(&base, &offline).await.0 != 404
+        || lambda.http(1, &offline, Duration::from_secs(5)).await.0 != 404
+    {
+        assert!(Instant::now() < until, "the will never arrived");
+    }
+
+    let big = format!("{{\"request\":\"{}\"}}", "x".repeat(129 * 1024));
+    let table: Vec<(Req, u16, &str)> = vec![
+        (
+            req(
+                "GET",
+                "/invoke?request=my_request_1&method=reqid-ABCD&target=Device001&timeout=3",
+                true,
+                None,
+            ),
+            200,
+            "ok",
+        ),
+        (
+            req(
+                "GET",
+                "/invoke/?request=my_request_1&method=reqid-ABCD&target=Device001&timeout=3",
+                true,
+                None,
+            ),
+            200,
+            "ok",
+        ),
+        (
+            req(
+                "POST",
+                "/v1/targets/Device001/methods/reqid-ABCD",
+                true,
+                Some(r#"{"request":{"a":1},"timeout_ms":3000}"#),
+            ),
+            200,
+            "ok",
+        ),
+        (
+            req(
+                "GET",
+                "/invoke?request=r&method=fly&target=Device001&timeout=3",
+                true,
+                None,
+            ),
+            200,
+            "ok",
+        ),
+        (
+            req(
+                "GET",
+                "/invoke?request=r&method=m&target=Nobody&timeout=1",
+                true,
+                None,
+            ),
+            504,
+            "timeout",
+        ),
+        (
+            req(
+                "POST",
+                "/v1/targets/Nobody/methods/m",
+                true,
+                Some(r#"{"timeout_ms":500}"#),
+            ),
+            504,
+            "timeout",
+        ),
+        (offline.clone(), 404, "offline"),
+        (
+            req("GET", "/invoke?request=r&method=m&timeout=1", true, None),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req("GET", "/invoke?request=r&method=m&target=a%2Fb", true, None),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req(
+                "GET",
+                "/invoke?request=r&method=m&target=t&target=u",
+                true,
+                None,
+            ),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req(
+                "GET",
+                "/invoke?request=r&method=m&target=t&timeout=30",
+                true,
+                None,
+            ),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req(
+                "GET",
+                "/invoke?request=r&method=m&target=t&timeout=abc",
+                true,
+                None,
+            ),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req("POST", "/v1/targets/car%2Bx/methods/m", true, Some("{}")),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req("POST", "/v1/targets/car+x/methods/m", true, Some("{}")),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req("POST", "/v1/targets/car%2Fx/methods/m", true, Some("{}")),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req("POST", "/v1/targets/car/methods/m", true, Some("[")),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req(
+                "POST",
+                "/v1/targets/car/methods/m",
+                true,
+                Some(r#"{"timeout_ms":99}"#),
+            ),
+            400,
+            "invalid_parameters",
+        ),
+        (
+            req("POST", "/v1/targets/car/methods/m", true, Some(&big)),
+            413,
+            "payload_too_large",
+        ),
+        (
+            req(
+                "GET",
+                "/invoke?request=r&method=m&target=Device001",
+                false,
+                None,
+            ),
+            401,
+            "unauthorized",
+        ),
+        (
+            req("POST", "/v1/targets/Device001/methods/m", false, Some("{}")),
+            401,
+            "unauthorized",
+        ),
+        (req("GET", "/admin", true, None), 404, "not_found"),
+        (
+            req("DELETE", "/invoke", true, None),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            req("GET", "/v1/targets/car/methods/m", true, None),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (request, status, result) in &table {
+        let from_gateway = over_http(&base, request).await;
+        let v1 = lambda.http(1, request, Duration::from_secs(30)).await;
+        let v2 = lambda.http(2, request, Duration::from_secs(30)).await;
+        let what = format!(
+            "{} {}",
+            request.method,
+            &request.path[..request.path.len().min(90)]
+        );
+        assert_eq!(
+            from_gateway.0, *status,
+            "gateway {what}: {}",
+            from_gateway.1
+        );
+        assert_eq!(
+            from_gateway.1["result"], *result,
+            "{what}: {}",
+            from_gateway.1
+        );
+        let expected = (from_gateway.0, normalized(from_gateway.1));
+        assert_eq!((v1.0, normalized(v1.1)), expected, "REST v1 event {what}");
+        assert_eq!(
+            (v2.0, normalized(v2.1)),
+            expected,
+            "HTTP API v2 event {what}"
+        );
+        answers.push(expected);
+    }
+    // The 400s name the parameter: the `+` in a path stays a `+`.
+    let plus = &answers[13].1["response"];
+    assert!(
+        plus.as_str()
+            .unwrap()
+            .starts_with("invalid target: contains '+'"),
+        "{plus}"
+    );
+
+    // And with the broker gone: 503 from both (the Lambda first waits for the
+    // broker within the call's deadline).
+    m.kill();
+    wait_health(&base, 503).await;
+    let call = req(
+        "GET",
+        "/invoke?request=r&method=m&target=Device001&timeout=1",
+        true,
+        None,
+    );
+    let from_gateway = over_http(&base, &call).await;
+    assert_eq!(from_gateway.0, 503, "{}", from_gateway.1);
+    let v1 = lambda.http(1, &call, Duration::from_secs(30)).await;
+    assert_eq!((v1.0, normalized(v1.1)), (503, normalized(from_gateway.1)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,124 +566,44 @@ async fn the_lambda_answers_api_gateway_events_on_one_reused_connection() {
     let Some(m) =
         Mosquitto::start("log_type notice\nconnection_messages true\n").expect("mosquitto")
     else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "mosquitto is required in CI"
-        );
-        eprintln!("\n*** SKIPPED: mosquitto is not installed ***\n");
+        directcall_core::testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
         return;
     };
-    let _sim = e2e::sim(&m.url(), &["--client-id", "Device001"]);
-
-    let api = Arc::new(RuntimeApi::default());
-    let app = Router::new()
-        .route("/2018-06-01/runtime/invocation/next", get(next))
-        .route(
-            "/2018-06-01/runtime/invocation/{id}/response",
-            post(respond),
-        )
-        .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
-        .route("/2018-06-01/runtime/init/error", post(error))
-        .with_state(Arc::clone(&api));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let runtime_api = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let mut lambda = std::process::Command::new(env!("CARGO_BIN_EXE_directcall-lambda"))
-        .env("AWS_LAMBDA_RUNTIME_API", &runtime_api)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "directcall")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("DIRECTCALL_BROKER", m.url())
-        .env("DIRECTCALL_CLIENT_ID_PREFIX", "lambdatest")
-        .env("DIRECTCALL_IDLE_RECONNECT_SECS", "3")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let _sim = sim(&m.url(), &["--client-id", "Device001"]);
+    let lambda = Lambda::start(
+        &m.url(),
+        &[
+            ("DIRECTCALL_CLIENT_ID_PREFIX", "lambdatest"),
+            ("DIRECTCALL_IDLE_RECONNECT_SECS", "3"),
+        ],
+    )
+    .await;
     let connects = || {
         m.log()
             .lines()
             .filter(|l| l.contains("New client connected") && l.contains("lambdatest-"))
             .count()
     };
-
-    // The seed's request, as a REST API (v1) proxy event: 200 with the device's answer.
-    let ok = rest_v1(&[
-        ("request", "my_request_1"),
-        ("method", "reqid-ABCD"),
-        ("target", "Device001"),
-        ("timeout", "3"),
-    ]);
-    let r = api.invoke(ok.clone(), Duration::from_secs(30)).await;
-    assert_eq!(r["statusCode"], 200, "{r}");
-    let b = body(&r);
-    assert_eq!(b["result"], "ok");
-    assert!(b["response"]
-        .as_str()
-        .unwrap()
-        .starts_with("Your request was 'my_request_1'. Some random response: '"));
-    let connected_before_second = connects();
-    assert_eq!(
-        connected_before_second,
-        1,
-        "one CONNECT, made at init: {}",
-        m.log()
+    let ok = req(
+        "GET",
+        "/invoke?request=my_request_1&method=reqid-ABCD&target=Device001&timeout=3",
+        false,
+        None,
     );
-
-    // An HTTP API (v2) event for a device nobody runs: 504 after its 1 s.
-    let r = api
-        .invoke(
-            http_v2("request=r&method=m&target=Nobody&timeout=1"),
-            Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(r["statusCode"], 504, "{r}");
-    let elapsed: u64 = body(&r)["elapsed"].as_str().unwrap().parse().unwrap();
-    assert!((1000..1500).contains(&elapsed), "{elapsed}");
-
-    // Bad input: 400 naming the parameter, nothing published.
-    let r = api
-        .invoke(
-            rest_v1(&[("request", "r"), ("method", "m"), ("target", "a/b")]),
-            Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(r["statusCode"], 400, "{r}");
-    assert!(body(&r)["response"]
-        .as_str()
-        .unwrap()
-        .starts_with("invalid target: "));
-    // More than API Gateway's 29 s: refused, not cut.
-    let r = api
-        .invoke(
-            rest_v1(&[
-                ("request", "r"),
-                ("method", "m"),
-                ("target", "Device001"),
-                ("timeout", "30"),
-            ]),
-            Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(r["statusCode"], 400, "{r}");
+    let (status, body) = lambda.http(1, &ok, Duration::from_secs(30)).await;
+    e2e::assert_reference_answer(status, &body);
+    assert_eq!(connects(), 1, "one CONNECT, made at init: {}", m.log());
 
     // The call never outlives the Lambda: 10 s asked, 1.5 s left.
     let started = Instant::now();
-    let r = api
-        .invoke(
-            rest_v1(&[
-                ("request", "r"),
-                ("method", "m"),
-                ("target", "Nobody"),
-                ("timeout", "10"),
-            ]),
-            Duration::from_millis(1500),
-        )
-        .await;
-    assert_eq!(r["statusCode"], 504, "{r}");
+    let slow = req(
+        "GET",
+        "/invoke?request=r&method=m&target=Nobody&timeout=10",
+        false,
+        None,
+    );
+    let (status, body) = lambda.http(2, &slow, Duration::from_millis(1500)).await;
+    assert_eq!(status, 504, "{body}");
     assert!(
         started.elapsed() < Duration::from_millis(1500),
         "{:?}",
@@ -277,10 +616,7 @@ async fn the_lambda_answers_api_gateway_events_on_one_reused_connection() {
     // Idle past the keepalive threshold (3 s here), as after a freeze: the
     // connection is made anew before publishing, and the call still works.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let r = api.invoke(ok, Duration::from_secs(30)).await;
-    assert_eq!(r["statusCode"], 200, "{r}");
+    let (status, body) = lambda.http(1, &ok, Duration::from_secs(30)).await;
+    e2e::assert_reference_answer(status, &body);
     assert_eq!(connects(), 2, "{}", m.log());
-
-    let _ = lambda.kill();
-    let _ = lambda.wait();
 }

@@ -10,10 +10,8 @@ use directcall_cloud::{Error, Invocation, Options, Requester};
 use directcall_core::BrokerOptions;
 use serde_json::{json, Value};
 
-fn call(target: &str, timeout_ms: u64) -> Invocation {
-    Invocation::parse(target, "alarm_off", Value::Null)
-        .unwrap()
-        .timeout(Duration::from_millis(timeout_ms))
+fn alarm_off(target: &str, timeout_ms: u64) -> Invocation {
+    common::call(target, "alarm_off", Value::Null, timeout_ms)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +23,7 @@ async fn calls_survive_a_broker_restart_on_the_same_port() {
     let dev = device(&b, &car, car_router()).await;
     let r = requester(&b).await;
     assert_eq!(
-        within(10, r.invoke(call(&car, 5000)))
+        within(10, r.invoke(alarm_off(&car, 5000)))
             .await
             .unwrap()
             .response,
@@ -38,7 +36,7 @@ async fn calls_survive_a_broker_restart_on_the_same_port() {
         .map(|_| {
             let r = r.clone();
             let car = car.clone();
-            tokio::spawn(async move { r.invoke(call(&car, 800)).await })
+            tokio::spawn(async move { r.invoke(alarm_off(&car, 800)).await })
         })
         .collect();
     for t in outage {
@@ -60,7 +58,7 @@ async fn calls_survive_a_broker_restart_on_the_same_port() {
         }
     })
     .await;
-    let e = r.invoke(call(&car, 5000)).await.unwrap_err();
+    let e = r.invoke(alarm_off(&car, 5000)).await.unwrap_err();
     assert!(
         matches!(e, Error::Unavailable { .. }),
         "known-down fails at once: {e:?}"
@@ -78,7 +76,7 @@ async fn calls_survive_a_broker_restart_on_the_same_port() {
     })
     .await;
     // Without restarting either side:
-    let reply = within(10, r.invoke(call(&car, 5000))).await.unwrap();
+    let reply = within(10, r.invoke(alarm_off(&car, 5000))).await.unwrap();
     assert_eq!(reply.response, json!("alarm off"));
     let s = r.stats();
     assert_eq!(s.pending, 0);
@@ -96,7 +94,9 @@ async fn a_requester_without_a_broker_is_unavailable_not_hung() {
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
 
     let lazy = Requester::start(options).unwrap();
-    let e = within(5, lazy.invoke(call("car", 3000))).await.unwrap_err();
+    let e = within(5, lazy.invoke(alarm_off("car", 3000)))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
     assert_eq!(lazy.stats().pending, 0);
     within(5, lazy.shutdown()).await;

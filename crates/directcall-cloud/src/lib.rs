@@ -47,7 +47,6 @@ pub use directcall_core::{
 };
 pub use error::Error;
 pub use options::{
-    Options, PresenceSource, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT,
-    DEFAULT_TIMEOUT,
+    Options, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_TIMEOUT,
 };
 pub use requester::{Invocation, Reply, Requester, Stats};

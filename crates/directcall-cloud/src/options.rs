@@ -24,7 +24,7 @@ pub enum RequestQos {
 /// Where a requester learns which devices are online.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum PresenceSource {
+pub(crate) enum PresenceSource {
     /// directcall's retained `{"online": bool}` records under a root
     /// (default `directcall/presence`), kept by devices and their last wills.
     Directcall(PresenceRoot),

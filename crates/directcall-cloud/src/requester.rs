@@ -582,13 +582,10 @@ impl Shared {
             id,
         )?;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let payload = RequestPayload {
-            id: id.to_string(),
-            request: invocation.request,
-            timestamp: Some(unix_millis(std::time::SystemTime::now())),
-            timeout_ms: Some(whole_millis(remaining)),
-        }
-        .to_vec();
+        let mut payload = RequestPayload::new(id.to_string(), invocation.request);
+        payload.timestamp = Some(unix_millis(std::time::SystemTime::now()));
+        payload.timeout_ms = Some(whole_millis(remaining));
+        let payload = payload.to_vec();
         let topic = call.request_topic();
         let size = payload.len() + topic.len() + PUBLISH_OVERHEAD_BYTES;
         let max = self.link.max_packet_bytes();
@@ -686,11 +683,7 @@ mod tests {
         let id = MessageId::new();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(999)).await;
-            let _ = tx.send(ReplyPayload {
-                id: id.to_string(),
-                response: Value::from("done"),
-                status: 200,
-            });
+            let _ = tx.send(ReplyPayload::new(id.to_string(), 200, Value::from("done")));
         });
         let reply = reply_by(rx, start + SECOND, start, id).await.unwrap();
         assert_eq!(reply.elapsed, Duration::from_millis(999));

@@ -214,7 +214,7 @@ impl std::fmt::Debug for BrokerOptions {
 
 /// Capped exponential backoff with jitter.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
@@ -222,7 +222,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Starts at `min`, doubles up to `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Backoff {
             min,
             max: max.max(min),
@@ -232,14 +232,14 @@ impl Backoff {
 
     /// The delay before the next attempt; `unit` in `[0, 1)` picks the jitter,
     /// which spreads delays over the upper half of the current step.
-    pub fn next_delay(&mut self, unit: f64) -> Duration {
+    pub(crate) fn next_delay(&mut self, unit: f64) -> Duration {
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
         step.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
     }
 
     /// Back to the first step, after a successful connection.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
 }

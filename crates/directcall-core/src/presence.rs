@@ -11,6 +11,7 @@ pub const AWS_PRESENCE_FILTER: &str = "$aws/events/presence/+/+";
 
 /// One presence observation.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PresenceEvent {
     /// The device.
     pub target: Target,

@@ -15,6 +15,7 @@ pub const STATUS_OK: u16 = 200;
 
 /// What a requester publishes on a request topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RequestPayload {
     /// The call's id (`m_id`).
     pub id: String,
@@ -36,6 +37,7 @@ pub struct RequestPayload {
 
 /// What a device publishes on a reply (ack) topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ReplyPayload {
     /// The request's id.
     pub id: String,
@@ -52,6 +54,17 @@ fn default_status() -> u16 {
 }
 
 impl RequestPayload {
+    /// A request for call `id` carrying `request`, with no timestamp and no
+    /// budget (set the public fields for those).
+    pub fn new(id: impl Into<String>, request: Value) -> Self {
+        RequestPayload {
+            id: id.into(),
+            request,
+            timestamp: None,
+            timeout_ms: None,
+        }
+    }
+
     /// Encodes as JSON bytes.
     pub fn to_vec(&self) -> Vec<u8> {
         // Serialising a struct of strings, numbers and a Value cannot fail.
@@ -69,6 +82,15 @@ impl RequestPayload {
 }
 
 impl ReplyPayload {
+    /// A reply to call `id` with the device's `status` and `response`.
+    pub fn new(id: impl Into<String>, status: u16, response: Value) -> Self {
+        ReplyPayload {
+            id: id.into(),
+            response,
+            status,
+        }
+    }
+
     /// Encodes as JSON bytes.
     pub fn to_vec(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()

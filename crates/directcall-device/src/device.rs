@@ -252,12 +252,12 @@ pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
     let mut connection_options =
         ConnectionOptions::new(options.broker.clone(), client_id).capacity(max_in_flight);
     if let Some(topic) = &presence_topic {
-        connection_options = connection_options.will(Will {
-            topic: topic.clone(),
-            payload: json!({"online": false}).to_string().into_bytes(),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-        });
+        connection_options = connection_options.will(Will::new(
+            topic.clone(),
+            json!({"online": false}).to_string(),
+            QoS::AtLeastOnce,
+            true,
+        ));
     }
     #[cfg(feature = "websocket")]
     if let Some(signer) = options.url_signer.clone() {
@@ -449,11 +449,7 @@ impl Shared {
     }
 
     fn answer(&self, call: &CallTopics, status: u16, response: Value) {
-        let payload = ReplyPayload {
-            id: call.id().to_string(),
-            response,
-            status,
-        };
+        let payload = ReplyPayload::new(call.id().to_string(), status, response);
         self.link.publish_or_queue(
             call.reply_topic(),
             payload.to_vec(),

@@ -102,6 +102,7 @@ impl QoS {
 
 /// One topic filter to subscribe to on every connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Subscription {
     /// The filter, e.g. `VIN123/#`.
     pub filter: String,
@@ -122,6 +123,7 @@ impl Subscription {
 /// A message the broker publishes when the connection dies without a
 /// DISCONNECT (MQTT's last will).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Will {
     /// Its topic.
     pub topic: String,
@@ -131,6 +133,23 @@ pub struct Will {
     pub qos: QoS,
     /// Whether the broker retains it.
     pub retain: bool,
+}
+
+impl Will {
+    /// A will on `topic` with `payload`.
+    pub fn new(
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+        qos: QoS,
+        retain: bool,
+    ) -> Self {
+        Will {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain,
+        }
+    }
 }
 
 /// One incoming message, borrowed from the connection's buffer.
@@ -453,8 +472,11 @@ impl Link {
     /// Drops the connection and makes a new one at once, whatever state it
     /// is in: for a process that was frozen (a Lambda execution environment)
     /// and cannot trust a socket that sent no keepalive meanwhile. Requests
-    /// queued and not yet written are dropped.
+    /// queued and not yet written are dropped. Not ready from this call
+    /// until the new connection's essential subscription is granted, so a
+    /// call made meanwhile waits for the new connection, not the old one.
     pub fn reconnect(&self) {
+        self.set_ready(false);
         self.state.reconnect.send_modify(|n| *n = n.wrapping_add(1));
     }
 

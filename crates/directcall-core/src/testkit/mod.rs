@@ -47,6 +47,7 @@ pub enum Kind {
 
 /// A broker of the test's own.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct TestBroker {
     /// Which one.
     pub kind: Kind,

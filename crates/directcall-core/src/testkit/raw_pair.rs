@@ -18,6 +18,7 @@ type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
 
 /// The QoS of each leg of a request/reply round trip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Legs {
     /// The requester's request publish.
     pub request: QoS,
@@ -31,12 +32,30 @@ pub struct Legs {
 
 impl Legs {
     /// Every leg at QoS 0: the fastest MQTT request/reply can go.
-    pub const ALL_QOS_0: Legs = Legs {
-        request: QoS::AtMostOnce,
-        request_subscription: QoS::AtMostOnce,
-        reply: QoS::AtMostOnce,
-        reply_subscription: QoS::AtMostOnce,
-    };
+    pub const ALL_QOS_0: Legs = Legs::uniform(QoS::AtMostOnce);
+
+    /// Every leg at `qos`.
+    pub const fn uniform(qos: QoS) -> Self {
+        Legs {
+            request: qos,
+            request_subscription: qos,
+            reply: qos,
+            reply_subscription: qos,
+        }
+    }
+
+    /// The request publish at `qos`.
+    pub const fn request(mut self, qos: QoS) -> Self {
+        self.request = qos;
+        self
+    }
+
+    /// The reply publish and the reply subscription at `qos`.
+    pub const fn reply(mut self, qos: QoS) -> Self {
+        self.reply = qos;
+        self.reply_subscription = qos;
+        self
+    }
 }
 
 /// A bare request/echo pair on one broker.

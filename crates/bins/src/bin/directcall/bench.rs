@@ -61,7 +61,7 @@ pub(crate) struct BenchArgs {
     /// Call running devices (e.g. directcall-sim --devices N) instead of starting any.
     #[arg(long, env = "DIRECTCALL_BENCH_EXTERNAL_DEVICES")]
     external_devices: bool,
-    /// Name prefix of the devices: <prefix>001, <prefix>002, ...
+    /// Name prefix of the devices: PREFIX001, PREFIX002, ...
     #[arg(long, env = "DIRECTCALL_BENCH_DEVICE_PREFIX", default_value = "Device")]
     device_prefix: String,
     /// Calls in flight at once (HTTP: concurrent connections).
@@ -99,12 +99,12 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
         (None, None) => Some(10_000),
         (c, _) => c,
     };
-    let load = LoadOptions {
-        concurrency: args.concurrency.max(1),
+    let load = LoadOptions::new(
+        args.concurrency.max(1),
         calls,
-        duration: args.duration.map(Duration::from_secs_f64),
-        warmup: args.warmup,
-    };
+        args.duration.map(Duration::from_secs_f64),
+        args.warmup,
+    );
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let payload = "x".repeat(args.payload_bytes);
     let qos = if args.qos == 1 {
@@ -252,12 +252,7 @@ async fn raw(
 ) -> Result<LoadReport, String> {
     // Until the reply QoS is chosen by measurement: request at `qos`, the
     // reply leg at QoS 1, as directcall does.
-    let legs = Legs {
-        request: qos,
-        request_subscription: mqtt::QoS::AtLeastOnce,
-        reply: mqtt::QoS::AtLeastOnce,
-        reply_subscription: mqtt::QoS::AtLeastOnce,
-    };
+    let legs = Legs::uniform(mqtt::QoS::AtLeastOnce).request(qos);
     let pair = Arc::new(
         RawPair::start(broker, legs)
             .await

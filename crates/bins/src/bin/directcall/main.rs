@@ -114,7 +114,7 @@ struct CallArgs {
     #[arg(long, env = "DIRECTCALL_SIGV4")]
     sigv4: bool,
     /// Region for --sigv4 [default: AWS_REGION, else the region in an
-    /// *.execute-api.<region>.amazonaws.com host].
+    /// *.execute-api.REGION.amazonaws.com host].
     #[arg(long, env = "AWS_REGION")]
     region: Option<String>,
 }
