@@ -313,6 +313,7 @@ pub fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -356,4 +357,79 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             handle
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        requester: RequesterArgs,
+    }
+
+    fn parse(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("test").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_without_its_key_is_a_start_up_error() {
+        // Flags: clap refuses it.
+        let e = Flags::try_parse_from(["test", "--broker", "mqtts://h", "--cert", "c.pem"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("--key"), "{e}");
+        // Environment variables reach the same check in `resolve`.
+        let mut flags = parse(&["--broker", "mqtts://h"]);
+        flags.broker.cert = Some("c.pem".into());
+        let e = flags.broker.resolve().unwrap_err();
+        assert!(e.to_string().contains("go together"), "{e}");
+    }
+
+    #[test]
+    fn tls_flags_need_a_tls_url_and_bad_values_name_their_flag() {
+        let e = parse(&["--broker", "mqtt://h", "--alpn", "x"])
+            .broker
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("need a TLS broker URL"), "{e}");
+        let e = parse(&["--broker", "gopher://h"])
+            .broker
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--broker: invalid broker"), "{e}");
+        let flags = parse(&["--prefix", "a/b"]);
+        let broker = flags.broker.resolve().unwrap();
+        let e = flags.requester.options(&broker).unwrap_err();
+        assert!(e.to_string().starts_with("--prefix: invalid prefix"), "{e}");
+    }
+
+    #[test]
+    fn the_aws_endpoint_builds_the_url_for_each_auth() {
+        let flags = parse(&[
+            "--iot-endpoint",
+            "abc-ats.iot.eu-west-1.amazonaws.com",
+            "--auth",
+            "mtls443",
+        ]);
+        let broker = flags.broker.resolve().unwrap();
+        assert_eq!(
+            broker.options.url(),
+            "mqtts://abc-ats.iot.eu-west-1.amazonaws.com:443"
+        );
+        let alpn = match &broker.options.transport {
+            directcall_core::Transport::Tls(tls) => tls.alpn.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(alpn, ["x-amzn-mqtt-ca"]);
+        assert!(broker.signer.is_none());
+        let e = Flags::try_parse_from(["test", "--broker", "mqtt://h", "--iot-endpoint", "e"])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+    }
 }

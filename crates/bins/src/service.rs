@@ -148,7 +148,6 @@ pub struct OkBody {
     #[schema(pattern = "^[0-9]+$")]
     pub elapsed: String,
     /// The device's answer, any JSON.
-    #[schema(value_type = Object)]
     pub response: Value,
     /// The device's verdict: 200 done, 400, 404 unknown method, 500 handler
     /// failed, 503 busy.
@@ -232,11 +231,10 @@ pub struct InvokeQuery {
 pub struct PostBody {
     /// The request value, any JSON (default `null`).
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub request: Value,
     /// Milliseconds to wait, 100 to the gateway's maximum.
     #[serde(default)]
-    #[schema(value_type = Option<u64>, minimum = 100, maximum = 60000)]
+    #[schema(value_type = u64, required = false, minimum = 100, maximum = 60000)]
     pub timeout_ms: Option<Value>,
 }
 
@@ -504,8 +502,14 @@ impl InvokeService {
 
     fn timeout_ms(&self, value: &Value) -> Result<Duration, HttpReply> {
         let max = whole_millis(self.limits.max_timeout).max(MIN_TIMEOUT_MS);
-        value
-            .as_u64()
+        // JSON Schema counts 814.0 as an integer; so does this.
+        let whole = value.as_u64().or_else(|| {
+            value
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(f))
+                .map(|f| f as u64)
+        });
+        whole
             .filter(|ms| (MIN_TIMEOUT_MS..=max).contains(ms))
             .map(Duration::from_millis)
             .ok_or_else(|| {
@@ -701,6 +705,10 @@ mod tests {
         assert_eq!(inv.get_request(), &json!({"a": [1]}));
         assert_eq!(inv.get_timeout(), Duration::from_millis(2500));
         let inv = s
+            .post_invocation("car", "unlock", None, br#"{"timeout_ms":814.0}"#, now)
+            .unwrap();
+        assert_eq!(inv.get_timeout(), Duration::from_millis(814));
+        let inv = s
             .post_invocation("car", "unlock", None, b"{}", now)
             .unwrap();
         assert_eq!(inv.get_request(), &Value::Null);
@@ -711,6 +719,7 @@ mod tests {
             (None, br#"{"timeout_ms":0}"#, "timeout_ms"),
             (None, br#"{"timeout_ms":60001}"#, "timeout_ms"),
             (None, br#"{"timeout_ms":1.5}"#, "timeout_ms"),
+            (None, br#"{"timeout_ms":1e300}"#, "timeout_ms"),
             (None, br#"{"timeout_ms":"100"}"#, "timeout_ms"),
             (None, br#"{"timeout_ms":null}"#, "timeout_ms"),
             (None, br#"{"timeout_ms":99}"#, "timeout_ms"),

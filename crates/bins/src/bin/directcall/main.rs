@@ -194,7 +194,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     .await
 }
 
-async fn invoke(args: InvokeArgs) -> ExitCode {
+async fn invoke(mut args: InvokeArgs) -> ExitCode {
+    // A one-shot connection calls before retained presence records arrive.
+    args.requester.presence = directcall_bins::cli::PresenceMode::Off;
     let options = match args
         .broker
         .resolve()
