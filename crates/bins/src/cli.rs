@@ -66,8 +66,9 @@ pub const DEFAULT_BROKER: &str = "mqtt://127.0.0.1:1883";
 #[non_exhaustive]
 pub struct BrokerArgs {
     /// Broker URL: mqtt://host:port, mqtts://host:port (with --ca, --cert,
-    /// --key), ws://host:port/path or wss://host:port/path [default:
-    /// mqtt://127.0.0.1:1883].
+    /// --key), ws://host:port/path or wss://host:port/path; several,
+    /// comma-separated, for a cluster's nodes: the first that answers is
+    /// used, and the next when it is lost [default: mqtt://127.0.0.1:1883].
     #[arg(long, env = "DIRECTCALL_BROKER", conflicts_with = "iot_endpoint")]
     pub broker: Option<String>,
     /// AWS IoT Core data endpoint (…-ats.iot.REGION.amazonaws.com), instead
@@ -104,6 +105,12 @@ pub struct BrokerArgs {
     /// MQTT keepalive, in seconds.
     #[arg(long, env = "DIRECTCALL_KEEP_ALIVE", default_value_t = 30)]
     pub keep_alive: u64,
+    /// When moving on to another broker of the list, connect there with a
+    /// fresh client id (CLIENT_ID-fN): NATS hands a client id to another
+    /// node only after giving up on the dead node's session. Not with
+    /// client-id-keyed ACLs.
+    #[arg(long, env = "DIRECTCALL_FAILOVER_FRESH_CLIENT_ID")]
+    pub failover_fresh_client_id: bool,
 }
 
 /// Broker settings and, for AWS IoT Core over SigV4, the URL signer.
@@ -162,6 +169,7 @@ impl BrokerArgs {
             }
         };
         options.keep_alive = Duration::from_secs(self.keep_alive.max(1));
+        options.fresh_client_id_on_failover = self.failover_fresh_client_id;
         if let Some(user) = &self.username {
             options.credentials = Some((user.clone(), self.password.clone().unwrap_or_default()));
         }
@@ -242,19 +250,25 @@ pub enum PresenceMode {
 #[derive(Debug, Clone, Args)]
 #[non_exhaustive]
 pub struct RequesterArgs {
-    /// Topic prefix replies come back under.
+    /// Topic prefix: replies come back under PREFIX-INSTANCE, INSTANCE being
+    /// 12 random hex digits of this process's own.
     #[arg(long, env = "DIRECTCALL_PREFIX", default_value = "invocation_client")]
     pub prefix: String,
-    /// MQTT client id, exactly [default: the client id prefix, a dash and 12 random hex digits].
+    /// MQTT client id, exactly [default: the reply prefix, PREFIX-INSTANCE].
     #[arg(
         long,
         env = "DIRECTCALL_CLIENT_ID",
         conflicts_with = "client_id_prefix"
     )]
     pub client_id: Option<String>,
-    /// Client ids are this, a dash and 12 random hex digits, fresh per process [default: the prefix].
+    /// Client id BASE-INSTANCE, with the reply prefix's INSTANCE [default: the prefix].
     #[arg(long, env = "DIRECTCALL_CLIENT_ID_PREFIX")]
     pub client_id_prefix: Option<String>,
+    /// Replies under the prefix itself, as in the seed, instead of
+    /// PREFIX-INSTANCE: every instance sharing the prefix then receives every
+    /// reply (for policies that allow exactly one prefix).
+    #[arg(long, env = "DIRECTCALL_SHARED_PREFIX")]
+    pub shared_prefix: bool,
     /// QoS of request publishes: 0 (never queued) or 1.
     #[arg(long, env = "DIRECTCALL_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,
@@ -268,6 +282,11 @@ pub struct RequesterArgs {
         default_value = "directcall/presence"
     )]
     pub presence_root: String,
+    /// With --presence aws: keep retained records of the lifecycle events
+    /// under --presence-root, and read them, so that a replica started late
+    /// knows who is offline (needs publish and subscribe rights there).
+    #[arg(long, env = "DIRECTCALL_PRESENCE_MIRROR")]
+    pub presence_mirror: bool,
 }
 
 impl RequesterArgs {
@@ -284,23 +303,28 @@ impl RequesterArgs {
         }
         match (&self.client_id, &self.client_id_prefix) {
             (Some(id), _) => options = options.client_id(id.clone()),
-            (None, Some(base)) => {
-                options = options.client_id(directcall_core::mqtt::unique_client_id(base));
-            }
+            (None, Some(base)) => options = options.client_id_prefix(base.clone()),
             (None, None) => {}
+        }
+        if self.shared_prefix {
+            options = options.shared_prefix();
         }
         if self.qos == 1 {
             options = options.qos(RequestQos::AtLeastOnce);
         }
+        let root = PresenceRoot::new(self.presence_root.as_str())
+            .map_err(|e| invalid("--presence-root", e))?;
         options = match self.presence {
-            PresenceMode::Directcall => {
-                let root = PresenceRoot::new(self.presence_root.as_str())
-                    .map_err(|e| invalid("--presence-root", e))?;
-                options.presence(root)
+            PresenceMode::Directcall => options.presence(root),
+            PresenceMode::Aws if self.presence_mirror => {
+                options.aws_presence().mirror_presence(root)
             }
             PresenceMode::Aws => options.aws_presence(),
             PresenceMode::Off => options,
         };
+        if let Err(e) = options.get_reply_prefix() {
+            return Err(invalid("--prefix", e));
+        }
         Ok(options)
     }
 }
@@ -421,11 +445,11 @@ mod tests {
             broker.options.url(),
             "mqtts://abc-ats.iot.eu-west-1.amazonaws.com:443"
         );
-        let alpn = match &broker.options.transport {
-            directcall_core::Transport::Tls(tls) => tls.alpn.clone(),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(alpn, ["x-amzn-mqtt-ca"]);
+        assert_eq!(
+            broker.options.primary().transport,
+            directcall_core::Transport::Tls
+        );
+        assert_eq!(broker.options.tls.alpn, ["x-amzn-mqtt-ca"]);
         assert!(broker.signer.is_none());
         let e = Flags::try_parse_from(["test", "--broker", "mqtt://h", "--iot-endpoint", "e"])
             .err()

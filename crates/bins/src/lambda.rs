@@ -102,6 +102,9 @@ pub enum LambdaError {
 /// # Errors
 /// [`LambdaError`] for an unusable configuration or a runtime failure.
 pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
+    // Before anything records a metric: handles bind to the recorder
+    // installed when they are made.
+    let metrics = crate::cli::metrics_handle();
     let broker = args.broker.resolve()?;
     let options = args.requester.options(&broker)?;
     let limits = Limits::new(args.default_timeout, args.max_timeout)?;
@@ -119,7 +122,7 @@ pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
     });
     let config = GatewayConfig::new(InvokeService::new(requester, limits))
         .tokens(args.api_tokens)
-        .metrics(crate::cli::metrics_handle())
+        .metrics(metrics)
         .wait_for_broker(true);
     let app =
         axum::middleware::from_fn_with_state(environment, prepare).layer(gateway::app(config));
@@ -218,7 +221,7 @@ mod tests {
         .unwrap();
         assert_eq!(args.max_timeout, 29);
         let broker = args.broker.resolve().unwrap();
-        assert_eq!(broker.options.port, 1999);
+        assert_eq!(broker.options.primary().port, 1999);
         let e = LambdaArgs::try_parse_from([
             "directcall-lambda",
             "--broker",

@@ -90,28 +90,40 @@ fn the_lambda_template_is_scoped_like_the_reference() {
         assert_eq!(s.len(), 1, "{action}");
         resources(s[0])
     };
+    // Each execution environment connects as <ClientIDPrefix>-<12 hex>, and
+    // that client id is its reply prefix: `${!iot:ClientId}` (CloudFormation's
+    // escape of IoT's `${iot:ClientId}`) confines it to its own replies.
     assert_eq!(
         one("iot:Connect"),
-        [format!("{prefix}client/${{ClientIDPrefix}}*")]
+        [format!("{prefix}client/${{ClientIDPrefix}}-*")]
     );
     assert_eq!(
         one("iot:Publish"),
-        [format!("{prefix}topic/*/*/${{ClientIDPrefix}}/*")]
+        [
+            format!("{prefix}topic/*/*/${{!iot:ClientId}}/*"),
+            format!("{prefix}topic/directcall/presence/*")
+        ]
     );
     assert_eq!(
         one("iot:Subscribe"),
         [
-            format!("{prefix}topicfilter/${{ClientIDPrefix}}/*"),
-            format!("{prefix}topicfilter/$aws/events/presence/*")
+            format!("{prefix}topicfilter/${{!iot:ClientId}}/*"),
+            format!("{prefix}topicfilter/$aws/events/presence/*"),
+            format!("{prefix}topicfilter/directcall/presence/*")
         ]
     );
     assert_eq!(
         one("iot:Receive"),
         [
-            format!("{prefix}topic/${{ClientIDPrefix}}/*"),
-            format!("{prefix}topic/$aws/events/presence/*")
+            format!("{prefix}topic/${{!iot:ClientId}}/*"),
+            format!("{prefix}topic/$aws/events/presence/*"),
+            format!("{prefix}topic/directcall/presence/*")
         ]
     );
+    let env = &f["Properties"]["Environment"]["Variables"];
+    assert_eq!(env["DIRECTCALL_PREFIX"], env["DIRECTCALL_CLIENT_ID_PREFIX"]);
+    assert_eq!(env["DIRECTCALL_PRESENCE"], "aws");
+    assert_eq!(env["DIRECTCALL_PRESENCE_MIRROR"], "true");
 }
 
 #[test]
@@ -134,7 +146,7 @@ fn the_test_thing_may_only_read_its_requests_and_answer_as_itself() {
     assert_eq!(
         by("iot:Publish"),
         [
-            format!("{prefix}topic/${{ClientIDPrefix}}/*/${{!iot:ClientId}}/*/ack"),
+            format!("{prefix}topic/*/*/${{!iot:ClientId}}/*/ack"),
             format!("{prefix}topic/directcall/presence/${{!iot:ClientId}}")
         ]
     );
@@ -170,13 +182,14 @@ fn the_standalone_policies_match_the_templates() {
     let text = device.to_string();
     assert!(
         text.contains("topicfilter/${iot:ClientId}/*")
-            && text.contains("topic/invocation_client/*/${iot:ClientId}/*/ack"),
+            && text.contains("topic/*/*/${iot:ClientId}/*/ack"),
         "{text}"
     );
     let requester = load("policies/requester-policy.json").to_string();
     assert!(
-        requester.contains("client/invocation_client*")
-            && requester.contains("topic/*/*/invocation_client/*"),
+        requester.contains("client/invocation_client-*")
+            && requester.contains("topic/*/*/${iot:ClientId}/*")
+            && requester.contains("topicfilter/${iot:ClientId}/*"),
         "{requester}"
     );
 }

@@ -620,3 +620,63 @@ async fn the_lambda_answers_api_gateway_events_on_one_reused_connection() {
     e2e::assert_reference_answer(status, &body);
     assert_eq!(connects(), 2, "{}", m.log());
 }
+
+/// Two warm Lambda instances on one broker, as API Gateway scales out: each
+/// receives only the replies to its own calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_warm_lambdas_each_receive_only_their_own_replies() {
+    let Some(m) = Mosquitto::start("").expect("mosquitto") else {
+        directcall_core::testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
+        return;
+    };
+    let _sim = sim(&m.url(), &["--client-id", "Device001"]);
+    let env = [
+        ("DIRECTCALL_PREFIX", "invocation_client"),
+        ("DIRECTCALL_CLIENT_ID_PREFIX", "invocation_client"),
+    ];
+    let (a, b) = (
+        Lambda::start(&m.url(), &env).await,
+        Lambda::start(&m.url(), &env).await,
+    );
+    let ok = req(
+        "GET",
+        "/invoke?request=my_request_1&method=reqid-ABCD&target=Device001&timeout=3",
+        false,
+        None,
+    );
+    for _ in 0..10 {
+        for lambda in [&a, &b] {
+            let (status, body) = lambda.http(1, &ok, Duration::from_secs(30)).await;
+            e2e::assert_reference_answer(status, &body);
+        }
+    }
+    let metric = |text: &str, line: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in {text}"))
+    };
+    for lambda in [&a, &b] {
+        let (status, text) = lambda
+            .http(
+                1,
+                &req("GET", "/metrics", false, None),
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let text = text.as_str().unwrap().to_owned();
+        assert_eq!(
+            metric(&text, "directcall_replies_completed_total"),
+            10,
+            "{text}"
+        );
+        assert_eq!(
+            metric(
+                &text,
+                "directcall_replies_dropped_total{reason=\"unknown\"}"
+            ),
+            0,
+            "another instance's reply reached this one: {text}"
+        );
+    }
+}

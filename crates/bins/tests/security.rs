@@ -127,18 +127,8 @@ impl Drop for Pki {
     }
 }
 
-const ACL: &str = "\
-# the requester (certificate CN gateway): requests out, replies and presence in
-user gateway
-topic write +/+/invocation_client/+
-topic read invocation_client/+/+/+/ack
-topic read directcall/presence/+
-
-# every device: only its own requests, only replies as itself
-pattern read %u/#
-pattern write +/+/%u/+/ack
-pattern write directcall/presence/%u
-";
+/// The ACL shipped in deploy/, so the test checks what users deploy.
+const ACL: &str = include_str!("../../../deploy/mosquitto/directcall.acl");
 
 struct SecureBroker {
     mosquitto: Mosquitto,
@@ -262,15 +252,16 @@ async fn devices_are_confined_to_their_own_topics() {
     // ...and to answer as devB: the broker drops it, the requester never sees it.
     let before = r.stats();
     let spoof = MessageId::new();
+    let prefix = r.prefix().to_string();
     evil.publish(
-        &format!("invocation_client/{spoof}/devB/unlock/ack"),
+        &format!("{prefix}/{spoof}/devB/unlock/ack"),
         json!({"id": spoof.to_string(), "response": "spoofed"}).to_string(),
     )
     .await;
     // control: answering as itself is allowed, and reaches the requester (as unknown)
     let own = MessageId::new();
     evil.publish(
-        &format!("invocation_client/{own}/devA/unlock/ack"),
+        &format!("{prefix}/{own}/devA/unlock/ack"),
         json!({"id": own.to_string()}).to_string(),
     )
     .await;

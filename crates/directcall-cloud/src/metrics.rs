@@ -19,6 +19,8 @@ pub const PENDING_CALLS: &str = "directcall_pending_calls";
 pub const BROKER_RECONNECTS: &str = "directcall_broker_reconnects_total";
 /// Whether the requester's connection is up and subscribed (1 or 0).
 pub const BROKER_CONNECTED: &str = "directcall_broker_connected";
+/// 1 for the broker endpoint in use, by `url`; 0 for one used before.
+pub const BROKER_IN_USE: &str = "directcall_broker_in_use";
 
 /// Why a reply completed no call, as the `reason` label spells it.
 pub(crate) const DROP_REASONS: [&str; 6] = [
@@ -59,6 +61,10 @@ impl Metrics {
         describe_gauge!(
             BROKER_CONNECTED,
             "Whether the broker connection is up and subscribed."
+        );
+        describe_gauge!(
+            BROKER_IN_USE,
+            "1 for the broker endpoint in use, by url; 0 for one used before."
         );
         Metrics {
             published: counter!(REQUESTS_PUBLISHED),

@@ -38,12 +38,18 @@ pub(crate) enum PresenceSource {
 pub struct Options {
     pub(crate) broker: BrokerOptions,
     pub(crate) client_id: Option<String>,
+    pub(crate) client_id_prefix: Option<String>,
     pub(crate) prefix: Prefix,
+    pub(crate) shared_prefix: bool,
+    /// 12 random hex digits, made once per `Options`: the per-instance part
+    /// of the reply prefix and of the default client id.
+    pub(crate) instance: String,
     pub(crate) qos: RequestQos,
     pub(crate) max_in_flight: usize,
     pub(crate) ready_timeout: Duration,
     pub(crate) recent_capacity: usize,
     pub(crate) presence: Option<PresenceSource>,
+    pub(crate) mirror_presence: Option<PresenceRoot>,
     #[cfg(feature = "websocket")]
     pub(crate) url_signer: Option<std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
@@ -54,29 +60,56 @@ impl Options {
         Options {
             broker,
             client_id: None,
+            client_id_prefix: None,
             prefix: Prefix::default(),
+            shared_prefix: false,
+            instance: format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff),
             qos: RequestQos::default(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             recent_capacity: DEFAULT_RECENT_CAPACITY,
             presence: None,
+            mirror_presence: None,
             #[cfg(feature = "websocket")]
             url_signer: None,
         }
     }
 
-    /// MQTT client id. Default: `{prefix}-` plus 12 random hex digits, unique
-    /// per process (a second connection with the same id would push the first
-    /// one off the broker).
+    /// The MQTT client id, exactly. Default: `{prefix}-{instance}`, which is
+    /// also the reply prefix unless [`Options::shared_prefix`] (a second
+    /// connection with the same id would push the first one off the broker).
     pub fn client_id(mut self, id: impl Into<String>) -> Self {
         self.client_id = Some(id.into());
         self
     }
 
-    /// The requester's prefix (default `invocation_client`). Replies come back
-    /// on `{prefix}/+/+/+/ack`.
+    /// Client id `{base}-{instance}`, with the same 12 random hex digits as
+    /// the reply prefix: with `base` equal to the prefix (as the SAM template
+    /// sets it), the client id *is* the reply prefix, and an AWS IoT policy
+    /// can confine each instance to its own replies with `${iot:ClientId}`.
+    /// Default: the reply prefix.
+    pub fn client_id_prefix(mut self, base: impl Into<String>) -> Self {
+        self.client_id_prefix = Some(base.into());
+        self
+    }
+
+    /// The requester's base prefix (default `invocation_client`). Replies
+    /// come back on `{prefix}-{instance}/+/+/+/ack`, where `instance` is 12
+    /// random hex digits of this requester's own, so that each instance (a
+    /// gateway replica, a warm Lambda) receives only the replies to its own
+    /// calls; see [`Options::shared_prefix`].
     pub fn prefix(mut self, prefix: Prefix) -> Self {
         self.prefix = prefix;
+        self
+    }
+
+    /// Replies come back under the prefix itself, `{prefix}/+/+/+/ack`, as in
+    /// the seed: every requester sharing the prefix then receives every reply
+    /// under it and drops the ones it did not ask for (counted as
+    /// `dropped_unknown`). For brokers or policies that allow exactly one
+    /// prefix. Default: a per-instance prefix.
+    pub fn shared_prefix(mut self) -> Self {
+        self.shared_prefix = true;
         self
     }
 
@@ -125,6 +158,18 @@ impl Options {
         self
     }
 
+    /// With AWS lifecycle presence, also keep a retained record
+    /// `{"online": bool, "timestamp": ms}` under `root` for every lifecycle
+    /// event seen, and read those records: lifecycle events are not
+    /// retained, so without this a replica started after a device
+    /// disconnected would not know it is offline. Every replica mirrors
+    /// every event (one retained publish each; presence events are rare).
+    /// Needs publish and subscribe rights on `{root}/+`. Default: off.
+    pub fn mirror_presence(mut self, root: PresenceRoot) -> Self {
+        self.mirror_presence = Some(root);
+        self
+    }
+
     /// Sign the WebSocket URL with `signer` on every connection attempt
     /// (feature `websocket`; AWS IoT Core's SigV4 signer is
     /// [`AwsSigV4`](crate::sigv4::AwsSigV4), feature `sigv4`). Default: none.
@@ -142,8 +187,33 @@ impl Options {
         &self.broker
     }
 
-    /// The prefix.
+    /// The base prefix.
     pub fn get_prefix(&self) -> &Prefix {
         &self.prefix
+    }
+
+    /// The prefix replies come back under: `{prefix}-{instance}`, or the
+    /// prefix itself with [`Options::shared_prefix`].
+    ///
+    /// # Errors
+    /// [`directcall_core::Error::Invalid`] for `prefix` when the instance part makes it
+    /// longer than a topic level may be.
+    pub fn get_reply_prefix(&self) -> Result<Prefix, directcall_core::Error> {
+        if self.shared_prefix {
+            Ok(self.prefix.clone())
+        } else {
+            Prefix::new(format!("{}-{}", self.prefix, self.instance))
+        }
+    }
+
+    /// The MQTT client id the requester will use.
+    pub fn get_client_id(&self) -> String {
+        match (&self.client_id, &self.client_id_prefix) {
+            (Some(id), _) => id.clone(),
+            (None, Some(base)) => format!("{base}-{}", self.instance),
+            // Unique per instance even with a shared prefix: a second
+            // connection with the same id would push the first off.
+            (None, None) => format!("{}-{}", self.prefix, self.instance),
+        }
     }
 }

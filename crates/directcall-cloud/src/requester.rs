@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use directcall_core::deadline::{unix_millis, whole_millis};
 use directcall_core::mqtt::{
-    unique_client_id, Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, QoS,
-    Session, Subscription,
+    Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, QoS, Session,
+    Subscription,
 };
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::metrics::{Metrics, PendingGauge};
 use crate::options::{Options, RequestQos, DEFAULT_TIMEOUT};
-use crate::presence::Presence;
+use crate::presence::{Origin, Presence};
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
 const PUBLISH_OVERHEAD_BYTES: usize = 16;
@@ -226,6 +226,8 @@ struct Shared {
     counters: Counters,
     metrics: Metrics,
     presence: Option<Presence>,
+    /// The broker URL last reported in use, for the `broker_in_use` gauge.
+    reported_broker: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -286,14 +288,13 @@ impl Requester {
     /// [`Error::Setup`] when the TLS material is unusable or the transport
     /// needs a feature that is not compiled in.
     pub fn start(options: Options) -> Result<Self, Error> {
-        let client_id = options
-            .client_id
-            .clone()
-            .unwrap_or_else(|| unique_client_id(options.prefix.as_str()));
+        let prefix = options.get_reply_prefix()?;
+        let client_id = options.get_client_id();
         // Every in-flight call holds at most one request in the queue.
         #[allow(unused_mut)]
         let mut connection_options = ConnectionOptions::new(options.broker.clone(), client_id)
-            .capacity(options.max_in_flight);
+            .capacity(options.max_in_flight)
+            .probe_dots();
         #[cfg(feature = "websocket")]
         if let Some(signer) = options.url_signer.clone() {
             connection_options = connection_options.url_signer(signer);
@@ -302,7 +303,7 @@ impl Requester {
         let shared = Arc::new(Shared {
             link: connection.link(),
             pending: PendingTable::new(options.recent_capacity),
-            prefix: options.prefix.clone(),
+            prefix,
             qos: match options.qos {
                 RequestQos::AtMostOnce => QoS::AtMostOnce,
                 RequestQos::AtLeastOnce => QoS::AtLeastOnce,
@@ -310,7 +311,11 @@ impl Requester {
             permits: Semaphore::new(options.max_in_flight),
             counters: Counters::default(),
             metrics: Metrics::register(),
-            presence: options.presence.clone().map(Presence::new),
+            presence: options
+                .presence
+                .clone()
+                .map(|source| Presence::new(source, options.mirror_presence.clone())),
+            reported_broker: Mutex::new(None),
         });
         tracing::debug!(broker = %options.broker.url(), client_id = shared.link.client_id(), "requester starting");
         let driver = connection.run(Arc::clone(&shared));
@@ -343,8 +348,9 @@ impl Requester {
         self.shared().link.is_ready()
     }
 
-    /// The broker, as a URL without credentials or query.
-    pub fn broker_url(&self) -> &str {
+    /// The broker endpoint in use (or being tried), as a URL without
+    /// credentials or query.
+    pub fn broker_url(&self) -> String {
         self.shared().link.broker_url()
     }
 
@@ -361,7 +367,8 @@ impl Requester {
         self.shared().link.client_id()
     }
 
-    /// The prefix replies come back under.
+    /// The prefix replies come back under: `{prefix}-{instance}`, or the
+    /// base prefix with [`Options::shared_prefix`](crate::Options::shared_prefix).
     pub fn prefix(&self) -> &Prefix {
         &self.shared().prefix
     }
@@ -490,7 +497,12 @@ impl Session for Shared {
             QoS::AtLeastOnce,
         )];
         if let Some(p) = &self.presence {
-            subscriptions.push(Subscription::new(p.filter(), QoS::AtLeastOnce));
+            // QoS 0: retained records arrive all the same, and a broker
+            // that backs QoS 1 subscriptions with storage (NATS: JetStream
+            // consumers) has nothing to set up.
+            for filter in p.filters() {
+                subscriptions.push(Subscription::new(filter, QoS::AtMostOnce));
+            }
         }
         subscriptions
     }
@@ -503,12 +515,42 @@ impl Session for Shared {
 
     fn on_ready(&self) {
         self.metrics.connected.set(1.0);
+        let url = self.link.broker_url();
+        let mut reported = self
+            .reported_broker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if reported.as_deref() != Some(url.as_str()) {
+            if let Some(old) = reported.take() {
+                metrics::gauge!(crate::metrics::BROKER_IN_USE, "url" => old).set(0.0);
+            }
+            metrics::gauge!(crate::metrics::BROKER_IN_USE, "url" => url.clone()).set(1.0);
+            *reported = Some(url);
+        }
     }
 
     fn on_message(self: &Arc<Self>, message: Message<'_>) {
         if let Some(p) = &self.presence {
             match p.parse(message.topic, message.payload) {
-                Some(Some(event)) => return p.record(event),
+                Some(Some((event, origin))) => {
+                    let mirror = (origin == Origin::Lifecycle)
+                        .then(|| p.mirror())
+                        .flatten()
+                        .map(|root| (root.topic(&event.target), event.online, event.timestamp_ms));
+                    if p.record(event) {
+                        if let Some((topic, Some(online), timestamp)) = mirror {
+                            let record =
+                                serde_json::json!({"online": online, "timestamp": timestamp});
+                            self.link.publish_or_queue(
+                                topic,
+                                record.to_string(),
+                                QoS::AtLeastOnce,
+                                true,
+                            );
+                        }
+                    }
+                    return;
+                }
                 // A presence topic with an unreadable payload.
                 Some(None) => return,
                 None => {}
@@ -538,6 +580,23 @@ impl Shared {
             });
         }
         check_call_length(&invocation.target, &invocation.method, &self.prefix)?;
+        if self.link.refuses_dots() {
+            // Such a broker (NATS) would close the whole connection over the
+            // publish, taking every call in flight with it.
+            for (field, name) in [
+                (Field::Target, invocation.target.as_str()),
+                (Field::Method, invocation.method.as_str()),
+            ] {
+                if name.contains('.') {
+                    return Err(Error::Invalid {
+                        field,
+                        reason:
+                            "contains '.', which the connected broker refuses in topics (NATS does)"
+                                .into(),
+                    });
+                }
+            }
+        }
         if self.link.is_stopping() {
             return Err(Error::Closed);
         }

@@ -439,7 +439,9 @@ async fn presence_survives_a_lost_connection_while_its_subscription_waits() {
     let Some(b) = TestBroker::start(Kind::Mosquitto) else {
         return;
     };
-    let upstream: SocketAddr = format!("127.0.0.1:{}", b.options().port).parse().unwrap();
+    let upstream: SocketAddr = format!("127.0.0.1:{}", b.options().primary().port)
+        .parse()
+        .unwrap();
     let relay = Relay::start(upstream).await;
     relay.cut_at_subscribe(2);
     let root = PresenceRoot::new(unique("presence")).unwrap();
@@ -503,4 +505,145 @@ async fn without_a_broker_calls_are_unavailable_with_the_cause() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+}
+
+/// A seed device on a raw connection: answers every request on the reply
+/// topic the request names, with the seed's fields only, until dropped.
+async fn seed_device(b: &TestBroker, target: &str) -> tokio::task::JoinHandle<()> {
+    let mut seed = Raw::connect(&b.options(), &unique(target)).await;
+    seed.subscribe(&format!("{target}/#")).await;
+    tokio::spawn(async move {
+        loop {
+            let (topic, req) = seed.next().await;
+            let l = levels(&topic);
+            seed.publish(
+                &format!("{}/{}/{}/{}/ack", l[2], l[3], l[0], l[1]),
+                json!({"id": req["id"], "response": req["request"]}).to_string(),
+            )
+            .await;
+        }
+    })
+}
+
+/// Three requesters on one broker, 30 calls each: (per requester, the
+/// replies it completed and the ones it dropped as unknown).
+async fn fan_out(b: &TestBroker, shared: bool) -> Vec<(u64, u64)> {
+    let car = unique("car");
+    let device = seed_device(b, &car).await;
+    let base = Prefix::new(unique("fleet")).unwrap();
+    let mut requesters = Vec::new();
+    for _ in 0..3 {
+        let options = Options::new(b.options()).prefix(base.clone());
+        let options = if shared {
+            options.shared_prefix()
+        } else {
+            options
+        };
+        requesters.push(within(15, Requester::connect(options)).await.unwrap());
+    }
+    for (i, r) in requesters.iter().enumerate() {
+        for n in 0..30 {
+            let reply = within(10, r.invoke(call(&car, "m", json!([i, n]), 5000)))
+                .await
+                .unwrap();
+            assert_eq!(reply.response, json!([i, n]), "cross-talk");
+        }
+    }
+    // Let stray deliveries land before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    device.abort();
+    requesters
+        .iter()
+        .map(|r| (r.stats().completed, r.stats().dropped_unknown))
+        .collect()
+}
+
+async fn each_requester_receives_only_its_own_replies(b: TestBroker) {
+    // Per-instance prefixes (the default): every reply reaches exactly the
+    // requester that asked, and no other.
+    let own = fan_out(&b, false).await;
+    assert_eq!(own, vec![(30, 0); 3], "each reply delivered once");
+    // The seed's shared prefix, for contrast: every reply reaches all three.
+    let shared = fan_out(&b, true).await;
+    assert_eq!(
+        shared,
+        vec![(30, 60); 3],
+        "each reply delivered three times"
+    );
+}
+both_brokers!(each_requester_receives_only_its_own_replies);
+
+#[test]
+fn the_reply_prefix_is_per_instance_and_the_client_id_follows_it() {
+    let base = Prefix::new("invocation_client").unwrap();
+    let a = Options::new(directcall_core::BrokerOptions::new("h", 1)).prefix(base.clone());
+    let b = Options::new(directcall_core::BrokerOptions::new("h", 1)).prefix(base.clone());
+    let (pa, pb) = (a.get_reply_prefix().unwrap(), b.get_reply_prefix().unwrap());
+    assert_ne!(pa, pb);
+    assert!(pa.as_str().starts_with("invocation_client-"), "{pa}");
+    assert_eq!(pa.as_str().len(), "invocation_client-".len() + 12);
+    assert_eq!(a.get_client_id(), pa.as_str());
+    let lambda = a.clone().client_id_prefix("invocation_client");
+    assert_eq!(
+        lambda.get_client_id(),
+        pa.as_str(),
+        "client id = reply prefix"
+    );
+    let shared = a.clone().shared_prefix();
+    assert_eq!(shared.get_reply_prefix().unwrap(), base);
+    assert_eq!(
+        shared.get_client_id(),
+        pa.as_str(),
+        "still unique per instance"
+    );
+    let long = Options::new(directcall_core::BrokerOptions::new("h", 1))
+        .prefix(Prefix::new("p".repeat(120)).unwrap());
+    assert!(long.get_reply_prefix().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_late_knows_from_mirrored_records_who_is_offline() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let root = PresenceRoot::new(unique("presence")).unwrap();
+    let early = requester_with(&b, |o| o.aws_presence().mirror_presence(root.clone())).await;
+    let car = unique("thing");
+    let aws = Raw::connect(&b.options(), &unique("lifecycle")).await;
+    let event = json!({"clientId": car, "timestamp": now_ms(), "eventType": "disconnected", "versionNumber": 0});
+    within(10, async {
+        loop {
+            aws.publish(
+                &format!("$aws/events/presence/disconnected/{car}"),
+                event.to_string(),
+            )
+            .await;
+            if let Err(Error::Offline { .. }) =
+                early.invoke(call(&car, "m", Value::Null, 100)).await
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    // Lifecycle events are not retained; the mirrored record is.
+    let late = requester_with(&b, |o| o.aws_presence().mirror_presence(root.clone())).await;
+    let e = within(10, async {
+        loop {
+            match late.invoke(call(&car, "m", Value::Null, 100)).await {
+                Err(e @ Error::Offline { .. }) => break e,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert!(matches!(e, Error::Offline { .. }));
+    // Without the mirror, a late replica would not know.
+    let blind = requester_with(&b, |o| o.aws_presence()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = blind
+        .invoke(call(&car, "m", Value::Null, 200))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
 }

@@ -48,15 +48,15 @@ impl std::fmt::Debug for TlsOptions {
     }
 }
 
-/// How bytes reach the broker.
+/// How bytes reach a broker.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Transport {
     /// Plain TCP (`mqtt://`).
     #[default]
     Tcp,
-    /// TLS over TCP (`mqtts://`).
-    Tls(TlsOptions),
+    /// TLS over TCP (`mqtts://`), with the broker settings' [`TlsOptions`].
+    Tls,
     /// WebSocket (`ws://`) at `path`.
     Ws {
         /// HTTP path, with any query.
@@ -66,62 +66,48 @@ pub enum Transport {
     Wss {
         /// HTTP path, with any query.
         path: String,
-        /// TLS settings.
-        tls: TlsOptions,
     },
 }
 
-/// How to reach a broker.
-#[derive(Clone, PartialEq, Eq)]
+impl Transport {
+    /// Whether it runs over TLS.
+    pub fn uses_tls(&self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss { .. })
+    }
+}
+
+/// One broker node: where, and over what.
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct BrokerOptions {
+pub struct Endpoint {
     /// Host name or address.
     pub host: String,
     /// TCP port.
     pub port: u16,
-    /// TCP, TLS, WebSocket or secure WebSocket (default TCP).
+    /// TCP, TLS, WebSocket or secure WebSocket.
     pub transport: Transport,
-    /// User name and password, if the broker wants them.
-    pub credentials: Option<(String, String)>,
-    /// MQTT keepalive (default 30 s).
-    pub keep_alive: Duration,
-    /// Largest MQTT packet sent or accepted (default 128 KiB).
-    pub max_packet_bytes: usize,
-    /// How long a TCP connect may take (default 5 s).
-    pub connect_timeout: Duration,
-    /// First reconnect delay (default 100 ms); doubles per failure.
-    pub backoff_min: Duration,
-    /// Longest reconnect delay (default 1 s; AWS IoT allows one CONNECT per
-    /// second per client id).
-    pub backoff_max: Duration,
 }
 
-impl BrokerOptions {
-    /// A broker at `host:port` with every other setting at its default.
+impl Endpoint {
+    /// A plain-TCP endpoint at `host:port`.
     pub fn new(host: impl Into<String>, port: u16) -> Self {
-        BrokerOptions {
+        Endpoint {
             host: host.into(),
             port,
             transport: Transport::Tcp,
-            credentials: None,
-            keep_alive: DEFAULT_KEEP_ALIVE,
-            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
-            connect_timeout: Duration::from_secs(5),
-            backoff_min: DEFAULT_BACKOFF_MIN,
-            backoff_max: DEFAULT_BACKOFF_MAX,
         }
     }
 
-    /// Parses `mqtt://host[:port]` (default port 1883), `mqtts://host[:port]`
-    /// (8883), `ws://host[:port][/path]` (80) or `wss://host[:port][/path]`
-    /// (443); the WebSocket path defaults to `/mqtt`. A bare `host[:port]`
-    /// means `mqtt://`. TLS settings start empty (platform roots, no client
-    /// certificate); set them with [`BrokerOptions::tls_mut`].
+    /// Parses one broker URL: `mqtt://host[:port]` (default port 1883),
+    /// `mqtts://host[:port]` (8883), `ws://host[:port][/path]` (80) or
+    /// `wss://host[:port][/path]` (443); the WebSocket path defaults to
+    /// `/mqtt`. A bare `host[:port]` means `mqtt://`.
     ///
     /// # Errors
     /// [`Error::Invalid`] naming `broker` for another scheme, an empty host or
     /// a port that is not 1-65535.
     pub fn from_url(url: &str) -> Result<Self, Error> {
+        let url = url.trim();
         let (scheme, rest) = url.split_once("://").unwrap_or(("mqtt", url));
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -134,15 +120,9 @@ impl BrokerOptions {
         };
         let (transport, default_port) = match scheme {
             "mqtt" | "tcp" => (Transport::Tcp, DEFAULT_MQTT_PORT),
-            "mqtts" | "ssl" | "tls" => (Transport::Tls(TlsOptions::default()), DEFAULT_MQTTS_PORT),
+            "mqtts" | "ssl" | "tls" => (Transport::Tls, DEFAULT_MQTTS_PORT),
             "ws" => (Transport::Ws { path }, 80),
-            "wss" => (
-                Transport::Wss {
-                    path,
-                    tls: TlsOptions::default(),
-                },
-                443,
-            ),
+            "wss" => (Transport::Wss { path }, 443),
             other => {
                 return Err(Error::invalid(
                     Field::Broker,
@@ -164,20 +144,14 @@ impl BrokerOptions {
         if host.is_empty() {
             return Err(Error::invalid(Field::Broker, format!("no host in {url:?}")));
         }
-        let mut options = Self::new(host, port);
-        options.transport = transport;
-        Ok(options)
+        Ok(Endpoint {
+            host: host.to_owned(),
+            port,
+            transport,
+        })
     }
 
-    /// The TLS settings, when the transport uses TLS.
-    pub fn tls_mut(&mut self) -> Option<&mut TlsOptions> {
-        match &mut self.transport {
-            Transport::Tls(tls) | Transport::Wss { tls, .. } => Some(tls),
-            _ => None,
-        }
-    }
-
-    /// The broker as a URL (no credentials, no query), for logs and messages.
+    /// The endpoint as a URL (no query, which may hold a signature).
     pub fn url(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
@@ -187,10 +161,126 @@ impl BrokerOptions {
         let port = self.port;
         match &self.transport {
             Transport::Tcp => format!("mqtt://{host}:{port}"),
-            Transport::Tls(_) => format!("mqtts://{host}:{port}"),
+            Transport::Tls => format!("mqtts://{host}:{port}"),
             Transport::Ws { path } => format!("ws://{host}:{port}{}", strip_query(path)),
-            Transport::Wss { path, .. } => format!("wss://{host}:{port}{}", strip_query(path)),
+            Transport::Wss { path } => format!("wss://{host}:{port}{}", strip_query(path)),
         }
+    }
+}
+
+/// How to reach a broker, or a cluster of them: one or more endpoints tried
+/// in turn (the connection uses the first it can reach and moves on to the
+/// next when that one is lost), and the settings they share.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerOptions {
+    /// The broker nodes, in the order they are tried; never empty.
+    pub endpoints: Vec<Endpoint>,
+    /// TLS settings of the `mqtts://` and `wss://` endpoints (default: the
+    /// platform's roots, no client certificate, no ALPN).
+    pub tls: TlsOptions,
+    /// User name and password, if the broker wants them.
+    pub credentials: Option<(String, String)>,
+    /// MQTT keepalive (default 30 s).
+    pub keep_alive: Duration,
+    /// Largest MQTT packet sent or accepted (default 128 KiB).
+    pub max_packet_bytes: usize,
+    /// How long a TCP connect may take (default 5 s).
+    pub connect_timeout: Duration,
+    /// First reconnect delay (default 100 ms); doubles per failure.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay (default 1 s; AWS IoT allows one CONNECT per
+    /// second per client id).
+    pub backoff_max: Duration,
+    /// When the connection moves on to another endpoint, connect there as
+    /// `{client id}-f{n}` (n counting failovers) instead of the same client
+    /// id. NATS hands a client id over to another node only after it gave up
+    /// on the dead node's session (about 8 s measured here); a fresh id is
+    /// taken at once. Leave it off where ACLs are keyed on the client id
+    /// (EMQX `${clientid}`, AWS `${iot:ClientId}`). Default: off.
+    pub fresh_client_id_on_failover: bool,
+}
+
+impl BrokerOptions {
+    /// A broker at `host:port` over plain TCP, every other setting at its
+    /// default.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self::with_endpoints(vec![Endpoint::new(host, port)])
+    }
+
+    fn with_endpoints(endpoints: Vec<Endpoint>) -> Self {
+        BrokerOptions {
+            endpoints,
+            tls: TlsOptions::default(),
+            credentials: None,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
+            connect_timeout: Duration::from_secs(5),
+            backoff_min: DEFAULT_BACKOFF_MIN,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            fresh_client_id_on_failover: false,
+        }
+    }
+
+    /// Parses one broker URL or several, comma-separated (a cluster's nodes):
+    /// each `mqtt://host[:port]` (default port 1883), `mqtts://host[:port]`
+    /// (8883), `ws://host[:port][/path]` (80) or `wss://host[:port][/path]`
+    /// (443); the WebSocket path defaults to `/mqtt`. A bare `host[:port]`
+    /// means `mqtt://`. TLS settings start empty (platform roots, no client
+    /// certificate); set them in [`BrokerOptions::tls`].
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming `broker` for another scheme, an empty host,
+    /// a port that is not 1-65535, or no URL at all.
+    pub fn from_url(urls: &str) -> Result<Self, Error> {
+        Self::from_urls(urls.split(',').filter(|u| !u.trim().is_empty()))
+    }
+
+    /// Like [`BrokerOptions::from_url`], from separate URLs.
+    ///
+    /// # Errors
+    /// As [`BrokerOptions::from_url`].
+    pub fn from_urls<'a>(urls: impl IntoIterator<Item = &'a str>) -> Result<Self, Error> {
+        let endpoints = urls
+            .into_iter()
+            .map(Endpoint::from_url)
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(Error::invalid(Field::Broker, "no broker URL given"));
+        }
+        Ok(Self::with_endpoints(endpoints))
+    }
+
+    /// The first endpoint, the one tried first.
+    ///
+    /// # Panics
+    /// When `endpoints` was emptied by hand.
+    pub fn primary(&self) -> &Endpoint {
+        &self.endpoints[0]
+    }
+
+    /// Whether any endpoint runs over TLS (and so uses [`BrokerOptions::tls`]).
+    pub fn uses_tls(&self) -> bool {
+        self.endpoints.iter().any(|e| e.transport.uses_tls())
+    }
+
+    /// The TLS settings, when an endpoint uses TLS.
+    pub fn tls_mut(&mut self) -> Option<&mut TlsOptions> {
+        if self.uses_tls() {
+            Some(&mut self.tls)
+        } else {
+            None
+        }
+    }
+
+    /// The broker as URLs, comma-separated (no credentials, no query), for
+    /// logs and messages.
+    pub fn url(&self) -> String {
+        self.endpoints
+            .iter()
+            .map(Endpoint::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -204,7 +294,7 @@ impl std::fmt::Debug for BrokerOptions {
         // Never print the password or a presigned query.
         f.debug_struct("BrokerOptions")
             .field("url", &self.url())
-            .field("transport", &self.transport)
+            .field("tls", &self.tls)
             .field("username", &self.credentials.as_ref().map(|(u, _)| u))
             .field("keep_alive", &self.keep_alive)
             .field("max_packet_bytes", &self.max_packet_bytes)
@@ -251,30 +341,38 @@ mod tests {
     #[test]
     fn parses_broker_urls() {
         let b = BrokerOptions::from_url("mqtt://127.0.0.1:1884").unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("127.0.0.1", 1884));
+        assert_eq!(
+            (b.primary().host.as_str(), b.primary().port),
+            ("127.0.0.1", 1884)
+        );
         let b = BrokerOptions::from_url("localhost").unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("localhost", 1883));
+        assert_eq!(
+            (b.primary().host.as_str(), b.primary().port),
+            ("localhost", 1883)
+        );
         let b = BrokerOptions::from_url("mqtt://[::1]:1999").unwrap();
-        assert_eq!((b.host.as_str(), b.port), ("::1", 1999));
+        assert_eq!((b.primary().host.as_str(), b.primary().port), ("::1", 1999));
         assert_eq!(b.url(), "mqtt://[::1]:1999");
         let b = BrokerOptions::from_url("mqtts://iot.example.com").unwrap();
-        assert_eq!(b.port, 8883);
-        assert!(matches!(b.transport, Transport::Tls(_)));
+        assert_eq!(b.primary().port, 8883);
+        assert_eq!(b.primary().transport, Transport::Tls);
+        assert!(b.uses_tls());
         let b = BrokerOptions::from_url("ws://127.0.0.1:9001").unwrap();
         assert_eq!(
-            b.transport,
+            b.primary().transport,
             Transport::Ws {
                 path: "/mqtt".into()
             }
         );
         assert_eq!(b.url(), "ws://127.0.0.1:9001/mqtt");
         let b = BrokerOptions::from_url("wss://a.example/custom?x=1").unwrap();
-        assert_eq!(b.port, 443);
-        assert!(matches!(&b.transport, Transport::Wss { path, .. } if path == "/custom?x=1"));
+        assert_eq!(b.primary().port, 443);
+        assert!(matches!(&b.primary().transport, Transport::Wss { path } if path == "/custom?x=1"));
         assert_eq!(b.url(), "wss://a.example:443/custom");
         let mut b = BrokerOptions::new("h", 1);
         b.credentials = Some(("user".into(), "s3cret".into()));
         assert!(!format!("{b:?}").contains("s3cret"));
+        assert!(b.tls_mut().is_none());
         for bad in [
             "ws:///mqtt",
             "http://x",
@@ -282,10 +380,27 @@ mod tests {
             "mqtt://h:0",
             "mqtt://h:x",
             "mqtt://",
+            "",
+            " , ",
+            "mqtt://a:1,http://b",
         ] {
             let e = BrokerOptions::from_url(bad).unwrap_err();
             assert_eq!(e.field(), Field::Broker, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_cluster_is_a_comma_separated_list_tried_in_order() {
+        let b = BrokerOptions::from_url("mqtt://n1:1883, mqtts://n2,ws://n3:8080/mqtt").unwrap();
+        let urls: Vec<String> = b.endpoints.iter().map(Endpoint::url).collect();
+        assert_eq!(
+            urls,
+            ["mqtt://n1:1883", "mqtts://n2:8883", "ws://n3:8080/mqtt"]
+        );
+        assert_eq!(b.url(), urls.join(","));
+        assert!(b.uses_tls());
+        let b = BrokerOptions::from_urls(["mqtt://a", "mqtt://b:2"]).unwrap();
+        assert_eq!(b.endpoints[1].port, 2);
     }
 
     #[test]

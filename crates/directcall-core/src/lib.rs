@@ -50,7 +50,7 @@ pub mod testkit;
 pub mod topic;
 pub mod wire;
 
-pub use broker::{BrokerOptions, TlsOptions, Transport};
+pub use broker::{BrokerOptions, Endpoint, TlsOptions, Transport};
 pub use error::{Error, Field};
 pub use pending::{PendingGuard, PendingTable, Unmatched};
 pub use topic::{CallTopics, MessageId, Method, Prefix, PresenceRoot, Target};

@@ -23,17 +23,19 @@ pub struct PresenceEvent {
     pub timestamp_ms: Option<u64>,
 }
 
-/// Reads a directcall presence message on `topic` under `root`; `None` when
-/// the topic is not a presence topic of `root`.
+/// Reads a directcall presence message on `topic` under `root`
+/// (`{"online": bool}`, with an optional `"timestamp"` in ms since the Unix
+/// epoch); `None` when the topic is not a presence topic of `root`.
 pub fn parse_directcall(root: &PresenceRoot, topic: &str, payload: &[u8]) -> Option<PresenceEvent> {
     let target = root.parse(topic)?;
-    let online = serde_json::from_slice::<serde_json::Value>(payload)
-        .ok()
-        .and_then(|v| v.get("online")?.as_bool());
+    let record = serde_json::from_slice::<serde_json::Value>(payload).ok();
+    let online = record.as_ref().and_then(|v| v.get("online")?.as_bool());
+    // Records mirrored from AWS IoT lifecycle events carry the event's time.
+    let timestamp_ms = record.as_ref().and_then(|v| v.get("timestamp")?.as_u64());
     Some(PresenceEvent {
         target,
         online,
-        timestamp_ms: None,
+        timestamp_ms,
     })
 }
 
@@ -77,6 +79,13 @@ mod tests {
         let root = PresenceRoot::default();
         let e = parse_directcall(&root, "directcall/presence/car", br#"{"online":false}"#).unwrap();
         assert_eq!((e.target.as_str(), e.online), ("car", Some(false)));
+        let e = parse_directcall(
+            &root,
+            "directcall/presence/car",
+            br#"{"online":true,"timestamp":17}"#,
+        )
+        .unwrap();
+        assert_eq!((e.online, e.timestamp_ms), (Some(true), Some(17)));
         let e = parse_directcall(&root, "directcall/presence/car", b"").unwrap();
         assert_eq!(e.online, None);
         assert!(parse_directcall(&root, "other/car", br#"{"online":true}"#).is_none());

@@ -4,44 +4,68 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{Event, EventLoop, Packet, SubscribeFilter, SubscribeReasonCode};
+use rumqttc::{Event, EventLoop, MqttOptions, Packet, SubscribeFilter, SubscribeReasonCode};
 
-use super::{ConnectionError, Link, Message, Session, Subscription};
+use super::error::SubscriptionRefused;
+use super::{ConnectionError, Link, Message, QoS, Session, Subscription};
 use crate::broker::Backoff;
 
-/// Connections in a row that may die while the optional subscriptions wait
-/// for their SUBACK before they are given up for the life of the process. A
+/// Connections in a row that may die while an optional subscription waits
+/// for its SUBACK before it is given up for the life of the process. A
 /// broker that refuses a filter by closing the connection (AWS IoT Core, for
 /// a filter its policy denies) does it every time; a broker restart in that
-/// window is a one-off and must not cost the subscriptions for good.
+/// window is a one-off and must not cost the subscription for good.
 pub(crate) const OPTIONAL_GIVE_UP_AFTER: u32 = 3;
 
+/// The second level of the dotted probe subscription.
+const DOT_PROBE: &str = "directcall.probe";
+
+#[derive(Debug)]
+struct Optional {
+    subscription: Subscription,
+    /// Connections lost in a row while waiting for its SUBACK.
+    losses: u32,
+}
+
 /// Which SUBACK the driver waits for, and what it has learnt about the
-/// optional subscriptions. Pure bookkeeping, unit-tested below.
+/// optional subscriptions, which are asked for one at a time after the
+/// essential one, so that a broker closing the connection over one of them
+/// costs that one only. Pure bookkeeping, unit-tested below.
 #[derive(Debug)]
 pub(crate) struct SubscriptionPlan {
     essential: Vec<Subscription>,
-    optional: Vec<Subscription>,
+    optional: Vec<Optional>,
+    /// The dot probe's filter while it is asked for: readiness waits for its
+    /// answer, so that no name is published before the broker's rules are
+    /// known.
+    probe: Option<String>,
     phase: Phase,
-    /// Connections lost in a row while waiting for the optional SUBACK.
-    optional_losses: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Idle,
     Essential,
-    Optional,
+    Optional(usize),
 }
 
 /// What the driver must do after an event.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     Nothing,
+    /// Send this SUBSCRIBE.
     Subscribe(Vec<Subscription>),
-    /// The essential filter is granted; subscribe to these optional ones next.
-    Ready(Vec<Subscription>),
-    EssentialRefused,
+    /// The essential filter is granted: ready; then subscribe to this one.
+    Ready(Option<Subscription>),
+    EssentialRefused(String),
+    /// An optional filter was answered (the link is ready now, if it waited
+    /// for this answer); then subscribe to the next one.
+    Answered {
+        filter: String,
+        granted: bool,
+        ready: bool,
+        next: Option<Subscription>,
+    },
 }
 
 impl SubscriptionPlan {
@@ -53,10 +77,41 @@ impl SubscriptionPlan {
         };
         SubscriptionPlan {
             essential: all,
-            optional,
+            optional: optional
+                .into_iter()
+                .map(|subscription| Optional {
+                    subscription,
+                    losses: 0,
+                })
+                .collect(),
+            probe: None,
             phase: Phase::Idle,
-            optional_losses: 0,
         }
+    }
+
+    /// Asks for the dot probe `subscription` first among the optional ones,
+    /// and holds readiness until it is answered.
+    pub(crate) fn probe_first(&mut self, subscription: Subscription) {
+        self.probe = Some(subscription.filter.clone());
+        self.optional.insert(
+            0,
+            Optional {
+                subscription,
+                losses: 0,
+            },
+        );
+    }
+
+    fn is_probe(&self, i: usize) -> bool {
+        match (&self.probe, self.optional.get(i)) {
+            (Some(probe), Some(o)) => o.subscription.filter == *probe,
+            _ => false,
+        }
+    }
+
+    /// Asks for the essential filter again (after the broker refused it).
+    pub(crate) fn retry_essential(&mut self) -> Step {
+        self.on_connack()
     }
 
     /// A connection was made: subscribe to the essential filter again
@@ -66,30 +121,50 @@ impl SubscriptionPlan {
         Step::Subscribe(self.essential.clone())
     }
 
+    fn optional_from(&mut self, i: usize) -> Option<Subscription> {
+        match self.optional.get(i) {
+            Some(o) => {
+                self.phase = Phase::Optional(i);
+                Some(o.subscription.clone())
+            }
+            None => {
+                self.phase = Phase::Idle;
+                None
+            }
+        }
+    }
+
     /// A SUBACK arrived; `granted(i)` tells whether filter `i` was granted.
     pub(crate) fn on_suback(&mut self, granted: impl Fn(usize) -> bool) -> Step {
         match self.phase {
-            Phase::Essential if granted(0) => {
-                if self.optional.is_empty() {
-                    self.phase = Phase::Idle;
-                } else {
-                    self.phase = Phase::Optional;
-                }
-                Step::Ready(self.optional.clone())
+            Phase::Essential if granted(0) && self.is_probe(0) => {
+                let probe = self.optional_from(0);
+                Step::Subscribe(probe.into_iter().collect())
             }
+            Phase::Essential if granted(0) => Step::Ready(self.optional_from(0)),
             Phase::Essential => {
                 self.phase = Phase::Idle;
-                Step::EssentialRefused
+                let filter = self
+                    .essential
+                    .first()
+                    .map(|s| s.filter.clone())
+                    .unwrap_or_default();
+                Step::EssentialRefused(filter)
             }
-            Phase::Optional => {
-                self.phase = Phase::Idle;
-                self.optional_losses = 0;
-                for (i, s) in self.optional.iter().enumerate() {
-                    if !granted(i) {
-                        tracing::error!(filter = %s.filter, "the broker refused the subscription; going on without it");
-                    }
+            Phase::Optional(i) => {
+                let Some(o) = self.optional.get_mut(i) else {
+                    self.phase = Phase::Idle;
+                    return Step::Nothing;
+                };
+                o.losses = 0;
+                let filter = o.subscription.filter.clone();
+                let ready = self.is_probe(i);
+                Step::Answered {
+                    filter,
+                    granted: granted(0),
+                    ready,
+                    next: self.optional_from(i + 1),
                 }
-                Step::Nothing
             }
             Phase::Idle => Step::Nothing,
         }
@@ -97,41 +172,45 @@ impl SubscriptionPlan {
 
     /// The connection was lost.
     pub(crate) fn on_error(&mut self) {
-        if self.phase == Phase::Optional {
-            self.optional_losses += 1;
-            let filters: Vec<&str> = self.optional.iter().map(|s| s.filter.as_str()).collect();
-            if self.optional_losses >= OPTIONAL_GIVE_UP_AFTER {
-                tracing::error!(
-                    ?filters,
-                    "the broker closed the connection over these subscriptions {} times in a row; going on without them",
-                    self.optional_losses
-                );
-                self.optional.clear();
-            } else {
-                tracing::warn!(
-                    ?filters,
-                    "the connection was lost while these subscriptions waited for their SUBACK; asking again on the next connection"
-                );
+        if let Phase::Optional(i) = self.phase {
+            if let Some(o) = self.optional.get_mut(i) {
+                o.losses += 1;
+                let filter = o.subscription.filter.clone();
+                if o.losses >= OPTIONAL_GIVE_UP_AFTER {
+                    tracing::error!(
+                        filter,
+                        "the broker closed the connection over this subscription {} times in a row; going on without it",
+                        o.losses
+                    );
+                    if self.is_probe(i) {
+                        self.probe = None;
+                    }
+                    self.optional.remove(i);
+                } else {
+                    tracing::warn!(
+                        filter,
+                        "the connection was lost while this subscription waited for its SUBACK; asking again on the next connection"
+                    );
+                }
             }
         }
         self.phase = Phase::Idle;
     }
 
     #[cfg(test)]
-    fn optional(&self) -> &[Subscription] {
-        &self.optional
+    fn optional_filters(&self) -> Vec<&str> {
+        self.optional
+            .iter()
+            .map(|o| o.subscription.filter.as_str())
+            .collect()
     }
 }
 
-fn filters(subscriptions: Vec<Subscription>) -> Vec<SubscribeFilter> {
-    subscriptions
+fn subscribe(link: &Link, subscriptions: Vec<Subscription>) {
+    let filters: Vec<SubscribeFilter> = subscriptions
         .into_iter()
         .map(|s| SubscribeFilter::new(s.filter, s.qos.to_rumqttc()))
-        .collect()
-}
-
-fn subscribe(link: &Link, subscriptions: Vec<Subscription>) {
-    let filters = filters(subscriptions);
+        .collect();
     if let Err(rumqttc::ClientError::TryRequest(_)) =
         link.client.try_subscribe_many(filters.clone())
     {
@@ -142,23 +221,61 @@ fn subscribe(link: &Link, subscriptions: Vec<Subscription>) {
     }
 }
 
+/// What the driver owns besides the link.
+pub(crate) struct Parts {
+    pub(crate) eventloop: EventLoop,
+    pub(crate) endpoints: Vec<MqttOptions>,
+    pub(crate) backoff: Backoff,
+    pub(crate) probe_dots: bool,
+    pub(crate) fresh_client_id_on_failover: bool,
+}
+
 /// Drives the connection until a stop is asked for: polls the event loop,
 /// hands messages to `session`, subscribes on every connection, and
-/// reconnects after errors with capped, jittered backoff. Never awaits user
-/// code or a full channel.
-pub(crate) async fn drive<S: Session>(
-    session: Arc<S>,
-    mut eventloop: EventLoop,
-    link: Link,
-    mut backoff: Backoff,
-) {
+/// reconnects after errors with capped, jittered backoff, moving on to the
+/// next endpoint each time. Never awaits user code or a full channel.
+pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link) {
+    let Parts {
+        mut eventloop,
+        endpoints,
+        mut backoff,
+        probe_dots,
+        fresh_client_id_on_failover,
+    } = parts;
+    let mut failovers = 0u64;
     let mut plan = SubscriptionPlan::new(session.subscriptions());
+    let probe = probe_dots
+        .then(|| plan.essential.first().map(|s| s.filter.clone()))
+        .flatten()
+        .map(|essential| {
+            let first = essential.split('/').next().unwrap_or("+").to_owned();
+            format!("{first}/{DOT_PROBE}")
+        });
+    if let Some(filter) = &probe {
+        plan.probe_first(Subscription::new(filter.clone(), QoS::AtMostOnce));
+    }
     let mut stop = link.state.stop.subscribe();
     let mut reconnect = link.state.reconnect.subscribe();
+    // When the broker refused the essential subscription, when to ask again
+    // (NATS refuses it for a while after losing a node, for instance).
+    let mut resubscribe_at: Option<tokio::time::Instant> = None;
     loop {
+        let retry = async {
+            match resubscribe_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let event = tokio::select! {
             biased;
             _ = stop.wait_for(|stop| *stop) => break,
+            () = retry => {
+                resubscribe_at = None;
+                if let Step::Subscribe(s) = plan.retry_essential() {
+                    subscribe(&link, s);
+                }
+                continue;
+            }
             Ok(()) = reconnect.changed() => {
                 tracing::info!("making the broker connection anew, as asked");
                 plan.on_error();
@@ -176,7 +293,9 @@ pub(crate) async fn drive<S: Session>(
             }),
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff.reset();
+                resubscribe_at = None;
                 link.state.connects.fetch_add(1, Relaxed);
+                tracing::debug!(broker = %link.broker_url(), "connected");
                 if let Step::Subscribe(s) = plan.on_connack() {
                     subscribe(&link, s);
                 }
@@ -190,29 +309,73 @@ pub(crate) async fn drive<S: Session>(
                     )
                 };
                 match plan.on_suback(granted) {
-                    Step::Ready(optional) => {
+                    Step::Ready(next) => {
+                        backoff.reset();
                         link.set_ready(true);
                         session.on_ready();
-                        if !optional.is_empty() {
-                            subscribe(&link, optional);
+                        if let Some(next) = next {
+                            subscribe(&link, vec![next]);
                         }
                     }
-                    Step::EssentialRefused => {
-                        tracing::error!("the broker refused the essential subscription");
+                    Step::EssentialRefused(filter) => {
+                        let error = SubscriptionRefused { filter };
+                        let delay = backoff.next_delay(fastrand::f64());
+                        tracing::error!("{error}; asking again in {} ms", delay.as_millis());
+                        link.set_error(ConnectionError::new(&link.broker_url(), error));
+                        resubscribe_at = Some(tokio::time::Instant::now() + delay);
                     }
-                    Step::Nothing | Step::Subscribe(_) => {}
+                    Step::Answered {
+                        filter,
+                        granted,
+                        ready,
+                        next,
+                    } => {
+                        if probe.as_deref() == Some(filter.as_str()) {
+                            link.state.dots.store(if granted { 1 } else { 2 }, Relaxed);
+                            if !granted {
+                                tracing::info!("the broker refuses topics containing '.': names with a dot will be refused");
+                            }
+                        } else if !granted {
+                            tracing::error!(
+                                filter,
+                                "the broker refused the subscription; going on without it"
+                            );
+                        }
+                        if ready {
+                            backoff.reset();
+                            link.set_ready(true);
+                            session.on_ready();
+                        }
+                        if let Some(next) = next {
+                            subscribe(&link, vec![next]);
+                        }
+                    }
+                    Step::Subscribe(s) => subscribe(&link, s),
+                    Step::Nothing => {}
                 }
             }
             Ok(_) => {}
             Err(e) => {
+                resubscribe_at = None;
                 plan.on_error();
                 link.set_ready(false);
-                let error = ConnectionError::new(link.broker_url(), e);
+                let error = ConnectionError::new(&link.broker_url(), e);
                 link.set_error(error.clone());
                 session.on_disconnected(&error);
+                if endpoints.len() > 1 {
+                    let next = (link.state.current.load(Relaxed) + 1) % endpoints.len();
+                    link.state.current.store(next, Relaxed);
+                    eventloop.mqtt_options = endpoints[next].clone();
+                    if fresh_client_id_on_failover {
+                        failovers += 1;
+                        let id = format!("{}-f{failovers}", link.client_id());
+                        eventloop.mqtt_options.set_client_id(id);
+                    }
+                }
                 let delay = backoff.next_delay(fastrand::f64());
                 tracing::warn!(
-                    "broker connection: {error}; retrying in {} ms",
+                    "broker connection: {error}; trying {} in {} ms",
+                    link.broker_url(),
                     delay.as_millis()
                 );
                 tokio::select! {
@@ -241,55 +404,68 @@ pub(crate) async fn drive<S: Session>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::QoS;
+
+    fn sub(filter: &str) -> Subscription {
+        Subscription::new(filter, QoS::AtLeastOnce)
+    }
 
     fn plan() -> SubscriptionPlan {
-        SubscriptionPlan::new(vec![
-            Subscription::new("replies/#", QoS::AtLeastOnce),
-            Subscription::new("presence/+", QoS::AtLeastOnce),
-        ])
+        SubscriptionPlan::new(vec![sub("replies/#"), sub("presence/+"), sub("events/+")])
     }
 
     #[test]
-    fn the_essential_filter_first_then_the_optional_ones() {
+    fn the_essential_filter_first_then_the_optional_ones_one_at_a_time() {
         let mut p = plan();
-        assert_eq!(
-            p.on_connack(),
-            Step::Subscribe(vec![Subscription::new("replies/#", QoS::AtLeastOnce)])
-        );
+        assert_eq!(p.on_connack(), Step::Subscribe(vec![sub("replies/#")]));
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("presence/+"))));
         assert_eq!(
             p.on_suback(|_| true),
-            Step::Ready(vec![Subscription::new("presence/+", QoS::AtLeastOnce)])
+            Step::Answered {
+                filter: "presence/+".into(),
+                granted: true,
+                ready: false,
+                next: Some(sub("events/+"))
+            }
+        );
+        assert_eq!(
+            p.on_suback(|_| false),
+            Step::Answered {
+                filter: "events/+".into(),
+                granted: false,
+                ready: false,
+                next: None
+            }
         );
         assert_eq!(p.on_suback(|_| true), Step::Nothing);
     }
 
     #[test]
-    fn one_lost_connection_in_the_optional_window_keeps_the_optional_filters() {
+    fn one_lost_connection_in_an_optional_window_keeps_the_filter() {
         let mut p = plan();
         p.on_connack();
         p.on_suback(|_| true);
         p.on_error(); // a broker restart right then
-        assert_eq!(p.optional().len(), 1);
+        assert_eq!(p.optional_filters(), ["presence/+", "events/+"]);
         p.on_connack();
-        assert!(matches!(p.on_suback(|_| true), Step::Ready(o) if o.len() == 1));
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("presence/+"))));
     }
 
     #[test]
-    fn a_broker_that_closes_over_them_every_time_loses_them() {
+    fn a_broker_that_closes_over_one_filter_every_time_loses_that_filter_only() {
         let mut p = plan();
         for _ in 0..OPTIONAL_GIVE_UP_AFTER {
             p.on_connack();
             p.on_suback(|_| true);
-            p.on_error();
+            p.on_suback(|_| true); // presence granted
+            p.on_error(); // closed over "events/+"
         }
-        assert!(p.optional().is_empty());
+        assert_eq!(p.optional_filters(), ["presence/+"]);
         p.on_connack();
-        assert_eq!(p.on_suback(|_| true), Step::Ready(vec![]));
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("presence/+"))));
     }
 
     #[test]
-    fn a_granted_optional_suback_resets_the_count() {
+    fn a_granted_optional_suback_resets_its_count() {
         let mut p = plan();
         for _ in 0..5 {
             p.on_connack();
@@ -298,14 +474,67 @@ mod tests {
             p.on_connack();
             p.on_suback(|_| true);
             p.on_suback(|_| true);
+            p.on_suback(|_| true);
         }
-        assert_eq!(p.optional().len(), 1);
+        assert_eq!(p.optional_filters().len(), 2);
     }
 
     #[test]
     fn a_refused_essential_filter_is_not_ready() {
         let mut p = plan();
         p.on_connack();
-        assert_eq!(p.on_suback(|_| false), Step::EssentialRefused);
+        assert_eq!(
+            p.on_suback(|_| false),
+            Step::EssentialRefused("replies/#".into())
+        );
+    }
+
+    #[test]
+    fn readiness_waits_for_the_probe_which_goes_first() {
+        let mut p = plan();
+        p.probe_first(sub("replies/directcall.probe"));
+        p.on_connack();
+        assert_eq!(
+            p.on_suback(|_| true),
+            Step::Subscribe(vec![sub("replies/directcall.probe")])
+        );
+        assert_eq!(
+            p.on_suback(|_| false),
+            Step::Answered {
+                filter: "replies/directcall.probe".into(),
+                granted: false,
+                ready: true,
+                next: Some(sub("presence/+"))
+            }
+        );
+    }
+
+    #[test]
+    fn a_probe_the_broker_closes_over_every_time_stops_holding_readiness() {
+        let mut p = plan();
+        p.probe_first(sub("replies/directcall.probe"));
+        for _ in 0..OPTIONAL_GIVE_UP_AFTER {
+            p.on_connack();
+            p.on_suback(|_| true);
+            p.on_error();
+        }
+        p.on_connack();
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("presence/+"))));
+    }
+
+    #[test]
+    fn with_nothing_optional_the_essential_suback_means_ready() {
+        let mut p = SubscriptionPlan::new(vec![sub("car/#")]);
+        p.on_connack();
+        assert_eq!(p.on_suback(|_| true), Step::Ready(None));
+    }
+
+    #[test]
+    fn a_refused_essential_filter_is_asked_for_again() {
+        let mut p = plan();
+        p.on_connack();
+        assert!(matches!(p.on_suback(|_| false), Step::EssentialRefused(_)));
+        assert_eq!(p.retry_essential(), Step::Subscribe(vec![sub("replies/#")]));
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("presence/+"))));
     }
 }

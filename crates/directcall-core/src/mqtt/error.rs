@@ -18,6 +18,9 @@ pub enum SetupError {
         /// The feature to enable.
         feature: &'static str,
     },
+    /// No broker endpoint is configured.
+    #[error("no broker endpoint to connect to")]
+    NoEndpoint,
     /// TLS material that cannot be used.
     #[error("TLS {what}: {source}")]
     Tls {
@@ -70,6 +73,21 @@ impl fmt::Display for ConnectionError {
 impl StdError for ConnectionError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         Some(&*self.source)
+    }
+}
+
+/// The broker refused a subscription a side cannot work without.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the broker refused the subscription to {filter}{}", dot_hint(filter))]
+pub(crate) struct SubscriptionRefused {
+    pub(crate) filter: String,
+}
+
+fn dot_hint(filter: &str) -> &'static str {
+    if filter.contains('.') {
+        " (some brokers, NATS among them, refuse topics containing '.')"
+    } else {
+        ""
     }
 }
 

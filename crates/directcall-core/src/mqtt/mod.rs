@@ -46,11 +46,11 @@ pub(crate) mod options;
 pub mod tls;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, EventLoop};
+use rumqttc::{AsyncClient, EventLoop, MqttOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -220,6 +220,12 @@ pub struct ConnectionOptions {
     pub capacity: usize,
     /// Signs WebSocket URLs on every attempt (default: none).
     pub url_signer: Option<Arc<dyn UrlSigner>>,
+    /// Find out, on every connection, whether the broker refuses topics
+    /// containing `.` (NATS does, and closes the whole connection over a
+    /// publish to one), with a dotted subscription under the essential
+    /// filter's first level; read the answer with [`Link::refuses_dots`].
+    /// Default: off.
+    pub probe_dots: bool,
 }
 
 impl std::fmt::Debug for ConnectionOptions {
@@ -230,6 +236,7 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("will", &self.will.as_ref().map(|w| &w.topic))
             .field("capacity", &self.capacity)
             .field("url_signer", &self.url_signer.is_some())
+            .field("probe_dots", &self.probe_dots)
             .finish()
     }
 }
@@ -244,6 +251,7 @@ impl ConnectionOptions {
             will: None,
             capacity: 1024,
             url_signer: None,
+            probe_dots: false,
         }
     }
 
@@ -264,6 +272,13 @@ impl ConnectionOptions {
         self.url_signer = Some(signer);
         self
     }
+
+    /// Find out whether the broker refuses topics containing `.` (default:
+    /// off); see [`ConnectionOptions::probe_dots`].
+    pub fn probe_dots(mut self) -> Self {
+        self.probe_dots = true;
+        self
+    }
 }
 
 /// A client id made unique per process: `{base}-` and 12 random hex digits.
@@ -282,7 +297,11 @@ struct LinkState {
     last_error: Mutex<Option<ConnectionError>>,
     connects: AtomicU64,
     client_id: String,
-    broker_url: String,
+    /// Every endpoint's URL, and the one in use (or being tried).
+    urls: Vec<String>,
+    current: AtomicUsize,
+    /// 0 unknown, 1 dots accepted, 2 dots refused.
+    dots: AtomicU8,
     max_packet_bytes: usize,
 }
 
@@ -291,15 +310,18 @@ struct LinkState {
 pub struct Connection {
     client: AsyncClient,
     eventloop: EventLoop,
+    endpoints: Vec<MqttOptions>,
     state: Arc<LinkState>,
     backoff: crate::broker::Backoff,
+    probe_dots: bool,
+    fresh_client_id_on_failover: bool,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("client_id", &self.state.client_id)
-            .field("broker", &self.state.broker_url)
+            .field("broker", &self.state.urls)
             .finish_non_exhaustive()
     }
 }
@@ -312,15 +334,20 @@ impl Connection {
     /// [`SetupError`] when the TLS material is unusable or the transport
     /// needs a feature that is not compiled in.
     pub fn new(options: ConnectionOptions) -> Result<Self, SetupError> {
-        let (mqtt, network) = options::rumqttc_options(&options)?;
-        let (client, mut eventloop) =
-            AsyncClient::new(mqtt, options.capacity.saturating_add(CHANNEL_SLACK));
+        let (endpoints, network) = options::all_endpoints(&options)?;
+        let (client, mut eventloop) = AsyncClient::new(
+            endpoints[0].clone(),
+            options.capacity.saturating_add(CHANNEL_SLACK),
+        );
         eventloop.set_network_options(network);
         let broker = &options.broker;
         Ok(Connection {
             client,
             eventloop,
+            endpoints,
             backoff: crate::broker::Backoff::new(broker.backoff_min, broker.backoff_max),
+            probe_dots: options.probe_dots,
+            fresh_client_id_on_failover: broker.fresh_client_id_on_failover,
             state: Arc::new(LinkState {
                 ready: watch::Sender::new(false),
                 stop: watch::Sender::new(false),
@@ -328,7 +355,9 @@ impl Connection {
                 last_error: Mutex::new(None),
                 connects: AtomicU64::new(0),
                 client_id: options.client_id,
-                broker_url: broker.url(),
+                urls: broker.endpoints.iter().map(|e| e.url()).collect(),
+                current: AtomicUsize::new(0),
+                dots: AtomicU8::new(0),
                 max_packet_bytes: broker.max_packet_bytes,
             }),
         })
@@ -348,9 +377,14 @@ impl Connection {
         let link = self.link();
         let task = tokio::spawn(driver::drive(
             session,
-            self.eventloop,
+            driver::Parts {
+                eventloop: self.eventloop,
+                endpoints: self.endpoints,
+                backoff: self.backoff,
+                probe_dots: self.probe_dots,
+                fresh_client_id_on_failover: self.fresh_client_id_on_failover,
+            },
             link.clone(),
-            self.backoff,
         ));
         Driver { link, task }
     }
@@ -453,9 +487,17 @@ impl Link {
         &self.state.client_id
     }
 
-    /// The broker, as a URL without credentials or query.
-    pub fn broker_url(&self) -> &str {
-        &self.state.broker_url
+    /// The broker endpoint in use (or being tried), as a URL without
+    /// credentials or query.
+    pub fn broker_url(&self) -> String {
+        self.state.urls[self.state.current.load(Relaxed) % self.state.urls.len()].clone()
+    }
+
+    /// Whether the connected broker refuses topics containing `.` (known
+    /// only with [`ConnectionOptions::probe_dots`], once the probe was
+    /// answered; `false` while unknown).
+    pub fn refuses_dots(&self) -> bool {
+        self.state.dots.load(Relaxed) == 2
     }
 
     /// The largest packet this side sends.

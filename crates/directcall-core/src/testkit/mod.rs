@@ -20,6 +20,7 @@
 //! ```
 
 mod mosquitto;
+mod nats;
 mod raw;
 mod raw_pair;
 mod relay;
@@ -29,6 +30,7 @@ use std::time::Duration;
 
 pub use crate::embedded::{free_port, BrokerError, EmbeddedBroker};
 pub use mosquitto::{mosquitto_binary, Mosquitto};
+pub use nats::{nats_binary, NatsCluster};
 pub use raw::Raw;
 pub use raw_pair::{Legs, RawCallError, RawPair, RawPairError};
 pub use relay::Relay;

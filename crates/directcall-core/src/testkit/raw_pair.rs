@@ -73,8 +73,22 @@ impl RawPair {
     /// Connects both ends to `broker` and waits for their subscriptions.
     ///
     /// # Errors
-    /// A message when either end cannot connect within 10 s.
+    /// [`RawPairError`] when either end cannot connect within 10 s.
     pub async fn start(broker: &BrokerOptions, legs: Legs) -> Result<RawPair, RawPairError> {
+        Self::start_between(broker, broker, legs).await
+    }
+
+    /// Connects the requesting end to `requester` and the echoing end to
+    /// `responder` (two nodes of a cluster, as a gateway and a device would
+    /// be), and waits for their subscriptions.
+    ///
+    /// # Errors
+    /// [`RawPairError`] when either end cannot connect within 10 s.
+    pub async fn start_between(
+        requester: &BrokerOptions,
+        responder: &BrokerOptions,
+        legs: Legs,
+    ) -> Result<RawPair, RawPairError> {
         let run = format!("{:08x}", fastrand::u32(..));
         let request_root = format!("rawbench-{run}/req");
         let reply_root = format!("rawbench-{run}/rep");
@@ -84,7 +98,7 @@ impl RawPair {
 
         // Responder: echo every request to the reply topic with the same id.
         raw_client(
-            broker,
+            responder,
             &format!("rawbench-{run}-responder"),
             (format!("{request_root}/+"), legs.request_subscription),
             &ready_tx,
@@ -105,7 +119,7 @@ impl RawPair {
 
         // Requester: complete the waiter named by the reply topic.
         let client = raw_client(
-            broker,
+            requester,
             &format!("rawbench-{run}-requester"),
             (format!("{reply_root}/+"), legs.reply_subscription),
             &ready_tx,
@@ -128,7 +142,13 @@ impl RawPair {
         )?;
         tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|n| *n >= 2))
             .await
-            .map_err(|_| RawPairError(format!("no connection to {} within 10 s", broker.url())))?
+            .map_err(|_| {
+                RawPairError(format!(
+                    "no connection to {} and {} within 10 s",
+                    requester.url(),
+                    responder.url()
+                ))
+            })?
             .map_err(|e| RawPairError(e.to_string()))?;
         Ok(RawPair {
             client,

@@ -15,7 +15,7 @@ use directcall_bins::service::{InvokeService, Limits};
 use directcall_bins::{gateway, sim, EmbeddedBroker, Mosquitto};
 use directcall_cloud::{Invocation, Options, Prefix, RequestQos, Requester};
 use directcall_core::mqtt;
-use directcall_core::testkit::{Legs, RawPair};
+use directcall_core::testkit::{Legs, NatsCluster, RawPair};
 use directcall_core::{BrokerOptions, Method, Target};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
@@ -52,9 +52,24 @@ pub(crate) struct BenchArgs {
     /// Start a private Mosquitto as shipped (set_tcp_nodelay false) and use it.
     #[arg(long, env = "DIRECTCALL_BENCH_MOSQUITTO_AS_SHIPPED")]
     mosquitto_as_shipped: bool,
-    /// Gateway base URL for --mode http [default: a gateway started in this process].
+    /// Start a private NATS cluster of this many nodes (nats-server, MQTT and
+    /// JetStream) and use it: devices, gateways and the raw floor's two ends
+    /// are spread over its nodes.
+    #[arg(long, env = "DIRECTCALL_BENCH_NATS", conflicts_with_all = ["embedded", "mosquitto", "mosquitto_as_shipped"])]
+    nats: Option<usize>,
+    /// Gateway base URLs for --mode http, comma-separated; connections are
+    /// spread over them in turn [default: --gateways gateways in this process].
     #[arg(long, env = "DIRECTCALL_BENCH_URL")]
     url: Option<String>,
+    /// Gateways to start in this process for --mode http (gateway k on
+    /// broker node k, with every node to fail over to).
+    #[arg(
+        long,
+        env = "DIRECTCALL_BENCH_GATEWAYS",
+        default_value_t = 1,
+        conflicts_with = "url"
+    )]
+    gateways: usize,
     /// Simulated devices in this process, each on its own connection; calls are spread over them.
     #[arg(long, env = "DIRECTCALL_BENCH_DEVICES", default_value_t = 1)]
     devices: usize,
@@ -94,7 +109,8 @@ pub(crate) struct BenchArgs {
 }
 
 pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
-    let (broker, _own, broker_label) = broker(&args)?;
+    let nodes = nodes(&args).await?;
+    let (broker, broker_label) = (nodes.node(0), nodes.label.clone());
     let calls = match (args.calls, args.duration) {
         (None, None) => Some(10_000),
         (c, _) => c,
@@ -129,14 +145,19 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
         .map_err(|e| format!("--device-prefix: {e}"))?;
     let mut devices = Vec::new();
     if args.mode != Mode::Raw && !args.external_devices {
+        // Device i on node i: spread over a cluster as a fleet would be.
         let echo = sim::SimOptions::default();
-        devices = sim::start(&broker.clone().into(), &targets, &echo)
-            .await
-            .map_err(|e| e.to_string())?;
+        for (i, target) in targets.iter().enumerate() {
+            devices.extend(
+                sim::start(&nodes.node(i).into(), std::slice::from_ref(target), &echo)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
     }
 
     let report = match args.mode {
-        Mode::Raw => raw(&broker, &load, qos, payload.clone(), timeout, args.json).await?,
+        Mode::Raw => raw(&nodes, &load, qos, payload.clone(), timeout, args.json).await?,
         Mode::Requester => {
             let requester = requester(&broker, qos, load.concurrency).await?;
             let targets = Arc::new(targets.clone());
@@ -164,12 +185,12 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
             requester.shutdown().await;
             report
         }
-        Mode::Http => http(&args, &broker, &load, qos, &targets, &payload, timeout).await?,
+        Mode::Http => http(&args, &nodes, &load, qos, &targets, &payload, timeout).await?,
         Mode::Timeouts => unreachable!("handled above"),
     };
 
     let raw_report = if args.compare_raw && args.mode != Mode::Raw {
-        Some(raw(&broker, &load, qos, payload, timeout, args.json).await?)
+        Some(raw(&nodes, &load, qos, payload, timeout, args.json).await?)
     } else {
         None
     };
@@ -180,15 +201,48 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The broker to use; a Mosquitto the bench started lives as long as the returned value.
-fn broker(args: &BenchArgs) -> Result<(BrokerOptions, Option<Mosquitto>, String), String> {
+/// The broker nodes to use, and what keeps the ones the bench started alive.
+struct Nodes {
+    /// Settings per node; node k lists every node, starting with k.
+    per_node: Vec<BrokerOptions>,
+    label: String,
+    _mosquitto: Option<Mosquitto>,
+    _nats: Option<NatsCluster>,
+}
+
+impl Nodes {
+    /// Node `i` (round robin).
+    fn node(&self, i: usize) -> BrokerOptions {
+        self.per_node[i % self.per_node.len()].clone()
+    }
+
+    fn single(options: BrokerOptions, label: String, mosquitto: Option<Mosquitto>) -> Self {
+        // A list given with --broker: node k starts at endpoint k.
+        let n = options.endpoints.len();
+        let per_node = (0..n)
+            .map(|k| {
+                let mut o = options.clone();
+                o.endpoints.rotate_left(k);
+                o
+            })
+            .collect();
+        Nodes {
+            per_node,
+            label,
+            _mosquitto: mosquitto,
+            _nats: None,
+        }
+    }
+}
+
+async fn nodes(args: &BenchArgs) -> Result<Nodes, String> {
     if args.embedded {
         let b = EmbeddedBroker::start(None).map_err(|e| e.to_string())?;
         // rumqttd runs until the process exits.
-        return Ok((
+        return Ok(Nodes::single(
             b.options(),
-            None,
             "embedded rumqttd (TCP_NODELAY patch)".into(),
+            None,
         ));
     }
     if args.mosquitto || args.mosquitto_as_shipped {
@@ -197,11 +251,28 @@ fn broker(args: &BenchArgs) -> Result<(BrokerOptions, Option<Mosquitto>, String)
             .map_err(|e| e.to_string())?
             .ok_or("--mosquitto needs the mosquitto binary (apt-get install -y mosquitto)")?;
         let label = format!("private Mosquitto, set_tcp_nodelay {nodelay}");
-        return Ok((m.options(), Some(m), label));
+        return Ok(Nodes::single(m.options(), label, Some(m)));
+    }
+    if let Some(n) = args.nats {
+        let cluster = NatsCluster::start(n.max(1))
+            .map_err(|e| e.to_string())?
+            .ok_or("--nats needs the nats-server binary (apt-get install -y nats-server)")?;
+        if !cluster.wait_ready(Duration::from_secs(30)).await {
+            return Err("the NATS cluster never took subscriptions".into());
+        }
+        let per_node = (0..cluster.len())
+            .map(|k| cluster.options_from(k))
+            .collect();
+        return Ok(Nodes {
+            per_node,
+            label: format!("private NATS cluster, {} nodes", cluster.len()),
+            _mosquitto: None,
+            _nats: Some(cluster),
+        });
     }
     let options = args.broker.resolve().map_err(|e| e.to_string())?.options;
     let label = options.url();
-    Ok((options, None, label))
+    Ok(Nodes::single(options, label, None))
 }
 
 async fn requester(
@@ -243,7 +314,7 @@ fn progress_bar(load: &LoadOptions, json: bool) -> Option<indicatif::ProgressBar
 }
 
 async fn raw(
-    broker: &BrokerOptions,
+    nodes: &Nodes,
     load: &LoadOptions,
     qos: mqtt::QoS,
     payload: String,
@@ -253,8 +324,10 @@ async fn raw(
     // Until the reply QoS is chosen by measurement: request at `qos`, the
     // reply leg at QoS 1, as directcall does.
     let legs = Legs::uniform(mqtt::QoS::AtLeastOnce).request(qos);
+    // On a cluster the echoing end sits on another node than the
+    // requesting end, as a device and a gateway would.
     let pair = Arc::new(
-        RawPair::start(broker, legs)
+        RawPair::start_between(&nodes.node(0), &nodes.node(1), legs)
             .await
             .map_err(|e| e.to_string())?,
     );
@@ -269,29 +342,40 @@ async fn raw(
 
 async fn http(
     args: &BenchArgs,
-    broker: &BrokerOptions,
+    nodes: &Nodes,
     load: &LoadOptions,
     qos: mqtt::QoS,
     targets: &[Target],
     payload: &str,
     timeout: Duration,
 ) -> Result<LoadReport, String> {
-    // An external gateway, or one in this process on a free port.
-    let (base, _gateway) = match &args.url {
-        Some(url) => (url.trim_end_matches('/').to_owned(), None),
+    // External gateways, or gateways in this process on free ports
+    // (gateway k on node k).
+    let mut stops = Vec::new();
+    let bases: Vec<String> = match &args.url {
+        Some(urls) => urls
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect(),
         None => {
-            let requester = requester(broker, qos, load.concurrency).await?;
-            let service = InvokeService::new(requester, Limits::default());
-            let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-                .await
-                .map_err(|e| e.to_string())?;
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let app = gateway::app(GatewayConfig::new(service));
-            tokio::spawn(gateway::serve(listener, app, async move {
-                let _ = stop_rx.await;
-            }));
-            (format!("http://{addr}"), Some(stop_tx))
+            let mut bases = Vec::new();
+            for k in 0..args.gateways.max(1) {
+                let requester = requester(&nodes.node(k), qos, load.concurrency).await?;
+                let service = InvokeService::new(requester, Limits::default());
+                let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let addr = listener.local_addr().map_err(|e| e.to_string())?;
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                let app = gateway::app(GatewayConfig::new(service));
+                tokio::spawn(gateway::serve(listener, app, async move {
+                    let _ = stop_rx.await;
+                }));
+                stops.push(stop_tx);
+                bases.push(format!("http://{addr}"));
+            }
+            bases
         }
     };
     let secs = timeout.as_secs().clamp(1, 60);
@@ -301,10 +385,12 @@ async fn http(
             .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
             .collect(),
     );
-    // One keep-alive connection per concurrent caller, handed out in turn.
+    // One keep-alive connection per concurrent caller, spread over the
+    // gateways in turn, handed out in turn.
     let mut connections = Vec::new();
-    for _ in 0..load.concurrency {
-        connections.push(Connection::open(&base).await.map_err(|e| e.to_string())?);
+    for i in 0..load.concurrency {
+        let base = &bases[i % bases.len()];
+        connections.push(Connection::open(base).await.map_err(|e| e.to_string())?);
     }
     let pool = Arc::new(tokio::sync::Mutex::new(connections));
     let progress = progress_bar(load, args.json);
