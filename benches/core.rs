@@ -65,17 +65,20 @@ fn pending(c: &mut Criterion) {
     let mut g = c.benchmark_group("pending");
     g.throughput(Throughput::Elements(1));
     let table = PendingTable::<u64>::default();
-    // 100k calls already waiting: insert + complete one more.
-    let _held: Vec<_> = (0..100_000).map(|i| table.insert(call(), i)).collect();
+    let deadline = || std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // 100k calls already waiting: insert + complete + collect one more.
+    let _held: Vec<_> = (0..100_000)
+        .map(|_| table.insert(&call(), deadline()).0)
+        .collect();
     let calls: Vec<_> = (0..1024).map(|_| call()).collect();
     let mut i = 0;
     g.bench_function("insert+complete at 100k pending", |b| {
         b.iter(|| {
             let c = &calls[i % calls.len()];
             i += 1;
-            let guard = table.insert(c.clone(), 1);
-            black_box(table.complete(c).unwrap());
-            drop(guard);
+            let (pending, _) = table.insert(c, deadline());
+            table.complete(c, 1).unwrap();
+            black_box(futures_util::FutureExt::now_or_never(pending));
         })
     });
     g.finish();
@@ -96,11 +99,13 @@ fn pending_contended(c: &mut Criterion) {
                     let table = &table;
                     s.spawn(move || {
                         let calls: Vec<_> = (0..64).map(|_| call()).collect();
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(60);
                         for i in 0..per_thread {
                             let c = &calls[i as usize % calls.len()];
-                            let guard = table.insert(c.clone(), i);
-                            black_box(table.complete(c).unwrap());
-                            drop(guard);
+                            let (pending, _) = table.insert(c, deadline);
+                            table.complete(c, i).unwrap();
+                            black_box(futures_util::FutureExt::now_or_never(pending));
                         }
                     });
                 }

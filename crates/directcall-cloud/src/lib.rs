@@ -49,4 +49,4 @@ pub use error::Error;
 pub use options::{
     Options, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_TIMEOUT,
 };
-pub use requester::{Invocation, Reply, Requester, Stats};
+pub use requester::{Invocation, Invoke, Reply, Requester, Stats};

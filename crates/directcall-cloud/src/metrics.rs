@@ -77,19 +77,3 @@ impl Metrics {
         }
     }
 }
-
-/// Counts one call as pending until dropped.
-pub(crate) struct PendingGauge<'a>(&'a Gauge);
-
-impl<'a> PendingGauge<'a> {
-    pub(crate) fn new(gauge: &'a Gauge) -> Self {
-        gauge.increment(1.0);
-        PendingGauge(gauge)
-    }
-}
-
-impl Drop for PendingGauge<'_> {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
-}

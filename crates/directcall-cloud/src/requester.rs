@@ -9,16 +9,20 @@ use directcall_core::mqtt::{
 };
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
-    CallTopics, Field, MessageId, Method, PendingGuard, PendingTable, Prefix, ReplyPayload,
+    CallTopics, Field, MessageId, Method, Outcome, PendingCall, PendingTable, Prefix, ReplyPayload,
     RequestPayload, Target, Unmatched,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::{oneshot, Semaphore, SemaphorePermit, TryAcquireError};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::metrics::{Metrics, PendingGauge};
+use crate::metrics::Metrics;
 use crate::options::{Options, RequestQos, DEFAULT_TIMEOUT};
 use crate::presence::{Origin, Presence};
 
@@ -214,15 +218,20 @@ struct Counters {
     dropped: [AtomicU64; 6],
 }
 
-type Waiter = oneshot::Sender<ReplyPayload>;
+/// A reply as a pending call holds it: boxed, so a waiting call's slot stays
+/// small.
+type Slot = Box<ReplyPayload>;
 
 #[derive(Debug)]
 struct Shared {
     link: Link,
-    pending: PendingTable<Waiter>,
+    pending: PendingTable<Slot>,
+    /// Wakes the deadline sweeper when a call's deadline is the earliest.
+    sweep: Arc<Notify>,
+    sweeper_stop: watch::Sender<bool>,
     prefix: Prefix,
     qos: QoS,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     counters: Counters,
     metrics: Metrics,
     presence: Option<Presence>,
@@ -238,8 +247,10 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        // The last handle is gone: stop the driver, which disconnects.
+        // The last handle is gone: stop the driver, which disconnects, and
+        // the deadline sweeper.
         self.shared.link.stop();
+        self.shared.sweeper_stop.send_replace(true);
     }
 }
 
@@ -300,15 +311,25 @@ impl Requester {
             connection_options = connection_options.url_signer(signer);
         }
         let connection = Connection::new(connection_options)?;
+        let pending = PendingTable::new(options.recent_capacity);
+        let sweep = Arc::new(Notify::new());
+        let sweeper_stop = watch::Sender::new(false);
+        tokio::spawn(sweep_deadlines(
+            pending.clone(),
+            Arc::clone(&sweep),
+            sweeper_stop.subscribe(),
+        ));
         let shared = Arc::new(Shared {
             link: connection.link(),
-            pending: PendingTable::new(options.recent_capacity),
+            pending,
+            sweep,
+            sweeper_stop,
             prefix,
             qos: match options.qos {
                 RequestQos::AtMostOnce => QoS::AtMostOnce,
                 RequestQos::AtLeastOnce => QoS::AtLeastOnce,
             },
-            permits: Semaphore::new(options.max_in_flight),
+            permits: Arc::new(Semaphore::new(options.max_in_flight)),
             counters: Counters::default(),
             metrics: Metrics::register(),
             presence: options
@@ -388,18 +409,8 @@ impl Requester {
     /// - [`Error::Timeout`] when no reply came before the deadline;
     /// - [`Error::Closed`] after [`Requester::shutdown`], also for a call
     ///   that was waiting when it came.
-    pub async fn invoke(&self, invocation: Invocation) -> Result<Reply, Error> {
-        let shared = self.shared();
-        let start = invocation.start.unwrap_or_else(Instant::now);
-        shared.check(&invocation)?;
-        let id = MessageId::new();
-        let at = start + invocation.timeout;
-        let _permit = shared.count_timeout(acquire_by(&shared.permits, at, start, id).await)?;
-        // Everything the wait below does not need is gone before it starts,
-        // which keeps each pending call's future small.
-        let (_guard, rx) = shared.send(invocation, id, at)?;
-        let _pending = PendingGauge::new(&shared.metrics.pending);
-        shared.count_timeout(reply_by(rx, at, start, id).await)
+    pub fn invoke(&self, invocation: Invocation) -> Invoke {
+        Invoke::start(Arc::clone(&self.handle.shared), invocation)
     }
 
     /// A snapshot of the counters.
@@ -429,7 +440,9 @@ impl Requester {
     pub async fn shutdown(&self) {
         let shared = self.shared();
         shared.permits.close();
+        shared.pending.close();
         shared.link.stop();
+        shared.sweeper_stop.send_replace(true);
         let driver = self
             .handle
             .driver
@@ -442,20 +455,149 @@ impl Requester {
     }
 }
 
+/// The future of one call, returned by [`Requester::invoke`]. It owns what
+/// it needs (no borrow of the requester), and while it waits it holds only
+/// the call's slot, its in-flight permit, its start and its id: everything
+/// else (validation, encoding, the publish) was done when it was made.
+#[must_use = "a call does nothing unless awaited; dropping it abandons the call"]
+pub struct Invoke {
+    state: InvokeState,
+}
+
+impl std::fmt::Debug for Invoke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            InvokeState::Failed(_) => "failed",
+            InvokeState::Waiting(_) => "waiting",
+            InvokeState::Slow(_) => "waiting for an in-flight slot",
+            InvokeState::Done => "done",
+        };
+        f.debug_struct("Invoke").field("state", &state).finish()
+    }
+}
+
+enum InvokeState {
+    /// Refused before anything was published.
+    Failed(Option<Box<Error>>),
+    Waiting(Waiting),
+    /// The in-flight limit was full: the rare path, boxed.
+    Slow(Pin<Box<dyn Future<Output = Result<Reply, Error>> + Send>>),
+    Done,
+}
+
+/// A published call waiting for its outcome.
+struct Waiting {
+    shared: Arc<Shared>,
+    call: PendingCall<Slot>,
+    _permit: OwnedSemaphorePermit,
+    start: Instant,
+    id: MessageId,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.shared.metrics.pending.decrement(1.0);
+    }
+}
+
+impl Invoke {
+    fn start(shared: Arc<Shared>, invocation: Invocation) -> Self {
+        let start = invocation.start.unwrap_or_else(Instant::now);
+        if let Err(e) = shared.check(&invocation) {
+            return Invoke::failed(e);
+        }
+        let id = MessageId::new();
+        let at = start + invocation.timeout;
+        let state = match Arc::clone(&shared.permits).try_acquire_owned() {
+            Ok(permit) => match Waiting::send(shared, invocation, permit, start, id, at) {
+                Ok(waiting) => InvokeState::Waiting(waiting),
+                Err(e) => return Invoke::failed(e),
+            },
+            Err(TryAcquireError::Closed) => return Invoke::failed(Error::Closed),
+            // Only a full in-flight limit makes a call wait for a slot.
+            Err(TryAcquireError::NoPermits) => InvokeState::Slow(Box::pin(async move {
+                let permit = acquire_by(&shared.permits, at, start, id).await;
+                let permit = shared.count_timeout(permit)?;
+                let waiting =
+                    Waiting::send(Arc::clone(&shared), invocation, permit, start, id, at)?;
+                Invoke {
+                    state: InvokeState::Waiting(waiting),
+                }
+                .await
+            })),
+        };
+        Invoke { state }
+    }
+
+    fn failed(e: Error) -> Self {
+        Invoke {
+            state: InvokeState::Failed(Some(Box::new(e))),
+        }
+    }
+}
+
+impl Waiting {
+    fn send(
+        shared: Arc<Shared>,
+        invocation: Invocation,
+        permit: OwnedSemaphorePermit,
+        start: Instant,
+        id: MessageId,
+        at: Instant,
+    ) -> Result<Self, Error> {
+        let call = shared.send(invocation, id, at)?;
+        shared.metrics.pending.increment(1.0);
+        Ok(Waiting {
+            shared,
+            call,
+            _permit: permit,
+            start,
+            id,
+        })
+    }
+}
+
+impl Future for Invoke {
+    type Output = Result<Reply, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            InvokeState::Failed(e) => {
+                let e = e.take().map_or(Error::Closed, |e| *e);
+                self.state = InvokeState::Done;
+                Poll::Ready(Err(e))
+            }
+            InvokeState::Waiting(w) => {
+                let Poll::Ready(outcome) = Pin::new(&mut w.call).poll(cx) else {
+                    return Poll::Pending;
+                };
+                let result = w.shared.count_timeout(reply_of(outcome, w.start, w.id));
+                // Releases the permit and the pending gauge.
+                self.state = InvokeState::Done;
+                Poll::Ready(result)
+            }
+            InvokeState::Slow(f) => {
+                let result = std::task::ready!(f.as_mut().poll(cx));
+                self.state = InvokeState::Done;
+                Poll::Ready(result)
+            }
+            InvokeState::Done => panic!("Invoke polled after it completed"),
+        }
+    }
+}
+
 /// Takes an in-flight slot, waiting for one no later than `at`.
 async fn acquire_by(
-    permits: &Semaphore,
+    permits: &Arc<Semaphore>,
     at: Instant,
     start: Instant,
     id: MessageId,
-) -> Result<SemaphorePermit<'_>, Error> {
-    match permits.try_acquire() {
+) -> Result<OwnedSemaphorePermit, Error> {
+    match Arc::clone(permits).try_acquire_owned() {
         Ok(permit) => Ok(permit),
         Err(TryAcquireError::Closed) => Err(Error::Closed),
-        // Only a full in-flight limit makes a call wait here. Boxed: the
-        // rare path should not grow every call's future.
         Err(TryAcquireError::NoPermits) => {
-            match Box::pin(tokio::time::timeout_at(at, permits.acquire())).await {
+            match tokio::time::timeout_at(at, Arc::clone(permits).acquire_owned()).await {
                 Ok(Ok(permit)) => Ok(permit),
                 Ok(Err(_)) => Err(Error::Closed),
                 Err(_) => Err(Error::Timeout {
@@ -467,26 +609,46 @@ async fn acquire_by(
     }
 }
 
-/// Waits for the reply no later than `at`. The sender is dropped unanswered
-/// only when the requester shuts down.
-async fn reply_by(
-    rx: oneshot::Receiver<ReplyPayload>,
-    at: Instant,
-    start: Instant,
-    id: MessageId,
-) -> Result<Reply, Error> {
-    match tokio::time::timeout_at(at, rx).await {
-        Ok(Ok(reply)) => Ok(Reply {
+/// What a call's outcome means to its caller.
+fn reply_of(outcome: Outcome<Slot>, start: Instant, id: MessageId) -> Result<Reply, Error> {
+    match outcome {
+        Outcome::Answered(reply) => Ok(Reply {
             id,
             status: reply.status,
             response: reply.response,
             elapsed: start.elapsed(),
         }),
-        Ok(Err(_)) => Err(Error::Closed),
-        Err(_) => Err(Error::Timeout {
+        Outcome::TimedOut => Err(Error::Timeout {
             elapsed: start.elapsed(),
             id,
         }),
+        // Closed, and what a later version of the table may add.
+        _ => Err(Error::Closed),
+    }
+}
+
+/// Fires the table's deadlines: sleeps until the earliest, ends the calls
+/// due, and starts over, or sooner when a call with an earlier deadline is
+/// registered. One task per requester, instead of a timer per call.
+async fn sweep_deadlines(
+    table: PendingTable<Slot>,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (_, next) = table.expire(Instant::now().into_std());
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return,
+            () = wake.notified() => {}
+            () = sleep => {}
+        }
     }
 }
 
@@ -565,8 +727,8 @@ impl Session for Shared {
 
     fn on_stopping(&self) {
         self.metrics.connected.set(0.0);
-        // Waiters dropped here end their calls with `Closed`.
-        drop(self.pending.drain());
+        // Calls still waiting end with `Closed`.
+        self.pending.close();
     }
 }
 
@@ -633,7 +795,7 @@ impl Shared {
         invocation: Invocation,
         id: MessageId,
         deadline: Instant,
-    ) -> Result<(PendingGuard<Waiter>, oneshot::Receiver<ReplyPayload>), Error> {
+    ) -> Result<PendingCall<Slot>, Error> {
         let call = CallTopics::new(
             invocation.target,
             invocation.method,
@@ -651,9 +813,11 @@ impl Shared {
         if size > max {
             return Err(Error::PayloadTooLarge { size, max });
         }
-        let (tx, rx) = oneshot::channel();
-        let guard = self.pending.insert(call, tx);
-        // A shutdown that began before the insert would not drain this call.
+        let (pending, earliest) = self.pending.insert(&call, deadline.into_std());
+        if earliest {
+            self.sweep.notify_one();
+        }
+        // A shutdown that began before the insert would not close this call.
         if self.link.is_stopping() {
             return Err(Error::Closed);
         }
@@ -665,7 +829,7 @@ impl Shared {
             })?;
         self.counters.published.fetch_add(1, Relaxed);
         self.metrics.published.increment(1);
-        Ok((guard, rx))
+        Ok(pending)
     }
 
     fn dropped(&self, why: Dropped) {
@@ -701,20 +865,12 @@ impl Shared {
             tracing::debug!(topic, "dropped reply: payload id differs from the topic's");
             return;
         }
-        match self.pending.complete(&call) {
-            Ok(waiter) => {
-                // Counted before the send, so a caller reading stats after
-                // its reply sees it.
-                self.counters.completed.fetch_add(1, Relaxed);
-                if waiter.send(reply).is_err() {
-                    // The caller gave up between our lookup and the send.
-                    self.counters.completed.fetch_sub(1, Relaxed);
-                    self.dropped(Dropped::Late);
-                } else {
-                    self.metrics.completed.increment(1);
-                }
-            }
+        // Counted first, so a caller reading stats after its reply sees it.
+        self.counters.completed.fetch_add(1, Relaxed);
+        match self.pending.complete(&call, Box::new(reply)) {
+            Ok(()) => self.metrics.completed.increment(1),
             Err(reason) => {
+                self.counters.completed.fetch_sub(1, Relaxed);
                 self.dropped(match reason {
                     Unmatched::Late => Dropped::Late,
                     Unmatched::Duplicate => Dropped::Duplicate,
@@ -735,66 +891,131 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// A table with its sweeper running, as a requester has them.
+    fn table() -> (PendingTable<Slot>, Arc<Notify>, watch::Sender<bool>) {
+        let table = PendingTable::default();
+        let wake = Arc::new(Notify::new());
+        let stop = watch::Sender::new(false);
+        tokio::spawn(sweep_deadlines(
+            table.clone(),
+            Arc::clone(&wake),
+            stop.subscribe(),
+        ));
+        (table, wake, stop)
+    }
+
+    fn topics(id: MessageId) -> CallTopics {
+        CallTopics::new(
+            Target::new("car").unwrap(),
+            Method::new("m").unwrap(),
+            Prefix::default(),
+            id,
+        )
+        .unwrap()
+    }
+
+    /// Registers a call as `send` does, telling the sweeper when it is the earliest.
+    fn register(
+        table: &PendingTable<Slot>,
+        wake: &Notify,
+        id: MessageId,
+        at: Instant,
+    ) -> PendingCall<Slot> {
+        let (call, earliest) = table.insert(&topics(id), at.into_std());
+        if earliest {
+            wake.notify_one();
+        }
+        call
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_reply_before_the_deadline_is_the_answer() {
-        let (tx, rx) = oneshot::channel();
+        let (table, wake, _stop) = table();
         let start = Instant::now();
         let id = MessageId::new();
+        let call = register(&table, &wake, id, start + SECOND);
+        let t = table.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(999)).await;
-            let _ = tx.send(ReplyPayload::new(id.to_string(), 200, Value::from("done")));
+            let reply = ReplyPayload::new(id.to_string(), 200, Value::from("done"));
+            t.complete(&topics(id), Box::new(reply)).unwrap();
         });
-        let reply = reply_by(rx, start + SECOND, start, id).await.unwrap();
+        let reply = reply_of(call.await, start, id).unwrap();
         assert_eq!(reply.elapsed, Duration::from_millis(999));
         assert_eq!(reply.response, Value::from("done"));
+        assert!(table.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_reply_times_out_exactly_at_the_deadline() {
-        let (_tx, rx) = oneshot::channel::<ReplyPayload>();
+        let (table, wake, _stop) = table();
         let start = Instant::now();
-        let e = reply_by(rx, start + SECOND, start, MessageId::new())
-            .await
-            .unwrap_err();
+        let id = MessageId::new();
+        let e = reply_of(register(&table, &wake, id, start + SECOND).await, start, id).unwrap_err();
         assert!(
             matches!(e, Error::Timeout { elapsed, .. } if elapsed == SECOND),
             "{e:?}"
         );
+        assert!(table.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_deadline_counts_from_the_start_not_from_the_wait() {
-        let (_tx, rx) = oneshot::channel::<ReplyPayload>();
+        let (table, wake, _stop) = table();
         let start = Instant::now();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let e = reply_by(rx, start + SECOND, start, MessageId::new())
-            .await
-            .unwrap_err();
+        let id = MessageId::new();
+        let e = reply_of(register(&table, &wake, id, start + SECOND).await, start, id).unwrap_err();
         assert!(
             matches!(e, Error::Timeout { elapsed, .. } if elapsed == SECOND),
             "{e:?}"
         );
-        assert_eq!(start.elapsed(), SECOND);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_dropped_waiter_means_closed() {
-        let (tx, rx) = oneshot::channel::<ReplyPayload>();
+    async fn an_earlier_deadline_registered_later_still_fires_on_time() {
+        let (table, wake, _stop) = table();
         let start = Instant::now();
+        let (slow, quick) = (MessageId::new(), MessageId::new());
+        let slow_call = register(&table, &wake, slow, start + 10 * SECOND);
+        // The sweeper now sleeps towards 10 s; a 1 s call must wake it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let e = reply_of(
+            register(&table, &wake, quick, start + SECOND).await,
+            start,
+            quick,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout { elapsed, .. } if elapsed == SECOND),
+            "{e:?}"
+        );
+        let e = reply_of(slow_call.await, start, slow).unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout { elapsed, .. } if elapsed == 10 * SECOND),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_table_means_closed_at_once() {
+        let (table, wake, _stop) = table();
+        let start = Instant::now();
+        let id = MessageId::new();
+        let call = register(&table, &wake, id, start + SECOND);
+        let t = table.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            drop(tx);
+            t.close();
         });
-        let e = reply_by(rx, start + SECOND, start, MessageId::new())
-            .await
-            .unwrap_err();
+        let e = reply_of(call.await, start, id).unwrap_err();
         assert!(matches!(e, Error::Closed), "{e:?}");
         assert_eq!(start.elapsed(), Duration::from_millis(10));
     }
 
     #[tokio::test(start_paused = true)]
     async fn waiting_for_a_slot_never_passes_the_deadline() {
-        let permits = Semaphore::new(1);
+        let permits = Arc::new(Semaphore::new(1));
         let _busy = permits.try_acquire().unwrap();
         let start = Instant::now();
         let e = acquire_by(&permits, start + SECOND, start, MessageId::new())

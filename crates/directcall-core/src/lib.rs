@@ -5,7 +5,8 @@
 //!   their validation, and the request and reply topics of PROTOCOL.md;
 //! - [`wire`]: the JSON request and reply payloads;
 //! - [`deadline`]: call budgets and the device's expiry rule;
-//! - [`pending`]: the table of calls waiting for a reply, with a drop guard;
+//! - [`pending`]: the table of calls waiting for a reply, their deadlines,
+//!   with a drop guard;
 //! - [`recent`]: a bounded memory of recent ids;
 //! - [`broker`]: broker address, connection settings and reconnect backoff;
 //! - [`presence`]: directcall presence records and AWS IoT lifecycle events.
@@ -52,6 +53,6 @@ pub mod wire;
 
 pub use broker::{BrokerOptions, Endpoint, TlsOptions, Transport};
 pub use error::{Error, Field};
-pub use pending::{PendingGuard, PendingTable, Unmatched};
+pub use pending::{Outcome, PendingCall, PendingTable, Unmatched};
 pub use topic::{CallTopics, MessageId, Method, Prefix, PresenceRoot, Target};
 pub use wire::{ReplyPayload, RequestPayload};

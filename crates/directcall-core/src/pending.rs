@@ -1,13 +1,29 @@
-//! The pending-call table: who is waiting for which reply.
+//! The pending-call table: who is waiting for which reply, until when.
 //!
-//! [`PendingTable::insert`] returns a [`PendingGuard`]; dropping the guard
-//! removes the entry, so every exit path of a call (reply, timeout, the
-//! caller's future dropped) leaves the table as it was. A reply completes a
-//! call only when its id is pending and its topic names the call's target and
-//! method; anything else is refused with the reason, for counting.
+//! [`PendingTable::insert`] returns a [`PendingCall`], a future that resolves
+//! to the call's [`Outcome`]: its reply, its deadline passed, or the table
+//! closed. Dropping it removes the call, so every exit path of a call
+//! (reply, timeout, the caller's future dropped) leaves the table as it was.
+//!
+//! Each slot holds what a call needs and nothing more: a waker, the reply
+//! once it came, the deadline, and a keyed 64-bit hash of the call's target
+//! and method (to refuse a reply on another device's topic without keeping
+//! the names). Deadlines are fired by [`PendingTable::expire`], which one
+//! sweeper per table calls at [`PendingTable::next_deadline`]: no timer per
+//! call. Sans-IO: the sweeper's clock and sleep are the caller's.
+//!
+//! A reply completes a call only when its id is pending and its topic names
+//! the call's target and method; anything else is refused with the reason,
+//! for counting.
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use crate::recent::RecentIds;
 use crate::topic::{CallTopics, MessageId, Method, Target};
@@ -31,6 +47,18 @@ pub enum Unmatched {
     Mismatched,
 }
 
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome<R> {
+    /// The reply.
+    Answered(R),
+    /// The deadline passed first.
+    TimedOut,
+    /// The table was closed (shutdown) first.
+    Closed,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Ended {
     Completed,
@@ -38,32 +66,69 @@ enum Ended {
 }
 
 #[derive(Debug)]
-struct Entry<W> {
-    target: Target,
-    method: Method,
-    waiter: W,
+enum State<R> {
+    Waiting(Option<Waker>),
+    Done(Outcome<R>),
 }
 
-impl<W> Entry<W> {
-    fn answers(&self, reply: &CallTopics) -> bool {
-        self.target == *reply.target() && self.method == *reply.method()
+#[derive(Debug)]
+struct Slot<R> {
+    /// Keyed hash of the call's target and method.
+    names: u64,
+    deadline: Instant,
+    state: State<R>,
+}
+
+#[derive(Debug)]
+struct Inner<R> {
+    calls: HashMap<MessageId, Slot<R>>,
+    deadlines: BTreeSet<(Instant, MessageId)>,
+    ended: RecentIds<MessageId, Ended>,
+    hasher: RandomState,
+    closed: bool,
+}
+
+impl<R> Inner<R> {
+    fn names(&self, target: &Target, method: &Method) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        target.as_str().hash(&mut h);
+        method.as_str().hash(&mut h);
+        h.finish()
+    }
+
+    /// Ends a waiting call with `outcome` and wakes it; `false` when it had
+    /// already ended.
+    fn finish(&mut self, id: &MessageId, outcome: Outcome<R>) -> bool {
+        let Some(slot) = self.calls.get_mut(id) else {
+            return false;
+        };
+        let State::Waiting(waker) = &mut slot.state else {
+            return false;
+        };
+        let waker = waker.take();
+        let ended = match outcome {
+            Outcome::Answered(_) => Ended::Completed,
+            Outcome::TimedOut | Outcome::Closed => Ended::Abandoned,
+        };
+        slot.state = State::Done(outcome);
+        let deadline = slot.deadline;
+        self.deadlines.remove(&(deadline, *id));
+        self.ended.insert(*id, ended);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
     }
 }
 
+/// Calls waiting for a reply of type `R`, keyed by [`MessageId`]. Cheap to
+/// clone: clones share the table.
 #[derive(Debug)]
-struct Inner<W> {
-    calls: HashMap<MessageId, Entry<W>>,
-    ended: RecentIds<MessageId, Ended>,
+pub struct PendingTable<R> {
+    inner: Arc<Mutex<Inner<R>>>,
 }
 
-/// Calls waiting for a reply, keyed by [`MessageId`]; `W` is the waiter (a
-/// oneshot sender in directcall-cloud). Cheap to clone: clones share the table.
-#[derive(Debug)]
-pub struct PendingTable<W> {
-    inner: Arc<Mutex<Inner<W>>>,
-}
-
-impl<W> Clone for PendingTable<W> {
+impl<R> Clone for PendingTable<R> {
     fn clone(&self) -> Self {
         PendingTable {
             inner: Arc::clone(&self.inner),
@@ -71,61 +136,94 @@ impl<W> Clone for PendingTable<W> {
     }
 }
 
-impl<W> Default for PendingTable<W> {
+impl<R> Default for PendingTable<R> {
     fn default() -> Self {
         Self::new(DEFAULT_RECENT_CAPACITY)
     }
 }
 
-fn lock<W>(m: &Mutex<Inner<W>>) -> MutexGuard<'_, Inner<W>> {
+fn lock<R>(m: &Mutex<Inner<R>>) -> MutexGuard<'_, Inner<R>> {
     // The table holds no invariant a panic elsewhere could break half-way.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl<W> PendingTable<W> {
+impl<R> PendingTable<R> {
     /// An empty table remembering up to `recent_capacity` ended calls.
     pub fn new(recent_capacity: usize) -> Self {
         PendingTable {
             inner: Arc::new(Mutex::new(Inner {
                 calls: HashMap::new(),
+                deadlines: BTreeSet::new(),
                 ended: RecentIds::new(recent_capacity),
+                hasher: RandomState::new(),
+                closed: false,
             })),
         }
     }
 
-    /// Registers a waiter for the call `topics` describes. The entry lives
-    /// until the returned guard is dropped or a matching reply completes it.
-    pub fn insert(&self, topics: CallTopics, waiter: W) -> PendingGuard<W> {
+    /// Registers the call `topics` describes, to end by `deadline`. The
+    /// returned [`PendingCall`] resolves to its outcome; dropping it removes
+    /// the call. The second value is whether this deadline is now the
+    /// earliest (the sweeper must wake sooner). A call inserted into a closed
+    /// table resolves `Closed` at once.
+    pub fn insert(&self, topics: &CallTopics, deadline: Instant) -> (PendingCall<R>, bool) {
         let id = topics.id();
-        let (target, method) = topics.into_target_method();
-        lock(&self.inner).calls.insert(
+        let mut inner = lock(&self.inner);
+        let names = inner.names(topics.target(), topics.method());
+        let state = if inner.closed {
+            State::Done(Outcome::Closed)
+        } else {
+            State::Waiting(None)
+        };
+        let earliest = !inner.closed
+            && inner
+                .deadlines
+                .first()
+                .is_none_or(|(first, _)| deadline < *first);
+        if !inner.closed {
+            inner.deadlines.insert((deadline, id));
+        }
+        inner.calls.insert(
             id,
-            Entry {
-                target,
-                method,
-                waiter,
+            Slot {
+                names,
+                deadline,
+                state,
             },
         );
-        PendingGuard {
-            inner: Arc::clone(&self.inner),
-            id,
-        }
+        (
+            PendingCall {
+                inner: Arc::clone(&self.inner),
+                id,
+            },
+            earliest,
+        )
     }
 
-    /// Takes the waiter of the call a reply on `reply` answers.
+    /// Completes the call a reply on `reply` answers with `value`.
     ///
     /// # Errors
-    /// The [`Unmatched`] reason when the reply completes no call.
-    pub fn complete(&self, reply: &CallTopics) -> Result<W, Unmatched> {
+    /// The [`Unmatched`] reason when the reply completes no call; `value` is
+    /// dropped.
+    pub fn complete(&self, reply: &CallTopics, value: R) -> Result<(), Unmatched> {
         let mut inner = lock(&self.inner);
         let id = reply.id();
+        let names = inner.names(reply.target(), reply.method());
         match inner.calls.get(&id) {
-            Some(e) if e.answers(reply) => {
-                let entry = inner.calls.remove(&id).ok_or(Unmatched::Unknown)?;
-                inner.ended.insert(id, Ended::Completed);
-                Ok(entry.waiter)
+            Some(slot) if slot.names != names => Err(Unmatched::Mismatched),
+            Some(Slot {
+                state: State::Waiting(_),
+                ..
+            }) => {
+                inner.finish(&id, Outcome::Answered(value));
+                Ok(())
             }
-            Some(_) => Err(Unmatched::Mismatched),
+            // Ended, but its caller has not looked yet.
+            Some(Slot {
+                state: State::Done(Outcome::Answered(_)),
+                ..
+            }) => Err(Unmatched::Duplicate),
+            Some(_) => Err(Unmatched::Late),
             None => Err(match inner.ended.get(&id) {
                 Some(Ended::Completed) => Unmatched::Duplicate,
                 Some(Ended::Abandoned) => Unmatched::Late,
@@ -134,9 +232,31 @@ impl<W> PendingTable<W> {
         }
     }
 
-    /// Calls pending now.
+    /// Ends every call whose deadline is at or before `now` with
+    /// [`Outcome::TimedOut`]; returns how many, and the next deadline.
+    pub fn expire(&self, now: Instant) -> (usize, Option<Instant>) {
+        let mut inner = lock(&self.inner);
+        let mut fired = 0;
+        while let Some(&(at, id)) = inner.deadlines.first() {
+            if at > now {
+                return (fired, Some(at));
+            }
+            if !inner.finish(&id, Outcome::TimedOut) {
+                inner.deadlines.remove(&(at, id));
+            }
+            fired += 1;
+        }
+        (fired, None)
+    }
+
+    /// The earliest deadline of a waiting call.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        lock(&self.inner).deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Calls pending now (not yet ended).
     pub fn len(&self) -> usize {
-        lock(&self.inner).calls.len()
+        lock(&self.inner).deadlines.len()
     }
 
     /// Whether no call is pending.
@@ -144,41 +264,72 @@ impl<W> PendingTable<W> {
         self.len() == 0
     }
 
-    /// Removes every pending call and returns their waiters (for shutdown).
-    pub fn drain(&self) -> Vec<W> {
+    /// Ends every waiting call with [`Outcome::Closed`] and every later one
+    /// at once (for shutdown); returns how many were waiting.
+    pub fn close(&self) -> usize {
         let mut inner = lock(&self.inner);
-        let ids: Vec<MessageId> = inner.calls.keys().copied().collect();
-        let mut waiters = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(e) = inner.calls.remove(&id) {
-                inner.ended.insert(id, Ended::Abandoned);
-                waiters.push(e.waiter);
-            }
+        inner.closed = true;
+        let ids: Vec<MessageId> = inner.deadlines.iter().map(|(_, id)| *id).collect();
+        for id in &ids {
+            inner.finish(id, Outcome::Closed);
         }
-        waiters
+        ids.len()
     }
 }
 
-/// Removes its call from the table when dropped, whatever ended the call.
+/// One call in a [`PendingTable`]: a future resolving to its [`Outcome`].
+/// Dropping it removes the call, whatever ended it.
 #[derive(Debug)]
-#[must_use = "dropping the guard removes the pending call at once"]
-pub struct PendingGuard<W> {
-    inner: Arc<Mutex<Inner<W>>>,
+#[must_use = "dropping the call removes it from the table at once"]
+pub struct PendingCall<R> {
+    inner: Arc<Mutex<Inner<R>>>,
     id: MessageId,
 }
 
-impl<W> PendingGuard<W> {
-    /// The id of the guarded call.
+impl<R> PendingCall<R> {
+    /// The call's id.
     pub fn id(&self) -> MessageId {
         self.id
     }
 }
 
-impl<W> Drop for PendingGuard<W> {
+impl<R> Future for PendingCall<R> {
+    type Output = Outcome<R>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome<R>> {
+        let mut inner = lock(&self.inner);
+        let Some(slot) = inner.calls.get_mut(&self.id) else {
+            return Poll::Ready(Outcome::Closed);
+        };
+        match &mut slot.state {
+            State::Waiting(waker) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            State::Done(_) => {
+                let Some(slot) = inner.calls.remove(&self.id) else {
+                    return Poll::Ready(Outcome::Closed);
+                };
+                match slot.state {
+                    State::Done(outcome) => Poll::Ready(outcome),
+                    State::Waiting(_) => Poll::Ready(Outcome::Closed),
+                }
+            }
+        }
+    }
+}
+
+impl<R> Drop for PendingCall<R> {
     fn drop(&mut self) {
         let mut inner = lock(&self.inner);
-        if inner.calls.remove(&self.id).is_some() {
-            inner.ended.insert(self.id, Ended::Abandoned);
+        if let Some(slot) = inner.calls.remove(&self.id) {
+            if let State::Waiting(_) = slot.state {
+                inner.deadlines.remove(&(slot.deadline, self.id));
+                inner.ended.insert(self.id, Ended::Abandoned);
+            }
         }
     }
 }
@@ -187,6 +338,7 @@ impl<W> Drop for PendingGuard<W> {
 mod tests {
     use super::*;
     use crate::topic::Prefix;
+    use std::time::Duration;
 
     fn call(target: &str, method: &str) -> CallTopics {
         CallTopics::new(
@@ -208,55 +360,98 @@ mod tests {
         .unwrap()
     }
 
+    fn later(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
+    /// Polls once with a no-op waker.
+    fn poll_once<R>(c: &mut PendingCall<R>) -> Poll<Outcome<R>> {
+        let waker = std::task::Waker::noop();
+        Pin::new(c).poll(&mut Context::from_waker(waker))
+    }
+
     #[test]
     fn a_matching_reply_completes_once() {
         let t = PendingTable::default();
         let c = call("car", "unlock");
-        let guard = t.insert(c.clone(), 7u8);
+        let (mut pending, earliest) = t.insert(&c, later(1000));
+        assert!(earliest);
         assert_eq!(t.len(), 1);
-        assert_eq!(t.complete(&c), Ok(7));
+        assert!(poll_once(&mut pending).is_pending());
+        assert_eq!(t.complete(&c, 7u8), Ok(()));
         assert!(t.is_empty());
-        assert_eq!(t.complete(&c), Err(Unmatched::Duplicate));
-        drop(guard);
-        assert_eq!(t.complete(&c), Err(Unmatched::Duplicate));
+        assert_eq!(t.complete(&c, 8), Err(Unmatched::Duplicate));
+        assert_eq!(poll_once(&mut pending), Poll::Ready(Outcome::Answered(7)));
+        drop(pending);
+        assert_eq!(t.complete(&c, 9), Err(Unmatched::Duplicate));
     }
 
     #[test]
-    fn dropping_the_guard_removes_the_call_and_later_replies_are_late() {
+    fn dropping_the_call_removes_it_and_later_replies_are_late() {
         let t = PendingTable::default();
         let c = call("car", "unlock");
-        drop(t.insert(c.clone(), ()));
+        drop(t.insert(&c, later(1000)).0);
         assert!(t.is_empty());
-        assert_eq!(t.complete(&c), Err(Unmatched::Late));
-        assert_eq!(t.complete(&call("car", "unlock")), Err(Unmatched::Unknown));
+        assert_eq!(t.next_deadline(), None);
+        assert_eq!(t.complete(&c, ()), Err(Unmatched::Late));
+        assert_eq!(
+            t.complete(&call("car", "unlock"), ()),
+            Err(Unmatched::Unknown)
+        );
     }
 
     #[test]
     fn a_reply_naming_another_target_or_method_is_refused_and_the_call_stays() {
         let t = PendingTable::default();
         let c = call("car-a", "unlock");
-        let _guard = t.insert(c.clone(), ());
+        let (_pending, _) = t.insert(&c, later(1000));
         assert_eq!(
-            t.complete(&reply_for(&c, "car-b", "unlock")),
+            t.complete(&reply_for(&c, "car-b", "unlock"), ()),
             Err(Unmatched::Mismatched)
         );
         assert_eq!(
-            t.complete(&reply_for(&c, "car-a", "lock")),
+            t.complete(&reply_for(&c, "car-a", "lock"), ()),
             Err(Unmatched::Mismatched)
         );
         assert_eq!(t.len(), 1);
-        assert_eq!(t.complete(&c), Ok(()));
+        assert_eq!(t.complete(&c, ()), Ok(()));
     }
 
     #[test]
-    fn drain_takes_every_waiter() {
+    fn deadlines_fire_in_order_and_late_replies_are_late() {
         let t = PendingTable::default();
-        let guards: Vec<_> = (0..5).map(|i| t.insert(call("car", "m"), i)).collect();
-        let mut w = t.drain();
-        w.sort_unstable();
-        assert_eq!(w, vec![0, 1, 2, 3, 4]);
+        let now = Instant::now();
+        let (a, b) = (call("car", "a"), call("car", "b"));
+        let (mut pa, first) = t.insert(&a, now + Duration::from_millis(200));
+        let (mut pb, earlier) = t.insert(&b, now + Duration::from_millis(100));
+        assert!(first && earlier);
+        let (_c, later_one) = t.insert(&call("car", "c"), now + Duration::from_millis(300));
+        assert!(!later_one);
+        assert_eq!(t.next_deadline(), Some(now + Duration::from_millis(100)));
+        assert_eq!(
+            t.expire(now + Duration::from_millis(150)),
+            (1, Some(now + Duration::from_millis(200)))
+        );
+        assert_eq!(poll_once(&mut pb), Poll::Ready(Outcome::TimedOut));
+        assert!(poll_once(&mut pa).is_pending());
+        assert_eq!(t.complete(&b, ()), Err(Unmatched::Late));
+        assert_eq!(t.expire(now + Duration::from_millis(500)), (2, None));
+        assert_eq!(poll_once(&mut pa), Poll::Ready(Outcome::TimedOut));
         assert!(t.is_empty());
-        drop(guards);
+    }
+
+    #[test]
+    fn close_ends_every_call_and_every_later_one() {
+        let t = PendingTable::<u8>::default();
+        let mut calls: Vec<_> = (0..5)
+            .map(|_| t.insert(&call("car", "m"), later(1000)).0)
+            .collect();
+        assert_eq!(t.close(), 5);
+        for c in &mut calls {
+            assert_eq!(poll_once(c), Poll::Ready(Outcome::Closed));
+        }
+        let (mut late, _) = t.insert(&call("car", "m"), later(1000));
+        assert_eq!(poll_once(&mut late), Poll::Ready(Outcome::Closed));
         assert!(t.is_empty());
     }
 
@@ -268,15 +463,17 @@ mod tests {
                 s.spawn(|| {
                     for i in 0..2000 {
                         let c = call("car", "m");
-                        let g = t.insert(c.clone(), i);
+                        let (mut p, _) = t.insert(&c, later(10_000));
                         if i % 2 == 0 {
-                            assert_eq!(t.complete(&c), Ok(i));
+                            assert_eq!(t.complete(&c, i), Ok(()));
+                            assert_eq!(poll_once(&mut p), Poll::Ready(Outcome::Answered(i)));
                         }
-                        drop(g);
+                        drop(p);
                     }
                 });
             }
         });
         assert!(t.is_empty());
+        assert_eq!(lock(&t.inner).calls.len(), 0);
     }
 }

@@ -18,6 +18,7 @@ use directcall_core::mqtt;
 use directcall_core::testkit::{Legs, NatsCluster, RawPair};
 use directcall_core::{BrokerOptions, Method, Target};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,6 +31,8 @@ pub(crate) enum Mode {
     Raw,
     /// Calls to a target nobody answers: how late timeouts fire, and memory.
     Timeouts,
+    /// Where the memory of a pending call goes, piece by piece (no broker).
+    Memory,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +132,10 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
         mqtt::QoS::AtMostOnce
     };
 
+    if args.mode == Mode::Memory {
+        return memory(&args, calls.unwrap_or(100_000));
+    }
+
     if args.mode == Mode::Timeouts {
         return timeouts(
             &args,
@@ -186,7 +193,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
             report
         }
         Mode::Http => http(&args, &nodes, &load, qos, &targets, &payload, timeout).await?,
-        Mode::Timeouts => unreachable!("handled above"),
+        Mode::Timeouts | Mode::Memory => unreachable!("handled above"),
     };
 
     let raw_report = if args.compare_raw && args.mode != Mode::Raw {
@@ -414,6 +421,82 @@ async fn http(
     .await)
 }
 
+/// `--mode memory`: the resident memory of `n` of each piece of a pending
+/// call, measured alone (RSS growth over `n`), and the sizes of the fixed
+/// parts.
+fn memory(args: &BenchArgs, n: u64) -> Result<(), String> {
+    use directcall_core::{CallTopics, MessageId, PendingTable, Prefix, ReplyPayload};
+    use std::collections::BTreeSet;
+    let n = n.max(1);
+    let per = |before: u64| (bench::rss_bytes().saturating_sub(before)) as f64 / n as f64;
+    let target = Target::new("nobody-answers").map_err(|e| e.to_string())?;
+    let method = Method::new("bench").map_err(|e| e.to_string())?;
+    let topics: Vec<CallTopics> = (0..n)
+        .map(|_| {
+            CallTopics::new(
+                target.clone(),
+                method.clone(),
+                Prefix::default(),
+                MessageId::new(),
+            )
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let at = std::time::Instant::now() + Duration::from_secs(60);
+    // The table: slot (hash map) and deadline (B-tree) of each call.
+    let table = PendingTable::<Box<ReplyPayload>>::default();
+    let before = bench::rss_bytes();
+    let held: Vec<_> = topics.iter().map(|t| table.insert(t, at).0).collect();
+    let table_and_handles = per(before);
+    let handle = std::mem::size_of_val(&held[0]) as f64;
+    // The deadline index alone (a second one, beside the table's).
+    let before = bench::rss_bytes();
+    let index: BTreeSet<(std::time::Instant, MessageId)> =
+        topics.iter().map(|t| (at, t.id())).collect();
+    let deadline = per(before);
+    // A future of the call's size, driven by FuturesUnordered as the
+    // timeouts mode drives calls.
+    let sized = || {
+        let pad = [0u8; 72];
+        async move {
+            std::future::pending::<()>().await;
+            std::hint::black_box(pad);
+        }
+    };
+    let padded = std::mem::size_of_val(&sized());
+    let before = bench::rss_bytes();
+    let driven: FuturesUnordered<_> = (0..n).map(|_| sized()).collect();
+    let future_in_set = per(before);
+    // Everything stays alive until here, so no step reuses another's memory.
+    drop((held, index, driven));
+    let invoke = std::mem::size_of::<directcall_cloud::Invoke>();
+    let out = json!({
+        "mode": "memory",
+        "calls": n,
+        "invoke_future_bytes": invoke,
+        "table_slot_and_deadline_bytes": (table_and_handles - handle).round(),
+        "of_which_deadline_index_bytes": deadline.round(),
+        "future_of_that_size_in_futures_unordered_bytes": future_in_set.round(),
+        "sized_like": padded,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("per pending call, {n} of each, measured alone (RSS growth / {n}):");
+        println!("  the call's future (Invoke, size_of)          {invoke} B");
+        println!(
+            "  a future of {padded} B in FuturesUnordered      {:.0} B",
+            future_in_set
+        );
+        println!(
+            "  table slot + deadline (hash map, B-tree)     {:.0} B",
+            table_and_handles - handle
+        );
+        println!("    of which the deadline B-tree               {deadline:.0} B");
+    }
+    Ok(())
+}
+
 /// `--mode timeouts`: `calls` calls at once to a target nobody answers.
 async fn timeouts(
     args: &BenchArgs,
@@ -439,18 +522,17 @@ async fn timeouts(
     while left > 0 {
         let chunk = left.min(1000);
         left -= chunk;
+        // `invoke` does its work when called and returns the waiting future
+        // itself: nothing else is kept per call.
         let calls: FuturesUnordered<_> = (0..chunk)
             .map(|_| {
                 let call =
                     Invocation::new(target.clone(), method.clone(), json!("x")).timeout(timeout);
-                let r = requester.clone();
-                async move {
-                    match r.invoke(call).await {
-                        Err(directcall_cloud::Error::Timeout { elapsed, .. }) => Ok(elapsed),
-                        Err(e) => Err(error_kind(&e)),
-                        Ok(_) => Err("answered".to_owned()),
-                    }
-                }
+                requester.invoke(call).map(|result| match result {
+                    Err(directcall_cloud::Error::Timeout { elapsed, .. }) => Ok(elapsed),
+                    Err(e) => Err(error_kind(&e)),
+                    Ok(_) => Err("answered".to_owned()),
+                })
             })
             .collect();
         tasks.push(tokio::spawn(calls.collect::<Vec<_>>()));
