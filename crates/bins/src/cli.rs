@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use directcall_cloud::sigv4::AwsSigV4;
-use directcall_cloud::{Options, Prefix, PresenceRoot, RequestQos};
+use directcall_cloud::{Options, Prefix, PresenceRoot, QoS};
 use directcall_core::mqtt::UrlSigner;
 use directcall_core::BrokerOptions;
 
@@ -272,6 +272,10 @@ pub struct RequesterArgs {
     /// QoS of request publishes: 0 (never queued) or 1.
     #[arg(long, env = "DIRECTCALL_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,
+    /// QoS of the reply subscription: 0 or 1 (replies are delivered at the
+    /// lower of this and the device's publish QoS).
+    #[arg(long, env = "DIRECTCALL_REPLY_QOS", default_value_t = directcall_cloud::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub reply_qos: u8,
     /// Where presence comes from: calls to a target known offline fail at once with 404.
     #[arg(long, env = "DIRECTCALL_PRESENCE", value_enum, default_value_t = PresenceMode::Directcall)]
     pub presence: PresenceMode,
@@ -309,9 +313,9 @@ impl RequesterArgs {
         if self.shared_prefix {
             options = options.shared_prefix();
         }
-        if self.qos == 1 {
-            options = options.qos(RequestQos::AtLeastOnce);
-        }
+        options = options
+            .request_qos(qos(self.qos))
+            .reply_qos(qos(self.reply_qos));
         let root = PresenceRoot::new(self.presence_root.as_str())
             .map_err(|e| invalid("--presence-root", e))?;
         options = match self.presence {
@@ -327,6 +331,11 @@ impl RequesterArgs {
         }
         Ok(options)
     }
+}
+
+/// The QoS of level 0 or 1 (flags are range-checked by clap).
+pub fn qos(level: u8) -> QoS {
+    QoS::from_level(level).unwrap_or(QoS::AtLeastOnce)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=off`: the

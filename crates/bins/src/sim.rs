@@ -25,6 +25,10 @@ pub struct SimOptions {
     pub presence: bool,
     /// Answer requests to every target (test tooling; see `DeviceOptions::any_target`).
     pub any_target: bool,
+    /// QoS of reply publishes (`None`: the device's default).
+    pub reply_qos: Option<directcall_device::QoS>,
+    /// QoS of the request subscription (`None`: the device's default).
+    pub subscription_qos: Option<directcall_device::QoS>,
 }
 
 /// The reference simulator's answer: `Your request was '<request>'. Some random response: '<float>'`.
@@ -108,6 +112,12 @@ pub async fn start(
         }
         if options.any_target {
             device_options = device_options.any_target();
+        }
+        if let Some(qos) = options.reply_qos {
+            device_options = device_options.reply_qos(qos);
+        }
+        if let Some(qos) = options.subscription_qos {
+            device_options = device_options.subscription_qos(qos);
         }
         devices.push(serve(router.clone(), device_options).await?);
     }

@@ -41,12 +41,12 @@ mod requester;
 #[cfg(feature = "sigv4")]
 pub mod sigv4;
 
-pub use directcall_core::mqtt::{ConnectionError, SetupError};
+pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
 pub use directcall_core::{
     BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,
 };
 pub use error::Error;
 pub use options::{
-    Options, RequestQos, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_TIMEOUT,
+    Options, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_REPLY_QOS, DEFAULT_TIMEOUT,
 };
 pub use requester::{Invocation, Invoke, Reply, Requester, Stats};

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use directcall_core::mqtt::QoS;
 use directcall_core::pending::DEFAULT_RECENT_CAPACITY;
 use directcall_core::{BrokerOptions, Prefix, PresenceRoot};
 
@@ -7,19 +8,14 @@ use directcall_core::{BrokerOptions, Prefix, PresenceRoot};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default largest number of calls in flight at once.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16_384;
+/// Default QoS of the requester's reply subscription: 0. Replies go to a
+/// clean-session requester, which loses whatever was in flight when its
+/// connection drops whatever the QoS; QoS 1 would only add an acknowledgement
+/// per reply (and AWS IoT Core's 100 unacknowledged QoS 1 messages per
+/// connection would cap the calls in flight).
+pub const DEFAULT_REPLY_QOS: QoS = QoS::AtMostOnce;
 /// Default time [`Requester::connect`](crate::Requester::connect) waits to be ready.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Delivery guarantee of request publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum RequestQos {
-    /// At most once (default): a request is never queued for later.
-    #[default]
-    AtMostOnce,
-    /// At least once: the broker acknowledges each request.
-    AtLeastOnce,
-}
 
 /// Where a requester learns which devices are online.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +40,8 @@ pub struct Options {
     /// 12 random hex digits, made once per `Options`: the per-instance part
     /// of the reply prefix and of the default client id.
     pub(crate) instance: String,
-    pub(crate) qos: RequestQos,
+    pub(crate) request_qos: QoS,
+    pub(crate) reply_qos: QoS,
     pub(crate) max_in_flight: usize,
     pub(crate) ready_timeout: Duration,
     pub(crate) recent_capacity: usize,
@@ -64,7 +61,8 @@ impl Options {
             prefix: Prefix::default(),
             shared_prefix: false,
             instance: format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff),
-            qos: RequestQos::default(),
+            request_qos: QoS::AtMostOnce,
+            reply_qos: DEFAULT_REPLY_QOS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             recent_capacity: DEFAULT_RECENT_CAPACITY,
@@ -113,9 +111,20 @@ impl Options {
         self
     }
 
-    /// QoS of request publishes (default at most once).
-    pub fn qos(mut self, qos: RequestQos) -> Self {
-        self.qos = qos;
+    /// QoS of request publishes (default 0, at most once: a request is
+    /// never queued for a device that comes back later).
+    pub fn request_qos(mut self, qos: QoS) -> Self {
+        self.request_qos = qos;
+        self
+    }
+
+    /// QoS of the reply subscription (default [`DEFAULT_REPLY_QOS`]). A
+    /// broker delivers at the lower of the publish and subscription QoS, so
+    /// this caps the reply leg whatever QoS devices publish at (the seed's
+    /// devices publish at 1). See PERFORMANCE.md for the measurements behind
+    /// the default.
+    pub fn reply_qos(mut self, qos: QoS) -> Self {
+        self.reply_qos = qos;
         self
     }
 

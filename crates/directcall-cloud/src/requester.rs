@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::options::{Options, RequestQos, DEFAULT_TIMEOUT};
+use crate::options::{Options, DEFAULT_TIMEOUT};
 use crate::presence::{Origin, Presence};
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
@@ -231,6 +231,7 @@ struct Shared {
     sweeper_stop: watch::Sender<bool>,
     prefix: Prefix,
     qos: QoS,
+    reply_qos: QoS,
     permits: Arc<Semaphore>,
     counters: Counters,
     metrics: Metrics,
@@ -325,10 +326,8 @@ impl Requester {
             sweep,
             sweeper_stop,
             prefix,
-            qos: match options.qos {
-                RequestQos::AtMostOnce => QoS::AtMostOnce,
-                RequestQos::AtLeastOnce => QoS::AtLeastOnce,
-            },
+            qos: options.request_qos,
+            reply_qos: options.reply_qos,
             permits: Arc::new(Semaphore::new(options.max_in_flight)),
             counters: Counters::default(),
             metrics: Metrics::register(),
@@ -656,7 +655,7 @@ impl Session for Shared {
     fn subscriptions(&self) -> Vec<Subscription> {
         let mut subscriptions = vec![Subscription::new(
             reply_filter(&self.prefix),
-            QoS::AtLeastOnce,
+            self.reply_qos,
         )];
         if let Some(p) = &self.presence {
             // QoS 0: retained records arrive all the same, and a broker

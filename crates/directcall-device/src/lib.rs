@@ -59,8 +59,9 @@ pub use async_trait::async_trait;
 pub use device::{
     serve, start, Device, DeviceOptions, DeviceStats, DEFAULT_DEDUP_CAPACITY,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, DEFAULT_READY_TIMEOUT,
+    DEFAULT_REPLY_QOS, DEFAULT_REQUEST_SUBSCRIPTION_QOS,
 };
-pub use directcall_core::mqtt::{ConnectionError, SetupError};
+pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
 pub use directcall_core::{
     BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,
 };

@@ -46,6 +46,12 @@ struct Cli {
     /// contract tests whose targets are generated (not a real device's mode).
     #[arg(long, env = "DIRECTCALL_SIM_ANY_TARGET", conflicts_with = "presence")]
     any_target: bool,
+    /// QoS of reply publishes: 0 or 1.
+    #[arg(long, env = "DIRECTCALL_SIM_REPLY_QOS", default_value_t = directcall_device::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
+    reply_qos: u8,
+    /// QoS of the request subscription: 0 or 1.
+    #[arg(long, env = "DIRECTCALL_SIM_SUBSCRIPTION_QOS", default_value_t = directcall_device::DEFAULT_REQUEST_SUBSCRIPTION_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
+    subscription_qos: u8,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +98,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     options.methods = methods;
     options.presence = cli.presence;
     options.any_target = cli.any_target;
+    options.reply_qos = Some(directcall_bins::cli::qos(cli.reply_qos));
+    options.subscription_qos = Some(directcall_bins::cli::qos(cli.subscription_qos));
     let devices = sim::start(&broker, &targets, &options)
         .await
         .map_err(|e| e.to_string())?;

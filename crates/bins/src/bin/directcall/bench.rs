@@ -13,7 +13,7 @@ use directcall_bins::gateway::GatewayConfig;
 use directcall_bins::http_client::Connection;
 use directcall_bins::service::{InvokeService, Limits};
 use directcall_bins::{gateway, sim, EmbeddedBroker, Mosquitto};
-use directcall_cloud::{Invocation, Options, Prefix, RequestQos, Requester};
+use directcall_cloud::{Invocation, Options, Prefix, Requester};
 use directcall_core::mqtt;
 use directcall_core::testkit::{Legs, NatsCluster, RawPair};
 use directcall_core::{BrokerOptions, Method, Target};
@@ -97,6 +97,19 @@ pub(crate) struct BenchArgs {
     /// QoS of requests: 0 or 1.
     #[arg(long, env = "DIRECTCALL_BENCH_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
+    /// QoS of the requester's reply subscription: 0 or 1.
+    #[arg(long, env = "DIRECTCALL_BENCH_REPLY_QOS", default_value_t = directcall_cloud::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
+    reply_qos: u8,
+    /// QoS of the simulated devices' reply publishes: 0 or 1.
+    #[arg(long, env = "DIRECTCALL_BENCH_DEVICE_REPLY_QOS", default_value_t = directcall_device::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
+    device_reply_qos: u8,
+    /// QoS of the simulated devices' request subscriptions: 0 or 1.
+    #[arg(long, env = "DIRECTCALL_BENCH_DEVICE_SUBSCRIPTION_QOS", default_value_t = directcall_device::DEFAULT_REQUEST_SUBSCRIPTION_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
+    device_subscription_qos: u8,
+    /// QoS of every leg of the raw floor: 0 (the broker's true floor), 1, or
+    /// `same` (directcall's legs).
+    #[arg(long, env = "DIRECTCALL_BENCH_RAW_QOS", default_value = "0", value_parser = ["0", "1", "same"])]
+    raw_qos: String,
     /// Bytes of request payload.
     #[arg(long, env = "DIRECTCALL_BENCH_PAYLOAD_BYTES", default_value_t = 16)]
     payload_bytes: usize,
@@ -109,6 +122,46 @@ pub(crate) struct BenchArgs {
     /// One JSON object on stdout instead of text.
     #[arg(long, env = "DIRECTCALL_BENCH_JSON")]
     json: bool,
+}
+
+impl BenchArgs {
+    /// directcall's legs as the flags set them.
+    fn legs(&self) -> Legs {
+        let q = directcall_bins::cli::qos;
+        let mut legs = Legs::uniform(q(self.qos));
+        legs.request_subscription = q(self.device_subscription_qos);
+        legs.reply = q(self.device_reply_qos);
+        legs.reply_subscription = q(self.reply_qos);
+        legs
+    }
+
+    /// The raw floor's legs.
+    fn raw_legs(&self) -> Legs {
+        match self.raw_qos.as_str() {
+            "same" => self.legs(),
+            "1" => Legs::uniform(mqtt::QoS::AtLeastOnce),
+            _ => Legs::ALL_QOS_0,
+        }
+    }
+}
+
+fn legs_json(legs: Legs) -> Value {
+    json!({
+        "request": legs.request.level(),
+        "request_subscription": legs.request_subscription.level(),
+        "reply": legs.reply.level(),
+        "reply_subscription": legs.reply_subscription.level(),
+    })
+}
+
+fn legs_text(legs: Legs) -> String {
+    format!(
+        "request {}/{} reply {}/{}",
+        legs.request.level(),
+        legs.request_subscription.level(),
+        legs.reply.level(),
+        legs.reply_subscription.level()
+    )
 }
 
 pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
@@ -126,11 +179,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     );
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let payload = "x".repeat(args.payload_bytes);
-    let qos = if args.qos == 1 {
-        mqtt::QoS::AtLeastOnce
-    } else {
-        mqtt::QoS::AtMostOnce
-    };
+    let qos = args.legs();
 
     if args.mode == Mode::Memory {
         return memory(&args, calls.unwrap_or(100_000));
@@ -153,7 +202,9 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     let mut devices = Vec::new();
     if args.mode != Mode::Raw && !args.external_devices {
         // Device i on node i: spread over a cluster as a fleet would be.
-        let echo = sim::SimOptions::default();
+        let mut echo = sim::SimOptions::default();
+        echo.reply_qos = Some(qos.reply);
+        echo.subscription_qos = Some(qos.request_subscription);
         for (i, target) in targets.iter().enumerate() {
             devices.extend(
                 sim::start(&nodes.node(i).into(), std::slice::from_ref(target), &echo)
@@ -164,7 +215,17 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     }
 
     let report = match args.mode {
-        Mode::Raw => raw(&nodes, &load, qos, payload.clone(), timeout, args.json).await?,
+        Mode::Raw => {
+            raw(
+                &nodes,
+                &load,
+                args.raw_legs(),
+                payload.clone(),
+                timeout,
+                args.json,
+            )
+            .await?
+        }
         Mode::Requester => {
             let requester = requester(&broker, qos, load.concurrency).await?;
             let targets = Arc::new(targets.clone());
@@ -197,7 +258,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     };
 
     let raw_report = if args.compare_raw && args.mode != Mode::Raw {
-        Some(raw(&nodes, &load, qos, payload, timeout, args.json).await?)
+        Some(raw(&nodes, &load, args.raw_legs(), payload, timeout, args.json).await?)
     } else {
         None
     };
@@ -284,7 +345,7 @@ async fn nodes(args: &BenchArgs) -> Result<Nodes, String> {
 
 async fn requester(
     broker: &BrokerOptions,
-    qos: mqtt::QoS,
+    qos: Legs,
     concurrency: usize,
 ) -> Result<Requester, String> {
     let prefix = Prefix::new(format!("bench-{:06x}", fastrand::u32(..) & 0xff_ffff))
@@ -292,9 +353,9 @@ async fn requester(
     let mut options = Options::new(broker.clone())
         .prefix(prefix)
         .max_in_flight(concurrency.max(16_384));
-    if qos == mqtt::QoS::AtLeastOnce {
-        options = options.qos(RequestQos::AtLeastOnce);
-    }
+    options = options
+        .request_qos(qos.request)
+        .reply_qos(qos.reply_subscription);
     Requester::connect(options).await.map_err(|e| e.to_string())
 }
 
@@ -323,14 +384,11 @@ fn progress_bar(load: &LoadOptions, json: bool) -> Option<indicatif::ProgressBar
 async fn raw(
     nodes: &Nodes,
     load: &LoadOptions,
-    qos: mqtt::QoS,
+    legs: Legs,
     payload: String,
     timeout: Duration,
     json: bool,
 ) -> Result<LoadReport, String> {
-    // Until the reply QoS is chosen by measurement: request at `qos`, the
-    // reply leg at QoS 1, as directcall does.
-    let legs = Legs::uniform(mqtt::QoS::AtLeastOnce).request(qos);
     // On a cluster the echoing end sits on another node than the
     // requesting end, as a device and a gateway would.
     let pair = Arc::new(
@@ -351,7 +409,7 @@ async fn http(
     args: &BenchArgs,
     nodes: &Nodes,
     load: &LoadOptions,
-    qos: mqtt::QoS,
+    qos: Legs,
     targets: &[Target],
     payload: &str,
     timeout: Duration,
@@ -505,12 +563,7 @@ async fn timeouts(
     calls: u64,
     timeout: Duration,
 ) -> Result<(), String> {
-    let qos = if args.qos == 1 {
-        mqtt::QoS::AtLeastOnce
-    } else {
-        mqtt::QoS::AtMostOnce
-    };
-    let requester = requester(broker, qos, calls as usize).await?;
+    let requester = requester(broker, args.legs(), calls as usize).await?;
     let target = Target::new("nobody-answers").map_err(|e| e.to_string())?;
     let method = Method::new("bench").map_err(|e| e.to_string())?;
     let rss_before = bench::rss_bytes();
@@ -604,7 +657,10 @@ fn print(args: &BenchArgs, label: &str, report: &LoadReport, raw: Option<&LoadRe
     if args.json {
         let mut out = report.to_json();
         out["broker"] = json!(label);
-        out["qos"] = json!(args.qos);
+        out["qos"] = legs_json(args.legs());
+        if raw.is_some() || args.mode == Mode::Raw {
+            out["raw_qos"] = legs_json(args.raw_legs());
+        }
         out["payload_bytes"] = json!(args.payload_bytes);
         if let Some(raw) = raw {
             out["raw"] = raw.to_json();
@@ -615,8 +671,10 @@ fn print(args: &BenchArgs, label: &str, report: &LoadReport, raw: Option<&LoadRe
         return;
     }
     println!(
-        "broker     {label}  (qos {}, {} payload bytes)",
-        args.qos, args.payload_bytes
+        "broker     {label}  ({} payload bytes)\nqos        directcall {}   raw floor {}",
+        args.payload_bytes,
+        legs_text(args.legs()),
+        legs_text(args.raw_legs())
     );
     print!("{}", report.to_text());
     if let Some(raw) = raw {
