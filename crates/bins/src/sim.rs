@@ -29,6 +29,13 @@ pub struct SimOptions {
     pub reply_qos: Option<directcall_device::QoS>,
     /// QoS of the request subscription (`None`: the device's default).
     pub subscription_qos: Option<directcall_device::QoS>,
+    /// Answer with the request itself instead of the reference's sentence
+    /// (what the bench's raw floor does, so both sides do the same work).
+    pub echo: bool,
+    /// Handlers running at once per device (`None`: the device's default).
+    pub max_concurrent: Option<usize>,
+    /// Requests waiting for a handler per device (`None`: the device's default).
+    pub max_queued: Option<usize>,
 }
 
 /// The reference simulator's answer: `Your request was '<request>'. Some random response: '<float>'`.
@@ -48,6 +55,7 @@ struct Answer {
     latency: Duration,
     jitter: Duration,
     fail_rate: f64,
+    echo: bool,
 }
 
 #[directcall_device::async_trait]
@@ -61,6 +69,9 @@ impl Handler for Answer {
         if self.fail_rate > 0.0 && fastrand::f64() < self.fail_rate {
             return Err(HandlerError::new("simulated failure"));
         }
+        if self.echo {
+            return Ok(call.request);
+        }
         Ok(Value::String(reference_answer(&call.request)))
     }
 }
@@ -71,6 +82,7 @@ pub fn router(options: &SimOptions) -> Router {
         latency: options.latency,
         jitter: options.jitter,
         fail_rate: options.fail_rate.clamp(0.0, 1.0),
+        echo: options.echo,
     };
     match &options.methods {
         None => Router::new().fallback(answer),
@@ -118,6 +130,12 @@ pub async fn start(
         }
         if let Some(qos) = options.subscription_qos {
             device_options = device_options.subscription_qos(qos);
+        }
+        if let Some(n) = options.max_concurrent {
+            device_options = device_options.max_concurrent(n);
+        }
+        if let Some(n) = options.max_queued {
+            device_options = device_options.max_queued(n);
         }
         devices.push(serve(router.clone(), device_options).await?);
     }

@@ -84,26 +84,25 @@ struct Inner<R> {
     calls: HashMap<MessageId, Slot<R>>,
     deadlines: BTreeSet<(Instant, MessageId)>,
     ended: RecentIds<MessageId, Ended>,
-    hasher: RandomState,
     closed: bool,
 }
 
-impl<R> Inner<R> {
-    fn names(&self, target: &Target, method: &Method) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        target.as_str().hash(&mut h);
-        method.as_str().hash(&mut h);
-        h.finish()
-    }
+/// The keyed hash of a call's target and method.
+fn names(hasher: &RandomState, target: &Target, method: &Method) -> u64 {
+    let mut h = hasher.build_hasher();
+    target.as_str().hash(&mut h);
+    method.as_str().hash(&mut h);
+    h.finish()
+}
 
-    /// Ends a waiting call with `outcome` and wakes it; `false` when it had
-    /// already ended.
-    fn finish(&mut self, id: &MessageId, outcome: Outcome<R>) -> bool {
-        let Some(slot) = self.calls.get_mut(id) else {
-            return false;
-        };
+impl<R> Inner<R> {
+    /// Ends a waiting call with `outcome`; `None` when it had already
+    /// ended, else its waker, which the caller wakes once the lock is
+    /// released (the woken task would otherwise find the table locked).
+    fn finish(&mut self, id: &MessageId, outcome: Outcome<R>) -> Option<Option<Waker>> {
+        let slot = self.calls.get_mut(id)?;
         let State::Waiting(waker) = &mut slot.state else {
-            return false;
+            return None;
         };
         let waker = waker.take();
         let ended = match outcome {
@@ -114,10 +113,7 @@ impl<R> Inner<R> {
         let deadline = slot.deadline;
         self.deadlines.remove(&(deadline, *id));
         self.ended.insert(*id, ended);
-        if let Some(w) = waker {
-            w.wake();
-        }
-        true
+        Some(waker)
     }
 }
 
@@ -126,12 +122,15 @@ impl<R> Inner<R> {
 #[derive(Debug)]
 pub struct PendingTable<R> {
     inner: Arc<Mutex<Inner<R>>>,
+    /// Keys the hash of the names; hashed before the lock is taken.
+    hasher: RandomState,
 }
 
 impl<R> Clone for PendingTable<R> {
     fn clone(&self) -> Self {
         PendingTable {
             inner: Arc::clone(&self.inner),
+            hasher: self.hasher.clone(),
         }
     }
 }
@@ -155,9 +154,9 @@ impl<R> PendingTable<R> {
                 calls: HashMap::new(),
                 deadlines: BTreeSet::new(),
                 ended: RecentIds::new(recent_capacity),
-                hasher: RandomState::new(),
                 closed: false,
             })),
+            hasher: RandomState::new(),
         }
     }
 
@@ -168,8 +167,8 @@ impl<R> PendingTable<R> {
     /// table resolves `Closed` at once.
     pub fn insert(&self, topics: &CallTopics, deadline: Instant) -> (PendingCall<R>, bool) {
         let id = topics.id();
+        let names = names(&self.hasher, topics.target(), topics.method());
         let mut inner = lock(&self.inner);
-        let names = inner.names(topics.target(), topics.method());
         let state = if inner.closed {
             State::Done(Outcome::Closed)
         } else {
@@ -193,7 +192,7 @@ impl<R> PendingTable<R> {
         );
         (
             PendingCall {
-                inner: Arc::clone(&self.inner),
+                inner: Some(Arc::clone(&self.inner)),
                 id,
             },
             earliest,
@@ -206,16 +205,20 @@ impl<R> PendingTable<R> {
     /// The [`Unmatched`] reason when the reply completes no call; `value` is
     /// dropped.
     pub fn complete(&self, reply: &CallTopics, value: R) -> Result<(), Unmatched> {
-        let mut inner = lock(&self.inner);
         let id = reply.id();
-        let names = inner.names(reply.target(), reply.method());
+        let names = names(&self.hasher, reply.target(), reply.method());
+        let mut inner = lock(&self.inner);
         match inner.calls.get(&id) {
             Some(slot) if slot.names != names => Err(Unmatched::Mismatched),
             Some(Slot {
                 state: State::Waiting(_),
                 ..
             }) => {
-                inner.finish(&id, Outcome::Answered(value));
+                let waker = inner.finish(&id, Outcome::Answered(value)).flatten();
+                drop(inner);
+                if let Some(w) = waker {
+                    w.wake();
+                }
                 Ok(())
             }
             // Ended, but its caller has not looked yet.
@@ -235,18 +238,27 @@ impl<R> PendingTable<R> {
     /// Ends every call whose deadline is at or before `now` with
     /// [`Outcome::TimedOut`]; returns how many, and the next deadline.
     pub fn expire(&self, now: Instant) -> (usize, Option<Instant>) {
+        let mut wakers = Vec::new();
         let mut inner = lock(&self.inner);
-        let mut fired = 0;
+        let (mut fired, mut next) = (0, None);
         while let Some(&(at, id)) = inner.deadlines.first() {
             if at > now {
-                return (fired, Some(at));
+                next = Some(at);
+                break;
             }
-            if !inner.finish(&id, Outcome::TimedOut) {
-                inner.deadlines.remove(&(at, id));
+            match inner.finish(&id, Outcome::TimedOut) {
+                Some(waker) => wakers.extend(waker),
+                None => {
+                    inner.deadlines.remove(&(at, id));
+                }
             }
             fired += 1;
         }
-        (fired, None)
+        drop(inner);
+        for w in wakers {
+            w.wake();
+        }
+        (fired, next)
     }
 
     /// The earliest deadline of a waiting call.
@@ -270,8 +282,13 @@ impl<R> PendingTable<R> {
         let mut inner = lock(&self.inner);
         inner.closed = true;
         let ids: Vec<MessageId> = inner.deadlines.iter().map(|(_, id)| *id).collect();
-        for id in &ids {
-            inner.finish(id, Outcome::Closed);
+        let wakers: Vec<Waker> = ids
+            .iter()
+            .filter_map(|id| inner.finish(id, Outcome::Closed).flatten())
+            .collect();
+        drop(inner);
+        for w in wakers {
+            w.wake();
         }
         ids.len()
     }
@@ -282,7 +299,8 @@ impl<R> PendingTable<R> {
 #[derive(Debug)]
 #[must_use = "dropping the call removes it from the table at once"]
 pub struct PendingCall<R> {
-    inner: Arc<Mutex<Inner<R>>>,
+    /// `None` once the outcome was taken: the slot is gone already.
+    inner: Option<Arc<Mutex<Inner<R>>>>,
     id: MessageId,
 }
 
@@ -296,35 +314,38 @@ impl<R> PendingCall<R> {
 impl<R> Future for PendingCall<R> {
     type Output = Outcome<R>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome<R>> {
-        let mut inner = lock(&self.inner);
-        let Some(slot) = inner.calls.get_mut(&self.id) else {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome<R>> {
+        let id = self.id;
+        let Some(table) = &self.inner else {
             return Poll::Ready(Outcome::Closed);
         };
-        match &mut slot.state {
-            State::Waiting(waker) => {
+        let mut inner = lock(table);
+        let outcome = match inner.calls.get_mut(&id).map(|slot| &mut slot.state) {
+            Some(State::Waiting(waker)) => {
                 match waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => *waker = Some(cx.waker().clone()),
                 }
-                Poll::Pending
+                return Poll::Pending;
             }
-            State::Done(_) => {
-                let Some(slot) = inner.calls.remove(&self.id) else {
-                    return Poll::Ready(Outcome::Closed);
-                };
-                match slot.state {
-                    State::Done(outcome) => Poll::Ready(outcome),
-                    State::Waiting(_) => Poll::Ready(Outcome::Closed),
-                }
-            }
-        }
+            Some(State::Done(_)) => match inner.calls.remove(&id).map(|slot| slot.state) {
+                Some(State::Done(outcome)) => outcome,
+                _ => Outcome::Closed,
+            },
+            None => Outcome::Closed,
+        };
+        drop(inner);
+        self.inner = None;
+        Poll::Ready(outcome)
     }
 }
 
 impl<R> Drop for PendingCall<R> {
     fn drop(&mut self) {
-        let mut inner = lock(&self.inner);
+        let Some(table) = self.inner.take() else {
+            return;
+        };
+        let mut inner = lock(&table);
         if let Some(slot) = inner.calls.remove(&self.id) {
             if let State::Waiting(_) = slot.state {
                 inner.deadlines.remove(&(slot.deadline, self.id));

@@ -156,10 +156,20 @@ impl MessageId {
     /// # Errors
     /// [`Error::Invalid`] for [`Field::Id`] when `s` is not that form.
     pub fn parse(s: &str) -> Result<Self, Error> {
+        // One pass that checks the form and decodes: on every request and
+        // every reply, twice (topic and payload).
+        let mut value: u128 = 0;
         let canonical = s.len() == 36
-            && s.bytes().enumerate().all(|(i, b)| match i {
-                8 | 13 | 18 | 23 => b == b'-',
-                _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+            && s.bytes().enumerate().all(|(i, b)| {
+                let digit = match (i, b) {
+                    (8 | 13 | 18 | 23, b'-') => return true,
+                    (8 | 13 | 18 | 23, _) => return false,
+                    (_, b'0'..=b'9') => b - b'0',
+                    (_, b'a'..=b'f') => b - b'a' + 10,
+                    _ => return false,
+                };
+                value = value << 4 | u128::from(digit);
+                true
             });
         if !canonical {
             return Err(Error::invalid(
@@ -167,9 +177,7 @@ impl MessageId {
                 "must be a lowercase hyphenated UUID",
             ));
         }
-        Uuid::parse_str(s)
-            .map(MessageId)
-            .map_err(|e| Error::invalid(Field::Id, e.to_string()))
+        Ok(MessageId(Uuid::from_u128(value)))
     }
 
     fn write(&self, out: &mut String) {
@@ -482,6 +490,13 @@ mod tests {
     fn message_id_is_canonical() {
         let id = MessageId::new();
         assert_eq!(MessageId::parse(&id.to_string()).unwrap(), id);
+        let known = MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abcd").unwrap();
+        assert_eq!(
+            known.as_uuid(),
+            Uuid::parse_str("7f1c2a3b-0000-4000-8000-00000000abcd").unwrap()
+        );
+        assert!(MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abc-").is_err());
+        assert!(MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abcg").is_err());
         assert!(MessageId::parse("7F1C2A3B-0000-4000-8000-00000000ABCD").is_err());
         assert!(MessageId::parse("7f1c2a3b000040008000000000000abcd").is_err());
         assert!(MessageId::parse("{7f1c2a3b-0000-4000-8000-00000000abcd}").is_err());

@@ -115,22 +115,44 @@ fn ser_decimal<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::
 }
 
 fn de_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Decimal {
-        Text(String),
-        Number(u64),
-        Null(()),
+    /// A string of decimal digits, a whole number, or null; visited in
+    /// place (an untagged enum would buffer the value first).
+    struct Decimal;
+
+    impl serde::de::Visitor<'_> for Decimal {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("decimal milliseconds, as a string or a whole number")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| E::custom("timestamp must be decimal milliseconds"))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(n))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            u64::try_from(n)
+                .map(Some)
+                .map_err(|_| E::custom("timestamp must be decimal milliseconds"))
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
     }
-    match Decimal::deserialize(d)? {
-        Decimal::Text(s) => s
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| serde::de::Error::custom("timestamp must be decimal milliseconds")),
-        Decimal::Number(n) => Ok(Some(n)),
-        Decimal::Null(()) => Ok(None),
-    }
+
+    d.deserialize_any(Decimal)
 }
 
 #[cfg(test)]

@@ -1,5 +1,4 @@
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -14,8 +13,7 @@ use directcall_core::{
     BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload, Target,
 };
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::AbortHandle;
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::error::Error;
 use crate::handler::{MethodCall, Router};
@@ -216,10 +214,15 @@ struct Counters {
     malformed: AtomicU64,
 }
 
-/// A request between its arrival and its answer.
-struct Running {
-    call: CallTopics,
-    task: AbortHandle,
+/// What handlers still running must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Run on.
+    No,
+    /// Stop and answer 503: the drain timeout passed.
+    Answer503,
+    /// Stop without an answer, as a crash would.
+    Abandon,
 }
 
 struct Shared {
@@ -230,8 +233,12 @@ struct Shared {
     slots: Arc<Semaphore>,
     max_in_flight: usize,
     seen: Mutex<RecentIds<MessageId, ()>>,
-    running: Mutex<HashMap<MessageId, Running>>,
-    running_count: watch::Sender<usize>,
+    /// Requests between their arrival and their answer: no map, so the
+    /// driver and the handler tasks share no lock.
+    running: AtomicUsize,
+    /// Notified when `running` falls to zero while draining.
+    idle: Notify,
+    cut: watch::Sender<Cut>,
     draining: AtomicBool,
     presence_topic: Option<String>,
     any_target: bool,
@@ -304,8 +311,9 @@ pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
         slots: Arc::new(Semaphore::new(options.max_concurrent)),
         max_in_flight,
         seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
-        running: Mutex::new(HashMap::new()),
-        running_count: watch::Sender::new(0),
+        running: AtomicUsize::new(0),
+        idle: Notify::new(),
+        cut: watch::Sender::new(Cut::No),
         draining: AtomicBool::new(false),
         presence_topic,
         any_target: options.any_target,
@@ -399,20 +407,14 @@ impl Device {
     pub async fn shutdown(mut self) {
         let shared = &self.shared;
         shared.draining.store(true, Relaxed);
-        let mut count = shared.running_count.subscribe();
-        let drained = tokio::time::timeout(self.drain_timeout, count.wait_for(|n| *n == 0))
-            .await
-            .is_ok();
-        if !drained {
-            let left: Vec<Running> = lock(&shared.running).drain().map(|(_, r)| r).collect();
+        if !shared.wait_idle(self.drain_timeout).await {
             tracing::warn!(
-                calls = left.len(),
+                calls = shared.running.load(Relaxed),
                 "handlers still running after the drain timeout: answering 503"
             );
-            for running in left {
-                running.task.abort();
-                shared.answer(&running.call, 503, json!("device shutting down"));
-            }
+            shared.cut.send_replace(Cut::Answer503);
+            // Their 503s go out before the DISCONNECT.
+            shared.wait_idle(CUT_TIMEOUT).await;
         }
         if let Some(driver) = self.driver.take() {
             driver.stop().await;
@@ -423,11 +425,26 @@ impl Device {
     /// would: the broker then publishes the last will. Handlers still running
     /// are abandoned. For tests and simulations.
     pub async fn abort(mut self) {
-        for (_, running) in lock(&self.shared.running).drain() {
-            running.task.abort();
-        }
+        self.shared.cut.send_replace(Cut::Abandon);
         if let Some(driver) = self.driver.take() {
             driver.abort().await;
+        }
+    }
+}
+
+/// How long a shutdown waits for the 503s of handlers cut at the drain
+/// timeout to be queued.
+const CUT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One running request: counted from its arrival until its task ends,
+/// however it ends (answered, cut, panicked).
+struct RunningGuard(Arc<Shared>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        let shared = &self.0;
+        if shared.running.fetch_sub(1, Relaxed) == 1 && shared.draining.load(Relaxed) {
+            shared.idle.notify_waiters();
         }
     }
 }
@@ -553,17 +570,15 @@ impl Shared {
             self.answer(&call, 503, json!("device shutting down"));
             return;
         }
-        let mut running = lock(&self.running);
-        if running.len() >= self.max_in_flight {
-            drop(running);
+        if self.running.fetch_add(1, Relaxed) >= self.max_in_flight {
+            self.running.fetch_sub(1, Relaxed);
             self.count(&c.busy, &m.busy);
             self.answer(&call, 503, json!("busy: too many requests waiting"));
             return;
         }
-        let id = call.id();
-        let shared = Arc::clone(self);
+        let running = RunningGuard(Arc::clone(self));
         let method_call = MethodCall {
-            id,
+            id: call.id(),
             target: call.target().clone(),
             method: call.method().clone(),
             prefix: call.prefix().clone(),
@@ -572,45 +587,60 @@ impl Shared {
             timeout_ms: request.timeout_ms,
         };
         let (timestamp, timeout_ms) = (request.timestamp, request.timeout_ms);
-        let task = tokio::spawn(async move {
-            let slot = Arc::clone(&shared.slots).acquire_owned().await;
-            // It may have waited for its slot past its deadline.
-            let expired = shared.skew.is_some_and(|skew| {
-                is_expired(timestamp, timeout_ms, unix_millis(SystemTime::now()), skew)
-            });
-            let answer = if slot.is_err() || expired {
-                None
-            } else {
+        tokio::spawn(async move {
+            let shared = &running.0;
+            let work = async {
+                let slot = Arc::clone(&shared.slots).acquire_owned().await;
+                // It may have waited for its slot past its deadline.
+                let expired = shared.skew.is_some_and(|skew| {
+                    is_expired(timestamp, timeout_ms, unix_millis(SystemTime::now()), skew)
+                });
+                if slot.is_err() || expired {
+                    return None;
+                }
                 shared.count(&shared.counters.executed, &shared.metrics.executed);
                 Some(shared.router.call(method_call).await)
             };
-            drop(slot);
-            // Answered only by whoever takes the entry: this task, or a
-            // shutdown whose drain timeout passed.
-            let Some(running) = shared.finish(id) else {
-                return;
+            // Watched only while the handler is pending: a handler that
+            // answers at once never registers.
+            let cut = async {
+                let mut cut = shared.cut.subscribe();
+                let seen = cut.wait_for(|c| *c != Cut::No).await.map(|c| *c);
+                seen.unwrap_or(Cut::Abandon)
+            };
+            let answer = tokio::select! {
+                biased;
+                answer = work => answer,
+                cut = cut => match cut {
+                    Cut::Answer503 => Some(crate::handler::Answer {
+                        status: 503,
+                        response: json!("device shutting down"),
+                    }),
+                    _ => return,
+                },
             };
             match answer {
-                Some(a) => shared.answer(&running.call, a.status, a.response),
+                Some(a) => shared.answer(&call, a.status, a.response),
                 None => shared.count(&shared.counters.expired, &shared.metrics.expired),
             }
         });
-        running.insert(
-            id,
-            Running {
-                call,
-                task: task.abort_handle(),
-            },
-        );
-        self.running_count.send_replace(running.len());
     }
 
-    /// Takes the running entry of `id`, if it is still there.
-    fn finish(&self, id: MessageId) -> Option<Running> {
-        let mut running = lock(&self.running);
-        let entry = running.remove(&id);
-        self.running_count.send_replace(running.len());
-        entry
+    /// Waits until no request is running, for at most `timeout`; whether
+    /// none is.
+    async fn wait_idle(&self, timeout: Duration) -> bool {
+        let idle = async {
+            loop {
+                let notified = self.idle.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if self.running.load(Relaxed) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, idle).await.is_ok()
     }
 
     fn is_expired(&self, request: &RequestPayload) -> bool {

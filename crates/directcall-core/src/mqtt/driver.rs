@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{Event, EventLoop, MqttOptions, Packet, SubscribeFilter, SubscribeReasonCode};
+use tokio::sync::mpsc;
 
 use super::error::SubscriptionRefused;
-use super::{ConnectionError, Link, Message, QoS, Session, Subscription};
+use super::{ConnectionError, Control, Link, Message, QoS, Session, Subscription};
 use crate::broker::Backoff;
 
 /// Connections in a row that may die while an optional subscription waits
@@ -221,10 +222,21 @@ fn subscribe(link: &Link, subscriptions: Vec<Subscription>) {
     }
 }
 
+/// Whether `asked`, or a request queued behind it, is a stop (a closed
+/// channel is one too); takes every queued request.
+fn stop_asked(asked: Option<Control>, control: &mut mpsc::UnboundedReceiver<Control>) -> bool {
+    let mut stop = asked.is_none_or(|c| c == Control::Stop);
+    while let Ok(c) = control.try_recv() {
+        stop |= c == Control::Stop;
+    }
+    stop
+}
+
 /// What the driver owns besides the link.
 pub(crate) struct Parts {
     pub(crate) eventloop: EventLoop,
     pub(crate) endpoints: Vec<MqttOptions>,
+    pub(crate) control: mpsc::UnboundedReceiver<Control>,
     pub(crate) backoff: Backoff,
     pub(crate) probe_dots: bool,
     pub(crate) fresh_client_id_on_failover: bool,
@@ -238,6 +250,7 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
     let Parts {
         mut eventloop,
         endpoints,
+        mut control,
         mut backoff,
         probe_dots,
         fresh_client_id_on_failover,
@@ -254,8 +267,6 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
     if let Some(filter) = &probe {
         plan.probe_first(Subscription::new(filter.clone(), QoS::AtMostOnce));
     }
-    let mut stop = link.state.stop.subscribe();
-    let mut reconnect = link.state.reconnect.subscribe();
     // When the broker refused the essential subscription, when to ask again
     // (NATS refuses it for a while after losing a node, for instance).
     let mut resubscribe_at: Option<tokio::time::Instant> = None;
@@ -268,20 +279,23 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
         };
         let event = tokio::select! {
             biased;
-            _ = stop.wait_for(|stop| *stop) => break,
-            () = retry => {
-                resubscribe_at = None;
-                if let Step::Subscribe(s) = plan.retry_essential() {
-                    subscribe(&link, s);
+            asked = control.recv() => {
+                // Several reconnects asked at once make one.
+                if stop_asked(asked, &mut control) {
+                    break;
                 }
-                continue;
-            }
-            Ok(()) = reconnect.changed() => {
                 tracing::info!("making the broker connection anew, as asked");
                 plan.on_error();
                 link.set_ready(false);
                 // The next poll connects afresh.
                 eventloop.clean();
+                continue;
+            }
+            () = retry => {
+                resubscribe_at = None;
+                if let Step::Subscribe(s) = plan.retry_essential() {
+                    subscribe(&link, s);
+                }
                 continue;
             }
             event = eventloop.poll() => event,
@@ -380,7 +394,10 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 );
                 tokio::select! {
                     biased;
-                    _ = stop.wait_for(|stop| *stop) => break,
+                    // A reconnect asked for now cuts the wait short.
+                    asked = control.recv() => if stop_asked(asked, &mut control) {
+                        break;
+                    },
                     () = tokio::time::sleep(delay) => {}
                 }
             }

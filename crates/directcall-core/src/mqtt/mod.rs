@@ -46,12 +46,12 @@ pub(crate) mod options;
 pub mod tls;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, EventLoop, MqttOptions};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::broker::BrokerOptions;
@@ -288,12 +288,21 @@ pub fn unique_client_id(base: &str) -> String {
     format!("{base}-{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
 }
 
+/// What a [`Link`] asks of the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Stop,
+    Reconnect,
+}
+
 /// State shared by the driver and every [`Link`].
 #[derive(Debug)]
 struct LinkState {
     ready: watch::Sender<bool>,
-    stop: watch::Sender<bool>,
-    reconnect: watch::Sender<u64>,
+    /// Stop and reconnect requests for the driver: a channel, so that the
+    /// driver's wait on them between two packets costs next to nothing.
+    control: mpsc::UnboundedSender<Control>,
+    stopping: AtomicBool,
     last_error: Mutex<Option<ConnectionError>>,
     connects: AtomicU64,
     client_id: String,
@@ -311,6 +320,7 @@ pub struct Connection {
     client: AsyncClient,
     eventloop: EventLoop,
     endpoints: Vec<MqttOptions>,
+    control: mpsc::UnboundedReceiver<Control>,
     state: Arc<LinkState>,
     backoff: crate::broker::Backoff,
     probe_dots: bool,
@@ -341,17 +351,19 @@ impl Connection {
         );
         eventloop.set_network_options(network);
         let broker = &options.broker;
+        let (control_tx, control) = mpsc::unbounded_channel();
         Ok(Connection {
             client,
             eventloop,
             endpoints,
+            control,
             backoff: crate::broker::Backoff::new(broker.backoff_min, broker.backoff_max),
             probe_dots: options.probe_dots,
             fresh_client_id_on_failover: broker.fresh_client_id_on_failover,
             state: Arc::new(LinkState {
                 ready: watch::Sender::new(false),
-                stop: watch::Sender::new(false),
-                reconnect: watch::Sender::new(0),
+                control: control_tx,
+                stopping: AtomicBool::new(false),
                 last_error: Mutex::new(None),
                 connects: AtomicU64::new(0),
                 client_id: options.client_id,
@@ -380,6 +392,7 @@ impl Connection {
             driver::Parts {
                 eventloop: self.eventloop,
                 endpoints: self.endpoints,
+                control: self.control,
                 backoff: self.backoff,
                 probe_dots: self.probe_dots,
                 fresh_client_id_on_failover: self.fresh_client_id_on_failover,
@@ -508,7 +521,10 @@ impl Link {
     /// Asks the driver to stop: it calls [`Session::on_stopping`], sends
     /// DISCONNECT and ends. Returns at once.
     pub fn stop(&self) {
-        self.state.stop.send_replace(true);
+        if !self.state.stopping.swap(true, Relaxed) {
+            // Gone only when the driver has ended already.
+            let _ = self.state.control.send(Control::Stop);
+        }
     }
 
     /// Drops the connection and makes a new one at once, whatever state it
@@ -519,12 +535,12 @@ impl Link {
     /// call made meanwhile waits for the new connection, not the old one.
     pub fn reconnect(&self) {
         self.set_ready(false);
-        self.state.reconnect.send_modify(|n| *n = n.wrapping_add(1));
+        let _ = self.state.control.send(Control::Reconnect);
     }
 
     /// Whether a stop was asked for.
     pub fn is_stopping(&self) -> bool {
-        *self.state.stop.borrow()
+        self.state.stopping.load(Relaxed)
     }
 
     fn set_ready(&self, ready: bool) {

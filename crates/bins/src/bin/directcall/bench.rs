@@ -203,6 +203,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     if args.mode != Mode::Raw && !args.external_devices {
         // Device i on node i: spread over a cluster as a fleet would be.
         let mut echo = sim::SimOptions::default();
+        echo.echo = true;
         echo.reply_qos = Some(qos.reply);
         echo.subscription_qos = Some(qos.request_subscription);
         for (i, target) in targets.iter().enumerate() {
@@ -457,18 +458,16 @@ async fn http(
         let base = &bases[i % bases.len()];
         connections.push(Connection::open(base).await.map_err(|e| e.to_string())?);
     }
-    let pool = Arc::new(tokio::sync::Mutex::new(connections));
+    // A plain mutex: held for a pop or a push, never across an await.
+    let pool = Arc::new(std::sync::Mutex::new(connections));
     let progress = progress_bar(load, args.json);
     Ok(bench::run("http", load, progress, move |n| {
         let (pool, paths) = (Arc::clone(&pool), Arc::clone(&paths));
         async move {
-            let mut conn = pool
-                .lock()
-                .await
-                .pop()
-                .ok_or(Failure::from("no connection"))?;
+            let taken = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let mut conn = taken.ok_or(Failure::from("no connection"))?;
             let result = conn.get(&paths[n as usize % paths.len()], &[]).await;
-            pool.lock().await.push(conn);
+            pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
             match result {
                 Ok(r) if r.status == 200 && r.body.contains("\"status\":200") => Ok(()),
                 Ok(r) => Err(Failure(format!("http_{}", r.status))),
