@@ -276,6 +276,10 @@ pub struct RequesterArgs {
     /// lower of this and the device's publish QoS).
     #[arg(long, env = "DIRECTCALL_REPLY_QOS", default_value_t = directcall_cloud::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
     pub reply_qos: u8,
+    /// Calls in flight at once; beyond it a call waits for a slot within its
+    /// own timeout.
+    #[arg(long, env = "DIRECTCALL_MAX_IN_FLIGHT", default_value_t = directcall_cloud::DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
     /// Where presence comes from: calls to a target known offline fail at once with 404.
     #[arg(long, env = "DIRECTCALL_PRESENCE", value_enum, default_value_t = PresenceMode::Directcall)]
     pub presence: PresenceMode,
@@ -315,7 +319,8 @@ impl RequesterArgs {
         }
         options = options
             .request_qos(qos(self.qos))
-            .reply_qos(qos(self.reply_qos));
+            .reply_qos(qos(self.reply_qos))
+            .max_in_flight(self.max_in_flight);
         let root = PresenceRoot::new(self.presence_root.as_str())
             .map_err(|e| invalid("--presence-root", e))?;
         options = match self.presence {

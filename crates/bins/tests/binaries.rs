@@ -73,6 +73,48 @@ async fn reference_example_on_the_embedded_broker() {
     reference_example_answers_then_times_out(embedded()).await;
 }
 
+/// HTTP/2 without TLS (h2c, prior knowledge), as a load balancer speaks
+/// it: many calls at once on one connection, more than one connection's
+/// stream limit, each with its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_speaks_http2_many_calls_on_one_connection() {
+    let Some(b) = mosquitto() else { return };
+    let (_gw, base) = gateway(&b.url, &[]).await;
+    wait_health(&base, 200).await;
+    let _sim = sim(&b.url, &["--client-id", "Device001", "--latency-ms", "200"]);
+    let h2 = directcall_bins::http_client::Multiplexed::open(&base)
+        .await
+        .expect("h2c connection");
+    let calls = (0..300).map(|i| {
+        let h2 = h2.clone();
+        async move {
+            let path = format!("/invoke?request=r{i}&method=m&target=Device001&timeout=10");
+            (i, h2.get(&path).await.expect("HTTP/2 exchange"))
+        }
+    });
+    let answers = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("300 calls within 30 s");
+    for (i, r) in answers {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        let answer = body["response"].as_str().unwrap();
+        assert!(
+            answer.starts_with(&format!("Your request was 'r{i}'")),
+            "{answer}"
+        );
+    }
+    assert!(
+        directcall_bins::http_client::Multiplexed::open("https://127.0.0.1:1")
+            .await
+            .is_err(),
+        "h2c only"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_device_is_offline_at_once() {
     let Some(b) = mosquitto() else { return };
@@ -668,4 +710,48 @@ fn chrono_like_parse(s: &str) -> std::time::SystemTime {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     std::time::UNIX_EPOCH + Duration::from_secs((days * 86_400 + hh * 3600 + mm * 60 + ss) as u64)
+}
+
+/// `directcall bench --mode slow`, small: a gateway child process holds the
+/// slow calls, every one is answered, and the report has its figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slow_calls_bench_holds_them_all_and_reports() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let mut bench = Proc::spawn(
+        DIRECTCALL,
+        &[
+            "bench",
+            "--mode",
+            "slow",
+            "--mosquitto",
+            "--slow-calls",
+            "300",
+            "--slow-latency-ms",
+            "3000",
+            "--h2-connections",
+            "4",
+            "--calls",
+            "100",
+            "--warmup",
+            "10",
+            "--json",
+        ],
+    );
+    let line = bench.wait_line("\"mode\":\"slow\"");
+    assert!(bench.wait_exit(30).success());
+    let report: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(report["slow_status"], json!({"200": 300}), "{report}");
+    assert_eq!(report["waiting_before_fast"], 300, "{report}");
+    assert_eq!(report["fast_alone"]["ok"], 100, "{report}");
+    assert_eq!(report["fast_beside"]["errors"], 0, "{report}");
+    assert!(
+        report["fast_beside"]["ok"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        report["gateway_rss_loaded_mb"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
 }

@@ -298,11 +298,15 @@ async fn a_nats_node_killed_under_load() {
          gateway 1 answered again after {gateway_back:?}, car-1 after {device_back:?}",
         outcomes.len()
     );
-    // What directcall adds once the broker takes connections again.
+    // Back through another node, in a bounded time. How soon is NATS's
+    // affair more than directcall's: a bare client with a fresh id may be
+    // let in early, while subscriptions of the gateway and the device are
+    // refused until JetStream has a new leader (10 to 15 s measured), so
+    // the bound is on the kill, not on the probe (SCALING.md has the runs).
     for (what, t) in [("gateway 1", gateway_back), ("car-1", device_back)] {
         assert!(
-            t <= nats_back + Duration::from_secs(5),
-            "{what} back {t:?} after the kill, NATS after {nats_back:?}"
+            t <= Duration::from_secs(30),
+            "{what} back {t:?} after the kill (NATS took a new connection after {nats_back:?})"
         );
     }
     // No call ran twice (each HTTP call got exactly one answer, by

@@ -1,5 +1,8 @@
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use directcall_core::deadline::{is_expired, unix_millis, DEFAULT_SKEW};
@@ -16,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::error::Error;
-use crate::handler::{MethodCall, Router};
+use crate::handler::{Answer, MethodCall, Router};
 use crate::metrics::Metrics;
 
 /// Default number of handlers running at once.
@@ -587,9 +590,19 @@ impl Shared {
             timeout_ms: request.timeout_ms,
         };
         let (timestamp, timeout_ms) = (request.timestamp, request.timeout_ms);
-        tokio::spawn(async move {
-            let shared = &running.0;
-            let work = async {
+        let shared = Arc::clone(self);
+        let free_slot = Arc::clone(&self.slots).try_acquire_owned().ok();
+        let inline = free_slot.is_some();
+        let mut work: Pin<Box<dyn Future<Output = Option<Answer>> + Send>> = match free_slot {
+            Some(slot) => {
+                self.count(&c.executed, &m.executed);
+                Box::pin(async move {
+                    let answer = shared.router.call(method_call).await;
+                    drop(slot);
+                    Some(answer)
+                })
+            }
+            None => Box::pin(async move {
                 let slot = Arc::clone(&shared.slots).acquire_owned().await;
                 // It may have waited for its slot past its deadline.
                 let expired = shared.skew.is_some_and(|skew| {
@@ -599,8 +612,28 @@ impl Shared {
                     return None;
                 }
                 shared.count(&shared.counters.executed, &shared.metrics.executed);
-                Some(shared.router.call(method_call).await)
-            };
+                let answer = shared.router.call(method_call).await;
+                drop(slot);
+                Some(answer)
+            }),
+        };
+        // A handler that answers on its first poll (most device methods:
+        // set a pin, read a value) is answered here, with no task and no
+        // thread hop; one that waits goes on in a task, which polls it again
+        // with its own waker.
+        if inline {
+            let mut cx = Context::from_waker(Waker::noop());
+            if let Poll::Ready(answer) = work.as_mut().poll(&mut cx) {
+                match answer {
+                    Some(a) => self.answer(&call, a.status, a.response),
+                    None => self.count(&c.expired, &m.expired),
+                }
+                drop(running);
+                return;
+            }
+        }
+        tokio::spawn(async move {
+            let shared = &running.0;
             // Watched only while the handler is pending: a handler that
             // answers at once never registers.
             let cut = async {
@@ -612,7 +645,7 @@ impl Shared {
                 biased;
                 answer = work => answer,
                 cut = cut => match cut {
-                    Cut::Answer503 => Some(crate::handler::Answer {
+                    Cut::Answer503 => Some(Answer {
                         status: 503,
                         response: json!("device shutting down"),
                     }),

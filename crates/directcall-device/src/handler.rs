@@ -143,6 +143,12 @@ impl<T: Into<Value>> IntoAnswer for Result<T, HandlerError> {
 
 /// Runs one method. Write it by hand for a stateful handler, or wrap an
 /// async closure with [`handler_fn`] (what [`Router::method`] does).
+///
+/// The device polls a handler first on its connection's own task, so one
+/// that answers at once costs no task and no thread hop; one that awaits
+/// goes on in a task of its own. Like any async code, a handler must not
+/// block: long computation or blocking I/O belongs in
+/// `tokio::task::spawn_blocking`, or it holds up the connection.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Runs the method; `Ok` is answered with status 200.

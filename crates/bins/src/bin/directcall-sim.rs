@@ -46,6 +46,12 @@ struct Cli {
     /// contract tests whose targets are generated (not a real device's mode).
     #[arg(long, env = "DIRECTCALL_SIM_ANY_TARGET", conflicts_with = "presence")]
     any_target: bool,
+    /// Answer with the request itself instead of the reference's sentence.
+    #[arg(long, env = "DIRECTCALL_SIM_ECHO")]
+    echo: bool,
+    /// Handlers running at once per device.
+    #[arg(long, env = "DIRECTCALL_SIM_MAX_CONCURRENT", default_value_t = directcall_device::DEFAULT_MAX_CONCURRENT)]
+    max_concurrent: usize,
     /// QoS of reply publishes: 0 or 1.
     #[arg(long, env = "DIRECTCALL_SIM_REPLY_QOS", default_value_t = directcall_device::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
     reply_qos: u8,
@@ -98,6 +104,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     options.methods = methods;
     options.presence = cli.presence;
     options.any_target = cli.any_target;
+    options.echo = cli.echo;
+    options.max_concurrent = Some(cli.max_concurrent.max(1));
     options.reply_qos = Some(directcall_bins::cli::qos(cli.reply_qos));
     options.subscription_qos = Some(directcall_bins::cli::qos(cli.subscription_qos));
     let devices = sim::start(&broker, &targets, &options)

@@ -33,6 +33,11 @@ pub(crate) enum Mode {
     Timeouts,
     /// Where the memory of a pending call goes, piece by piece (no broker).
     Memory,
+    /// A gateway (a child process) holding --slow-calls HTTP/2 calls to a
+    /// device that answers after --slow-latency-ms, while fast calls run
+    /// beside them: its memory per waiting call, and the fast calls' latency
+    /// against the same gateway before the slow calls came.
+    Slow,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +121,20 @@ pub(crate) struct BenchArgs {
     /// Deadline of each call, in milliseconds.
     #[arg(long, env = "DIRECTCALL_BENCH_TIMEOUT_MS", default_value_t = 5000)]
     timeout_ms: u64,
+    /// --mode slow: calls waiting at once on the slow device.
+    #[arg(long, env = "DIRECTCALL_BENCH_SLOW_CALLS", default_value_t = 20_000)]
+    slow_calls: usize,
+    /// --mode slow: how long the slow device takes to answer, in milliseconds.
+    #[arg(long, env = "DIRECTCALL_BENCH_SLOW_LATENCY_MS", default_value_t = 5000)]
+    slow_latency_ms: u64,
+    /// --mode slow: HTTP/2 connections carrying the slow calls.
+    #[arg(long, env = "DIRECTCALL_BENCH_H2_CONNECTIONS", default_value_t = 128)]
+    h2_connections: usize,
+    /// Measure this many times, alternating with the floor under
+    /// --compare-raw; the median round of each side is reported, and the
+    /// ratios are the median of the rounds' own ratios.
+    #[arg(long, env = "DIRECTCALL_BENCH_ROUNDS", default_value_t = 1)]
+    rounds: usize,
     /// Measure the raw-MQTT floor in the same run and report ratios.
     #[arg(long, env = "DIRECTCALL_BENCH_COMPARE_RAW")]
     compare_raw: bool,
@@ -185,6 +204,16 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
         return memory(&args, calls.unwrap_or(100_000));
     }
 
+    if args.mode == Mode::Slow {
+        let fast = LoadOptions::new(
+            args.concurrency.max(1),
+            Some(args.calls.unwrap_or(2000)),
+            None,
+            args.warmup,
+        );
+        return slow(&args, &nodes, &fast).await;
+    }
+
     if args.mode == Mode::Timeouts {
         return timeouts(
             &args,
@@ -215,26 +244,65 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
         }
     }
 
-    let report = match args.mode {
+    // Rounds alternate directcall and the floor, so that a machine whose
+    // speed drifts during the run weighs on both alike.
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let report = measure(&args, &nodes, &load, &targets, &payload, timeout).await?;
+        let raw_report = if args.compare_raw && args.mode != Mode::Raw {
+            Some(
+                raw(
+                    &nodes,
+                    &load,
+                    args.raw_legs(),
+                    payload.clone(),
+                    timeout,
+                    args.json,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        rounds.push((report, raw_report));
+    }
+    for d in devices {
+        d.shutdown().await;
+    }
+    print(&args, &broker_label, &rounds);
+    Ok(())
+}
+
+/// One measured run of `args.mode`.
+async fn measure(
+    args: &BenchArgs,
+    nodes: &Nodes,
+    load: &LoadOptions,
+    targets: &[Target],
+    payload: &str,
+    timeout: Duration,
+) -> Result<LoadReport, String> {
+    let qos = args.legs();
+    Ok(match args.mode {
         Mode::Raw => {
             raw(
-                &nodes,
-                &load,
+                nodes,
+                load,
                 args.raw_legs(),
-                payload.clone(),
+                payload.to_owned(),
                 timeout,
                 args.json,
             )
             .await?
         }
         Mode::Requester => {
-            let requester = requester(&broker, qos, load.concurrency).await?;
-            let targets = Arc::new(targets.clone());
+            let requester = requester(&nodes.node(0), qos, load.concurrency).await?;
+            let targets = Arc::new(targets.to_vec());
             let method = Method::new("bench").map_err(|e| e.to_string())?;
-            let payload = Value::String(payload.clone());
-            let progress = progress_bar(&load, args.json);
+            let payload = Value::String(payload.to_owned());
+            let progress = progress_bar(load, args.json);
             let r = requester.clone();
-            let report = bench::run("requester", &load, progress, move |n| {
+            let report = bench::run("requester", load, progress, move |n| {
                 let call = Invocation::new(
                     targets[n as usize % targets.len()].clone(),
                     method.clone(),
@@ -254,20 +322,9 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
             requester.shutdown().await;
             report
         }
-        Mode::Http => http(&args, &nodes, &load, qos, &targets, &payload, timeout).await?,
-        Mode::Timeouts | Mode::Memory => unreachable!("handled above"),
-    };
-
-    let raw_report = if args.compare_raw && args.mode != Mode::Raw {
-        Some(raw(&nodes, &load, args.raw_legs(), payload, timeout, args.json).await?)
-    } else {
-        None
-    };
-    for d in devices {
-        d.shutdown().await;
-    }
-    print(&args, &broker_label, &report, raw_report.as_ref());
-    Ok(())
+        Mode::Http => http(args, nodes, load, qos, targets, payload, timeout).await?,
+        Mode::Timeouts | Mode::Memory | Mode::Slow => unreachable!("handled before"),
+    })
 }
 
 /// The broker nodes to use, and what keeps the ones the bench started alive.
@@ -445,14 +502,26 @@ async fn http(
         }
     };
     let secs = timeout.as_secs().clamp(1, 60);
-    let paths: Arc<Vec<String>> = Arc::new(
-        targets
-            .iter()
-            .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
-            .collect(),
-    );
-    // One keep-alive connection per concurrent caller, spread over the
-    // gateways in turn, handed out in turn.
+    let paths: Vec<String> = targets
+        .iter()
+        .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
+        .collect();
+    let progress = progress_bar(load, args.json);
+    let report = http_load("http", &bases, paths, load, progress).await;
+    drop(stops);
+    report
+}
+
+/// Closed-loop GETs of `paths` (in turn) over `load.concurrency` keep-alive
+/// HTTP/1.1 connections, spread over `bases` in turn; a call succeeds when
+/// the gateway answers 200 with the device's status 200.
+async fn http_load(
+    mode: &str,
+    bases: &[String],
+    paths: Vec<String>,
+    load: &LoadOptions,
+    progress: Option<indicatif::ProgressBar>,
+) -> Result<LoadReport, String> {
     let mut connections = Vec::new();
     for i in 0..load.concurrency {
         let base = &bases[i % bases.len()];
@@ -460,8 +529,8 @@ async fn http(
     }
     // A plain mutex: held for a pop or a push, never across an await.
     let pool = Arc::new(std::sync::Mutex::new(connections));
-    let progress = progress_bar(load, args.json);
-    Ok(bench::run("http", load, progress, move |n| {
+    let paths = Arc::new(paths);
+    Ok(bench::run(mode, load, progress, move |n| {
         let (pool, paths) = (Arc::clone(&pool), Arc::clone(&paths));
         async move {
             let taken = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -476,6 +545,232 @@ async fn http(
         }
     })
     .await)
+}
+
+/// A gateway in a child process (`directcall serve`), killed on drop.
+struct ChildGateway {
+    child: std::process::Child,
+    base: String,
+}
+
+impl ChildGateway {
+    async fn start(
+        broker: &BrokerOptions,
+        args: &BenchArgs,
+        max_in_flight: usize,
+    ) -> Result<Self, String> {
+        let port = directcall_core::testkit::free_port().map_err(|e| e.to_string())?;
+        let urls: Vec<String> = broker.endpoints.iter().map(|e| e.url()).collect();
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(exe)
+            .args(["serve", "--broker", &urls.join(","), "--presence", "off"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--max-in-flight", &max_in_flight.to_string()])
+            .args(["--qos", &args.qos.to_string()])
+            .args(["--reply-qos", &args.reply_qos.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the gateway: {e}"))?;
+        let gateway = ChildGateway {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let health =
+                directcall_bins::http_client::get(&format!("{}/healthz", gateway.base), &[]).await;
+            if health.is_ok_and(|r| r.status == 200) {
+                return Ok(gateway);
+            }
+            if Instant::now() > until {
+                return Err("the gateway was not healthy within 15 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/statm", self.child.id()))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |pages| pages * 4096)
+    }
+
+    /// The gateway's own count of calls waiting for a reply.
+    async fn pending(&self) -> Option<u64> {
+        let metrics = directcall_bins::http_client::get(&format!("{}/metrics", self.base), &[])
+            .await
+            .ok()?;
+        metrics.body.lines().find_map(|line| {
+            let value = line.strip_prefix(directcall_cloud::metrics::PENDING_CALLS)?;
+            value.trim().parse::<f64>().ok().map(|v| v as u64)
+        })
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `--mode slow`: see [`Mode::Slow`].
+async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(), String> {
+    let n = args.slow_calls.max(1);
+    let latency = Duration::from_millis(args.slow_latency_ms.max(1));
+    let qos = args.legs();
+    let mut echo = sim::SimOptions::default();
+    echo.echo = true;
+    echo.reply_qos = Some(qos.reply);
+    echo.subscription_qos = Some(qos.request_subscription);
+    let fast_target = Target::new("Fast001").map_err(|e| e.to_string())?;
+    let slow_target = Target::new("Slow001").map_err(|e| e.to_string())?;
+    let mut slow_options = echo.clone();
+    slow_options.latency = latency;
+    slow_options.max_concurrent = Some(n + 64);
+    let broker = nodes.node(0);
+    let mut devices = sim::start(
+        &broker.clone().into(),
+        std::slice::from_ref(&fast_target),
+        &echo,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    devices.extend(
+        sim::start(
+            &nodes.node(1).into(),
+            std::slice::from_ref(&slow_target),
+            &slow_options,
+        )
+        .await
+        .map_err(|e| e.to_string())?,
+    );
+    let gateway = ChildGateway::start(&broker, args, n + 1024).await?;
+    let bases = vec![gateway.base.clone()];
+    let fast_paths = vec![format!(
+        "/invoke?request=fast&method=bench&target={fast_target}&timeout=10"
+    )];
+
+    // 1. The fast calls alone.
+    let unloaded = http_load("alone", &bases, fast_paths.clone(), fast, None).await?;
+    let rss_idle = gateway.rss_bytes();
+
+    // 2. The slow calls, sent at once over HTTP/2.
+    let slow_timeout = (latency.as_secs() * 2 + 5).clamp(1, 60);
+    let mut h2 = Vec::new();
+    for _ in 0..args.h2_connections.max(1) {
+        h2.push(
+            directcall_bins::http_client::Multiplexed::open(&gateway.base)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let sent_at = Instant::now();
+    let mut slow_tasks = Vec::new();
+    for (k, conn) in h2.iter().enumerate() {
+        let share = n / h2.len() + usize::from(k < n % h2.len());
+        let (conn, target) = (conn.clone(), slow_target.clone());
+        slow_tasks.push(tokio::spawn(async move {
+            let calls: FuturesUnordered<_> = (0..share)
+                .map(|i| {
+                    let conn = conn.clone();
+                    let path = format!(
+                        "/invoke?request=s{k}-{i}&method=slow&target={target}&timeout={slow_timeout}"
+                    );
+                    async move { conn.get(&path).await.map(|r| r.status).unwrap_or(0) }
+                })
+                .collect();
+            calls.collect::<Vec<u16>>().await
+        }));
+    }
+    // Wait until the gateway holds them all.
+    let mut waiting = 0;
+    while sent_at.elapsed() < latency {
+        waiting = gateway.pending().await.unwrap_or(0);
+        if waiting >= n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ramp = sent_at.elapsed();
+    if waiting < n as u64 {
+        return Err(format!(
+            "only {waiting} of {n} slow calls were waiting before the first could be answered ({} ms); \
+             give a longer --slow-latency-ms",
+            latency.as_millis()
+        ));
+    }
+    let rss_loaded = gateway.rss_bytes();
+
+    // 3. The fast calls again, before the first slow call is answered.
+    let window = latency.saturating_sub(sent_at.elapsed() + Duration::from_millis(200));
+    let mut beside = fast.clone();
+    beside.warmup = 0;
+    beside.duration = Some(window);
+    let loaded = http_load("beside", &bases, fast_paths, &beside, None).await?;
+    let waiting_after = gateway.pending().await.unwrap_or(0);
+    let measured_by = sent_at.elapsed();
+
+    let mut slow_status = std::collections::BTreeMap::<u16, u64>::new();
+    for t in slow_tasks {
+        for status in t.await.unwrap_or_default() {
+            *slow_status.entry(status).or_default() += 1;
+        }
+    }
+    drop(gateway);
+    for d in devices {
+        d.shutdown().await;
+    }
+
+    let per_call = rss_loaded.saturating_sub(rss_idle) as f64 / n as f64;
+    let (p50_a, p99_a) = (unloaded.latency_us[0], unloaded.latency_us[2]);
+    let (p50_b, p99_b) = (loaded.latency_us[0], loaded.latency_us[2]);
+    let out = json!({
+        "mode": "slow",
+        "broker": nodes.label,
+        "slow_calls": n,
+        "slow_latency_ms": latency.as_millis() as u64,
+        "h2_connections": h2.len(),
+        "ramp_ms": ramp.as_millis() as u64,
+        "waiting_before_fast": waiting,
+        "waiting_after_fast": waiting_after,
+        "fast_measured_by_ms": measured_by.as_millis() as u64,
+        "slow_status": slow_status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+        "gateway_rss_idle_mb": rss_idle as f64 / 1e6,
+        "gateway_rss_loaded_mb": rss_loaded as f64 / 1e6,
+        "gateway_bytes_per_waiting_call": per_call.round(),
+        "fast_alone": unloaded.to_json(),
+        "fast_beside": loaded.to_json(),
+        "ratio_fast_p50": ratio(p50_b as f64, p50_a as f64),
+        "ratio_fast_p99": ratio(p99_b as f64, p99_a as f64),
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("broker     {}", nodes.label);
+        println!(
+            "slow       {n} calls over {} HTTP/2 connections, answered after {} ms; all waiting {} ms after the first was sent",
+            h2.len(),
+            latency.as_millis(),
+            ramp.as_millis()
+        );
+        println!("           statuses {slow_status:?}; waiting before/after the fast calls {waiting}/{waiting_after}");
+        println!(
+            "gateway    RSS {:.1} MB idle, {:.1} MB with the slow calls waiting: {per_call:.0} B per waiting call",
+            rss_idle as f64 / 1e6,
+            rss_loaded as f64 / 1e6
+        );
+        print!("{}", unloaded.to_text());
+        print!("{}", loaded.to_text());
+        println!(
+            "ratio      fast p50 {:.3} × alone   fast p99 {:.3} × alone",
+            ratio(p50_b as f64, p50_a as f64),
+            ratio(p99_b as f64, p99_a as f64)
+        );
+    }
+    Ok(())
 }
 
 /// `--mode memory`: the resident memory of `n` of each piece of a pending
@@ -652,7 +947,35 @@ async fn timeouts(
     Ok(())
 }
 
-fn print(args: &BenchArgs, label: &str, report: &LoadReport, raw: Option<&LoadReport>) {
+/// The median of `values` (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The report with the median calls/s.
+fn median_report(reports: &[&LoadReport]) -> LoadReport {
+    let mut sorted = reports.to_vec();
+    sorted.sort_by(|a, b| a.calls_per_s().total_cmp(&b.calls_per_s()));
+    sorted[sorted.len() / 2].clone()
+}
+
+fn print(args: &BenchArgs, label: &str, rounds: &[(LoadReport, Option<LoadReport>)]) {
+    let report = median_report(&rounds.iter().map(|(r, _)| r).collect::<Vec<_>>());
+    let raws: Vec<&LoadReport> = rounds.iter().filter_map(|(_, raw)| raw.as_ref()).collect();
+    let raw = (!raws.is_empty()).then(|| median_report(&raws));
+    // Ratios are taken round by round (each against the floor measured
+    // right after it), then their median.
+    let ratios = |f: fn(&LoadReport) -> f64| {
+        median(
+            rounds
+                .iter()
+                .filter_map(|(r, raw)| raw.as_ref().map(|raw| ratio(f(r), f(raw))))
+                .collect(),
+        )
+    };
+    let ratio_p50 = ratios(|r| r.latency_us[0] as f64);
+    let ratio_calls = ratios(LoadReport::calls_per_s);
     if args.json {
         let mut out = report.to_json();
         out["broker"] = json!(label);
@@ -661,10 +984,24 @@ fn print(args: &BenchArgs, label: &str, report: &LoadReport, raw: Option<&LoadRe
             out["raw_qos"] = legs_json(args.raw_legs());
         }
         out["payload_bytes"] = json!(args.payload_bytes);
-        if let Some(raw) = raw {
+        if let Some(raw) = &raw {
             out["raw"] = raw.to_json();
-            out["ratio_p50"] = json!(ratio(report.latency_us[0] as f64, raw.latency_us[0] as f64));
-            out["ratio_calls_per_s"] = json!(ratio(report.calls_per_s(), raw.calls_per_s()));
+            out["ratio_p50"] = json!(ratio_p50);
+            out["ratio_calls_per_s"] = json!(ratio_calls);
+        }
+        if rounds.len() > 1 {
+            out["rounds"] = rounds
+                .iter()
+                .map(|(r, raw)| {
+                    let mut round =
+                        json!({"calls_per_s": r.calls_per_s().round(), "p50_us": r.latency_us[0]});
+                    if let Some(raw) = raw {
+                        round["raw_calls_per_s"] = json!(raw.calls_per_s().round());
+                        round["raw_p50_us"] = json!(raw.latency_us[0]);
+                    }
+                    round
+                })
+                .collect();
         }
         println!("{out}");
         return;
@@ -675,14 +1012,16 @@ fn print(args: &BenchArgs, label: &str, report: &LoadReport, raw: Option<&LoadRe
         legs_text(args.legs()),
         legs_text(args.raw_legs())
     );
-    print!("{}", report.to_text());
-    if let Some(raw) = raw {
-        print!("{}", raw.to_text());
+    if rounds.len() > 1 {
         println!(
-            "ratio      p50 {:.3} × floor   calls/s {:.3} × floor",
-            ratio(report.latency_us[0] as f64, raw.latency_us[0] as f64),
-            ratio(report.calls_per_s(), raw.calls_per_s())
+            "rounds     {} (the median round of each side below)",
+            rounds.len()
         );
+    }
+    print!("{}", report.to_text());
+    if let Some(raw) = &raw {
+        print!("{}", raw.to_text());
+        println!("ratio      p50 {ratio_p50:.3} × floor   calls/s {ratio_calls:.3} × floor");
     }
 }
 
