@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use directcall_bins::{sim, EmbeddedBroker, Mosquitto};
 use directcall_cloud::{Invocation, Options, Prefix, Requester};
-use directcall_core::mqtt::QoS;
 use directcall_core::testkit::{Legs, RawPair};
 use directcall_core::{BrokerOptions, Method, Target};
 use serde_json::Value;
@@ -53,24 +52,21 @@ fn roundtrips(
 ) {
     let (requester, raw, _device) = runtime.block_on(async {
         let target = Target::new("BenchCar001").unwrap();
-        let device = sim::start(
-            &broker.clone().into(),
-            std::slice::from_ref(&target),
-            &sim::SimOptions::default(),
-        )
-        .await
-        .expect("device");
+        // It echoes the request, as the floor's responder does.
+        let mut echo = sim::SimOptions::default();
+        echo.echo = true;
+        let device = sim::start(&broker.clone().into(), std::slice::from_ref(&target), &echo)
+            .await
+            .expect("device");
         let prefix = Prefix::new(format!("crit-{:06x}", fastrand_u32())).unwrap();
         let requester = Requester::connect(Options::new(broker.clone()).prefix(prefix))
             .await
             .expect("requester");
         let raw = Arc::new(
-            RawPair::start(
-                &broker,
-                Legs::uniform(QoS::AtLeastOnce).request(QoS::AtMostOnce),
-            )
-            .await
-            .expect("raw pair"),
+            // The broker's floor: every leg QoS 0.
+            RawPair::start(&broker, Legs::ALL_QOS_0)
+                .await
+                .expect("raw pair"),
         );
         (requester, raw, device)
     });
