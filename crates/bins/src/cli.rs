@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use directcall_cloud::sigv4::AwsSigV4;
 use directcall_cloud::{Options, Prefix, PresenceRoot, QoS};
 use directcall_core::mqtt::UrlSigner;
-use directcall_core::BrokerOptions;
+use directcall_core::{BrokerOptions, MqttVersion};
 
 /// Why a configuration cannot be used. Each names the flag (and its
 /// environment variable) at fault.
@@ -111,6 +111,11 @@ pub struct BrokerArgs {
     /// client-id-keyed ACLs.
     #[arg(long, env = "DIRECTCALL_FAILOVER_FRESH_CLIENT_ID")]
     pub failover_fresh_client_id: bool,
+    /// MQTT protocol version: 3.1.1 or 5. With 5 a requester knows at once
+    /// when no device is subscribed (404), requests expire in the broker at
+    /// their deadline, and devices answer plain MQTT 5 requests.
+    #[arg(long, env = "DIRECTCALL_MQTT_VERSION", default_value = "3.1.1")]
+    pub mqtt_version: String,
 }
 
 /// Broker settings and, for AWS IoT Core over SigV4, the URL signer.
@@ -170,6 +175,8 @@ impl BrokerArgs {
         };
         options.keep_alive = Duration::from_secs(self.keep_alive.max(1));
         options.fresh_client_id_on_failover = self.failover_fresh_client_id;
+        options.mqtt_version =
+            MqttVersion::parse(&self.mqtt_version).map_err(|e| invalid("--mqtt-version", e))?;
         if let Some(user) = &self.username {
             options.credentials = Some((user.clone(), self.password.clone().unwrap_or_default()));
         }
@@ -269,9 +276,11 @@ pub struct RequesterArgs {
     /// reply (for policies that allow exactly one prefix).
     #[arg(long, env = "DIRECTCALL_SHARED_PREFIX")]
     pub shared_prefix: bool,
-    /// QoS of request publishes: 0 (never queued) or 1.
-    #[arg(long, env = "DIRECTCALL_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
-    pub qos: u8,
+    /// QoS of request publishes: 0 (never queued) or 1 [default: 0 on MQTT
+    /// 3.1.1; 1 on MQTT 5, whose PUBACK tells at once that no device is
+    /// subscribed].
+    #[arg(long, env = "DIRECTCALL_QOS", value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: Option<u8>,
     /// QoS of the reply subscription: 0 or 1 (replies are delivered at the
     /// lower of this and the device's publish QoS).
     #[arg(long, env = "DIRECTCALL_REPLY_QOS", default_value_t = directcall_cloud::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
@@ -317,8 +326,10 @@ impl RequesterArgs {
         if self.shared_prefix {
             options = options.shared_prefix();
         }
+        if let Some(level) = self.qos {
+            options = options.request_qos(qos(level));
+        }
         options = options
-            .request_qos(qos(self.qos))
             .reply_qos(qos(self.reply_qos))
             .max_in_flight(self.max_in_flight);
         let root = PresenceRoot::new(self.presence_root.as_str())

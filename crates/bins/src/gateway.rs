@@ -316,7 +316,7 @@ impl Gateway {
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-        (status = 404, description = "The target is known to be offline; nothing was published.", body = OfflineBody),
+        (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -344,7 +344,7 @@ async fn invoke_get(
         .service
         .query_invocation(form_urlencoded::parse(query.as_bytes()), start)
     {
-        Ok(invocation) => gw.call(invocation, budget).await,
+        Ok(invocation) => gw.call(traced(invocation, &headers), budget).await,
         Err(reply) => gw.refuse(reply),
     }
 }
@@ -359,7 +359,7 @@ async fn invoke_get(
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-        (status = 404, description = "The target is known to be offline; nothing was published.", body = OfflineBody),
+        (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -388,7 +388,7 @@ async fn invoke_get_slash(
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
         (status = 400, description = "A parameter or the body is invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-        (status = 404, description = "The target is known to be offline; nothing was published.", body = OfflineBody),
+        (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
         (status = 413, description = "The body is over 128 KiB.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -435,8 +435,27 @@ async fn invoke_post(
         .service
         .post_invocation(&target, &method, content_type, &body, start)
     {
-        Ok(invocation) => gw.call(invocation, budget).await,
+        Ok(invocation) => gw.call(traced(invocation, &headers), budget).await,
         Err(reply) => gw.refuse(reply),
+    }
+}
+
+/// The caller's W3C `traceparent` header, passed on to the device when it
+/// is valid; an invalid one is ignored, as the W3C recommendation says (a
+/// receiver that cannot parse it starts a new trace).
+fn traced(
+    invocation: directcall_cloud::Invocation,
+    headers: &HeaderMap,
+) -> directcall_cloud::Invocation {
+    match headers.get("traceparent").map(HeaderValue::to_str) {
+        Some(Ok(value)) if directcall_core::trace::check_traceparent(value).is_ok() => {
+            invocation.traceparent(value)
+        }
+        Some(_) => {
+            tracing::debug!("ignored an invalid traceparent header");
+            invocation
+        }
+        None => invocation,
     }
 }
 

@@ -183,6 +183,14 @@ pub struct OfflineBody {
     /// Whole milliseconds since the request arrived.
     #[schema(pattern = "^[0-9]+$")]
     pub elapsed: String,
+    /// Why it is known offline, when not from a presence record (MQTT 5: no
+    /// device is subscribed to the target's requests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    /// The call's id, when a request was published (and refused by the
+    /// broker for want of a subscriber).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// 400, 404 (no route), 405, 413, 503: what went wrong, in words.
@@ -598,14 +606,26 @@ fn render(
             body(&OfflineBody {
                 result: Outcome::Offline,
                 elapsed: ms(elapsed),
+                response: None,
+                id: None,
+            }),
+        ),
+        Err(Error::NoSubscriber { id }) => (
+            404,
+            body(&OfflineBody {
+                result: Outcome::Offline,
+                elapsed: ms(elapsed),
+                response: Some(Error::NoSubscriber { id }.to_string()),
+                id: Some(id.to_string()),
             }),
         ),
         Err(Error::Invalid { field, reason }) => return HttpReply::invalid(field, reason),
         Err(e @ Error::PayloadTooLarge { .. }) => {
             return HttpReply::message(Outcome::TooLarge, e.to_string())
         }
-        // Unavailable, Closed, and what a later version may add: not the
-        // caller's doing, and nothing was delivered.
+        // Unavailable, Refused (the broker refused the publish), Closed,
+        // and what a later version may add: not the caller's doing, and
+        // nothing was delivered.
         Err(e) => return HttpReply::message(Outcome::Unavailable, e.to_string()),
     };
     HttpReply {

@@ -22,6 +22,8 @@ fn kind(r: &Result<directcall_cloud::Reply, Error>) -> &'static str {
         Err(Error::Timeout { .. }) => "timeout",
         Err(Error::Unavailable { .. }) => "unavailable",
         Err(Error::Offline { .. }) => "offline",
+        // MQTT 5: the device had not subscribed again yet after the restart.
+        Err(Error::NoSubscriber { .. }) => "no_subscriber",
         Err(_) => "other",
     }
 }

@@ -38,7 +38,7 @@ fn post_b(path: &str, content_type: Option<&'static str>, body: impl Into<Vec<u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_http_input_gets_a_4xx_naming_the_parameter_and_publishes_nothing() {
     let b = TestBroker::start(common::Kind::Embedded).unwrap();
-    let mut spy = Raw::connect(&b.options(), &unique("spy")).await;
+    let mut spy = Raw::connect(&b.options_v311(), &unique("spy")).await;
     spy.subscribe("#").await;
     let (_gw, base) = gateway(&b.url(), &[]).await;
     wait_health(&base, 200).await;
@@ -221,7 +221,7 @@ async fn hostile_replies_are_dropped_and_counted() {
     let r = requester(&b).await;
     let car = unique("car");
     let _dev = common::device(&b, &car, common::car_router()).await;
-    let evil = Raw::connect(&b.options(), &unique("evil")).await;
+    let evil = Raw::connect(&b.options_v311(), &unique("evil")).await;
     let prefix = r.prefix().to_string();
     let id = MessageId::new();
     let garbage: Vec<(String, Vec<u8>)> = vec![
@@ -298,7 +298,7 @@ async fn hostile_requests_do_not_stop_a_device() {
     let b = TestBroker::start(common::Kind::Embedded).unwrap();
     let car = unique("car");
     let dev = common::device(&b, &car, common::car_router()).await;
-    let mut evil = Raw::connect(&b.options(), &unique("evil")).await;
+    let mut evil = Raw::connect(&b.options_v311(), &unique("evil")).await;
     let prefix = unique("evilprefix");
     evil.subscribe(&format!("{prefix}/+/+/+/ack")).await;
     let id = || MessageId::new();

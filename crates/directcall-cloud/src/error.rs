@@ -27,6 +27,25 @@ pub enum Error {
         /// The offline target.
         target: Target,
     },
+    /// MQTT 5: the broker answered the request's publish with "no matching
+    /// subscribers" (PUBACK reason code 0x10): no device is listening for
+    /// the target's requests, so nothing will answer. Known in one broker
+    /// round trip, with no presence records; nothing is left pending.
+    #[error("no device is subscribed to the target's requests (the broker answered the publish with MQTT 5 reason code 0x10, no matching subscribers)")]
+    NoSubscriber {
+        /// The call's id, as published.
+        id: MessageId,
+    },
+    /// MQTT 5: the broker refused the request's publish with another PUBACK
+    /// reason code (0x87 not authorized, 0x97 quota exceeded, ...). The
+    /// request was not delivered.
+    #[error("the broker refused the request: {} (MQTT 5 reason code {code:#04x})", reason_text(*code))]
+    Refused {
+        /// The call's id, as published.
+        id: MessageId,
+        /// The PUBACK reason code.
+        code: u8,
+    },
     /// No broker connection; nothing was published.
     #[error("broker unavailable: {reason}")]
     Unavailable {
@@ -89,5 +108,20 @@ impl From<directcall_core::Error> for Error {
             field: e.field(),
             reason: e.reason().to_owned(),
         }
+    }
+}
+
+/// What an MQTT 5 PUBACK reason code means.
+pub(crate) fn reason_text(code: u8) -> &'static str {
+    match code {
+        0x10 => "no matching subscribers",
+        0x80 => "unspecified error",
+        0x83 => "implementation specific error",
+        0x87 => "not authorized",
+        0x90 => "topic name invalid",
+        0x91 => "packet identifier in use",
+        0x97 => "quota exceeded",
+        0x99 => "payload format invalid",
+        _ => "unknown reason",
     }
 }

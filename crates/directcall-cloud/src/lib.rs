@@ -43,7 +43,8 @@ pub mod sigv4;
 
 pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
 pub use directcall_core::{
-    BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,
+    BrokerOptions, Field, MessageId, Method, MqttVersion, Prefix, PresenceRoot, Target, TlsOptions,
+    Transport,
 };
 pub use error::Error;
 pub use options::{

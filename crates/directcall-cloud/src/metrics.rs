@@ -5,6 +5,9 @@
 
 use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge};
 
+/// MQTT 5: requests the broker refused in its PUBACK (reason 0x10: no
+/// device subscribed), by reason code.
+pub const REQUESTS_REFUSED: &str = "directcall_requests_refused_total";
 /// Requests published.
 pub const REQUESTS_PUBLISHED: &str = "directcall_requests_published_total";
 /// Calls ended by a reply.
@@ -42,6 +45,7 @@ pub(crate) struct Metrics {
     pub(crate) pending: Gauge,
     pub(crate) reconnects: Counter,
     pub(crate) connected: Gauge,
+    pub(crate) refused: Counter,
 }
 
 impl Metrics {
@@ -66,7 +70,12 @@ impl Metrics {
             BROKER_IN_USE,
             "1 for the broker endpoint in use, by url; 0 for one used before."
         );
+        describe_counter!(
+            REQUESTS_REFUSED,
+            "MQTT 5: requests the broker refused in its PUBACK (0x10: no device subscribed)."
+        );
         Metrics {
+            refused: counter!(REQUESTS_REFUSED),
             published: counter!(REQUESTS_PUBLISHED),
             completed: counter!(REPLIES_COMPLETED),
             timeouts: counter!(CALL_TIMEOUTS),

@@ -40,7 +40,8 @@ pub struct Options {
     /// 12 random hex digits, made once per `Options`: the per-instance part
     /// of the reply prefix and of the default client id.
     pub(crate) instance: String,
-    pub(crate) request_qos: QoS,
+    /// `None`: 0 on MQTT 3.1.1, 1 on MQTT 5.
+    pub(crate) request_qos: Option<QoS>,
     pub(crate) reply_qos: QoS,
     pub(crate) max_in_flight: usize,
     pub(crate) ready_timeout: Duration,
@@ -61,7 +62,7 @@ impl Options {
             prefix: Prefix::default(),
             shared_prefix: false,
             instance: format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff),
-            request_qos: QoS::AtMostOnce,
+            request_qos: None,
             reply_qos: DEFAULT_REPLY_QOS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             ready_timeout: DEFAULT_READY_TIMEOUT,
@@ -111,10 +112,14 @@ impl Options {
         self
     }
 
-    /// QoS of request publishes (default 0, at most once: a request is
-    /// never queued for a device that comes back later).
+    /// QoS of request publishes. Default on MQTT 3.1.1: 0, at most once (a
+    /// request is never queued for a device that comes back later). Default
+    /// on MQTT 5: 1, so that the broker's PUBACK says at once when no device
+    /// is subscribed ([`Error::NoSubscriber`](crate::Error::NoSubscriber));
+    /// the request's Message Expiry Interval keeps it from reaching a device
+    /// after its deadline.
     pub fn request_qos(mut self, qos: QoS) -> Self {
-        self.request_qos = qos;
+        self.request_qos = Some(qos);
         self
     }
 

@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use directcall_core::deadline::{unix_millis, whole_millis};
 use directcall_core::mqtt::{
-    Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, QoS, Session,
-    Subscription,
+    Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, Properties, QoS,
+    Session, Subscription,
 };
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
-    CallTopics, Field, MessageId, Method, Outcome, PendingCall, PendingTable, Prefix, ReplyPayload,
-    RequestPayload, Target, Unmatched,
+    CallTopics, Field, MessageId, Method, MqttVersion, Outcome, PendingCall, PendingTable, Prefix,
+    ReplyPayload, RequestPayload, Target, Unmatched,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -40,6 +40,7 @@ pub struct Invocation {
     request: Value,
     timeout: Duration,
     start: Option<Instant>,
+    traceparent: Option<String>,
 }
 
 impl Invocation {
@@ -52,6 +53,7 @@ impl Invocation {
             request: request.into(),
             timeout: DEFAULT_TIMEOUT,
             start: None,
+            traceparent: None,
         }
     }
 
@@ -81,6 +83,21 @@ impl Invocation {
     pub fn started_at(mut self, start: impl Into<Instant>) -> Self {
         self.start = Some(start.into());
         self
+    }
+
+    /// The caller's W3C trace context (`00-{trace id}-{parent id}-{flags}`),
+    /// passed on to the device: as the `traceparent` user property on MQTT 5
+    /// and the `traceparent` payload field on both versions. A malformed one
+    /// is refused by [`Requester::invoke`] (`Error::Invalid` naming
+    /// `traceparent`). Default: none.
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// The trace context, if set.
+    pub fn get_traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
     }
 
     /// The device.
@@ -197,6 +214,9 @@ pub struct Stats {
     pub dropped_oversized: u64,
     /// Connections made after the first one.
     pub reconnects: u64,
+    /// MQTT 5: requests the broker refused in its PUBACK (no device
+    /// subscribed, not authorized, ...); each ended its call at once.
+    pub refused: u64,
 }
 
 /// Why a reply was dropped, in the order of `metrics::DROP_REASONS`.
@@ -216,6 +236,7 @@ struct Counters {
     completed: AtomicU64,
     timeouts: AtomicU64,
     dropped: [AtomicU64; 6],
+    refused: AtomicU64,
 }
 
 /// A reply as a pending call holds it: boxed, so a waiting call's slot stays
@@ -232,6 +253,8 @@ struct Shared {
     prefix: Prefix,
     qos: QoS,
     reply_qos: QoS,
+    /// MQTT 5: requests carry expiry, response topic and correlation data.
+    v5: bool,
     permits: Arc<Semaphore>,
     counters: Counters,
     metrics: Metrics,
@@ -307,6 +330,11 @@ impl Requester {
         let mut connection_options = ConnectionOptions::new(options.broker.clone(), client_id)
             .capacity(options.max_in_flight)
             .probe_dots();
+        let v5 = options.broker.mqtt_version == MqttVersion::V5;
+        if v5 {
+            // A PUBACK that says "no matching subscribers" ends its call.
+            connection_options = connection_options.track_acks();
+        }
         #[cfg(feature = "websocket")]
         if let Some(signer) = options.url_signer.clone() {
             connection_options = connection_options.url_signer(signer);
@@ -326,8 +354,13 @@ impl Requester {
             sweep,
             sweeper_stop,
             prefix,
-            qos: options.request_qos,
+            qos: options.request_qos.unwrap_or(if v5 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            }),
             reply_qos: options.reply_qos,
+            v5,
             permits: Arc::new(Semaphore::new(options.max_in_flight)),
             counters: Counters::default(),
             metrics: Metrics::register(),
@@ -430,6 +463,7 @@ impl Requester {
             dropped_malformed: dropped(Dropped::Malformed),
             dropped_oversized: dropped(Dropped::Oversized),
             reconnects: s.link.connects().saturating_sub(1),
+            refused: c.refused.load(Relaxed),
         }
     }
 
@@ -621,6 +655,8 @@ fn reply_of(outcome: Outcome<Slot>, start: Instant, id: MessageId) -> Result<Rep
             elapsed: start.elapsed(),
             id,
         }),
+        Outcome::Refused(0x10) => Err(Error::NoSubscriber { id }),
+        Outcome::Refused(code) => Err(Error::Refused { id, code }),
         // Closed, and what a later version of the table may add.
         _ => Err(Error::Closed),
     }
@@ -724,6 +760,17 @@ impl Session for Shared {
         self.metrics.connected.set(0.0);
     }
 
+    fn on_publish_refused(&self, topic: &str, reason: u8) {
+        // Only requests are tracked: the topic is a request topic of ours.
+        if let Ok(call) = CallTopics::parse_request(topic) {
+            if self.pending.refuse(&call.id(), reason) {
+                self.counters.refused.fetch_add(1, Relaxed);
+                self.metrics.refused.increment(1);
+                tracing::debug!(topic, reason, "request refused by the broker");
+            }
+        }
+    }
+
     fn on_stopping(&self) {
         self.metrics.connected.set(0.0);
         // Calls still waiting end with `Closed`.
@@ -741,6 +788,9 @@ impl Shared {
             });
         }
         check_call_length(&invocation.target, &invocation.method, &self.prefix)?;
+        if let Some(t) = &invocation.traceparent {
+            directcall_core::trace::check_traceparent(t)?;
+        }
         if self.link.refuses_dots() {
             // Such a broker (NATS) would close the whole connection over the
             // publish, taking every call in flight with it.
@@ -805,6 +855,24 @@ impl Shared {
         let mut payload = RequestPayload::new(id.to_string(), invocation.request);
         payload.timestamp = Some(unix_millis(std::time::SystemTime::now()));
         payload.timeout_ms = Some(whole_millis(remaining));
+        payload.traceparent = invocation.traceparent;
+        let properties = self.v5.then(|| {
+            let mut p = Properties::default();
+            // Whole seconds, rounded up: the broker drops the request once
+            // it could no longer be answered in time.
+            p.message_expiry_secs = Some(
+                u32::try_from(remaining.as_millis().div_ceil(1000))
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            );
+            p.response_topic = Some(call.reply_topic());
+            p.correlation_data = Some(payload.id.clone().into_bytes());
+            if let Some(t) = &payload.traceparent {
+                p.user_properties
+                    .push(("traceparent".to_owned(), t.clone()));
+            }
+            p
+        });
         let payload = payload.to_vec();
         let topic = call.request_topic();
         let size = payload.len() + topic.len() + PUBLISH_OVERHEAD_BYTES;
@@ -821,7 +889,7 @@ impl Shared {
             return Err(Error::Closed);
         }
         self.link
-            .publish(topic, payload, self.qos, false)
+            .publish_with(topic, payload, self.qos, false, properties.as_ref())
             .map_err(|e| Error::Unavailable {
                 reason: format!("request {e}"),
                 last_error: None,

@@ -199,6 +199,53 @@ pub struct BrokerOptions {
     /// taken at once. Leave it off where ACLs are keyed on the client id
     /// (EMQX `${clientid}`, AWS `${iot:ClientId}`). Default: off.
     pub fresh_client_id_on_failover: bool,
+    /// The MQTT protocol version spoken (default 3.1.1).
+    pub mqtt_version: MqttVersion,
+}
+
+/// The MQTT protocol version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum MqttVersion {
+    /// MQTT 3.1.1: every broker directcall runs on speaks it (NATS speaks
+    /// nothing else).
+    #[default]
+    V311,
+    /// MQTT 5: reason codes on acknowledgements (a request nobody is
+    /// subscribed to is known at once), message expiry, response topic and
+    /// correlation data, user properties.
+    V5,
+}
+
+impl MqttVersion {
+    /// `3.1.1` or `5`, as a flag spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        }
+    }
+
+    /// Parses `3.1.1` (or `3`, `4`, `311`) and `5`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming `mqtt_version` for anything else.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        match s.trim() {
+            "3.1.1" | "311" | "3" | "4" => Ok(MqttVersion::V311),
+            "5" | "5.0" => Ok(MqttVersion::V5),
+            other => Err(Error::invalid(
+                Field::MqttVersion,
+                format!("{other:?} is not 3.1.1 or 5"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl BrokerOptions {
@@ -219,6 +266,7 @@ impl BrokerOptions {
             backoff_min: DEFAULT_BACKOFF_MIN,
             backoff_max: DEFAULT_BACKOFF_MAX,
             fresh_client_id_on_failover: false,
+            mqtt_version: MqttVersion::V311,
         }
     }
 

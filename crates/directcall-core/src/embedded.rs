@@ -20,11 +20,13 @@ pub enum BrokerError {
     NotListening(SocketAddr),
 }
 
-/// An MQTT 3.1.1 broker running on its own thread for the life of the
-/// process (rumqttd has no shutdown).
+/// An MQTT broker running on its own thread for the life of the process
+/// (rumqttd has no shutdown): MQTT 3.1.1 on one port, MQTT 5 on another
+/// (rumqttd serves one version per listener).
 #[derive(Debug, Clone)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    addr_v5: SocketAddr,
 }
 
 /// A free TCP port on 127.0.0.1, found by binding port 0.
@@ -47,7 +49,8 @@ impl EmbeddedBroker {
             None => free_port().map_err(BrokerError::Port)?,
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut broker = Broker::new(config(addr));
+        let addr_v5 = SocketAddr::from(([127, 0, 0, 1], free_port().map_err(BrokerError::Port)?));
+        let mut broker = Broker::new(config(addr, addr_v5));
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -63,12 +66,29 @@ impl EmbeddedBroker {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(EmbeddedBroker { addr })
+        Ok(EmbeddedBroker { addr, addr_v5 })
     }
 
-    /// Where it listens.
+    /// Where it listens for MQTT 3.1.1.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where it listens for MQTT 5.
+    pub fn addr_v5(&self) -> SocketAddr {
+        self.addr_v5
+    }
+
+    /// Its MQTT 5 URL, `mqtt://127.0.0.1:PORT` (give the client version 5).
+    pub fn url_v5(&self) -> String {
+        format!("mqtt://{}", self.addr_v5)
+    }
+
+    /// Connection settings for its MQTT 5 listener.
+    pub fn options_v5(&self) -> BrokerOptions {
+        let mut options = BrokerOptions::new(self.addr_v5.ip().to_string(), self.addr_v5.port());
+        options.mqtt_version = crate::broker::MqttVersion::V5;
+        options
     }
 
     /// Its URL, `mqtt://127.0.0.1:PORT`.
@@ -104,7 +124,7 @@ fn answers_mqtt(addr: SocketAddr) -> bool {
     ok
 }
 
-fn config(addr: SocketAddr) -> Config {
+fn config(addr: SocketAddr, addr_v5: SocketAddr) -> Config {
     // RouterConfig::default() is all zeros: every limit is set here.
     let router = RouterConfig {
         max_connections: 10_010,
@@ -113,9 +133,9 @@ fn config(addr: SocketAddr) -> Config {
         max_segment_count: 10,
         ..RouterConfig::default()
     };
-    let server = ServerSettings {
-        name: "v4-1".into(),
-        listen: addr,
+    let server = |name: &str, listen| ServerSettings {
+        name: name.into(),
+        listen,
         tls: None,
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
@@ -131,7 +151,8 @@ fn config(addr: SocketAddr) -> Config {
     Config {
         id: 0,
         router,
-        v4: Some(HashMap::from([("1".to_owned(), server)])),
+        v4: Some(HashMap::from([("1".to_owned(), server("v4-1", addr))])),
+        v5: Some(HashMap::from([("1".to_owned(), server("v5-1", addr_v5))])),
         ..Config::default()
     }
 }

@@ -27,6 +27,10 @@ pub enum Field {
     Payload,
     /// The broker address.
     Broker,
+    /// The MQTT protocol version.
+    MqttVersion,
+    /// The W3C trace context of a call.
+    Traceparent,
 }
 
 impl Field {
@@ -42,6 +46,8 @@ impl Field {
             Field::Request => "request",
             Field::Payload => "payload",
             Field::Broker => "broker",
+            Field::MqttVersion => "mqtt_version",
+            Field::Traceparent => "traceparent",
         }
     }
 }

@@ -49,9 +49,10 @@ pub mod recent;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod topic;
+pub mod trace;
 pub mod wire;
 
-pub use broker::{BrokerOptions, Endpoint, TlsOptions, Transport};
+pub use broker::{BrokerOptions, Endpoint, MqttVersion, TlsOptions, Transport};
 pub use error::{Error, Field};
 pub use pending::{Outcome, PendingCall, PendingTable, Unmatched};
 pub use topic::{CallTopics, MessageId, Method, Prefix, PresenceRoot, Target};

@@ -57,6 +57,9 @@ pub enum Outcome<R> {
     TimedOut,
     /// The table was closed (shutdown) first.
     Closed,
+    /// The broker refused the request with this MQTT 5 PUBACK reason code
+    /// (`0x10`: no subscriber).
+    Refused(u8),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +110,7 @@ impl<R> Inner<R> {
         let waker = waker.take();
         let ended = match outcome {
             Outcome::Answered(_) => Ended::Completed,
-            Outcome::TimedOut | Outcome::Closed => Ended::Abandoned,
+            Outcome::TimedOut | Outcome::Closed | Outcome::Refused(_) => Ended::Abandoned,
         };
         slot.state = State::Done(outcome);
         let deadline = slot.deadline;
@@ -232,6 +235,24 @@ impl<R> PendingTable<R> {
                 Some(Ended::Abandoned) => Unmatched::Late,
                 None => Unmatched::Unknown,
             }),
+        }
+    }
+
+    /// Ends the waiting call `id` with [`Outcome::Refused`]: the broker
+    /// refused its request with MQTT 5 reason code `code`. Returns whether
+    /// a waiting call was ended.
+    pub fn refuse(&self, id: &MessageId, code: u8) -> bool {
+        let mut inner = lock(&self.inner);
+        let waker = inner.finish(id, Outcome::Refused(code));
+        drop(inner);
+        match waker {
+            Some(waker) => {
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -459,6 +480,19 @@ mod tests {
         assert_eq!(t.expire(now + Duration::from_millis(500)), (2, None));
         assert_eq!(poll_once(&mut pa), Poll::Ready(Outcome::TimedOut));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_refused_request_ends_its_call_and_a_late_reply_is_late() {
+        let t = PendingTable::<u8>::default();
+        let c = call("car", "unlock");
+        let (mut pending, _) = t.insert(&c, later(1000));
+        assert!(t.refuse(&c.id(), 0x10));
+        assert!(!t.refuse(&c.id(), 0x10), "only a waiting call is refused");
+        assert_eq!(poll_once(&mut pending), Poll::Ready(Outcome::Refused(0x10)));
+        assert!(t.is_empty());
+        assert_eq!(t.next_deadline(), None);
+        assert_eq!(t.complete(&c, 1), Err(Unmatched::Late));
     }
 
     #[test]

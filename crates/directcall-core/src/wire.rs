@@ -33,6 +33,9 @@ pub struct RequestPayload {
     /// *Extension*: the caller's remaining budget when sent, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// *Extension*: the caller's W3C trace context, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What a device publishes on a reply (ack) topic.
@@ -62,6 +65,7 @@ impl RequestPayload {
             request,
             timestamp: None,
             timeout_ms: None,
+            traceparent: None,
         }
     }
 
@@ -167,6 +171,7 @@ mod tests {
             request: json!("my_request_1"),
             timestamp: Some(1_764_300_000_000),
             timeout_ms: Some(3000),
+            traceparent: None,
         };
         let v: Value = serde_json::from_slice(&r.to_vec()).unwrap();
         assert_eq!(
@@ -174,6 +179,15 @@ mod tests {
             json!({"id":"abc","request":"my_request_1","timestamp":"1764300000000","timeout_ms":3000})
         );
         assert_eq!(RequestPayload::from_slice(&r.to_vec()).unwrap(), r);
+        let traced = RequestPayload {
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            ..r
+        };
+        let v: Value = serde_json::from_slice(&traced.to_vec()).unwrap();
+        assert_eq!(
+            v["traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
     }
 
     #[test]

@@ -7,13 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use directcall_core::deadline::{is_expired, unix_millis, DEFAULT_SKEW};
 use directcall_core::mqtt::{
-    Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, QoS, Session,
-    Subscription, Will,
+    Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, Properties, QoS,
+    Session, Subscription, Will,
 };
 use directcall_core::recent::RecentIds;
 use directcall_core::topic::device_filter;
 use directcall_core::{
-    BrokerOptions, CallTopics, MessageId, PresenceRoot, ReplyPayload, RequestPayload, Target,
+    BrokerOptions, CallTopics, MessageId, Method, PresenceRoot, ReplyPayload, RequestPayload,
+    Target,
 };
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
@@ -61,6 +62,7 @@ pub struct DeviceOptions {
     any_target: bool,
     reply_qos: QoS,
     subscription_qos: QoS,
+    session_expiry: Option<Duration>,
     #[cfg(feature = "websocket")]
     url_signer: Option<Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
@@ -82,9 +84,20 @@ impl DeviceOptions {
             any_target: false,
             reply_qos: DEFAULT_REPLY_QOS,
             subscription_qos: DEFAULT_REQUEST_SUBSCRIPTION_QOS,
+            session_expiry: None,
             #[cfg(feature = "websocket")]
             url_signer: None,
         }
+    }
+
+    /// Keep the MQTT session `expiry` after a disconnect (default: a clean
+    /// session each time). The broker then keeps the device's subscription
+    /// and queues QoS 1 requests for it while it is away; on MQTT 5 a
+    /// request's Message Expiry Interval (a directcall requester sets it to
+    /// the call's deadline) still drops it before a late reconnect.
+    pub fn persistent_session(mut self, expiry: Duration) -> Self {
+        self.session_expiry = Some(expiry);
+        self
     }
 
     /// Sign the WebSocket URL with `signer` on every connection attempt
@@ -217,6 +230,31 @@ struct Counters {
     malformed: AtomicU64,
 }
 
+/// Where and how a request is answered.
+struct ReplyTo {
+    topic: String,
+    /// The call id the reply payload echoes; `None` for a plain MQTT 5
+    /// request.
+    id: Option<MessageId>,
+    /// MQTT 5 Correlation Data to send back.
+    correlation: Option<Vec<u8>>,
+}
+
+/// The user property carrying a W3C trace context.
+const TRACEPARENT: &str = "traceparent";
+
+/// A Response Topic a device may publish to: a topic name (no wildcard, no
+/// NUL), not empty, at most 1024 bytes.
+fn valid_response_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= 1024 && !topic.contains(['+', '#', '\0'])
+}
+
+/// `{target}/{method}`: the topic of a plain MQTT 5 request.
+fn plain_request(topic: &str) -> Option<(Target, Method)> {
+    let (target, method) = topic.split_once('/')?;
+    Some((Target::new(target).ok()?, Method::new(method).ok()?))
+}
+
 /// What handlers still running must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cut {
@@ -293,6 +331,9 @@ pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
     let max_in_flight = options.max_concurrent + options.max_queued;
     let mut connection_options =
         ConnectionOptions::new(options.broker.clone(), client_id).capacity(max_in_flight);
+    if let Some(expiry) = options.session_expiry {
+        connection_options = connection_options.session_expiry(expiry);
+    }
     if let Some(topic) = &presence_topic {
         connection_options = connection_options.will(Will::new(
             topic.clone(),
@@ -477,7 +518,7 @@ impl Session for Shared {
     }
 
     fn on_message(self: &Arc<Self>, message: Message<'_>) {
-        self.on_request(message.topic, message.payload);
+        self.on_request(message.topic, message.payload, message.properties);
     }
 
     fn on_disconnected(&self, _error: &ConnectionError) {
@@ -502,10 +543,26 @@ impl Shared {
         }
     }
 
-    fn answer(&self, call: &CallTopics, status: u16, response: Value) {
-        let payload = ReplyPayload::new(call.id().to_string(), status, response);
-        self.link
-            .publish_or_queue(call.reply_topic(), payload.to_vec(), self.reply_qos, false);
+    fn answer(&self, to: &ReplyTo, status: u16, response: Value) {
+        let payload = match &to.id {
+            Some(id) => ReplyPayload::new(id.to_string(), status, response).to_vec(),
+            // A plain MQTT 5 request has no id to echo.
+            None => json!({"status": status, "response": response})
+                .to_string()
+                .into_bytes(),
+        };
+        let properties = to.correlation.as_ref().map(|c| {
+            let mut p = Properties::default();
+            p.correlation_data = Some(c.clone());
+            p
+        });
+        self.link.publish_or_queue_with(
+            to.topic.clone(),
+            payload,
+            self.reply_qos,
+            false,
+            properties.as_ref(),
+        );
         self.counters.replied.fetch_add(1, Relaxed);
         self.metrics.replied.increment(1);
     }
@@ -515,16 +572,44 @@ impl Shared {
         metric.increment(1);
     }
 
-    fn on_request(self: &Arc<Self>, topic: &str, payload: &[u8]) {
+    fn on_request(self: &Arc<Self>, topic: &str, payload: &[u8], props: Option<&Properties>) {
         let (c, m) = (&self.counters, &self.metrics);
         c.received.fetch_add(1, Relaxed);
+        // MQTT 5: answer where the request asks (its Response Topic), with
+        // its Correlation Data.
+        let response_topic = props
+            .and_then(|p| p.response_topic.as_deref())
+            .filter(|t| valid_response_topic(t));
+        let correlation = props.and_then(|p| p.correlation_data.clone());
+        let traceparent = props
+            .and_then(|p| p.user_property(TRACEPARENT))
+            .map(str::to_owned);
         let call = match CallTopics::parse_request(topic) {
             Ok(call) if self.any_target || *call.target() == self.target => call,
             _ => {
-                self.count(&c.malformed, &m.malformed);
-                tracing::debug!(topic, "ignored: not a request topic");
+                match (response_topic, plain_request(topic)) {
+                    (Some(reply_topic), Some((target, method)))
+                        if self.any_target || target == self.target =>
+                    {
+                        let to = ReplyTo {
+                            topic: reply_topic.to_owned(),
+                            id: None,
+                            correlation,
+                        };
+                        self.on_plain_request(to, target, method, payload, traceparent);
+                    }
+                    _ => {
+                        self.count(&c.malformed, &m.malformed);
+                        tracing::debug!(topic, "ignored: not a request topic");
+                    }
+                }
                 return;
             }
+        };
+        let to = ReplyTo {
+            topic: response_topic.map_or_else(|| call.reply_topic(), str::to_owned),
+            id: Some(call.id()),
+            correlation,
         };
         // Everything that refuses a message comes before its id is marked
         // as seen: a malformed first delivery must not suppress a later
@@ -536,19 +621,19 @@ impl Shared {
                 payload.len(),
                 self.link.max_packet_bytes()
             );
-            self.answer(&call, 413, json!(reason));
+            self.answer(&to, 413, json!(reason));
             return;
         }
         let request = match RequestPayload::from_slice(payload) {
             Ok(r) if MessageId::parse(&r.id).ok() == Some(call.id()) => r,
             Ok(_) => {
                 self.count(&c.malformed, &m.malformed);
-                self.answer(&call, 400, json!("payload id differs from the topic's"));
+                self.answer(&to, 400, json!("payload id differs from the topic's"));
                 return;
             }
             Err(e) => {
                 self.count(&c.malformed, &m.malformed);
-                self.answer(&call, 400, json!(format!("malformed request: {e}")));
+                self.answer(&to, 400, json!(format!("malformed request: {e}")));
                 return;
             }
         };
@@ -562,34 +647,92 @@ impl Shared {
             tracing::debug!(topic, "dropped: past its deadline");
             return;
         }
-        if !self.router.knows(call.method()) {
+        let method_call = MethodCall {
+            id: call.id(),
+            target: call.target().clone(),
+            method: call.method().clone(),
+            prefix: Some(call.prefix().clone()),
+            request: request.request,
+            timestamp: request.timestamp,
+            timeout_ms: request.timeout_ms,
+            reply_to: response_topic.map(str::to_owned),
+            traceparent: traceparent.or(request.traceparent),
+        };
+        self.dispatch(to, method_call);
+    }
+
+    /// A plain MQTT 5 request: `{target}/{method}` with a Response Topic,
+    /// the whole payload as the request value (JSON, else text).
+    fn on_plain_request(
+        self: &Arc<Self>,
+        to: ReplyTo,
+        target: Target,
+        method: Method,
+        payload: &[u8],
+        traceparent: Option<String>,
+    ) {
+        let (c, m) = (&self.counters, &self.metrics);
+        if payload.len() > self.link.max_packet_bytes() {
+            self.count(&c.malformed, &m.malformed);
+            let reason = format!(
+                "request of {} bytes is over the {}-byte limit",
+                payload.len(),
+                self.link.max_packet_bytes()
+            );
+            self.answer(&to, 413, json!(reason));
+            return;
+        }
+        let request = serde_json::from_slice(payload)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
+        // Correlation data that is a call id makes the request run once.
+        let id = to
+            .correlation
+            .as_deref()
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| MessageId::parse(c).ok());
+        if let Some(id) = id {
+            if !lock(&self.seen).insert(id, ()) {
+                self.count(&c.duplicates, &m.duplicates);
+                tracing::debug!(%target, %method, "dropped: duplicate request");
+                return;
+            }
+        }
+        let method_call = MethodCall {
+            id: id.unwrap_or_else(MessageId::new),
+            target,
+            method,
+            prefix: None,
+            request,
+            timestamp: None,
+            timeout_ms: None,
+            reply_to: Some(to.topic.clone()),
+            traceparent,
+        };
+        self.dispatch(to, method_call);
+    }
+
+    /// Runs a request that passed its checks, and answers it at `to`.
+    fn dispatch(self: &Arc<Self>, to: ReplyTo, method_call: MethodCall) {
+        let (c, m) = (&self.counters, &self.metrics);
+        if !self.router.knows(&method_call.method) {
             self.count(&c.unknown_method, &m.unknown_method);
-            let reason = format!("unknown method '{}'", call.method());
-            self.answer(&call, 404, json!(reason));
+            let reason = format!("unknown method '{}'", method_call.method);
+            self.answer(&to, 404, json!(reason));
             return;
         }
         if self.draining.load(Relaxed) {
             self.count(&c.busy, &m.busy);
-            self.answer(&call, 503, json!("device shutting down"));
+            self.answer(&to, 503, json!("device shutting down"));
             return;
         }
         if self.running.fetch_add(1, Relaxed) >= self.max_in_flight {
             self.running.fetch_sub(1, Relaxed);
             self.count(&c.busy, &m.busy);
-            self.answer(&call, 503, json!("busy: too many requests waiting"));
+            self.answer(&to, 503, json!("busy: too many requests waiting"));
             return;
         }
         let running = RunningGuard(Arc::clone(self));
-        let method_call = MethodCall {
-            id: call.id(),
-            target: call.target().clone(),
-            method: call.method().clone(),
-            prefix: call.prefix().clone(),
-            request: request.request,
-            timestamp: request.timestamp,
-            timeout_ms: request.timeout_ms,
-        };
-        let (timestamp, timeout_ms) = (request.timestamp, request.timeout_ms);
+        let (timestamp, timeout_ms) = (method_call.timestamp, method_call.timeout_ms);
         let shared = Arc::clone(self);
         let free_slot = Arc::clone(&self.slots).try_acquire_owned().ok();
         let inline = free_slot.is_some();
@@ -625,7 +768,7 @@ impl Shared {
             let mut cx = Context::from_waker(Waker::noop());
             if let Poll::Ready(answer) = work.as_mut().poll(&mut cx) {
                 match answer {
-                    Some(a) => self.answer(&call, a.status, a.response),
+                    Some(a) => self.answer(&to, a.status, a.response),
                     None => self.count(&c.expired, &m.expired),
                 }
                 drop(running);
@@ -653,7 +796,7 @@ impl Shared {
                 },
             };
             match answer {
-                Some(a) => shared.answer(&call, a.status, a.response),
+                Some(a) => shared.answer(&to, a.status, a.response),
                 None => shared.count(&shared.counters.expired, &shared.metrics.expired),
             }
         });

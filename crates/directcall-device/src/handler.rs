@@ -28,14 +28,22 @@ pub struct MethodCall {
     pub target: Target,
     /// The method called.
     pub method: Method,
-    /// The calling requester's prefix.
-    pub prefix: Prefix,
-    /// The caller's value (`request` in the payload).
+    /// The calling requester's prefix; `None` for a plain MQTT 5 request
+    /// (`{target}/{method}` with a Response Topic), which has none.
+    pub prefix: Option<Prefix>,
+    /// The caller's value (`request` in the payload; the whole payload of a
+    /// plain MQTT 5 request).
     pub request: Value,
     /// Requester's clock at send, ms since the Unix epoch, when given.
     pub timestamp: Option<u64>,
     /// The caller's remaining budget at send, when given.
     pub timeout_ms: Option<u64>,
+    /// MQTT 5: the Response Topic the answer goes to, when the request
+    /// named one.
+    pub reply_to: Option<String>,
+    /// The caller's W3C trace context (`traceparent`), when it sent one:
+    /// from the MQTT 5 user property, else from the payload.
+    pub traceparent: Option<String>,
 }
 
 impl MethodCall {
@@ -50,10 +58,12 @@ impl MethodCall {
             target: Target::new("test-device").expect("a valid name"),
             method: Method::new(method)
                 .unwrap_or_else(|e| panic!("MethodCall::new({method:?}): {e}")),
-            prefix: Prefix::default(),
+            prefix: Some(Prefix::default()),
             request: request.into(),
             timestamp: None,
             timeout_ms: None,
+            reply_to: None,
+            traceparent: None,
         }
     }
 

@@ -63,7 +63,8 @@ pub use device::{
 };
 pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
 pub use directcall_core::{
-    BrokerOptions, Field, MessageId, Method, Prefix, PresenceRoot, Target, TlsOptions, Transport,
+    BrokerOptions, Field, MessageId, Method, MqttVersion, Prefix, PresenceRoot, Target, TlsOptions,
+    Transport,
 };
 pub use error::Error;
 pub use handler::{

@@ -39,7 +39,7 @@ struct Caller {
 impl Caller {
     async fn new(b: &TestBroker) -> Caller {
         let prefix = unique("raw");
-        let mut raw = Raw::connect(&b.options(), &unique("caller")).await;
+        let mut raw = Raw::connect(&b.options_v311(), &unique("caller")).await;
         raw.subscribe(&format!("{prefix}/+/+/+/ack")).await;
         Caller { raw, prefix }
     }
@@ -96,7 +96,7 @@ async fn a_directcall_device_answers_a_seed_requester(b: TestBroker) {
     )
     .await;
     // The seed Lambda: prefix invocation_client, payload {id, request, timestamp} only.
-    let mut seed = Raw::connect(&b.options(), &unique("invocation_client")).await;
+    let mut seed = Raw::connect(&b.options_v311(), &unique("invocation_client")).await;
     seed.subscribe("invocation_client/+/+/+/ack").await;
     let id = MessageId::new().to_string();
     seed.publish(
@@ -275,7 +275,7 @@ async fn presence_is_retained_and_the_will_marks_a_crash(b: TestBroker) {
         o.presence(root.clone())
     })
     .await;
-    let mut watcher = Raw::connect(&b.options(), &unique("watcher")).await;
+    let mut watcher = Raw::connect(&b.options_v311(), &unique("watcher")).await;
     watcher.subscribe(&root.filter()).await;
     let (topic, record) = watcher.next().await;
     assert_eq!(topic, root.topic(&Target::new(&car).unwrap()));
@@ -303,7 +303,7 @@ async fn shutdown_lets_running_handlers_answer_then_refuses_the_rest(b: TestBrok
             .drain_timeout(Duration::from_millis(1500))
     })
     .await;
-    let mut watcher = Raw::connect(&b.options(), &unique("watcher")).await;
+    let mut watcher = Raw::connect(&b.options_v311(), &unique("watcher")).await;
     watcher.subscribe(&root.filter()).await;
     assert_eq!(watcher.next().await.1, json!({"online": true}));
     let mut caller = Caller::new(&b).await;

@@ -189,3 +189,22 @@ pub fn assert_reference_answer(status: u16, body: &Value) {
     assert_eq!(body["id"].as_str().unwrap().len(), 36, "{body}");
     elapsed_ms(body);
 }
+
+/// A bare client on the Mosquitto at `url` subscribed to every topic that
+/// never answers, so that calls to an absent target wait for their deadline
+/// on MQTT 5 too (where the broker would otherwise say "no matching
+/// subscribers" at once). Keep it alive while the calls run.
+pub async fn black_hole(url: &str) -> directcall_core::testkit::Raw {
+    let broker = directcall_core::BrokerOptions::from_url(url).expect("broker URL");
+    let mut hole =
+        directcall_core::testkit::Raw::connect(&broker, &directcall_core::testkit::unique("hole"))
+            .await;
+    hole.subscribe("#").await;
+    hole
+}
+
+/// Whether the binaries speak MQTT 5 in this run (they read
+/// `DIRECTCALL_MQTT_VERSION` like the tests).
+pub fn v5() -> bool {
+    directcall_core::testkit::mqtt_version() == directcall_core::MqttVersion::V5
+}

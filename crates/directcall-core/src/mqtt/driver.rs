@@ -4,8 +4,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{Event, EventLoop, MqttOptions, Packet, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::mpsc;
+
+use super::transport::{Endpoints, Ev, Events};
 
 use super::error::SubscriptionRefused;
 use super::{ConnectionError, Control, Link, Message, QoS, Session, Subscription};
@@ -208,17 +209,60 @@ impl SubscriptionPlan {
 }
 
 fn subscribe(link: &Link, subscriptions: Vec<Subscription>) {
-    let filters: Vec<SubscribeFilter> = subscriptions
-        .into_iter()
-        .map(|s| SubscribeFilter::new(s.filter, s.qos.to_rumqttc()))
-        .collect();
-    if let Err(rumqttc::ClientError::TryRequest(_)) =
-        link.client.try_subscribe_many(filters.clone())
-    {
-        let client = link.client.clone();
-        tokio::spawn(async move {
-            let _ = client.subscribe_many(filters).await;
-        });
+    link.client.subscribe(subscriptions);
+}
+
+/// Which QoS 1 publish each packet id in flight is, for links that track
+/// acknowledgements (MQTT 5): the link notes every QoS 1 publish it queues,
+/// in queue order; the event loop writes them in that order, each with the
+/// packet id it reports; its PUBACK names that id.
+#[derive(Debug, Default)]
+struct Acks {
+    in_flight: std::collections::HashMap<u16, String>,
+    /// Unwritten publishes dropped from the noted queue since the last
+    /// connection (the event loop keeps them until it connects again).
+    dropped: usize,
+}
+
+impl Acks {
+    /// A publish was written with `pkid`.
+    fn written(&mut self, link: &Link, pkid: u16) {
+        let Some(unwritten) = &link.state.unwritten else {
+            return;
+        };
+        if pkid == 0 {
+            return;
+        }
+        if let Some(Some(topic)) = super::lock(unwritten).pop_front() {
+            self.in_flight.insert(pkid, topic);
+        }
+    }
+
+    /// The PUBACK of `pkid`: the refused publish's topic, if it was tracked.
+    fn acked(&mut self, pkid: u16, reason: u8) -> Option<String> {
+        let topic = self.in_flight.remove(&pkid)?;
+        (reason != 0).then_some(topic)
+    }
+
+    /// The connection was lost: what was in flight will never be
+    /// acknowledged, and the publishes the event loop took from the queue
+    /// but did not write are dropped at the next (clean) connection.
+    fn lost(&mut self, link: &Link, events: &Events) {
+        let Some(unwritten) = &link.state.unwritten else {
+            return;
+        };
+        self.in_flight.clear();
+        let taken = events.unwritten_qos1();
+        let mut queue = super::lock(unwritten);
+        for _ in self.dropped..taken {
+            queue.pop_front();
+        }
+        self.dropped = self.dropped.max(taken);
+    }
+
+    /// A new connection: the event loop dropped its own queue.
+    fn connected(&mut self) {
+        self.dropped = 0;
     }
 }
 
@@ -234,8 +278,8 @@ fn stop_asked(asked: Option<Control>, control: &mut mpsc::UnboundedReceiver<Cont
 
 /// What the driver owns besides the link.
 pub(crate) struct Parts {
-    pub(crate) eventloop: EventLoop,
-    pub(crate) endpoints: Vec<MqttOptions>,
+    pub(crate) eventloop: Events,
+    pub(crate) endpoints: Endpoints,
     pub(crate) control: mpsc::UnboundedReceiver<Control>,
     pub(crate) backoff: Backoff,
     pub(crate) probe_dots: bool,
@@ -256,6 +300,7 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
         fresh_client_id_on_failover,
     } = parts;
     let mut failovers = 0u64;
+    let mut acks = Acks::default();
     let mut plan = SubscriptionPlan::new(session.subscriptions());
     let probe = probe_dots
         .then(|| plan.essential.first().map(|s| s.filter.clone()))
@@ -289,6 +334,7 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 link.set_ready(false);
                 // The next poll connects afresh.
                 eventloop.clean();
+                acks.lost(&link, &eventloop);
                 continue;
             }
             () = retry => {
@@ -301,11 +347,26 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => session.on_message(Message {
-                topic: &p.topic,
-                payload: &p.payload,
-            }),
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Ev::Message {
+                topic,
+                payload,
+                properties,
+            }) => match std::str::from_utf8(&topic) {
+                Ok(topic) => session.on_message(Message {
+                    topic,
+                    payload: &payload,
+                    properties: properties.as_ref(),
+                }),
+                Err(_) => tracing::debug!("dropped a message whose topic is not UTF-8"),
+            },
+            Ok(Ev::Published { pkid }) => acks.written(&link, pkid),
+            Ok(Ev::PubAck { pkid, reason }) => {
+                if let Some(topic) = acks.acked(pkid, reason) {
+                    session.on_publish_refused(&topic, reason);
+                }
+            }
+            Ok(Ev::ConnAck) => {
+                acks.connected();
                 backoff.reset();
                 resubscribe_at = None;
                 link.state.connects.fetch_add(1, Relaxed);
@@ -315,13 +376,8 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 }
                 session.on_connected();
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let granted = |i: usize| {
-                    matches!(
-                        ack.return_codes.get(i),
-                        Some(SubscribeReasonCode::Success(_))
-                    )
-                };
+            Ok(Ev::SubAck(codes)) => {
+                let granted = |i: usize| codes.get(i).copied().unwrap_or(false);
                 match plan.on_suback(granted) {
                     Step::Ready(next) => {
                         backoff.reset();
@@ -373,18 +429,18 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 resubscribe_at = None;
                 plan.on_error();
                 link.set_ready(false);
-                let error = ConnectionError::new(&link.broker_url(), e);
+                acks.lost(&link, &eventloop);
+                let error = ConnectionError::from_arc(&link.broker_url(), e);
                 link.set_error(error.clone());
                 session.on_disconnected(&error);
                 if endpoints.len() > 1 {
                     let next = (link.state.current.load(Relaxed) + 1) % endpoints.len();
                     link.state.current.store(next, Relaxed);
-                    eventloop.mqtt_options = endpoints[next].clone();
-                    if fresh_client_id_on_failover {
+                    let id = fresh_client_id_on_failover.then(|| {
                         failovers += 1;
-                        let id = format!("{}-f{failovers}", link.client_id());
-                        eventloop.mqtt_options.set_client_id(id);
-                    }
+                        format!("{}-f{failovers}", link.client_id())
+                    });
+                    eventloop.use_endpoint(&endpoints, next, id);
                 }
                 let delay = backoff.next_delay(fastrand::f64());
                 tracing::warn!(
@@ -405,11 +461,11 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
     }
     link.set_ready(false);
     session.on_stopping();
-    if link.client.try_disconnect().is_ok() {
+    if link.client.try_disconnect() {
         // Let queued packets and the DISCONNECT go out, briefly.
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                if matches!(event, Ev::Disconnected) {
                     break;
                 }
             }

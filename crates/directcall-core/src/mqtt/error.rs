@@ -58,6 +58,13 @@ impl ConnectionError {
         }
     }
 
+    pub(crate) fn from_arc(broker: &str, source: Arc<dyn StdError + Send + Sync>) -> Self {
+        ConnectionError {
+            broker: broker.to_owned(),
+            source,
+        }
+    }
+
     /// The broker URL the connection was to.
     pub fn broker(&self) -> &str {
         &self.broker

@@ -44,17 +44,19 @@ mod error;
 pub(crate) mod options;
 #[cfg(feature = "tls")]
 pub mod tls;
+mod transport;
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, EventLoop, MqttOptions};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::broker::BrokerOptions;
+use crate::broker::{BrokerOptions, MqttVersion};
+use transport::{Client, Deferred, Endpoints, Events};
 
 pub use error::{ConnectionError, PublishError, SetupError};
 
@@ -160,6 +162,34 @@ pub struct Message<'a> {
     pub topic: &'a str,
     /// Its payload.
     pub payload: &'a [u8],
+    /// Its MQTT 5 properties (`None` on 3.1.1, or when it carried none).
+    pub properties: Option<&'a Properties>,
+}
+
+/// The MQTT 5 properties of a publish that directcall reads or writes.
+/// Ignored on a 3.1.1 connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Properties {
+    /// Message Expiry Interval: the broker discards the message if it cannot
+    /// deliver it within this many seconds.
+    pub message_expiry_secs: Option<u32>,
+    /// Response Topic: where the receiver should answer.
+    pub response_topic: Option<String>,
+    /// Correlation Data: returned unchanged with the answer.
+    pub correlation_data: Option<Vec<u8>>,
+    /// User properties, in order (`traceparent`, ...).
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Properties {
+    /// The value of the first user property named `name`.
+    pub fn user_property(&self, name: &str) -> Option<&str> {
+        self.user_properties
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Signs the URL of a WebSocket connection anew on every connection attempt:
@@ -203,6 +233,12 @@ pub trait Session: Send + Sync + 'static {
     /// The driver is stopping, before it sends DISCONNECT: the last chance to
     /// publish (an offline presence record, say).
     fn on_stopping(&self) {}
+
+    /// MQTT 5, with [`ConnectionOptions::track_acks`]: the broker answered
+    /// the QoS 1 publish to `topic` made with [`Link::publish_with`] with a
+    /// PUBACK reason code other than success: `0x10` no matching
+    /// subscribers, `0x87` not authorized, `0x97` quota exceeded, ...
+    fn on_publish_refused(&self, _topic: &str, _reason: u8) {}
 }
 
 /// How to open one connection.
@@ -226,6 +262,15 @@ pub struct ConnectionOptions {
     /// filter's first level; read the answer with [`Link::refuses_dots`].
     /// Default: off.
     pub probe_dots: bool,
+    /// Keep the session this long after a disconnect (MQTT 5 Session Expiry
+    /// Interval; on 3.1.1 a session without clean-session, kept as long as
+    /// the broker keeps such sessions): subscriptions and QoS 1 messages
+    /// sent meanwhile wait for the next connection. Default: `None`, a clean
+    /// session each time.
+    pub session_expiry: Option<Duration>,
+    /// MQTT 5: match each PUBACK to the QoS 1 publish it acknowledges and
+    /// report refusals to [`Session::on_publish_refused`]. Default: off.
+    pub track_acks: bool,
 }
 
 impl std::fmt::Debug for ConnectionOptions {
@@ -237,6 +282,8 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("capacity", &self.capacity)
             .field("url_signer", &self.url_signer.is_some())
             .field("probe_dots", &self.probe_dots)
+            .field("session_expiry", &self.session_expiry)
+            .field("track_acks", &self.track_acks)
             .finish()
     }
 }
@@ -252,7 +299,23 @@ impl ConnectionOptions {
             capacity: 1024,
             url_signer: None,
             probe_dots: false,
+            session_expiry: None,
+            track_acks: false,
         }
+    }
+
+    /// Keep the session `expiry` after a disconnect (default: a clean
+    /// session each time); see [`ConnectionOptions::session_expiry`].
+    pub fn session_expiry(mut self, expiry: Duration) -> Self {
+        self.session_expiry = Some(expiry);
+        self
+    }
+
+    /// Report refused QoS 1 publishes (MQTT 5; default: off); see
+    /// [`ConnectionOptions::track_acks`].
+    pub fn track_acks(mut self) -> Self {
+        self.track_acks = true;
+        self
     }
 
     /// The last will (default: none).
@@ -295,6 +358,10 @@ enum Control {
     Reconnect,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// State shared by the driver and every [`Link`].
 #[derive(Debug)]
 struct LinkState {
@@ -312,14 +379,19 @@ struct LinkState {
     /// 0 unknown, 1 dots accepted, 2 dots refused.
     dots: AtomicU8,
     max_packet_bytes: usize,
+    version: MqttVersion,
+    /// With `track_acks` on MQTT 5: the QoS 1 publishes queued and not yet
+    /// written, in queue order (the topic of a tracked one, `None` for
+    /// another), so the driver can tell which publish a packet id is.
+    unwritten: Option<Mutex<VecDeque<Option<String>>>>,
 }
 
 /// A connection that is built but not yet driven. Take its [`Link`] into the
 /// session, then [`Connection::run`] it.
 pub struct Connection {
-    client: AsyncClient,
-    eventloop: EventLoop,
-    endpoints: Vec<MqttOptions>,
+    client: Client,
+    eventloop: Events,
+    endpoints: Endpoints,
     control: mpsc::UnboundedReceiver<Control>,
     state: Arc<LinkState>,
     backoff: crate::broker::Backoff,
@@ -345,12 +417,20 @@ impl Connection {
     /// needs a feature that is not compiled in.
     pub fn new(options: ConnectionOptions) -> Result<Self, SetupError> {
         let (endpoints, network) = options::all_endpoints(&options)?;
-        let (client, mut eventloop) = AsyncClient::new(
-            endpoints[0].clone(),
-            options.capacity.saturating_add(CHANNEL_SLACK),
-        );
-        eventloop.set_network_options(network);
+        let capacity = options.capacity.saturating_add(CHANNEL_SLACK);
+        let (client, eventloop) = match &endpoints {
+            Endpoints::V4(all) => {
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(all[0].clone(), capacity);
+                eventloop.set_network_options(network);
+                (Client::V4(client), Events::V4(Box::new(eventloop)))
+            }
+            Endpoints::V5(all) => {
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(all[0].clone(), capacity);
+                (Client::V5(client), Events::V5(Box::new(eventloop)))
+            }
+        };
         let broker = &options.broker;
+        let track = options.track_acks && broker.mqtt_version == MqttVersion::V5;
         let (control_tx, control) = mpsc::unbounded_channel();
         Ok(Connection {
             client,
@@ -371,6 +451,8 @@ impl Connection {
                 current: AtomicUsize::new(0),
                 dots: AtomicU8::new(0),
                 max_packet_bytes: broker.max_packet_bytes,
+                version: broker.mqtt_version,
+                unwritten: track.then(|| Mutex::new(VecDeque::new())),
             }),
         })
     }
@@ -407,7 +489,7 @@ impl Connection {
 /// wait for its state.
 #[derive(Clone)]
 pub struct Link {
-    client: AsyncClient,
+    client: Client,
     state: Arc<LinkState>,
 }
 
@@ -433,9 +515,51 @@ impl Link {
         qos: QoS,
         retain: bool,
     ) -> Result<(), PublishError> {
-        self.client
-            .try_publish(topic, qos.to_rumqttc(), retain, payload)
-            .map_err(|_| PublishError::NotQueued)
+        self.publish_with(topic, payload, qos, retain, None)
+    }
+
+    /// Queues a publish with MQTT 5 `properties` (dropped on 3.1.1) without
+    /// waiting. With [`ConnectionOptions::track_acks`], a refusal of a QoS 1
+    /// publish made here reaches [`Session::on_publish_refused`].
+    ///
+    /// # Errors
+    /// [`PublishError`] when the request queue is full, the connection has
+    /// ended, or the topic is not a valid MQTT topic name.
+    pub fn publish_with(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+        qos: QoS,
+        retain: bool,
+        properties: Option<&Properties>,
+    ) -> Result<(), PublishError> {
+        let (topic, payload) = (topic.into(), payload.into());
+        match self.tracked(qos) {
+            // Queued in the same order as noted, under the one lock.
+            Some(unwritten) => {
+                let mut unwritten = lock(unwritten);
+                unwritten.push_back(Some(topic.clone()));
+                let result = self
+                    .client
+                    .try_publish(topic, payload, qos, retain, properties);
+                if result.is_err() {
+                    unwritten.pop_back();
+                }
+                result.map_err(|_| PublishError::NotQueued)
+            }
+            None => self
+                .client
+                .try_publish(topic, payload, qos, retain, properties)
+                .map_err(|_| PublishError::NotQueued),
+        }
+    }
+
+    /// The queue of unwritten QoS 1 publishes, when this link tracks them.
+    fn tracked(&self, qos: QoS) -> Option<&Mutex<VecDeque<Option<String>>>> {
+        match qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => self.state.unwritten.as_ref(),
+        }
     }
 
     /// Queues a publish and never fails or blocks the caller: when the queue
@@ -448,17 +572,56 @@ impl Link {
         qos: QoS,
         retain: bool,
     ) {
-        let result = self
-            .client
-            .try_publish(topic, qos.to_rumqttc(), retain, payload);
-        if let Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) = result {
+        self.publish_or_queue_with(topic, payload, qos, retain, None);
+    }
+
+    /// [`Link::publish_or_queue`] with MQTT 5 `properties` (dropped on
+    /// 3.1.1).
+    pub fn publish_or_queue_with(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+        qos: QoS,
+        retain: bool,
+        properties: Option<&Properties>,
+    ) {
+        let (topic, payload) = (topic.into(), payload.into());
+        let deferred = match self.tracked(qos) {
+            Some(unwritten) => {
+                let mut unwritten = lock(unwritten);
+                unwritten.push_back(None);
+                match self
+                    .client
+                    .try_publish(topic, payload, qos, retain, properties)
+                {
+                    Ok(()) => return,
+                    Err(_) => {
+                        // Waiting for room would queue it out of the noted
+                        // order: dropped instead (a full queue of a link
+                        // that tracks acks means calls are failing anyway).
+                        unwritten.pop_back();
+                        tracing::warn!("request queue full: a QoS 1 publish was dropped");
+                        return;
+                    }
+                }
+            }
+            None => match self
+                .client
+                .try_publish(topic, payload, qos, retain, properties)
+            {
+                Ok(()) => return,
+                Err(deferred) => deferred,
+            },
+        };
+        if !matches!(deferred, Deferred::Refused) {
             let client = self.client.clone();
-            tokio::spawn(async move {
-                let _ = client
-                    .publish_bytes(p.topic, p.qos, p.retain, p.payload)
-                    .await;
-            });
+            tokio::spawn(async move { client.publish_deferred(deferred).await });
         }
+    }
+
+    /// The MQTT version this link speaks.
+    pub fn mqtt_version(&self) -> MqttVersion {
+        self.state.version
     }
 
     /// Whether the connection is up and its essential subscription granted.

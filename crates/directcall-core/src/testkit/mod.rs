@@ -35,7 +35,7 @@ pub use raw::Raw;
 pub use raw_pair::{Legs, RawCallError, RawPair, RawPairError};
 pub use relay::Relay;
 
-use crate::broker::BrokerOptions;
+use crate::broker::{BrokerOptions, MqttVersion};
 
 /// Which real broker a scenario runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +56,8 @@ pub struct TestBroker {
     /// The Mosquitto process, when it is one (to kill, restart, read its log).
     pub mosquitto: Option<Mosquitto>,
     options: BrokerOptions,
+    /// Its MQTT 3.1.1 listener, for bare peers.
+    options_v311: BrokerOptions,
 }
 
 /// Whether a missing server must fail the test (under `CI`) rather than
@@ -79,16 +81,26 @@ impl TestBroker {
             // connection over a `$` filter, say) never reaches another.
             Kind::Embedded => {
                 let b = EmbeddedBroker::start(None).expect("embedded broker");
+                let options = match mqtt_version() {
+                    MqttVersion::V5 => b.options_v5(),
+                    _ => b.options(),
+                };
                 Some(TestBroker {
                     kind,
                     mosquitto: None,
-                    options: b.options(),
+                    options,
+                    options_v311: b.options(),
                 })
             }
             Kind::Mosquitto => match Mosquitto::start("").expect("mosquitto failed to start") {
                 Some(m) => Some(TestBroker {
                     kind,
-                    options: m.options(),
+                    options: {
+                        let mut o = m.options();
+                        o.mqtt_version = mqtt_version();
+                        o
+                    },
+                    options_v311: m.options(),
                     mosquitto: Some(m),
                 }),
                 None => {
@@ -105,13 +117,44 @@ impl TestBroker {
     }
 
     /// Settings for it, with fast reconnects (50 ms to 500 ms) so restart
-    /// tests stay short.
+    /// tests stay short, in the MQTT version of [`mqtt_version`].
     pub fn options(&self) -> BrokerOptions {
-        let mut o = self.options.clone();
-        o.backoff_min = Duration::from_millis(50);
-        o.backoff_max = Duration::from_millis(500);
-        o
+        fast_reconnects(self.options.clone())
     }
+
+    /// Settings for its MQTT 3.1.1 listener, whatever [`mqtt_version`]
+    /// says: for bare peers ([`Raw`]), which speak only 3.1.1.
+    pub fn options_v311(&self) -> BrokerOptions {
+        fast_reconnects(self.options_v311.clone())
+    }
+
+    /// Whether directcall's sides speak MQTT 5 in this run.
+    pub fn is_v5(&self) -> bool {
+        self.options.mqtt_version == MqttVersion::V5
+    }
+
+    /// Whether a call to a target nobody subscribes to ends at once as
+    /// `NoSubscriber` in this run: MQTT 5 on Mosquitto, whose PUBACK says
+    /// 0x10. rumqttd 0.20 never sends that code; on 3.1.1 there is none.
+    pub fn answers_no_subscriber(&self) -> bool {
+        self.is_v5() && self.kind == Kind::Mosquitto
+    }
+
+    /// A bare client subscribed to every topic that never answers: with it,
+    /// a call to any target waits for its deadline on MQTT 5 too, since the
+    /// broker then has a subscriber and never says "no matching
+    /// subscribers". Keep it alive for as long as calls should wait.
+    pub async fn black_hole(&self) -> Raw {
+        let mut hole = Raw::connect(&self.options_v311(), &unique("black-hole")).await;
+        hole.subscribe("#").await;
+        hole
+    }
+}
+
+fn fast_reconnects(mut o: BrokerOptions) -> BrokerOptions {
+    o.backoff_min = Duration::from_millis(50);
+    o.backoff_max = Duration::from_millis(500);
+    o
 }
 
 /// Runs the async fn `$name(broker: TestBroker)` against both brokers, as two
@@ -138,6 +181,20 @@ macro_rules! both_brokers {
             }
         }
     };
+}
+
+/// The MQTT version directcall's own sides speak in the tests:
+/// `DIRECTCALL_MQTT_VERSION` (the variable the binaries read too), 3.1.1
+/// when unset. CI runs the whole suite once per version; bare peers
+/// ([`Raw`], the seed's devices) stay 3.1.1 either way.
+///
+/// # Panics
+/// When the variable holds something other than `3.1.1` or `5`.
+pub fn mqtt_version() -> MqttVersion {
+    match std::env::var("DIRECTCALL_MQTT_VERSION") {
+        Ok(v) => MqttVersion::parse(&v).expect("DIRECTCALL_MQTT_VERSION is 3.1.1 or 5"),
+        Err(_) => MqttVersion::V311,
+    }
 }
 
 /// A name unique to this test run: `{base}-` and 8 random hex digits.

@@ -99,9 +99,9 @@ pub(crate) struct BenchArgs {
     /// Unmeasured calls first.
     #[arg(long, env = "DIRECTCALL_BENCH_WARMUP", default_value_t = 500)]
     warmup: u64,
-    /// QoS of requests: 0 or 1.
-    #[arg(long, env = "DIRECTCALL_BENCH_QOS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
-    qos: u8,
+    /// QoS of requests: 0 or 1 [default: 0 on MQTT 3.1.1, 1 on MQTT 5].
+    #[arg(long, env = "DIRECTCALL_BENCH_QOS", value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: Option<u8>,
     /// QoS of the requester's reply subscription: 0 or 1.
     #[arg(long, env = "DIRECTCALL_BENCH_REPLY_QOS", default_value_t = directcall_cloud::DEFAULT_REPLY_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
     reply_qos: u8,
@@ -147,11 +147,17 @@ impl BenchArgs {
     /// directcall's legs as the flags set them.
     fn legs(&self) -> Legs {
         let q = directcall_bins::cli::qos;
-        let mut legs = Legs::uniform(q(self.qos));
+        let v5 = self.mqtt_version() == directcall_core::MqttVersion::V5;
+        let mut legs = Legs::uniform(q(self.qos.unwrap_or(u8::from(v5))));
         legs.request_subscription = q(self.device_subscription_qos);
         legs.reply = q(self.device_reply_qos);
         legs.reply_subscription = q(self.reply_qos);
         legs
+    }
+
+    /// The MQTT version directcall's side speaks (the floor speaks 3.1.1).
+    fn mqtt_version(&self) -> directcall_core::MqttVersion {
+        directcall_core::MqttVersion::parse(&self.broker.mqtt_version).unwrap_or_default()
     }
 
     /// The raw floor's legs.
@@ -362,6 +368,19 @@ impl Nodes {
 }
 
 async fn nodes(args: &BenchArgs) -> Result<Nodes, String> {
+    let version = directcall_core::MqttVersion::parse(&args.broker.mqtt_version)
+        .map_err(|e| format!("--mqtt-version: {e}"))?;
+    let mut nodes = started_nodes(args).await?;
+    for node in &mut nodes.per_node {
+        node.mqtt_version = version;
+    }
+    if version == directcall_core::MqttVersion::V5 {
+        nodes.label.push_str(", MQTT 5");
+    }
+    Ok(nodes)
+}
+
+async fn started_nodes(args: &BenchArgs) -> Result<Nodes, String> {
     if args.embedded {
         let b = EmbeddedBroker::start(None).map_err(|e| e.to_string())?;
         // rumqttd runs until the process exits.
@@ -566,7 +585,8 @@ impl ChildGateway {
             .args(["serve", "--broker", &urls.join(","), "--presence", "off"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--max-in-flight", &max_in_flight.to_string()])
-            .args(["--qos", &args.qos.to_string()])
+            .args(["--qos", &args.legs().request.level().to_string()])
+            .args(["--mqtt-version", args.mqtt_version().as_str()])
             .args(["--reply-qos", &args.reply_qos.to_string()])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
