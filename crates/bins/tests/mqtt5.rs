@@ -111,6 +111,66 @@ async fn the_gateway_on_mqtt_5_answers_404_offline_for_a_target_nobody_serves() 
     assert!(e2e::elapsed_ms(&body) < 1000, "{body}");
 }
 
+/// A publish the broker's ACL denies: Mosquitto answers PUBACK 0x87 (not
+/// authorized) on MQTT 5, and the call ends at once as `Refused` with that
+/// code; the gateway answers 503 `unavailable` naming the reason (on 3.1.1
+/// Mosquitto drops a denied publish silently and the caller times out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_broker_refuses_ends_the_call_with_the_reason() {
+    let dir = std::env::temp_dir().join(unique("acl"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let acl = dir.join("acl");
+    // Anyone may read everything and write replies; requests only to Allowed.
+    std::fs::write(
+        &acl,
+        "topic read #\ntopic write Allowed/#\ntopic write +/+/+/+/ack\n",
+    )
+    .unwrap();
+    let Some(m) = directcall_bins::Mosquitto::start(&format!("acl_file {}\n", acl.display()))
+        .expect("mosquitto starts")
+    else {
+        return;
+    };
+    let mut broker = BrokerOptions::from_url(&m.url()).unwrap();
+    broker.mqtt_version = MqttVersion::V5;
+    let r = within(
+        15,
+        directcall_cloud::Requester::connect(
+            directcall_cloud::Options::new(broker)
+                .prefix(directcall_cloud::Prefix::new(unique("acl")).unwrap()),
+        ),
+    )
+    .await
+    .expect("requester connects");
+    let e = within(5, r.invoke(call("Denied", "unlock", json!("now"), 3000)))
+        .await
+        .unwrap_err();
+    let Error::Refused { code, .. } = e else {
+        panic!("expected Refused, got {e:?}")
+    };
+    assert_eq!(code, 0x87);
+    assert!(e.to_string().contains("not authorized"), "{e}");
+    let s = r.stats();
+    assert_eq!((s.refused, s.pending, s.timeouts), (1, 0, 0));
+
+    let (_gw, base) = e2e::gateway(&m.url(), &["--mqtt-version", "5"]).await;
+    e2e::wait_health(&base, 200).await;
+    let (status, body) = e2e::get(&format!(
+        "{base}/invoke?request=r&method=unlock&target=Denied&timeout=3"
+    ))
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["result"], "unavailable");
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .contains("not authorized"),
+        "{body}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A device with a persistent session is away; a call's request is queued
 /// for it with a Message Expiry Interval of the call's deadline. Back after
 /// the deadline, it never receives the request; back within it, it does and
@@ -402,4 +462,31 @@ async fn on_the_embedded_broker_mqtt_5_calls_work_without_no_subscriber_pubacks(
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+}
+
+/// NATS's MQTT is 3.1.1 only: a version 5 requester is refused at CONNECT
+/// and says so, rather than waiting silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_refuses_mqtt_5_and_the_requester_says_why() {
+    let Some(nats) = directcall_core::testkit::NatsCluster::start(1).expect("nats-server starts")
+    else {
+        directcall_core::testkit::skip("nats-server", "apt-get install -y nats-server");
+        return;
+    };
+    let mut broker = nats.options(0);
+    broker.mqtt_version = MqttVersion::V5;
+    broker.connect_timeout = Duration::from_secs(2);
+    let options = directcall_cloud::Options::new(broker).ready_timeout(Duration::from_secs(3));
+    let e = within(15, directcall_cloud::Requester::connect(options))
+        .await
+        .unwrap_err();
+    let Error::Unavailable { last_error, .. } = &e else {
+        panic!("expected Unavailable, got {e:?}")
+    };
+    let last = last_error
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    eprintln!("{e}: {last}");
+    assert!(last.contains("try MQTT 3.1.1"), "{e}: {last}");
 }

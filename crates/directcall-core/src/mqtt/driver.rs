@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::transport::{Endpoints, Ev, Events};
+use super::transport::{closed_by_a_3_1_1_broker, Endpoints, Ev, Events};
 
-use super::error::SubscriptionRefused;
+use super::error::{NoMqtt5, SubscriptionRefused};
 use super::{ConnectionError, Control, Link, Message, QoS, Session, Subscription};
 use crate::broker::Backoff;
 
@@ -301,6 +301,8 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
     } = parts;
     let mut failovers = 0u64;
     let mut acks = Acks::default();
+    // Whether the broker accepted the current connection.
+    let mut connacked = false;
     let mut plan = SubscriptionPlan::new(session.subscriptions());
     let probe = probe_dots
         .then(|| plan.essential.first().map(|s| s.filter.clone()))
@@ -366,6 +368,7 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 }
             }
             Ok(Ev::ConnAck) => {
+                connacked = true;
                 acks.connected();
                 backoff.reset();
                 resubscribe_at = None;
@@ -430,7 +433,12 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 plan.on_error();
                 link.set_ready(false);
                 acks.lost(&link, &eventloop);
-                let error = ConnectionError::from_arc(&link.broker_url(), e);
+                let error = if !connacked && closed_by_a_3_1_1_broker(&e) {
+                    ConnectionError::new(&link.broker_url(), NoMqtt5 { source: e })
+                } else {
+                    ConnectionError::from_arc(&link.broker_url(), e)
+                };
+                connacked = false;
                 link.set_error(error.clone());
                 session.on_disconnected(&error);
                 if endpoints.len() > 1 {

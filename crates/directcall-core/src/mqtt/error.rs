@@ -83,6 +83,15 @@ impl StdError for ConnectionError {
     }
 }
 
+/// A version 5 connection lost before any CONNACK: what a broker that
+/// speaks only MQTT 3.1.1 does to it (NATS answers a 3.1.1 CONNACK
+/// "unacceptable protocol version" and closes).
+#[derive(Debug, thiserror::Error)]
+#[error("{source} (lost before the broker accepted an MQTT 5 connection: a broker that speaks only MQTT 3.1.1, NATS among them, does this; try MQTT 3.1.1)")]
+pub(crate) struct NoMqtt5 {
+    pub(crate) source: Arc<dyn StdError + Send + Sync>,
+}
+
 /// The broker refused a subscription a side cannot work without.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the broker refused the subscription to {filter}{}", dot_hint(filter))]

@@ -63,6 +63,20 @@ pub(crate) fn rumqttc_options(
     }
 }
 
+/// The rumqttc version 5 options of the first endpoint (for bare bench
+/// clients).
+#[cfg(feature = "testkit")]
+pub(crate) fn rumqttc_options_v5(
+    options: &ConnectionOptions,
+) -> Result<rumqttc::v5::MqttOptions, SetupError> {
+    let mut v5 = options.clone();
+    v5.broker.mqtt_version = MqttVersion::V5;
+    match all_endpoints(&v5)?.0 {
+        Endpoints::V5(mut all) => Ok(all.swap_remove(0)),
+        Endpoints::V4(_) => unreachable!("asked for 5"),
+    }
+}
+
 /// What both versions' options can be told: the transport and the URL
 /// signing hook.
 trait Settable {

@@ -326,7 +326,7 @@ fn count_unwritten<R>(pending: &VecDeque<R>, unwritten: impl Fn(&R) -> bool) -> 
 }
 
 /// MQTT 5's number for a PUBACK reason.
-fn puback_code(reason: v5p::PubAckReason) -> u8 {
+pub(crate) fn puback_code(reason: v5p::PubAckReason) -> u8 {
     use v5p::PubAckReason as R;
     match reason {
         R::Success => 0x00,
@@ -339,4 +339,15 @@ fn puback_code(reason: v5p::PubAckReason) -> u8 {
         R::QuotaExceeded => 0x97,
         R::PayloadFormatInvalid => 0x99,
     }
+}
+
+/// Whether `error` is a version 5 connection the broker closed (or answered
+/// with something that is not an MQTT 5 packet) before accepting it: what a
+/// broker that speaks only 3.1.1 does.
+pub(crate) fn closed_by_a_3_1_1_broker(error: &PollError) -> bool {
+    use rumqttc::v5::{ConnectionError as E, StateError as S};
+    matches!(
+        error.downcast_ref::<E>(),
+        Some(E::MqttState(S::ConnectionAborted | S::Deserialization(_)))
+    )
 }

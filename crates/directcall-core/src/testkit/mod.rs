@@ -23,6 +23,7 @@ mod mosquitto;
 mod nats;
 mod raw;
 mod raw_pair;
+mod raw_puback;
 mod relay;
 
 use std::future::Future;
@@ -33,6 +34,7 @@ pub use mosquitto::{mosquitto_binary, Mosquitto};
 pub use nats::{nats_binary, NatsCluster};
 pub use raw::Raw;
 pub use raw_pair::{Legs, RawCallError, RawPair, RawPairError};
+pub use raw_puback::RawPuback;
 pub use relay::Relay;
 
 use crate::broker::{BrokerOptions, MqttVersion};

@@ -222,7 +222,7 @@ pub enum RawCallError {
 /// The raw pair could not start.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("raw pair: {0}")]
-pub struct RawPairError(String);
+pub struct RawPairError(pub(crate) String);
 
 /// A bare rumqttc client with TCP_NODELAY, subscribed to `filter` on every
 /// connection, handing each message to `on_message` from its event loop.

@@ -15,7 +15,7 @@ use directcall_bins::service::{InvokeService, Limits};
 use directcall_bins::{gateway, sim, EmbeddedBroker, Mosquitto};
 use directcall_cloud::{Invocation, Options, Prefix, Requester};
 use directcall_core::mqtt;
-use directcall_core::testkit::{Legs, NatsCluster, RawPair};
+use directcall_core::testkit::{Legs, NatsCluster, RawPair, RawPuback};
 use directcall_core::{BrokerOptions, Method, Target};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
@@ -38,6 +38,10 @@ pub(crate) enum Mode {
     /// beside them: its memory per waiting call, and the fast calls' latency
     /// against the same gateway before the slow calls came.
     Slow,
+    /// MQTT 5 only: calls to a target nobody subscribes to, each ended by
+    /// the broker's PUBACK "no matching subscribers"; its floor
+    /// (--compare-raw) is a bare MQTT 5 QoS 1 publish and its PUBACK.
+    NoSubscriber,
 }
 
 #[derive(Debug, Args)]
@@ -235,7 +239,12 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     let targets = sim::device_names(&args.device_prefix, args.devices.max(1))
         .map_err(|e| format!("--device-prefix: {e}"))?;
     let mut devices = Vec::new();
-    if args.mode != Mode::Raw && !args.external_devices {
+    if args.mode == Mode::NoSubscriber && args.mqtt_version() != directcall_core::MqttVersion::V5 {
+        return Err(
+            "--mode no-subscriber needs --mqtt-version 5 (3.1.1 has no PUBACK reason codes)".into(),
+        );
+    }
+    if !matches!(args.mode, Mode::Raw | Mode::NoSubscriber) && !args.external_devices {
         // Device i on node i: spread over a cluster as a fleet would be.
         let mut echo = sim::SimOptions::default();
         echo.echo = true;
@@ -255,7 +264,9 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
         let report = measure(&args, &nodes, &load, &targets, &payload, timeout).await?;
-        let raw_report = if args.compare_raw && args.mode != Mode::Raw {
+        let raw_report = if args.compare_raw && args.mode == Mode::NoSubscriber {
+            Some(raw_puback(&nodes.node(0), &load, payload.clone(), timeout, args.json).await?)
+        } else if args.compare_raw && args.mode != Mode::Raw {
             Some(
                 raw(
                     &nodes,
@@ -329,6 +340,31 @@ async fn measure(
             report
         }
         Mode::Http => http(args, nodes, load, qos, targets, payload, timeout).await?,
+        Mode::NoSubscriber => {
+            let requester = requester(&nodes.node(0), qos, load.concurrency).await?;
+            let (target, method) = (
+                Target::new("NoSuchDevice").map_err(|e| e.to_string())?,
+                Method::new("bench").map_err(|e| e.to_string())?,
+            );
+            let payload = Value::String(payload.to_owned());
+            let progress = progress_bar(load, args.json);
+            let r = requester.clone();
+            let report = bench::run("no-subscriber", load, progress, move |_| {
+                let call = Invocation::new(target.clone(), method.clone(), payload.clone())
+                    .timeout(timeout);
+                let r = r.clone();
+                async move {
+                    match r.invoke(call).await {
+                        Err(directcall_cloud::Error::NoSubscriber { .. }) => Ok(()),
+                        Ok(reply) => Err(Failure(format!("status_{}", reply.status))),
+                        Err(e) => Err(Failure(error_kind(&e))),
+                    }
+                }
+            })
+            .await;
+            requester.shutdown().await;
+            report
+        }
         Mode::Timeouts | Mode::Memory | Mode::Slow => unreachable!("handled before"),
     })
 }
@@ -441,6 +477,8 @@ fn error_kind(e: &directcall_cloud::Error) -> String {
         directcall_cloud::Error::Timeout { .. } => "timeout".into(),
         directcall_cloud::Error::Unavailable { .. } => "unavailable".into(),
         directcall_cloud::Error::Offline { .. } => "offline".into(),
+        directcall_cloud::Error::NoSubscriber { .. } => "no_subscriber".into(),
+        directcall_cloud::Error::Refused { code, .. } => format!("refused_{code:#04x}"),
         directcall_cloud::Error::Invalid { .. } => "invalid".into(),
         directcall_cloud::Error::PayloadTooLarge { .. } => "payload_too_large".into(),
         _ => "closed".into(),
@@ -478,6 +516,30 @@ async fn raw(
     Ok(bench::run("raw", load, progress, move |_| {
         let (pair, payload) = (Arc::clone(&pair), Arc::clone(&payload));
         async move { Ok(pair.call(&payload, timeout).await?) }
+    })
+    .await)
+}
+
+/// The floor of `--mode no-subscriber`: a bare MQTT 5 QoS 1 publish to a
+/// topic nobody subscribes to, and its PUBACK.
+async fn raw_puback(
+    broker: &BrokerOptions,
+    load: &LoadOptions,
+    payload: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<LoadReport, String> {
+    let publisher = Arc::new(RawPuback::start(broker).await.map_err(|e| e.to_string())?);
+    let payload = Arc::new(payload.into_bytes());
+    let progress = progress_bar(load, json);
+    Ok(bench::run("raw puback", load, progress, move |_| {
+        let (publisher, payload) = (Arc::clone(&publisher), Arc::clone(&payload));
+        async move {
+            match publisher.call(&payload, timeout).await? {
+                0x10 => Ok(()),
+                code => Err(Failure(format!("puback_{code:#04x}"))),
+            }
+        }
     })
     .await)
 }
@@ -1026,12 +1088,19 @@ fn print(args: &BenchArgs, label: &str, rounds: &[(LoadReport, Option<LoadReport
         println!("{out}");
         return;
     }
-    println!(
-        "broker     {label}  ({} payload bytes)\nqos        directcall {}   raw floor {}",
-        args.payload_bytes,
-        legs_text(args.legs()),
-        legs_text(args.raw_legs())
-    );
+    if args.mode == Mode::NoSubscriber {
+        println!(
+            "broker     {label}  ({} payload bytes)\nqos        directcall request 1, ended by its PUBACK   raw floor a QoS 1 publish and its PUBACK",
+            args.payload_bytes
+        );
+    } else {
+        println!(
+            "broker     {label}  ({} payload bytes)\nqos        directcall {}   raw floor {}",
+            args.payload_bytes,
+            legs_text(args.legs()),
+            legs_text(args.raw_legs())
+        );
+    }
     if rounds.len() > 1 {
         println!(
             "rounds     {} (the median round of each side below)",
