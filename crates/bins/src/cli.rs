@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use directcall_cloud::sigv4::AwsSigV4;
-use directcall_cloud::{Options, Prefix, PresenceRoot, QoS};
+use directcall_cloud::{Options, Prefix, PresenceRoot, QoS, RecordOptions};
 use directcall_core::mqtt::UrlSigner;
 use directcall_core::{BrokerOptions, MqttVersion};
 
@@ -304,6 +304,13 @@ pub struct RequesterArgs {
     /// knows who is offline (needs publish and subscribe rights there).
     #[arg(long, env = "DIRECTCALL_PRESENCE_MIRROR")]
     pub presence_mirror: bool,
+    /// Seconds to keep each call's record (`GET /v1/calls/{id}`, a late
+    /// answer after a 504); 0 keeps none.
+    #[arg(long, env = "DIRECTCALL_RECORD_RETENTION", default_value_t = 600)]
+    pub record_retention: u64,
+    /// At most this many call records; the oldest go first.
+    #[arg(long, env = "DIRECTCALL_MAX_RECORDS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_records: u64,
 }
 
 impl RequesterArgs {
@@ -344,6 +351,12 @@ impl RequesterArgs {
         };
         if let Err(e) = options.get_reply_prefix() {
             return Err(invalid("--prefix", e));
+        }
+        if self.record_retention > 0 {
+            options = options.record_calls(RecordOptions::new(
+                Duration::from_secs(self.record_retention),
+                usize::try_from(self.max_records).unwrap_or(usize::MAX),
+            ));
         }
         Ok(options)
     }

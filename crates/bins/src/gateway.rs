@@ -25,8 +25,9 @@ use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::service::{
-    HttpReply, InvokeQuery, InvokeService, Limits, MessageBody, OfflineBody, OkBody, Outcome,
-    PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES,
+    CallRecordBody, HttpReply, InvokeQuery, InvokeService, Limits, MessageBody, OfflineBody,
+    OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES,
+    MAX_QUERY_BYTES,
 };
 
 /// The longest a call may still take, set per request by a front end that
@@ -111,8 +112,8 @@ struct HealthBody {
         version = "1",
         description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
     ),
-    paths(invoke_get, invoke_get_slash, invoke_post, healthz, metrics, openapi),
-    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody)),
+    paths(invoke_get, invoke_get_slash, invoke_post, call_record, healthz, metrics, openapi),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -182,6 +183,7 @@ pub fn app(config: GatewayConfig) -> Router {
         .route("/invoke", get(invoke_get))
         .route("/invoke/", get(invoke_get_slash))
         .route("/v1/targets/{target}/methods/{method}", post(invoke_post))
+        .route("/v1/calls/{id}", get(call_record))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi));
     if state.metrics.is_some() {
@@ -516,6 +518,36 @@ async fn openapi(State(gw): State<Gateway>) -> Response {
         gw.openapi.as_str().to_owned(),
     )
         .into_response()
+}
+
+/// What became of a call: its record, with a late answer when one came
+/// after the 504.
+#[utoipa::path(
+    get,
+    path = "/v1/calls/{id}",
+    params(
+        ("id" = String, Path, description = "The call's id, as its 200 or 504 answer gave it.", min_length = 36, max_length = 36, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
+    ),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The call's record.", body = CallRecordBody),
+        (status = 400, description = "Not a call id.", body = MessageBody),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+        (status = 404, description = "No record: never made here, past the retention window, or calls are not recorded.", body = MessageBody),
+    )
+)]
+async fn call_record(
+    State(gw): State<Gateway>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(denied) = gw.denied(&headers) {
+        return denied;
+    }
+    match path {
+        Ok(Path(id)) => respond(gw.service.call_record(&id)),
+        Err(_) => respond(HttpReply::invalid("id", "not valid in a path")),
+    }
 }
 
 async fn not_found(uri: Uri) -> Response {

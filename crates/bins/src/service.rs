@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use directcall_cloud::{Invocation, Requester};
 use directcall_core::deadline::whole_millis;
-use directcall_core::{Method, Target};
+use directcall_core::{MessageId, Method, Target};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Gauge, Histogram};
 use serde::{Deserialize, Serialize};
@@ -171,6 +171,44 @@ pub struct TimeoutBody {
     /// The call's id.
     #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     pub id: String,
+    /// Where the call's record is (`/v1/calls/{id}`), when calls are
+    /// recorded: a late answer lands there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^/v1/calls/[0-9a-f-]{36}$")]
+    pub call: Option<String>,
+}
+
+/// 200 from `GET /v1/calls/{id}`: what became of a call.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
+pub struct CallRecordBody {
+    /// The call's id.
+    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+    pub id: String,
+    /// The device called.
+    pub target: String,
+    /// The method called.
+    pub method: String,
+    /// `sent` (no answer yet), `answered`, `timed_out` (no answer by the
+    /// deadline, so far), `answered_late` (the answer came after the
+    /// deadline and is here), `offline` (MQTT 5: no device subscribed),
+    /// `unavailable` (MQTT 5: the broker refused the request).
+    #[schema(pattern = "^(sent|answered|timed_out|answered_late|offline|unavailable)$")]
+    pub state: String,
+    /// When the request was published, in milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// When the answer arrived, in milliseconds since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered_at_ms: Option<u64>,
+    /// The device's status, once it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The device's answer, any JSON, once it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
+    /// MQTT 5: the broker's PUBACK reason code, when it refused the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<u8>,
 }
 
 /// 404: the target is known to be offline; nothing was published.
@@ -545,7 +583,8 @@ impl InvokeService {
         let result = self.requester.invoke(invocation).await;
         self.metrics.in_flight.decrement(1.0);
         let elapsed = start.elapsed();
-        let reply = render(result, elapsed);
+        let recorded = self.requester.record_options().is_some();
+        let reply = render(result, elapsed, recorded);
         let outcome = reply.outcome().unwrap_or(Outcome::Unavailable);
         self.record(outcome, Some(elapsed));
         if let Some((target, method)) = names {
@@ -559,6 +598,47 @@ impl InvokeService {
             );
         }
         reply
+    }
+
+    /// `GET /v1/calls/{id}`: the call's record, 404 when there is none (never
+    /// made here, past retention, or calls not recorded), 400 for an id that
+    /// is not a call id.
+    pub fn call_record(&self, id: &str) -> HttpReply {
+        let Ok(id) = MessageId::parse(id) else {
+            return HttpReply::invalid("id", "not a call id (a lowercase hyphenated UUID)");
+        };
+        let Some(options) = self.requester.record_options() else {
+            return HttpReply::message(
+                Outcome::NotFound,
+                "calls are not recorded here (--record-retention 0)",
+            );
+        };
+        match self.requester.call_record(&id) {
+            Some(r) => HttpReply {
+                status: 200,
+                body: body(&CallRecordBody {
+                    id: r.id.to_string(),
+                    target: r.target.to_string(),
+                    method: r.method.to_string(),
+                    state: serde_json::to_value(r.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    sent_at_ms: r.sent_at_ms,
+                    answered_at_ms: r.answered_at_ms,
+                    status: r.status,
+                    response: r.response,
+                    reason_code: r.reason_code,
+                }),
+            },
+            None => HttpReply::message(
+                Outcome::NotFound,
+                format!(
+                    "no record of call {id}: records are kept {} s, and each gateway keeps only its own calls'",
+                    options.retention.as_secs()
+                ),
+            ),
+        }
     }
 
     /// Counts a request refused before it became a call (401, 413, 400 at
@@ -579,6 +659,7 @@ impl InvokeService {
 fn render(
     result: Result<directcall_cloud::Reply, directcall_cloud::Error>,
     elapsed: Duration,
+    recorded: bool,
 ) -> HttpReply {
     use directcall_cloud::Error;
     let ms = |d: Duration| whole_millis(d).to_string();
@@ -599,6 +680,7 @@ fn render(
                 result: Outcome::Timeout,
                 elapsed: ms(elapsed),
                 id: id.to_string(),
+                call: recorded.then(|| format!("/v1/calls/{id}")),
             }),
         ),
         Err(Error::Offline { .. }) => (

@@ -606,6 +606,23 @@ async fn the_openapi_document_matches_the_gateway() {
         .await;
         note(post_route, "post", status);
     }
+    // A call's record: found, not a call id, no token, unknown.
+    let (status, answered) = get_with(
+        &format!("{base}/invoke?request=r&method=m&target=Device001&timeout=3"),
+        &auth,
+    )
+    .await;
+    assert_eq!(status, 200, "{answered}");
+    let records = "/v1/calls/{id}";
+    let id = answered["id"].as_str().unwrap();
+    for (path, headers) in [
+        (format!("/v1/calls/{id}"), &auth[..]),
+        ("/v1/calls/nope".to_owned(), &auth[..]),
+        (format!("/v1/calls/{id}"), &[][..]),
+        (format!("/v1/calls/{}", directcall_core::MessageId::new()), &auth[..]),
+    ] {
+        note(records, "get", get_with(&format!("{base}{path}"), headers).await.0);
+    }
     note("/healthz", "get", get(&format!("{base}/healthz")).await.0);
     note("/metrics", "get", get(&format!("{base}/metrics")).await.0);
     note(

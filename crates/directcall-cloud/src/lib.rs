@@ -37,6 +37,7 @@ mod error;
 pub mod metrics;
 mod options;
 mod presence;
+mod records;
 mod requester;
 #[cfg(feature = "sigv4")]
 pub mod sigv4;
@@ -50,4 +51,5 @@ pub use error::Error;
 pub use options::{
     Options, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_REPLY_QOS, DEFAULT_TIMEOUT,
 };
+pub use records::{CallRecord, CallState, RecordOptions};
 pub use requester::{Invocation, Invoke, Reply, Requester, Stats};

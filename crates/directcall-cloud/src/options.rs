@@ -48,6 +48,7 @@ pub struct Options {
     pub(crate) recent_capacity: usize,
     pub(crate) presence: Option<PresenceSource>,
     pub(crate) mirror_presence: Option<PresenceRoot>,
+    pub(crate) records: Option<crate::RecordOptions>,
     #[cfg(feature = "websocket")]
     pub(crate) url_signer: Option<std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
@@ -69,9 +70,24 @@ impl Options {
             recent_capacity: DEFAULT_RECENT_CAPACITY,
             presence: None,
             mirror_presence: None,
+            records: None,
             #[cfg(feature = "websocket")]
             url_signer: None,
         }
+    }
+
+    /// Keep a record of every published call ([`crate::CallRecord`]): its
+    /// state, and the device's answer even when it came after the deadline
+    /// (`answered_late`), for [`Requester::call_record`](crate::Requester::call_record).
+    /// Default: no records.
+    pub fn record_calls(mut self, records: crate::RecordOptions) -> Self {
+        self.records = Some(records);
+        self
+    }
+
+    /// How calls are recorded, if they are.
+    pub fn get_record_calls(&self) -> Option<crate::RecordOptions> {
+        self.records
     }
 
     /// The MQTT client id, exactly. Default: `{prefix}-{instance}`, which is

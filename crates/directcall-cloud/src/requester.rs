@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::options::{Options, DEFAULT_TIMEOUT};
 use crate::presence::{Origin, Presence};
+use crate::records::{self, CallRecord, CallState, RecordOptions, Records};
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
 const PUBLISH_OVERHEAD_BYTES: usize = 16;
@@ -261,6 +262,7 @@ struct Shared {
     presence: Option<Presence>,
     /// The broker URL last reported in use, for the `broker_in_use` gauge.
     reported_broker: Mutex<Option<String>>,
+    records: Option<Records>,
 }
 
 #[derive(Debug)]
@@ -369,6 +371,7 @@ impl Requester {
                 .clone()
                 .map(|source| Presence::new(source, options.mirror_presence.clone())),
             reported_broker: Mutex::new(None),
+            records: options.records.map(Records::new),
         });
         tracing::debug!(broker = %options.broker.url(), client_id = shared.link.client_id(), "requester starting");
         let driver = connection.run(Arc::clone(&shared));
@@ -443,6 +446,33 @@ impl Requester {
     ///   that was waiting when it came.
     pub fn invoke(&self, invocation: Invocation) -> Invoke {
         Invoke::start(Arc::clone(&self.handle.shared), invocation)
+    }
+
+    /// The record of call `id` ([`Options::record_calls`]): what became of
+    /// it, with the device's answer even when it came after the deadline.
+    /// `None` when calls are not recorded, for an id this requester never
+    /// published, and once the record's retention has passed.
+    ///
+    /// ```no_run
+    /// # async fn f(requester: directcall_cloud::Requester, call: directcall_cloud::Invocation) {
+    /// use directcall_cloud::{CallState, Error};
+    /// if let Err(Error::Timeout { id, .. }) = requester.invoke(call).await {
+    ///     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    ///     match requester.call_record(&id) {
+    ///         Some(r) if r.state == CallState::AnsweredLate => println!("it ran after all: {:?}", r.response),
+    ///         Some(r) => println!("still {:?}", r.state),
+    ///         None => println!("no record"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn call_record(&self, id: &MessageId) -> Option<CallRecord> {
+        self.shared().records.as_ref()?.get(id)
+    }
+
+    /// How calls are recorded, if they are.
+    pub fn record_options(&self) -> Option<RecordOptions> {
+        self.shared().records.as_ref().map(Records::options)
     }
 
     /// A snapshot of the counters.
@@ -605,6 +635,9 @@ impl Future for Invoke {
                     return Poll::Pending;
                 };
                 let result = w.shared.count_timeout(reply_of(outcome, w.start, w.id));
+                if let Some(records) = &w.shared.records {
+                    record_outcome(records, w.id, &result);
+                }
                 // Releases the permit and the pending gauge.
                 self.state = InvokeState::Done;
                 Poll::Ready(result)
@@ -640,6 +673,35 @@ async fn acquire_by(
             }
         }
     }
+}
+
+/// Puts a call's outcome on its record; a late answer that came first is
+/// kept.
+fn record_outcome(records: &Records, id: MessageId, result: &Result<Reply, Error>) {
+    records.update(&id, |r| {
+        if r.state != CallState::Sent {
+            return;
+        }
+        match result {
+            Ok(reply) => {
+                r.state = CallState::Answered;
+                r.answered_at_ms = Some(records::now_ms());
+                r.status = Some(reply.status);
+                r.response = Some(reply.response.clone());
+            }
+            Err(Error::Timeout { .. }) => r.state = CallState::TimedOut,
+            Err(Error::NoSubscriber { .. }) => {
+                r.state = CallState::Offline;
+                r.reason_code = Some(0x10);
+            }
+            Err(Error::Refused { code, .. }) => {
+                r.state = CallState::Unavailable;
+                r.reason_code = Some(*code);
+            }
+            // Closed: the requester shut down; the record stays `sent`.
+            Err(_) => {}
+        }
+    });
 }
 
 /// What a call's outcome means to its caller.
@@ -888,12 +950,22 @@ impl Shared {
         if self.link.is_stopping() {
             return Err(Error::Closed);
         }
-        self.link
+        // Recorded before the publish: the reply may come before it returns.
+        if let Some(records) = &self.records {
+            records.sent(id, call.target().clone(), call.method().clone());
+        }
+        if let Err(e) = self
+            .link
             .publish_with(topic, payload, self.qos, false, properties.as_ref())
-            .map_err(|e| Error::Unavailable {
+        {
+            if let Some(records) = &self.records {
+                records.update(&id, |r| r.state = CallState::Unavailable);
+            }
+            return Err(Error::Unavailable {
                 reason: format!("request {e}"),
                 last_error: None,
-            })?;
+            });
+        }
         self.counters.published.fetch_add(1, Relaxed);
         self.metrics.published.increment(1);
         Ok(pending)
@@ -934,9 +1006,19 @@ impl Shared {
         }
         // Counted first, so a caller reading stats after its reply sees it.
         self.counters.completed.fetch_add(1, Relaxed);
-        match self.pending.complete(&call, Box::new(reply)) {
+        match self.pending.complete_or_return(&call, Box::new(reply)) {
             Ok(()) => self.metrics.completed.increment(1),
-            Err(reason) => {
+            Err((Unmatched::Late, reply)) if self.records.is_some() => {
+                self.counters.completed.fetch_sub(1, Relaxed);
+                self.dropped(Dropped::Late);
+                let reply = *reply;
+                if let Some(records) = &self.records {
+                    if records.answered_late(&call.id(), reply.status, reply.response) {
+                        tracing::debug!(topic, "late reply kept on the call's record");
+                    }
+                }
+            }
+            Err((reason, _)) => {
                 self.counters.completed.fetch_sub(1, Relaxed);
                 self.dropped(match reason {
                     Unmatched::Late => Dropped::Late,

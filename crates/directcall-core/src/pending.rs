@@ -208,11 +208,21 @@ impl<R> PendingTable<R> {
     /// The [`Unmatched`] reason when the reply completes no call; `value` is
     /// dropped.
     pub fn complete(&self, reply: &CallTopics, value: R) -> Result<(), Unmatched> {
+        self.complete_or_return(reply, value)
+            .map_err(|(why, _)| why)
+    }
+
+    /// [`PendingTable::complete`], handing `value` back when it completes no
+    /// call (to keep a late answer elsewhere, for instance).
+    ///
+    /// # Errors
+    /// The [`Unmatched`] reason, and `value`.
+    pub fn complete_or_return(&self, reply: &CallTopics, value: R) -> Result<(), (Unmatched, R)> {
         let id = reply.id();
         let names = names(&self.hasher, reply.target(), reply.method());
         let mut inner = lock(&self.inner);
         match inner.calls.get(&id) {
-            Some(slot) if slot.names != names => Err(Unmatched::Mismatched),
+            Some(slot) if slot.names != names => Err((Unmatched::Mismatched, value)),
             Some(Slot {
                 state: State::Waiting(_),
                 ..
@@ -228,13 +238,16 @@ impl<R> PendingTable<R> {
             Some(Slot {
                 state: State::Done(Outcome::Answered(_)),
                 ..
-            }) => Err(Unmatched::Duplicate),
-            Some(_) => Err(Unmatched::Late),
-            None => Err(match inner.ended.get(&id) {
-                Some(Ended::Completed) => Unmatched::Duplicate,
-                Some(Ended::Abandoned) => Unmatched::Late,
-                None => Unmatched::Unknown,
-            }),
+            }) => Err((Unmatched::Duplicate, value)),
+            Some(_) => Err((Unmatched::Late, value)),
+            None => Err((
+                match inner.ended.get(&id) {
+                    Some(Ended::Completed) => Unmatched::Duplicate,
+                    Some(Ended::Abandoned) => Unmatched::Late,
+                    None => Unmatched::Unknown,
+                },
+                value,
+            )),
         }
     }
 

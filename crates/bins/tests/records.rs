@@ -1,0 +1,191 @@
+//! Call records: a late answer is kept after the timeout and can be read by
+//! the call's id, from the library and through the gateway; records expire.
+//! The device is a bare seed-format peer (the seed's exact fields), which
+//! needs no extension for any of this.
+
+mod common;
+mod e2e;
+
+use std::time::Duration;
+
+use common::*;
+use directcall_cloud::{CallState, Error, RecordOptions};
+use directcall_core::both_brokers;
+use directcall_core::testkit::Raw;
+use serde_json::{json, Value};
+
+/// A seed-format device on `target` that answers each request `delay_ms`
+/// after it arrives, with the seed's `{"id", "response"}` only.
+async fn late_seed_device(
+    b: &TestBroker,
+    target: &str,
+    delay_ms: u64,
+) -> tokio::task::JoinHandle<()> {
+    let mut seed = Raw::connect(&b.options_v311(), &unique("seed")).await;
+    seed.subscribe(&format!("{target}/#")).await;
+    tokio::spawn(async move {
+        loop {
+            let (topic, request) = seed.next().await;
+            let l: Vec<String> = topic.split('/').map(str::to_owned).collect();
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let answer =
+                json!({"id": request["id"], "response": format!("done: {}", request["request"])});
+            seed.publish(
+                &format!("{}/{}/{}/{}/ack", l[2], l[3], l[0], l[1]),
+                answer.to_string(),
+            )
+            .await;
+        }
+    })
+}
+
+async fn a_late_answer_is_kept_on_the_record(b: TestBroker) {
+    let car = unique("car");
+    let device = late_seed_device(&b, &car, 600).await;
+    let r = requester_with(&b, |o| o.record_calls(RecordOptions::default())).await;
+
+    let e = within(10, r.invoke(call(&car, "unlock", json!("now"), 300)))
+        .await
+        .unwrap_err();
+    let Error::Timeout { id, .. } = e else {
+        panic!("expected a timeout, got {e:?}")
+    };
+    let record = r.call_record(&id).expect("a record");
+    assert_eq!(record.state, CallState::TimedOut);
+    assert_eq!(
+        (record.target.as_str(), record.method.as_str()),
+        (car.as_str(), "unlock")
+    );
+    eventually(10, || {
+        r.call_record(&id)
+            .is_some_and(|r| r.state == CallState::AnsweredLate)
+    })
+    .await;
+    let record = r.call_record(&id).unwrap();
+    assert_eq!(record.status, Some(200), "no status means 200");
+    assert_eq!(record.response, Some(json!("done: \"now\"")));
+    assert!(record.answered_at_ms.unwrap() >= record.sent_at_ms + 300);
+    assert_eq!(r.stats().dropped_late, 1, "still counted as late");
+
+    // In time: answered, with the answer on the record too.
+    let reply = within(10, r.invoke(call(&car, "unlock", json!("again"), 5000)))
+        .await
+        .unwrap();
+    let record = r.call_record(&reply.id).unwrap();
+    assert_eq!(
+        (record.state, record.response),
+        (CallState::Answered, Some(json!("done: \"again\"")))
+    );
+    assert!(r.call_record(&directcall_core::MessageId::new()).is_none());
+    assert_eq!(r.stats().pending, 0);
+    device.abort();
+
+    // Without records (the library's default) there is none.
+    let plain = requester(&b).await;
+    let _hole = b.black_hole().await;
+    let e = plain
+        .invoke(call(&unique("nobody"), "m", Value::Null, 100))
+        .await
+        .unwrap_err();
+    let Error::Timeout { id, .. } = e else {
+        panic!("expected a timeout, got {e:?}")
+    };
+    assert!(plain.call_record(&id).is_none());
+}
+both_brokers!(a_late_answer_is_kept_on_the_record);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_expire_after_their_retention() {
+    let b = TestBroker::start(Kind::Embedded).unwrap();
+    let _hole = b.black_hole().await;
+    let r = requester_with(&b, |o| {
+        o.record_calls(RecordOptions::new(Duration::from_millis(800), 100))
+    })
+    .await;
+    let Err(Error::Timeout { id, .. }) = r
+        .invoke(call(&unique("nobody"), "m", Value::Null, 100))
+        .await
+    else {
+        panic!("expected a timeout")
+    };
+    assert_eq!(r.call_record(&id).unwrap().state, CallState::TimedOut);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(r.call_record(&id).is_none(), "kept past its retention");
+}
+
+/// Through the gateway: the 504 names the record, `GET /v1/calls/{id}`
+/// returns the late answer, bad ids are 400, unknown ones 404, tokens
+/// guard the route, and records expire with `--record-retention`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_records_and_late_answers() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let car = unique("car");
+    let _device = late_seed_device(&b, &car, 1300).await;
+    let (_gw, base) =
+        e2e::gateway(&b.url(), &["--api-token", "tok", "--record-retention", "4"]).await;
+    e2e::wait_health(&base, 200).await;
+    let auth = [("authorization", "Bearer tok")];
+    let (status, body) = e2e::get_with(
+        &format!("{base}/invoke?request=open&method=unlock&target={car}&timeout=1"),
+        &auth,
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(body["call"], json!(format!("/v1/calls/{id}")));
+    let record_url = format!("{base}/v1/calls/{id}");
+
+    let (status, record) = e2e::get_with(&record_url, &auth).await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["state"], "timed_out", "{record}");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let (_, record) = e2e::get_with(&record_url, &auth).await;
+        if record["state"] == "answered_late" {
+            break record;
+        }
+        assert!(std::time::Instant::now() < until, "{record}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["response"], json!("done: \"open\""));
+    assert_eq!(
+        (record["target"].as_str(), record["method"].as_str()),
+        (Some(car.as_str()), Some("unlock"))
+    );
+
+    let (status, body) = e2e::get(&record_url).await;
+    assert_eq!(
+        (status, body["result"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, body) = e2e::get_with(&format!("{base}/v1/calls/not-an-id"), &auth).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["response"].as_str().unwrap().starts_with("invalid id"),
+        "{body}"
+    );
+    let unknown = directcall_core::MessageId::new();
+    let (status, body) = e2e::get_with(&format!("{base}/v1/calls/{unknown}"), &auth).await;
+    assert_eq!(
+        (status, body["result"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
+
+    // Past the 4 s retention: gone.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = e2e::get_with(&record_url, &auth).await;
+        if status == 404 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the record never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,276 @@
+//! Call records: what became of each published call, kept for a retention
+//! window so that a caller who got a timeout can still learn what the
+//! device did (a reply that arrives after the deadline is stored as
+//! `answered_late`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use directcall_core::{MessageId, Method, Target};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+/// Where a call stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CallState {
+    /// Published; no answer yet.
+    Sent,
+    /// The device answered before the deadline.
+    Answered,
+    /// No answer before the deadline (yet: it may become `AnsweredLate`).
+    TimedOut,
+    /// The device answered after the deadline; its answer is on the record.
+    AnsweredLate,
+    /// The broker refused the request (MQTT 5 PUBACK reason code): not
+    /// delivered.
+    Unavailable,
+    /// MQTT 5: no device was subscribed to the target's requests.
+    Offline,
+}
+
+impl CallState {
+    /// Whether nothing more will change it, short of a late answer to a
+    /// `TimedOut` call.
+    pub fn is_final(self) -> bool {
+        self != CallState::Sent
+    }
+}
+
+/// The record of one call.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct CallRecord {
+    /// The call's id (the `m_id` of its topics).
+    #[serde(serialize_with = "as_text")]
+    pub id: MessageId,
+    /// The device called.
+    #[serde(serialize_with = "as_text")]
+    pub target: Target,
+    /// The method called.
+    #[serde(serialize_with = "as_text")]
+    pub method: Method,
+    /// Where it stands.
+    pub state: CallState,
+    /// When it was published, in milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// When its answer arrived (in time or late), in milliseconds since the
+    /// Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered_at_ms: Option<u64>,
+    /// The device's status, once it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The device's answer, once it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
+    /// MQTT 5: the broker's PUBACK reason code when it refused the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<u8>,
+}
+
+fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// How long records are kept, and how many at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordOptions {
+    /// A record is forgotten this long after its call was sent.
+    pub retention: Duration,
+    /// At most this many records; the oldest go first.
+    pub max_records: usize,
+}
+
+impl Default for RecordOptions {
+    /// 10 minutes, 100,000 records.
+    fn default() -> Self {
+        RecordOptions {
+            retention: Duration::from_secs(600),
+            max_records: 100_000,
+        }
+    }
+}
+
+impl RecordOptions {
+    /// Records kept for `retention`, at most `max_records` of them.
+    pub fn new(retention: Duration, max_records: usize) -> Self {
+        RecordOptions {
+            retention,
+            max_records: max_records.max(1),
+        }
+    }
+}
+
+/// The records of one requester, in memory.
+#[derive(Debug)]
+pub(crate) struct Records {
+    options: RecordOptions,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_id: HashMap<MessageId, (Instant, CallRecord)>,
+    /// Ids in the order they were recorded, for expiry.
+    order: VecDeque<(Instant, MessageId)>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Records {
+    pub(crate) fn new(options: RecordOptions) -> Self {
+        Records {
+            options,
+            inner: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn options(&self) -> RecordOptions {
+        self.options
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a call just published.
+    pub(crate) fn sent(&self, id: MessageId, target: Target, method: Method) {
+        let now = Instant::now();
+        let record = CallRecord {
+            id,
+            target,
+            method,
+            state: CallState::Sent,
+            sent_at_ms: now_ms(),
+            answered_at_ms: None,
+            status: None,
+            response: None,
+            reason_code: None,
+        };
+        let mut inner = self.lock();
+        inner.prune(now, &self.options, true);
+        inner.by_id.insert(id, (now, record));
+        inner.order.push_back((now, id));
+    }
+
+    /// Changes the record of `id`, if it is still kept.
+    pub(crate) fn update(&self, id: &MessageId, change: impl FnOnce(&mut CallRecord)) {
+        if let Some((_, record)) = self.lock().by_id.get_mut(id) {
+            change(record);
+        }
+    }
+
+    /// A late answer: stored on a call that timed out (or is about to be
+    /// told so). Returns whether a record took it.
+    pub(crate) fn answered_late(&self, id: &MessageId, status: u16, response: Value) -> bool {
+        let mut taken = false;
+        self.update(id, |r| {
+            if matches!(r.state, CallState::TimedOut | CallState::Sent) {
+                r.state = CallState::AnsweredLate;
+                r.answered_at_ms = Some(now_ms());
+                r.status = Some(status);
+                r.response = Some(response);
+                taken = true;
+            }
+        });
+        taken
+    }
+
+    /// The record of `id`, unless it expired.
+    pub(crate) fn get(&self, id: &MessageId) -> Option<CallRecord> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.prune(now, &self.options, false);
+        inner.by_id.get(id).map(|(_, r)| r.clone())
+    }
+
+    /// How many records are kept now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+}
+
+impl Inner {
+    /// Forgets the records past retention, and with `room` the oldest
+    /// beyond the bound, leaving room for one more.
+    fn prune(&mut self, now: Instant, options: &RecordOptions, room: bool) {
+        while let Some(&(at, id)) = self.order.front() {
+            let expired = now.saturating_duration_since(at) >= options.retention;
+            let full = room && self.by_id.len() >= options.max_records;
+            if !expired && !full {
+                break;
+            }
+            self.order.pop_front();
+            self.by_id.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> (Target, Method) {
+        (Target::new("car").unwrap(), Method::new("m").unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_expire_after_the_retention_window() {
+        let records = Records::new(RecordOptions::new(Duration::from_secs(10), 100));
+        let id = MessageId::new();
+        let (t, m) = names();
+        records.sent(id, t, m);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(records.get(&id).unwrap().state, CallState::Sent);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(records.get(&id).is_none());
+        assert_eq!(records.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_records_go_beyond_the_bound() {
+        let records = Records::new(RecordOptions::new(Duration::from_secs(600), 3));
+        let ids: Vec<_> = (0..5).map(|_| MessageId::new()).collect();
+        for id in &ids {
+            let (t, m) = names();
+            records.sent(*id, t, m);
+        }
+        assert_eq!(records.len(), 3);
+        assert!(records.get(&ids[0]).is_none() && records.get(&ids[1]).is_none());
+        assert!(records.get(&ids[4]).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_answer_is_kept_on_a_timed_out_call_only() {
+        let records = Records::new(RecordOptions::default());
+        let (late, answered) = (MessageId::new(), MessageId::new());
+        for id in [late, answered] {
+            let (t, m) = names();
+            records.sent(id, t, m);
+        }
+        records.update(&late, |r| r.state = CallState::TimedOut);
+        records.update(&answered, |r| r.state = CallState::Answered);
+        assert!(records.answered_late(&late, 200, Value::from("done")));
+        assert!(!records.answered_late(&answered, 200, Value::from("again")));
+        let r = records.get(&late).unwrap();
+        assert_eq!(
+            (r.state, r.status, r.response),
+            (
+                CallState::AnsweredLate,
+                Some(200),
+                Some(Value::from("done"))
+            )
+        );
+        assert_eq!(records.get(&answered).unwrap().state, CallState::Answered);
+    }
+}
