@@ -236,7 +236,52 @@ fn respond(reply: HttpReply) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if reply.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
     response
+}
+
+/// The `Idempotency-Key` header, scoped to the caller's credential (so two
+/// callers never share a key), or a 400 naming it.
+fn idempotency_key(
+    headers: &HeaderMap,
+    with_tokens: bool,
+) -> Result<Option<(String, String)>, HttpReply> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let invalid = |reason| HttpReply::invalid("Idempotency-Key", reason);
+    let key = value
+        .to_str()
+        .map_err(|_| invalid("may hold only visible ASCII characters"))?;
+    // The IETF draft writes it as a structured-field string: "…".
+    let key = key
+        .strip_prefix('"')
+        .and_then(|k| k.strip_suffix('"'))
+        .unwrap_or(key);
+    if key.is_empty() || key.len() > directcall_cloud::MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(invalid("must be 1 to 255 characters"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "may hold only visible ASCII characters (no spaces)",
+        ));
+    }
+    let scope = if with_tokens {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes)
+            .unwrap_or_default();
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, token)
+            .simple()
+            .to_string()
+    } else {
+        "anyone".to_owned()
+    };
+    Ok(Some((scope, key.to_owned())))
 }
 
 /// Compares without an early exit on the first differing byte.
@@ -312,13 +357,14 @@ impl Gateway {
 #[utoipa::path(
     get,
     path = "/invoke",
-    params(InvokeQuery),
+    params(InvokeQuery, ("Idempotency-Key" = Option<String>, Header, description = "Makes the call idempotent: the same key with the same call while it runs waits for its outcome, and after it gets the stored outcome (with `Idempotent-Replayed: true`), for the record retention; with another call, 409. Scoped to the caller's token.", min_length = 1, max_length = 255, pattern = "^[!-~]+$")),
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
         (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -346,7 +392,13 @@ async fn invoke_get(
         .service
         .query_invocation(form_urlencoded::parse(query.as_bytes()), start)
     {
-        Ok(invocation) => gw.call(traced(invocation, &headers), budget).await,
+        Ok(invocation) => match idempotency_key(&headers, !gw.tokens.is_empty()) {
+            Ok(key) => {
+                gw.call(keyed(traced(invocation, &headers), key), budget)
+                    .await
+            }
+            Err(reply) => gw.refuse(reply),
+        },
         Err(reply) => gw.refuse(reply),
     }
 }
@@ -355,13 +407,14 @@ async fn invoke_get(
 #[utoipa::path(
     get,
     path = "/invoke/",
-    params(InvokeQuery),
+    params(InvokeQuery, ("Idempotency-Key" = Option<String>, Header, description = "Makes the call idempotent: the same key with the same call while it runs waits for its outcome, and after it gets the stored outcome (with `Idempotent-Replayed: true`), for the record retention; with another call, 409. Scoped to the caller's token.", min_length = 1, max_length = 255, pattern = "^[!-~]+$")),
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
         (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -383,6 +436,7 @@ async fn invoke_get_slash(
     params(
         ("target" = String, Path, description = "The device (one topic level).", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$"),
         ("method" = String, Path, description = "The method (one topic level).", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the call idempotent: the same key with the same call while it runs waits for its outcome, and after it gets the stored outcome (with `Idempotent-Replayed: true`), for the record retention; with another call, 409. Scoped to the caller's token.", min_length = 1, max_length = 255, pattern = "^[!-~]+$"),
     ),
     request_body(content = PostBody, content_type = "application/json"),
     security((), ("bearer" = [])),
@@ -391,6 +445,7 @@ async fn invoke_get_slash(
         (status = 400, description = "A parameter or the body is invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
         (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
         (status = 413, description = "The body is over 128 KiB.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -437,7 +492,13 @@ async fn invoke_post(
         .service
         .post_invocation(&target, &method, content_type, &body, start)
     {
-        Ok(invocation) => gw.call(traced(invocation, &headers), budget).await,
+        Ok(invocation) => match idempotency_key(&headers, !gw.tokens.is_empty()) {
+            Ok(key) => {
+                gw.call(keyed(traced(invocation, &headers), key), budget)
+                    .await
+            }
+            Err(reply) => gw.refuse(reply),
+        },
         Err(reply) => gw.refuse(reply),
     }
 }
@@ -445,6 +506,13 @@ async fn invoke_post(
 /// The caller's W3C `traceparent` header, passed on to the device when it
 /// is valid; an invalid one is ignored, as the W3C recommendation says (a
 /// receiver that cannot parse it starts a new trace).
+fn keyed(invocation: Invocation, key: Option<(String, String)>) -> Invocation {
+    match key {
+        Some((scope, key)) => invocation.idempotency_scope(scope).idempotency_key(key),
+        None => invocation,
+    }
+}
+
 fn traced(
     invocation: directcall_cloud::Invocation,
     headers: &HeaderMap,
@@ -485,6 +553,7 @@ async fn healthz(State(gw): State<Gateway>) -> Response {
     respond(HttpReply {
         status: if connected { 200 } else { 503 },
         body: serde_json::to_value(body).unwrap_or_default(),
+        replayed: false,
     })
 }
 

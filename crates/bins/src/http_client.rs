@@ -55,6 +55,30 @@ pub struct HttpResponse {
     pub status: u16,
     /// Body as text (lossy UTF-8).
     pub body: String,
+    /// Response headers, names lowercase, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (lowercase), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn header_list(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }
 
 /// One keep-alive HTTP/1.1 connection to a host.
@@ -150,10 +174,12 @@ impl Connection {
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let status = response.status().as_u16();
+        let headers = header_list(response.headers());
         let body = response.into_body().collect().await?.to_bytes();
         Ok(HttpResponse {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
+            headers,
         })
     }
 }
@@ -227,10 +253,12 @@ impl Multiplexed {
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
+        let headers = header_list(response.headers());
         let body = response.into_body().collect().await?.to_bytes();
         Ok(HttpResponse {
             status,
             body: String::from_utf8_lossy(&body).into_owned(),
+            headers,
         })
     }
 }

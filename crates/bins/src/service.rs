@@ -50,6 +50,9 @@ pub struct HttpReply {
     pub status: u16,
     /// JSON body.
     pub body: Value,
+    /// The outcome is a stored one (an idempotency key's): answered with
+    /// `Idempotent-Replayed: true`.
+    pub replayed: bool,
 }
 
 /// What a call ended as: the `result` of the body and its HTTP status.
@@ -77,11 +80,13 @@ pub enum Outcome {
     NotFound,
     /// The route does not take this HTTP method (405).
     MethodNotAllowed,
+    /// An idempotency key reused for another call (409).
+    Conflict,
 }
 
 impl Outcome {
     /// Every outcome, in a fixed order.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::Timeout,
         Outcome::Offline,
@@ -91,6 +96,7 @@ impl Outcome {
         Outcome::Unauthorized,
         Outcome::NotFound,
         Outcome::MethodNotAllowed,
+        Outcome::Conflict,
     ];
 
     /// The `result` string of the HTTP body.
@@ -105,6 +111,7 @@ impl Outcome {
             Outcome::Unauthorized => "unauthorized",
             Outcome::NotFound => "not_found",
             Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::Conflict => "conflict",
         }
     }
 
@@ -119,6 +126,7 @@ impl Outcome {
             Outcome::Unavailable => 503,
             Outcome::Unauthorized => 401,
             Outcome::MethodNotAllowed => 405,
+            Outcome::Conflict => 409,
         }
     }
 
@@ -133,6 +141,7 @@ impl Outcome {
             Outcome::Unauthorized => 6,
             Outcome::NotFound => 7,
             Outcome::MethodNotAllowed => 8,
+            Outcome::Conflict => 9,
         }
     }
 }
@@ -236,8 +245,8 @@ pub struct OfflineBody {
 #[non_exhaustive]
 pub struct MessageBody {
     /// `invalid_parameters`, `payload_too_large`, `unavailable`,
-    /// `not_found` or `method_not_allowed`.
-    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed)$")]
+    /// `not_found`, `method_not_allowed` or `conflict`.
+    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed|conflict)$")]
     pub result: Outcome,
     /// Which parameter, and why; or what is unavailable.
     pub response: String,
@@ -298,6 +307,7 @@ impl HttpReply {
                 result: outcome,
                 response: message.into(),
             }),
+            replayed: false,
         }
     }
 
@@ -308,6 +318,7 @@ impl HttpReply {
             body: body(&UnauthorizedBody {
                 result: Outcome::Unauthorized,
             }),
+            replayed: false,
         }
     }
 
@@ -385,7 +396,7 @@ impl Default for Limits {
 
 #[derive(Debug)]
 struct Metrics {
-    calls: [Counter; 9],
+    calls: [Counter; 10],
     duration: Histogram,
     in_flight: Gauge,
 }
@@ -580,11 +591,12 @@ impl InvokeService {
             .get_started_at()
             .unwrap_or_else(tokio::time::Instant::now);
         self.metrics.in_flight.increment(1.0);
-        let result = self.requester.invoke(invocation).await;
+        let keyed = self.requester.invoke_keyed(invocation).await;
         self.metrics.in_flight.decrement(1.0);
         let elapsed = start.elapsed();
         let recorded = self.requester.record_options().is_some();
-        let reply = render(result, elapsed, recorded);
+        let mut reply = render(keyed.result, elapsed, recorded);
+        reply.replayed = keyed.replayed;
         let outcome = reply.outcome().unwrap_or(Outcome::Unavailable);
         self.record(outcome, Some(elapsed));
         if let Some((target, method)) = names {
@@ -630,6 +642,7 @@ impl InvokeService {
                     response: r.response,
                     reason_code: r.reason_code,
                 }),
+                replayed: false,
             },
             None => HttpReply::message(
                 Outcome::NotFound,
@@ -702,6 +715,7 @@ fn render(
             }),
         ),
         Err(Error::Invalid { field, reason }) => return HttpReply::invalid(field, reason),
+        Err(e @ Error::KeyConflict) => return HttpReply::message(Outcome::Conflict, e.to_string()),
         Err(e @ Error::PayloadTooLarge { .. }) => {
             return HttpReply::message(Outcome::TooLarge, e.to_string())
         }
@@ -713,6 +727,7 @@ fn render(
     HttpReply {
         status,
         body: value,
+        replayed: false,
     }
 }
 

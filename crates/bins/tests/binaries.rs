@@ -606,6 +606,32 @@ async fn the_openapi_document_matches_the_gateway() {
         .await;
         note(post_route, "post", status);
     }
+    // An idempotency key reused for another call: 409 on every form.
+    for (i, route) in ["/invoke", "/invoke/"].into_iter().enumerate() {
+        let key = format!("k-get-{i}");
+        let keyed = [
+            ("authorization", "Bearer tok"),
+            ("idempotency-key", key.as_str()),
+        ];
+        for request in ["one", "two"] {
+            let (status, _) = get_with(
+                &format!("{base}{route}?request={request}&method=m&target=Device001&timeout=3"),
+                &keyed,
+            )
+            .await;
+            note(route, "get", status);
+        }
+    }
+    for request in ["1", "2"] {
+        let keyed = [
+            ("authorization", "Bearer tok"),
+            ("content-type", "application/json"),
+            ("idempotency-key", "k-post"),
+        ];
+        let body = format!(r#"{{"request":{request},"timeout_ms":3000}}"#).into_bytes();
+        let (status, _) = post(&base, "/v1/targets/Device001/methods/m", &keyed, body).await;
+        note(post_route, "post", status);
+    }
     // A call's record: found, not a call id, no token, unknown.
     let (status, answered) = get_with(
         &format!("{base}/invoke?request=r&method=m&target=Device001&timeout=3"),
@@ -619,9 +645,16 @@ async fn the_openapi_document_matches_the_gateway() {
         (format!("/v1/calls/{id}"), &auth[..]),
         ("/v1/calls/nope".to_owned(), &auth[..]),
         (format!("/v1/calls/{id}"), &[][..]),
-        (format!("/v1/calls/{}", directcall_core::MessageId::new()), &auth[..]),
+        (
+            format!("/v1/calls/{}", directcall_core::MessageId::new()),
+            &auth[..],
+        ),
     ] {
-        note(records, "get", get_with(&format!("{base}{path}"), headers).await.0);
+        note(
+            records,
+            "get",
+            get_with(&format!("{base}{path}"), headers).await.0,
+        );
     }
     note("/healthz", "get", get(&format!("{base}/healthz")).await.0);
     note("/metrics", "get", get(&format!("{base}/metrics")).await.0);

@@ -46,6 +46,11 @@ pub enum Error {
         /// The PUBACK reason code.
         code: u8,
     },
+    /// The call's idempotency key was used for another call (another
+    /// target, method or request) within the retention window; nothing was
+    /// published.
+    #[error("the idempotency key was already used for a different call (another target, method or request)")]
+    KeyConflict,
     /// No broker connection; nothing was published.
     #[error("broker unavailable: {reason}")]
     Unavailable {

@@ -34,6 +34,7 @@
 //! starting a requester); their names are the constants of [`metrics`].
 
 mod error;
+mod keys;
 pub mod metrics;
 mod options;
 mod presence;
@@ -48,8 +49,9 @@ pub use directcall_core::{
     Transport,
 };
 pub use error::Error;
+pub use keys::MAX_IDEMPOTENCY_KEY_BYTES;
 pub use options::{
     Options, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_REPLY_QOS, DEFAULT_TIMEOUT,
 };
 pub use records::{CallRecord, CallState, RecordOptions};
-pub use requester::{Invocation, Invoke, Reply, Requester, Stats};
+pub use requester::{Invocation, Invoke, Keyed, Reply, Requester, Stats};

@@ -22,6 +22,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireErro
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::keys::{self, Keys};
 use crate::metrics::Metrics;
 use crate::options::{Options, DEFAULT_TIMEOUT};
 use crate::presence::{Origin, Presence};
@@ -42,6 +43,10 @@ pub struct Invocation {
     timeout: Duration,
     start: Option<Instant>,
     traceparent: Option<String>,
+    idempotency_key: Option<String>,
+    idempotency_scope: Option<String>,
+    /// The id to publish under, when it is not a fresh one (a keyed call).
+    id: Option<MessageId>,
 }
 
 impl Invocation {
@@ -55,6 +60,9 @@ impl Invocation {
             timeout: DEFAULT_TIMEOUT,
             start: None,
             traceparent: None,
+            idempotency_key: None,
+            idempotency_scope: None,
+            id: None,
         }
     }
 
@@ -101,6 +109,34 @@ impl Invocation {
         self.traceparent.as_deref()
     }
 
+    /// Makes the call idempotent under `key` (1 to 255 visible ASCII
+    /// characters; include your caller's identity in it if callers share a
+    /// requester). While a call with this key runs, another with the same
+    /// key and the same target, method and request waits for its outcome
+    /// instead of publishing; after it, gets the stored outcome, for the
+    /// requester's record retention (10 minutes by default). The same key
+    /// with another call is [`Error::KeyConflict`]. The call's id is derived
+    /// from the key ([`MessageId::from_key`]), so a device also drops a
+    /// retry that reached it some other way. [`Requester::invoke_keyed`]
+    /// says whether an outcome was replayed. Default: none.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// The idempotency key, if set.
+    pub fn get_idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
+
+    /// Whose idempotency key it is (a tenant, a credential): the same key
+    /// in two scopes names two calls. The gateway scopes keys to the
+    /// caller's token. Default: none (one scope).
+    pub fn idempotency_scope(mut self, scope: impl Into<String>) -> Self {
+        self.idempotency_scope = Some(scope.into());
+        self
+    }
+
     /// The device.
     pub fn get_target(&self) -> &Target {
         &self.target
@@ -125,6 +161,17 @@ impl Invocation {
     pub fn get_started_at(&self) -> Option<Instant> {
         self.start
     }
+}
+
+/// What a call made by [`Requester::invoke_keyed`] came to.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Keyed {
+    /// Its outcome.
+    pub result: Result<Reply, Error>,
+    /// Whether the outcome is another call's with the same idempotency key
+    /// (this call published nothing).
+    pub replayed: bool,
 }
 
 /// A device's answer to one call.
@@ -263,6 +310,7 @@ struct Shared {
     /// The broker URL last reported in use, for the `broker_in_use` gauge.
     reported_broker: Mutex<Option<String>>,
     records: Option<Records>,
+    keys: Keys,
 }
 
 #[derive(Debug)]
@@ -372,6 +420,7 @@ impl Requester {
                 .map(|source| Presence::new(source, options.mirror_presence.clone())),
             reported_broker: Mutex::new(None),
             records: options.records.map(Records::new),
+            keys: Keys::new(options.records.unwrap_or_default()),
         });
         tracing::debug!(broker = %options.broker.url(), client_id = shared.link.client_id(), "requester starting");
         let driver = connection.run(Arc::clone(&shared));
@@ -445,7 +494,104 @@ impl Requester {
     /// - [`Error::Closed`] after [`Requester::shutdown`], also for a call
     ///   that was waiting when it came.
     pub fn invoke(&self, invocation: Invocation) -> Invoke {
+        if invocation.idempotency_key.is_some() {
+            let requester = self.clone();
+            return Invoke {
+                state: InvokeState::Slow(Box::pin(async move {
+                    requester.invoke_keyed(invocation).await.result
+                })),
+            };
+        }
         Invoke::start(Arc::clone(&self.handle.shared), invocation)
+    }
+
+    /// [`Requester::invoke`], saying whether the outcome is a stored one:
+    /// for a call with an idempotency key, `replayed` is true when another
+    /// call with the key ran (or runs) and this one published nothing. A
+    /// stored timeout whose late answer has since arrived
+    /// ([`Options::record_calls`]) is replayed as that answer.
+    ///
+    /// ```no_run
+    /// # async fn f(requester: directcall_cloud::Requester) -> Result<(), directcall_cloud::Error> {
+    /// use directcall_cloud::Invocation;
+    /// let call = || Invocation::parse("VIN123", "unlock", "now").map(|c| c.idempotency_key("order-4711"));
+    /// let first = requester.invoke_keyed(call()?).await; // runs
+    /// let again = requester.invoke_keyed(call()?).await; // the stored outcome
+    /// assert!(!first.replayed && again.replayed);
+    /// # Ok(()) }
+    /// ```
+    pub async fn invoke_keyed(&self, mut invocation: Invocation) -> Keyed {
+        let Some(key) = invocation.idempotency_key.take() else {
+            return Keyed {
+                result: self.invoke(invocation).await,
+                replayed: false,
+            };
+        };
+        let shared = self.shared();
+        if let Err(e) = keys::check_key(&key).and_then(|()| shared.check(&invocation)) {
+            return Keyed {
+                result: Err(e),
+                replayed: false,
+            };
+        }
+        let key = match invocation.idempotency_scope.take() {
+            Some(scope) => format!("{scope}\0{key}"),
+            None => key,
+        };
+        let start = *invocation.start.get_or_insert_with(Instant::now);
+        let deadline = start + invocation.timeout;
+        let id = MessageId::from_key(&key);
+        let fingerprint = keys::fingerprint(
+            invocation.target.as_str(),
+            invocation.method.as_str(),
+            &invocation.request,
+        );
+        let (mut outcome, replayed) = match shared.keys.attach(&key, fingerprint) {
+            keys::Attach::Conflict => {
+                return Keyed {
+                    result: Err(Error::KeyConflict),
+                    replayed: false,
+                }
+            }
+            keys::Attach::First(tx, rx) => {
+                invocation.id = Some(id);
+                // Runs to its end even if this caller goes away, so that
+                // every call joined to it gets its outcome.
+                let requester = self.clone();
+                tokio::spawn(async move {
+                    let result = requester.invoke(invocation).await;
+                    tx.send_replace(Some(result));
+                });
+                (rx, false)
+            }
+            keys::Attach::Joined(rx) => (rx, true),
+        };
+        let result =
+            match tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some)).await {
+                Ok(Ok(done)) => done.clone().unwrap_or(Err(Error::Closed)),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    elapsed: start.elapsed(),
+                    id,
+                }),
+            };
+        let result = match result {
+            // A stored timeout whose late answer has come since.
+            Err(Error::Timeout { id, .. }) if replayed => match self.call_record(&id) {
+                Some(r) if r.state == CallState::AnsweredLate => Ok(Reply {
+                    id,
+                    status: r.status.unwrap_or(200),
+                    response: r.response.unwrap_or(Value::Null),
+                    elapsed: start.elapsed(),
+                }),
+                _ => Err(Error::Timeout {
+                    elapsed: start.elapsed(),
+                    id,
+                }),
+            },
+            other => other,
+        };
+        Keyed { result, replayed }
     }
 
     /// The record of call `id` ([`Options::record_calls`]): what became of
@@ -569,7 +715,7 @@ impl Invoke {
         if let Err(e) = shared.check(&invocation) {
             return Invoke::failed(e);
         }
-        let id = MessageId::new();
+        let id = invocation.id.unwrap_or_else(MessageId::new);
         let at = start + invocation.timeout;
         let state = match Arc::clone(&shared.permits).try_acquire_owned() {
             Ok(permit) => match Waiting::send(shared, invocation, permit, start, id, at) {

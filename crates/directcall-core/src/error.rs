@@ -31,6 +31,8 @@ pub enum Field {
     MqttVersion,
     /// The W3C trace context of a call.
     Traceparent,
+    /// A caller's idempotency key (the `Idempotency-Key` header).
+    IdempotencyKey,
 }
 
 impl Field {
@@ -48,6 +50,7 @@ impl Field {
             Field::Broker => "broker",
             Field::MqttVersion => "mqtt_version",
             Field::Traceparent => "traceparent",
+            Field::IdempotencyKey => "Idempotency-Key",
         }
     }
 }

@@ -135,7 +135,11 @@ impl Default for Prefix {
     }
 }
 
-/// The id of one call: a fresh UUID v4, written lowercase and hyphenated.
+/// The namespace of ids derived from idempotency keys (a fixed random UUID).
+const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_0c2a_9b7e_4e35_8f4c_2a61_d0e3_b7a9);
+
+/// The id of one call: a fresh UUID v4 (or, for a call with an idempotency
+/// key, a UUID v5 derived from it), written lowercase and hyphenated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId(Uuid);
 
@@ -144,6 +148,14 @@ impl MessageId {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         MessageId(Uuid::new_v4())
+    }
+
+    /// The id of every call made with idempotency key `key` (already
+    /// scoped to its caller): a name-based UUID (version 5), the same on
+    /// every requester, so that a device's duplicate suppression also drops
+    /// a retry that reached it by another path.
+    pub fn from_key(key: &str) -> Self {
+        MessageId(Uuid::new_v5(&KEY_NAMESPACE, key.as_bytes()))
     }
 
     /// The underlying UUID.

@@ -161,6 +161,32 @@ pub async fn post(base: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8
     parse(r)
 }
 
+/// A POST on a connection of its own: the whole response, headers too.
+pub async fn post_full(
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> HttpResponse {
+    let mut conn = http_client::Connection::open(base).await.expect("connect");
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(a, b)| ((*a).into(), (*b).into()))
+        .collect();
+    tokio::time::timeout(
+        Duration::from_secs(70),
+        conn.send("POST", path, &headers, body),
+    )
+    .await
+    .expect("HTTP answer within 70 s")
+    .expect("HTTP request")
+}
+
+/// The JSON body of a response.
+pub fn json(r: &HttpResponse) -> Value {
+    serde_json::from_str(&r.body).unwrap_or(Value::String(r.body.clone()))
+}
+
 fn parse(r: HttpResponse) -> (u16, Value) {
     let body = serde_json::from_str(&r.body).unwrap_or(Value::String(r.body));
     (r.status, body)
