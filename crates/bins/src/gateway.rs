@@ -25,8 +25,8 @@ use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::service::{
-    CallRecordBody, HttpReply, InvokeQuery, InvokeService, Limits, MessageBody, OfflineBody,
-    OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES,
+    AcceptedBody, CallRecordBody, HttpReply, InvokeQuery, InvokeService, Limits, MessageBody,
+    OfflineBody, OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES,
     MAX_QUERY_BYTES,
 };
 
@@ -113,7 +113,7 @@ struct HealthBody {
         description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
     ),
     paths(invoke_get, invoke_get_slash, invoke_post, call_record, healthz, metrics, openapi),
-    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody)),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -158,6 +158,11 @@ pub fn openapi_json(limits: Limits, with_metrics: bool) -> String {
                 p["schema"]["maximum"] = json!(max_s);
                 p["schema"]["default"] = json!(default_s);
             }
+        }
+    }
+    if let Some(params) = doc["paths"]["/v1/calls/{id}"]["get"]["parameters"].as_array_mut() {
+        for p in params.iter_mut().filter(|p| p["name"] == "wait") {
+            p["schema"]["maximum"] = json!(max_s);
         }
     }
     let max_ms = u64::try_from(limits.max_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -241,7 +246,28 @@ fn respond(reply: HttpReply) -> Response {
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
+    if let Some(Ok(location)) = reply.location.as_deref().map(HeaderValue::from_str) {
+        response.headers_mut().insert(header::LOCATION, location);
+        response.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static("respond-async"),
+        );
+    }
     response
+}
+
+/// Whether the request says `Prefer: respond-async` (RFC 7240).
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            p.split(';')
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async"))
+        })
 }
 
 /// The `Idempotency-Key` header, scoped to the caller's credential (so two
@@ -436,12 +462,15 @@ async fn invoke_get_slash(
     params(
         ("target" = String, Path, description = "The device (one topic level).", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$"),
         ("method" = String, Path, description = "The method (one topic level).", min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$"),
+        ("Prefer" = Option<String>, Header, description = "`respond-async` (RFC 7240): answer 202 at once with `Location: /v1/calls/{id}` instead of waiting; ignored when the gateway keeps no call records."),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes the call idempotent: the same key with the same call while it runs waits for its outcome, and after it gets the stored outcome (with `Idempotent-Replayed: true`), for the record retention; with another call, 409. Scoped to the caller's token.", min_length = 1, max_length = 255, pattern = "^[!-~]+$"),
     ),
     request_body(content = PostBody, content_type = "application/json"),
     security((), ("bearer" = [])),
     responses(
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
+        (status = 202, description = "With `Prefer: respond-async` (and call records on): published; `Location` names the call's record.", body = AcceptedBody,
+            headers(("Location" = String, description = "The call's record, /v1/calls/{id}."))),
         (status = 400, description = "A parameter or the body is invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
         (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
@@ -494,8 +523,13 @@ async fn invoke_post(
     {
         Ok(invocation) => match idempotency_key(&headers, !gw.tokens.is_empty()) {
             Ok(key) => {
-                gw.call(keyed(traced(invocation, &headers), key), budget)
-                    .await
+                let invocation = keyed(traced(invocation, &headers), key);
+                // Without records there is nowhere to learn the outcome:
+                // the preference is ignored, as RFC 7240 allows.
+                if prefers_async(&headers) && gw.service.requester().record_options().is_some() {
+                    return respond(gw.service.submit(invocation).await);
+                }
+                gw.call(invocation, budget).await
             }
             Err(reply) => gw.refuse(reply),
         },
@@ -503,9 +537,7 @@ async fn invoke_post(
     }
 }
 
-/// The caller's W3C `traceparent` header, passed on to the device when it
-/// is valid; an invalid one is ignored, as the W3C recommendation says (a
-/// receiver that cannot parse it starts a new trace).
+/// The call made idempotent under the caller's key, if it gave one.
 fn keyed(invocation: Invocation, key: Option<(String, String)>) -> Invocation {
     match key {
         Some((scope, key)) => invocation.idempotency_scope(scope).idempotency_key(key),
@@ -513,6 +545,9 @@ fn keyed(invocation: Invocation, key: Option<(String, String)>) -> Invocation {
     }
 }
 
+/// The caller's W3C `traceparent` header, passed on to the device when it
+/// is valid; an invalid one is ignored, as the W3C recommendation says (a
+/// receiver that cannot parse it starts a new trace).
 fn traced(
     invocation: directcall_cloud::Invocation,
     headers: &HeaderMap,
@@ -554,6 +589,7 @@ async fn healthz(State(gw): State<Gateway>) -> Response {
         status: if connected { 200 } else { 503 },
         body: serde_json::to_value(body).unwrap_or_default(),
         replayed: false,
+        location: None,
     })
 }
 
@@ -595,7 +631,8 @@ async fn openapi(State(gw): State<Gateway>) -> Response {
     get,
     path = "/v1/calls/{id}",
     params(
-        ("id" = String, Path, description = "The call's id, as its 200 or 504 answer gave it.", min_length = 36, max_length = 36, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
+        ("id" = String, Path, description = "The call's id, as its 200, 202 or 504 answer gave it.", min_length = 36, max_length = 36, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
+        ("wait" = Option<u64>, Query, description = "Long poll: wait up to this many seconds (at most the gateway's maximum timeout) for the call to leave `sent`.", minimum = 0, maximum = 60),
     ),
     security((), ("bearer" = [])),
     responses(
@@ -608,15 +645,36 @@ async fn openapi(State(gw): State<Gateway>) -> Response {
 async fn call_record(
     State(gw): State<Gateway>,
     path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
+    budget: Option<Extension<CallBudget>>,
 ) -> Response {
     if let Some(denied) = gw.denied(&headers) {
         return denied;
     }
-    match path {
-        Ok(Path(id)) => respond(gw.service.call_record(&id)),
-        Err(_) => respond(HttpReply::invalid("id", "not valid in a path")),
+    let Ok(Path(id)) = path else {
+        return gw.refuse(HttpReply::invalid("id", "not valid in a path"));
+    };
+    let max = gw.service.limits().max_timeout.as_secs().max(1);
+    let mut wait = Duration::ZERO;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if name == "wait" {
+            match value.parse::<u64>() {
+                Ok(s) if s <= max => wait = Duration::from_secs(s),
+                _ => {
+                    return gw.refuse(HttpReply::invalid(
+                        "wait",
+                        format!("must be whole seconds from 0 to {max}"),
+                    ))
+                }
+            }
+        }
     }
+    // Never past a front end's own deadline (the Lambda's).
+    if let Some(Extension(CallBudget(b))) = budget {
+        wait = wait.min(b);
+    }
+    respond(gw.service.wait_call_record(&id, wait).await)
 }
 
 async fn not_found(uri: Uri) -> Response {

@@ -53,6 +53,8 @@ pub struct HttpReply {
     /// The outcome is a stored one (an idempotency key's): answered with
     /// `Idempotent-Replayed: true`.
     pub replayed: bool,
+    /// A `Location` to answer with (a call accepted asynchronously).
+    pub location: Option<String>,
 }
 
 /// What a call ended as: the `result` of the body and its HTTP status.
@@ -82,11 +84,13 @@ pub enum Outcome {
     MethodNotAllowed,
     /// An idempotency key reused for another call (409).
     Conflict,
+    /// A call accepted to run asynchronously (202).
+    Accepted,
 }
 
 impl Outcome {
     /// Every outcome, in a fixed order.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Ok,
         Outcome::Timeout,
         Outcome::Offline,
@@ -97,6 +101,7 @@ impl Outcome {
         Outcome::NotFound,
         Outcome::MethodNotAllowed,
         Outcome::Conflict,
+        Outcome::Accepted,
     ];
 
     /// The `result` string of the HTTP body.
@@ -112,6 +117,7 @@ impl Outcome {
             Outcome::NotFound => "not_found",
             Outcome::MethodNotAllowed => "method_not_allowed",
             Outcome::Conflict => "conflict",
+            Outcome::Accepted => "accepted",
         }
     }
 
@@ -127,6 +133,7 @@ impl Outcome {
             Outcome::Unauthorized => 401,
             Outcome::MethodNotAllowed => 405,
             Outcome::Conflict => 409,
+            Outcome::Accepted => 202,
         }
     }
 
@@ -142,6 +149,7 @@ impl Outcome {
             Outcome::NotFound => 7,
             Outcome::MethodNotAllowed => 8,
             Outcome::Conflict => 9,
+            Outcome::Accepted => 10,
         }
     }
 }
@@ -185,6 +193,22 @@ pub struct TimeoutBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^/v1/calls/[0-9a-f-]{36}$")]
     pub call: Option<String>,
+}
+
+/// 202: the call was published and goes on; its record says how it ends.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
+pub struct AcceptedBody {
+    /// Always `accepted`.
+    #[schema(value_type = String, pattern = "^accepted$")]
+    pub result: Outcome,
+    /// The call's id.
+    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+    pub id: String,
+    /// Its record, also in the `Location` header: poll it, or long-poll
+    /// it with `?wait=SECONDS`.
+    #[schema(pattern = "^/v1/calls/[0-9a-f-]{36}$")]
+    pub call: String,
 }
 
 /// 200 from `GET /v1/calls/{id}`: what became of a call.
@@ -308,6 +332,7 @@ impl HttpReply {
                 response: message.into(),
             }),
             replayed: false,
+            location: None,
         }
     }
 
@@ -319,6 +344,7 @@ impl HttpReply {
                 result: Outcome::Unauthorized,
             }),
             replayed: false,
+            location: None,
         }
     }
 
@@ -396,7 +422,7 @@ impl Default for Limits {
 
 #[derive(Debug)]
 struct Metrics {
-    calls: [Counter; 10],
+    calls: [Counter; 11],
     duration: Histogram,
     in_flight: Gauge,
 }
@@ -612,6 +638,41 @@ impl InvokeService {
         reply
     }
 
+    /// `Prefer: respond-async`: publishes the call and answers 202 at once,
+    /// with its record's place; the call goes on, and ends on its record.
+    pub async fn submit(&self, invocation: Invocation) -> HttpReply {
+        let start = invocation
+            .get_started_at()
+            .unwrap_or_else(tokio::time::Instant::now);
+        let reply = match self.requester.submit(invocation).await {
+            Ok(id) => {
+                let call = format!("/v1/calls/{id}");
+                HttpReply {
+                    status: 202,
+                    body: body(&AcceptedBody {
+                        result: Outcome::Accepted,
+                        id: id.to_string(),
+                        call: call.clone(),
+                    }),
+                    replayed: false,
+                    location: Some(call),
+                }
+            }
+            Err(e) => render(Err(e), start.elapsed(), true),
+        };
+        self.record(reply.outcome().unwrap_or(Outcome::Unavailable), None);
+        reply
+    }
+
+    /// `GET /v1/calls/{id}?wait=SECONDS`: [`InvokeService::call_record`],
+    /// waiting up to `wait` for the call to leave `sent`.
+    pub async fn wait_call_record(&self, id: &str, wait: Duration) -> HttpReply {
+        if let (Ok(id), false) = (MessageId::parse(id), wait.is_zero()) {
+            self.requester.wait_call_record(&id, wait).await;
+        }
+        self.call_record(id)
+    }
+
     /// `GET /v1/calls/{id}`: the call's record, 404 when there is none (never
     /// made here, past retention, or calls not recorded), 400 for an id that
     /// is not a call id.
@@ -643,6 +704,7 @@ impl InvokeService {
                     reason_code: r.reason_code,
                 }),
                 replayed: false,
+                location: None,
             },
             None => HttpReply::message(
                 Outcome::NotFound,
@@ -728,6 +790,7 @@ fn render(
         status,
         body: value,
         replayed: false,
+        location: None,
     }
 }
 

@@ -632,6 +632,20 @@ async fn the_openapi_document_matches_the_gateway() {
         let (status, _) = post(&base, "/v1/targets/Device001/methods/m", &keyed, body).await;
         note(post_route, "post", status);
     }
+    // Asynchronously: 202.
+    let prefer = [
+        ("authorization", "Bearer tok"),
+        ("content-type", "application/json"),
+        ("prefer", "respond-async"),
+    ];
+    let (status, _) = post(
+        &base,
+        "/v1/targets/Device001/methods/m",
+        &prefer,
+        b"{}".to_vec(),
+    )
+    .await;
+    note(post_route, "post", status);
     // A call's record: found, not a call id, no token, unknown.
     let (status, answered) = get_with(
         &format!("{base}/invoke?request=r&method=m&target=Device001&timeout=3"),

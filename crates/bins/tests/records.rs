@@ -189,3 +189,88 @@ async fn the_gateway_serves_records_and_late_answers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `Prefer: respond-async`: 202 at once with `Location`, then the record
+/// long-polled with `?wait=` until the device answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_accepts_async_calls_and_long_polls_them() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let car = unique("car");
+    let slow = directcall_device::Router::new().method("unlock", |call| async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Ok(json!({"unlocked": call.request}))
+    });
+    let _device = device(&b, &car, slow).await;
+    let (_gw, base) = e2e::gateway(&b.url(), &[]).await;
+    e2e::wait_health(&base, 200).await;
+    let accepted = e2e::post_full(
+        &base,
+        &format!("/v1/targets/{car}/methods/unlock"),
+        &[
+            ("content-type", "application/json"),
+            ("prefer", "respond-async"),
+        ],
+        json!({"request": "door", "timeout_ms": 5000})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let body = e2e::json(&accepted);
+    let location = accepted.header("location").expect("Location").to_owned();
+    assert_eq!(body["call"], json!(location));
+    assert_eq!(body["result"], "accepted");
+    assert_eq!(accepted.header("preference-applied"), Some("respond-async"));
+
+    let (status, record) = e2e::get(&format!("{base}{location}")).await;
+    assert_eq!(
+        (status, record["state"].as_str()),
+        (200, Some("sent")),
+        "{record}"
+    );
+    let (status, record) = e2e::get(&format!("{base}{location}?wait=5")).await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["state"], "answered", "{record}");
+    assert_eq!(record["response"], json!({"unlocked": "door"}));
+    assert_eq!(record["id"], body["id"]);
+
+    let (status, body) = e2e::get(&format!("{base}{location}?wait=ever")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid wait"),
+        "{body}"
+    );
+}
+
+/// The library's asynchronous form: `submit` returns the id once the
+/// request is out; `wait_call_record` long-polls its record.
+async fn a_submitted_call_ends_on_its_record(b: TestBroker) {
+    let car = unique("car");
+    let _device = device(&b, &car, car_router()).await;
+    let r = requester_with(&b, |o| o.record_calls(RecordOptions::default())).await;
+    let id = r
+        .submit(call(&car, "alarm_off", Value::Null, 5000))
+        .await
+        .unwrap();
+    let record = r
+        .wait_call_record(&id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        (record.state, record.response),
+        (CallState::Answered, Some(json!("alarm off")))
+    );
+    // Without records, there would be nowhere to learn the outcome.
+    let plain = requester(&b).await;
+    let e = plain
+        .submit(call(&car, "alarm_off", Value::Null, 5000))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("call records"), "{e}");
+}
+both_brokers!(a_submitted_call_ends_on_its_record);

@@ -111,6 +111,8 @@ impl RecordOptions {
 pub(crate) struct Records {
     options: RecordOptions,
     inner: Mutex<Inner>,
+    /// Woken whenever a record changes state.
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +133,7 @@ impl Records {
         Records {
             options,
             inner: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -166,6 +169,25 @@ impl Records {
     pub(crate) fn update(&self, id: &MessageId, change: impl FnOnce(&mut CallRecord)) {
         if let Some((_, record)) = self.lock().by_id.get_mut(id) {
             change(record);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The record of `id` once it leaves `sent`, waiting at most until
+    /// `deadline`; then as it stands. `None` when there is no record.
+    pub(crate) async fn wait_final(&self, id: &MessageId, deadline: Instant) -> Option<CallRecord> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so no change can slip between.
+            changed.as_mut().enable();
+            let record = self.get(id)?;
+            if record.state.is_final() {
+                return Some(record);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.get(id);
+            }
         }
     }
 

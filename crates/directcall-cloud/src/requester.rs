@@ -163,6 +163,23 @@ impl Invocation {
     }
 }
 
+/// The key a call's idempotency key is kept under: its scope's and its own.
+fn scoped_key(invocation: &Invocation, key: &str) -> String {
+    match &invocation.idempotency_scope {
+        Some(scope) => format!("{scope}\0{key}"),
+        None => key.to_owned(),
+    }
+}
+
+/// Polls `f` once: its output if it is ready at once.
+async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match Pin::new(&mut f).poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
 /// What a call made by [`Requester::invoke_keyed`] came to.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -500,6 +517,7 @@ impl Requester {
                 state: InvokeState::Slow(Box::pin(async move {
                     requester.invoke_keyed(invocation).await.result
                 })),
+                id: None,
             };
         }
         Invoke::start(Arc::clone(&self.handle.shared), invocation)
@@ -534,10 +552,7 @@ impl Requester {
                 replayed: false,
             };
         }
-        let key = match invocation.idempotency_scope.take() {
-            Some(scope) => format!("{scope}\0{key}"),
-            None => key,
-        };
+        let key = scoped_key(&invocation, &key);
         let start = *invocation.start.get_or_insert_with(Instant::now);
         let deadline = start + invocation.timeout;
         let id = MessageId::from_key(&key);
@@ -616,6 +631,73 @@ impl Requester {
         self.shared().records.as_ref()?.get(id)
     }
 
+    /// [`Requester::call_record`], waiting up to `wait` for the call to
+    /// leave `sent` (to be answered, time out, ...): a long poll.
+    pub async fn wait_call_record(&self, id: &MessageId, wait: Duration) -> Option<CallRecord> {
+        let records = self.shared().records.as_ref()?;
+        records.wait_final(id, Instant::now() + wait).await
+    }
+
+    /// Starts a call and returns its id at once, once its request is
+    /// published; the call goes on in a task of its own, and its outcome
+    /// lands on its record ([`Requester::call_record`],
+    /// [`Requester::wait_call_record`]), so calls must be recorded
+    /// ([`Options::record_calls`]).
+    ///
+    /// # Errors
+    /// What [`Requester::invoke`] would refuse before publishing (invalid
+    /// names, no broker, a conflicting idempotency key...), and
+    /// `Error::Invalid` naming `request` when calls are not recorded.
+    pub async fn submit(&self, invocation: Invocation) -> Result<MessageId, Error> {
+        if self.shared().records.is_none() {
+            return Err(directcall_core::Error::invalid(
+                Field::Request,
+                "an asynchronous call needs call records (Options::record_calls)",
+            )
+            .into());
+        }
+        if let Some(key) = invocation.idempotency_key.as_deref() {
+            keys::check_key(key)?;
+            let id = MessageId::from_key(&scoped_key(&invocation, key));
+            let requester = self.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let keyed = requester.invoke_keyed(invocation);
+                tokio::pin!(keyed);
+                // Published (or refused) on the first poll, or joined to
+                // the call that holds the key.
+                let first = futures_poll_once(keyed.as_mut()).await;
+                match first {
+                    Some(done) => {
+                        // An outcome at once: a refusal, or a stored one.
+                        let _ = tx.send(match done.result {
+                            Ok(reply) => Ok(reply.id),
+                            Err(
+                                Error::Timeout { id, .. }
+                                | Error::NoSubscriber { id }
+                                | Error::Refused { id, .. },
+                            ) => Ok(id),
+                            Err(e) => Err(e),
+                        });
+                    }
+                    None => {
+                        let _ = tx.send(Ok(id));
+                        keyed.await;
+                    }
+                }
+            });
+            return rx.await.unwrap_or(Err(Error::Closed));
+        }
+        let invoke = self.invoke(invocation);
+        match invoke.id {
+            Some(id) => {
+                tokio::spawn(invoke);
+                Ok(id)
+            }
+            None => invoke.await.map(|r| r.id),
+        }
+    }
+
     /// How calls are recorded, if they are.
     pub fn record_options(&self) -> Option<RecordOptions> {
         self.shared().records.as_ref().map(Records::options)
@@ -671,6 +753,8 @@ impl Requester {
 #[must_use = "a call does nothing unless awaited; dropping it abandons the call"]
 pub struct Invoke {
     state: InvokeState,
+    /// The call's id, once it has one.
+    id: Option<MessageId>,
 }
 
 impl std::fmt::Debug for Invoke {
@@ -731,16 +815,21 @@ impl Invoke {
                     Waiting::send(Arc::clone(&shared), invocation, permit, start, id, at)?;
                 Invoke {
                     state: InvokeState::Waiting(waiting),
+                    id: Some(id),
                 }
                 .await
             })),
         };
-        Invoke { state }
+        Invoke {
+            state,
+            id: Some(id),
+        }
     }
 
     fn failed(e: Error) -> Self {
         Invoke {
             state: InvokeState::Failed(Some(Box::new(e))),
+            id: None,
         }
     }
 }
