@@ -311,6 +311,11 @@ pub struct RequesterArgs {
     /// At most this many call records; the oldest go first.
     #[arg(long, env = "DIRECTCALL_MAX_RECORDS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_records: u64,
+    /// Ask devices for a delivery receipt with every request (a protocol
+    /// extension): a call's record then says `delivered` once the device
+    /// has it, and a 504 says whether it was delivered.
+    #[arg(long, env = "DIRECTCALL_DELIVERY_RECEIPTS")]
+    pub delivery_receipts: bool,
 }
 
 impl RequesterArgs {
@@ -352,6 +357,7 @@ impl RequesterArgs {
         if let Err(e) = options.get_reply_prefix() {
             return Err(invalid("--prefix", e));
         }
+        options = options.delivery_receipts(self.delivery_receipts);
         if self.record_retention > 0 {
             options = options.record_calls(RecordOptions::new(
                 Duration::from_secs(self.record_retention),

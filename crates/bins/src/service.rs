@@ -193,6 +193,10 @@ pub struct TimeoutBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^/v1/calls/[0-9a-f-]{36}$")]
     pub call: Option<String>,
+    /// With delivery receipts on: `delivered at +N ms, no answer by the
+    /// deadline`, or `no sign of delivery`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
 }
 
 /// 202: the call was published and goes on; its record says how it ends.
@@ -222,14 +226,19 @@ pub struct CallRecordBody {
     pub target: String,
     /// The method called.
     pub method: String,
-    /// `sent` (no answer yet), `answered`, `timed_out` (no answer by the
-    /// deadline, so far), `answered_late` (the answer came after the
-    /// deadline and is here), `offline` (MQTT 5: no device subscribed),
-    /// `unavailable` (MQTT 5: the broker refused the request).
-    #[schema(pattern = "^(sent|answered|timed_out|answered_late|offline|unavailable)$")]
+    /// `sent` (no answer yet), `delivered` (the device acknowledged it; no
+    /// answer yet), `answered`, `timed_out` (no answer by the deadline, so
+    /// far), `answered_late` (the answer came after the deadline and is
+    /// here), `offline` (MQTT 5: no device subscribed), `unavailable` (MQTT
+    /// 5: the broker refused the request).
+    #[schema(pattern = "^(sent|delivered|answered|timed_out|answered_late|offline|unavailable)$")]
     pub state: String,
     /// When the request was published, in milliseconds since the Unix epoch.
     pub sent_at_ms: u64,
+    /// When the device's delivery receipt arrived, in milliseconds since
+    /// the Unix epoch (only when the gateway asks for receipts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at_ms: Option<u64>,
     /// When the answer arrived, in milliseconds since the Unix epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answered_at_ms: Option<u64>,
@@ -623,6 +632,18 @@ impl InvokeService {
         let recorded = self.requester.record_options().is_some();
         let mut reply = render(keyed.result, elapsed, recorded);
         reply.replayed = keyed.replayed;
+        if reply.status == 504 && self.requester.asks_receipts() {
+            let record = reply.body["id"]
+                .as_str()
+                .and_then(|id| MessageId::parse(id).ok())
+                .and_then(|id| self.requester.call_record(&id));
+            reply.body["delivery"] =
+                match record.and_then(|r| Some(r.delivered_at_ms?.saturating_sub(r.sent_at_ms))) {
+                    Some(ms) => format!("delivered at +{ms} ms, no answer by the deadline"),
+                    None => "no sign of delivery".to_owned(),
+                }
+                .into();
+        }
         let outcome = reply.outcome().unwrap_or(Outcome::Unavailable);
         self.record(outcome, Some(elapsed));
         if let Some((target, method)) = names {
@@ -698,6 +719,7 @@ impl InvokeService {
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default(),
                     sent_at_ms: r.sent_at_ms,
+                    delivered_at_ms: r.delivered_at_ms,
                     answered_at_ms: r.answered_at_ms,
                     status: r.status,
                     response: r.response,
@@ -756,6 +778,7 @@ fn render(
                 elapsed: ms(elapsed),
                 id: id.to_string(),
                 call: recorded.then(|| format!("/v1/calls/{id}")),
+                delivery: None,
             }),
         ),
         Err(Error::Offline { .. }) => (

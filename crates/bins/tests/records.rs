@@ -274,3 +274,97 @@ async fn a_submitted_call_ends_on_its_record(b: TestBroker) {
     assert!(e.to_string().contains("call records"), "{e}");
 }
 both_brokers!(a_submitted_call_ends_on_its_record);
+
+/// Delivery receipts: a directcall device acknowledges before its handler
+/// runs, so the record is `delivered` while a slow handler works, and then
+/// `answered`; a seed device, which knows nothing of receipts, goes from
+/// `sent` to `answered`.
+async fn delivered_comes_before_answered(b: TestBroker) {
+    let car = unique("car");
+    let slow = directcall_device::Router::new().method("unlock", |_| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        Ok("unlocked")
+    });
+    let _device = device(&b, &car, slow).await;
+    let r = requester_with(&b, |o| {
+        o.record_calls(RecordOptions::default())
+            .delivery_receipts(true)
+    })
+    .await;
+    let id = r
+        .submit(call(&car, "unlock", Value::Null, 5000))
+        .await
+        .unwrap();
+    eventually(5, || {
+        r.call_record(&id)
+            .is_some_and(|r| r.state == CallState::Delivered)
+    })
+    .await;
+    let record = r
+        .wait_call_record(&id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(record.state, CallState::Answered);
+    assert_eq!(record.response, Some(json!("unlocked")));
+    assert!(record.delivered_at_ms.unwrap() <= record.answered_at_ms.unwrap());
+    assert_eq!(r.stats().receipts, 1);
+    assert_eq!(
+        r.stats().dropped_malformed,
+        0,
+        "a receipt is not a malformed reply"
+    );
+
+    // The seed's device ignores the extension: sent, then answered.
+    let seed_car = unique("seedcar");
+    let seed = late_seed_device(&b, &seed_car, 0).await;
+    let reply = within(10, r.invoke(call(&seed_car, "unlock", json!("x"), 5000)))
+        .await
+        .unwrap();
+    let record = r.call_record(&reply.id).unwrap();
+    assert_eq!(
+        (record.state, record.delivered_at_ms),
+        (CallState::Answered, None)
+    );
+    seed.abort();
+}
+both_brokers!(delivered_comes_before_answered);
+
+/// The gateway with `--delivery-receipts`: a 504 says whether the device
+/// had the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_says_whether_the_request_was_delivered() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let car = unique("car");
+    let slow = directcall_device::Router::new().method("unlock", |_| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok("unlocked")
+    });
+    let _device = device(&b, &car, slow).await;
+    let seed_car = unique("seedcar");
+    let _seed = late_seed_device(&b, &seed_car, 1500).await;
+    let (_gw, base) = e2e::gateway(&b.url(), &["--delivery-receipts"]).await;
+    e2e::wait_health(&base, 200).await;
+
+    let (status, body) = e2e::get(&format!(
+        "{base}/invoke?request=r&method=unlock&target={car}&timeout=1"
+    ))
+    .await;
+    assert_eq!(status, 504, "{body}");
+    let delivery = body["delivery"].as_str().unwrap();
+    assert!(
+        delivery.starts_with("delivered at +")
+            && delivery.ends_with(" ms, no answer by the deadline"),
+        "{body}"
+    );
+    let (_, record) = e2e::get(&format!("{base}{}", body["call"].as_str().unwrap())).await;
+    assert!(record["delivered_at_ms"].as_u64().is_some(), "{record}");
+
+    let (status, body) = e2e::get(&format!(
+        "{base}/invoke?request=r&method=unlock&target={seed_car}&timeout=1"
+    ))
+    .await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["delivery"], "no sign of delivery");
+}

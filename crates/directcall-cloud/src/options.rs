@@ -49,6 +49,7 @@ pub struct Options {
     pub(crate) presence: Option<PresenceSource>,
     pub(crate) mirror_presence: Option<PresenceRoot>,
     pub(crate) records: Option<crate::RecordOptions>,
+    pub(crate) receipts: bool,
     #[cfg(feature = "websocket")]
     pub(crate) url_signer: Option<std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
@@ -71,6 +72,7 @@ impl Options {
             presence: None,
             mirror_presence: None,
             records: None,
+            receipts: false,
             #[cfg(feature = "websocket")]
             url_signer: None,
         }
@@ -88,6 +90,23 @@ impl Options {
     /// How calls are recorded, if they are.
     pub fn get_record_calls(&self) -> Option<crate::RecordOptions> {
         self.records
+    }
+
+    /// Ask devices for a delivery receipt with every request (a protocol
+    /// extension, PROTOCOL.md "Delivery receipts"): a directcall device
+    /// acknowledges a request before its handler runs, and the call's
+    /// record moves to `delivered`, so a timeout can tell "delivered, no
+    /// answer" from "no sign of delivery". Devices that do not know the
+    /// extension (the seed's) ignore it. Costs one more message per call.
+    /// Default: off.
+    pub fn delivery_receipts(mut self, ask: bool) -> Self {
+        self.receipts = ask;
+        self
+    }
+
+    /// Whether requests ask for delivery receipts.
+    pub fn get_delivery_receipts(&self) -> bool {
+        self.receipts
     }
 
     /// The MQTT client id, exactly. Default: `{prefix}-{instance}`, which is

@@ -19,6 +19,9 @@ use tokio::time::Instant;
 pub enum CallState {
     /// Published; no answer yet.
     Sent,
+    /// The device acknowledged receipt (it was asked to, and knows how);
+    /// no answer yet.
+    Delivered,
     /// The device answered before the deadline.
     Answered,
     /// No answer before the deadline (yet: it may become `AnsweredLate`).
@@ -36,7 +39,7 @@ impl CallState {
     /// Whether nothing more will change it, short of a late answer to a
     /// `TimedOut` call.
     pub fn is_final(self) -> bool {
-        self != CallState::Sent
+        !matches!(self, CallState::Sent | CallState::Delivered)
     }
 }
 
@@ -57,6 +60,10 @@ pub struct CallRecord {
     pub state: CallState,
     /// When it was published, in milliseconds since the Unix epoch.
     pub sent_at_ms: u64,
+    /// When the device's delivery receipt arrived, in milliseconds since
+    /// the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at_ms: Option<u64>,
     /// When its answer arrived (in time or late), in milliseconds since the
     /// Unix epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,6 +161,7 @@ impl Records {
             method,
             state: CallState::Sent,
             sent_at_ms: now_ms(),
+            delivered_at_ms: None,
             answered_at_ms: None,
             status: None,
             response: None,
@@ -196,7 +204,10 @@ impl Records {
     pub(crate) fn answered_late(&self, id: &MessageId, status: u16, response: Value) -> bool {
         let mut taken = false;
         self.update(id, |r| {
-            if matches!(r.state, CallState::TimedOut | CallState::Sent) {
+            if matches!(
+                r.state,
+                CallState::TimedOut | CallState::Sent | CallState::Delivered
+            ) {
                 r.state = CallState::AnsweredLate;
                 r.answered_at_ms = Some(now_ms());
                 r.status = Some(status);
@@ -205,6 +216,18 @@ impl Records {
             }
         });
         taken
+    }
+
+    /// The device acknowledged receipt of `id`.
+    pub(crate) fn delivered(&self, id: &MessageId) {
+        self.update(id, |r| {
+            if r.delivered_at_ms.is_none() {
+                r.delivered_at_ms = Some(now_ms());
+            }
+            if r.state == CallState::Sent {
+                r.state = CallState::Delivered;
+            }
+        });
     }
 
     /// The record of `id`, unless it expired.

@@ -10,7 +10,7 @@ use directcall_core::mqtt::{
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
     CallTopics, Field, MessageId, Method, MqttVersion, Outcome, PendingCall, PendingTable, Prefix,
-    ReplyPayload, RequestPayload, Target, Unmatched,
+    Receipt, ReplyPayload, RequestPayload, Target, Unmatched,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -282,6 +282,8 @@ pub struct Stats {
     /// MQTT 5: requests the broker refused in its PUBACK (no device
     /// subscribed, not authorized, ...); each ended its call at once.
     pub refused: u64,
+    /// Delivery receipts received ([`Options::delivery_receipts`]).
+    pub receipts: u64,
 }
 
 /// Why a reply was dropped, in the order of `metrics::DROP_REASONS`.
@@ -302,6 +304,7 @@ struct Counters {
     timeouts: AtomicU64,
     dropped: [AtomicU64; 6],
     refused: AtomicU64,
+    receipts: AtomicU64,
 }
 
 /// A reply as a pending call holds it: boxed, so a waiting call's slot stays
@@ -328,6 +331,8 @@ struct Shared {
     reported_broker: Mutex<Option<String>>,
     records: Option<Records>,
     keys: Keys,
+    /// Requests ask for delivery receipts.
+    receipts: bool,
 }
 
 #[derive(Debug)]
@@ -438,6 +443,7 @@ impl Requester {
             reported_broker: Mutex::new(None),
             records: options.records.map(Records::new),
             keys: Keys::new(options.records.unwrap_or_default()),
+            receipts: options.receipts,
         });
         tracing::debug!(broker = %options.broker.url(), client_id = shared.link.client_id(), "requester starting");
         let driver = connection.run(Arc::clone(&shared));
@@ -698,6 +704,12 @@ impl Requester {
         }
     }
 
+    /// Whether requests ask for delivery receipts
+    /// ([`Options::delivery_receipts`]).
+    pub fn asks_receipts(&self) -> bool {
+        self.shared().receipts
+    }
+
     /// How calls are recorded, if they are.
     pub fn record_options(&self) -> Option<RecordOptions> {
         self.shared().records.as_ref().map(Records::options)
@@ -722,6 +734,7 @@ impl Requester {
             dropped_oversized: dropped(Dropped::Oversized),
             reconnects: s.link.connects().saturating_sub(1),
             refused: c.refused.load(Relaxed),
+            receipts: c.receipts.load(Relaxed),
         }
     }
 
@@ -914,7 +927,7 @@ async fn acquire_by(
 /// kept.
 fn record_outcome(records: &Records, id: MessageId, result: &Result<Reply, Error>) {
     records.update(&id, |r| {
-        if r.state != CallState::Sent {
+        if !matches!(r.state, CallState::Sent | CallState::Delivered) {
             return;
         }
         match result {
@@ -1153,6 +1166,7 @@ impl Shared {
         payload.timestamp = Some(unix_millis(std::time::SystemTime::now()));
         payload.timeout_ms = Some(whole_millis(remaining));
         payload.traceparent = invocation.traceparent;
+        payload.receipt = self.receipts;
         let properties = self.v5.then(|| {
             let mut p = Properties::default();
             // Whole seconds, rounded up: the broker drops the request once
@@ -1211,6 +1225,20 @@ impl Shared {
         self.metrics.dropped[why as usize].increment(1);
     }
 
+    /// A delivery receipt for `call`: its record moves to `delivered`.
+    fn on_receipt(&self, call: &CallTopics, payload: &[u8]) -> bool {
+        match Receipt::from_slice(payload) {
+            Ok(r) if MessageId::parse(&r.delivered).ok() == Some(call.id()) => {
+                self.counters.receipts.fetch_add(1, Relaxed);
+                if let Some(records) = &self.records {
+                    records.delivered(&call.id());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn on_reply(&self, topic: &str, payload: &[u8]) {
         if payload.len() > self.link.max_packet_bytes() {
             self.dropped(Dropped::Oversized);
@@ -1228,6 +1256,8 @@ impl Shared {
         }
         let reply = match ReplyPayload::from_slice(payload) {
             Ok(r) => r,
+            // Not an answer: maybe a delivery receipt (never on the hot path).
+            Err(_) if self.on_receipt(&call, payload) => return,
             Err(e) => {
                 self.dropped(Dropped::Malformed);
                 tracing::debug!(topic, "dropped reply: {e}");

@@ -36,6 +36,44 @@ pub struct RequestPayload {
     /// *Extension*: the caller's W3C trace context, when it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// *Extension*: the requester asks for a delivery receipt
+    /// ([`Receipt`]) before the handler runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub receipt: bool,
+}
+
+/// *Extension*: what a device publishes on the reply topic when a request
+/// asks for a receipt, before its handler runs: `{"delivered": "<m_id>"}`.
+/// It has no `id` field on purpose, so that no requester that does not know
+/// it (the seed's, or an older directcall) can take it for an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The request's id.
+    pub delivered: String,
+}
+
+impl Receipt {
+    /// A receipt for call `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Receipt {
+            delivered: id.into(),
+        }
+    }
+
+    /// Encodes as JSON bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes JSON bytes.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Payload`] when `bytes` is not a JSON
+    /// object with a string `delivered`.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
+        serde_json::from_slice(bytes).map_err(|e| Error::invalid(Field::Payload, e.to_string()))
+    }
 }
 
 /// What a device publishes on a reply (ack) topic.
@@ -66,6 +104,7 @@ impl RequestPayload {
             timestamp: None,
             timeout_ms: None,
             traceparent: None,
+            receipt: false,
         }
     }
 
@@ -165,6 +204,24 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_receipt_is_never_a_reply() {
+        let receipt = Receipt::new("7f1c2a3b-0000-4000-8000-00000000abcd").to_vec();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&receipt).unwrap(),
+            json!({"delivered": "7f1c2a3b-0000-4000-8000-00000000abcd"})
+        );
+        // An older requester parses replies as ReplyPayload: it fails.
+        assert!(ReplyPayload::from_slice(&receipt).is_err());
+        assert!(Receipt::from_slice(br#"{"id":"x","response":1}"#).is_err());
+        // A request asks for one only when it says so.
+        let mut r = RequestPayload::new("x", json!(null));
+        assert!(!String::from_utf8(r.to_vec()).unwrap().contains("receipt"));
+        r.receipt = true;
+        let back = RequestPayload::from_slice(&r.to_vec()).unwrap();
+        assert!(back.receipt);
+    }
+
+    #[test]
     fn request_has_seed_fields_and_a_string_timestamp() {
         let r = RequestPayload {
             id: "abc".into(),
@@ -172,6 +229,7 @@ mod tests {
             timestamp: Some(1_764_300_000_000),
             timeout_ms: Some(3000),
             traceparent: None,
+            receipt: false,
         };
         let v: Value = serde_json::from_slice(&r.to_vec()).unwrap();
         assert_eq!(

@@ -13,8 +13,8 @@ use directcall_core::mqtt::{
 use directcall_core::recent::RecentIds;
 use directcall_core::topic::device_filter;
 use directcall_core::{
-    BrokerOptions, CallTopics, MessageId, Method, PresenceRoot, ReplyPayload, RequestPayload,
-    Target,
+    BrokerOptions, CallTopics, MessageId, Method, PresenceRoot, Receipt, ReplyPayload,
+    RequestPayload, Target,
 };
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
@@ -646,6 +646,17 @@ impl Shared {
             self.count(&c.expired, &m.expired);
             tracing::debug!(topic, "dropped: past its deadline");
             return;
+        }
+        if request.receipt {
+            // Delivered, before anything runs: on the reply topic, in a
+            // shape no answer has (PROTOCOL.md, "Delivery receipts").
+            self.link.publish_or_queue_with(
+                to.topic.clone(),
+                Receipt::new(call.id().to_string()).to_vec(),
+                self.reply_qos,
+                false,
+                None,
+            );
         }
         let method_call = MethodCall {
             id: call.id(),
