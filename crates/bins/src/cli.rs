@@ -316,6 +316,11 @@ pub struct RequesterArgs {
     /// has it, and a 504 says whether it was delivered.
     #[arg(long, env = "DIRECTCALL_DELIVERY_RECEIPTS")]
     pub delivery_receipts: bool,
+    /// Where call records and idempotency keys live: `memory` (this
+    /// process), or `redis://host:port/db`, shared by every gateway and
+    /// Lambda using it.
+    #[arg(long, env = "DIRECTCALL_STORE", default_value = "memory")]
+    pub store: String,
 }
 
 impl RequesterArgs {
@@ -363,6 +368,24 @@ impl RequesterArgs {
                 Duration::from_secs(self.record_retention),
                 usize::try_from(self.max_records).unwrap_or(usize::MAX),
             ));
+        }
+        match self.store.as_str() {
+            "memory" => {}
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                if self.record_retention == 0 {
+                    return Err(ConfigError::Conflict(
+                        "--store redis://… shares call records: it needs --record-retention above 0"
+                            .into(),
+                    ));
+                }
+                options = options.redis_store(url);
+            }
+            _ => {
+                return Err(ConfigError::Conflict(format!(
+                    "--store {}: give `memory` or a redis:// URL",
+                    self.store
+                )))
+            }
         }
         Ok(options)
     }

@@ -691,13 +691,13 @@ impl InvokeService {
         if let (Ok(id), false) = (MessageId::parse(id), wait.is_zero()) {
             self.requester.wait_call_record(&id, wait).await;
         }
-        self.call_record(id)
+        self.call_record(id).await
     }
 
     /// `GET /v1/calls/{id}`: the call's record, 404 when there is none (never
     /// made here, past retention, or calls not recorded), 400 for an id that
     /// is not a call id.
-    pub fn call_record(&self, id: &str) -> HttpReply {
+    pub async fn call_record(&self, id: &str) -> HttpReply {
         let Ok(id) = MessageId::parse(id) else {
             return HttpReply::invalid("id", "not a call id (a lowercase hyphenated UUID)");
         };
@@ -707,7 +707,7 @@ impl InvokeService {
                 "calls are not recorded here (--record-retention 0)",
             );
         };
-        match self.requester.call_record(&id) {
+        match self.requester.fetch_call_record(&id).await {
             Some(r) => HttpReply {
                 status: 200,
                 body: body(&CallRecordBody {
@@ -730,10 +730,16 @@ impl InvokeService {
             },
             None => HttpReply::message(
                 Outcome::NotFound,
-                format!(
-                    "no record of call {id}: records are kept {} s, and each gateway keeps only its own calls'",
-                    options.retention.as_secs()
-                ),
+                match self.requester.get_store() {
+                    Some(_) => format!(
+                        "no record of call {id}: records are kept {} s",
+                        options.retention.as_secs()
+                    ),
+                    None => format!(
+                        "no record of call {id}: records are kept {} s, and each gateway keeps only its own calls' (--store redis://… shares them)",
+                        options.retention.as_secs()
+                    ),
+                },
             ),
         }
     }

@@ -80,6 +80,11 @@ impl Keys {
         }
     }
 
+    /// How long a key is kept.
+    pub(crate) fn retention(&self) -> std::time::Duration {
+        self.options.retention
+    }
+
     /// Attaches a call with `fingerprint` to `key`.
     pub(crate) fn attach(&self, key: &str, fingerprint: Uuid) -> Attach {
         let now = Instant::now();

@@ -42,6 +42,7 @@ mod records;
 mod requester;
 #[cfg(feature = "sigv4")]
 pub mod sigv4;
+mod store;
 
 pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
 pub use directcall_core::{

@@ -50,6 +50,7 @@ pub struct Options {
     pub(crate) mirror_presence: Option<PresenceRoot>,
     pub(crate) records: Option<crate::RecordOptions>,
     pub(crate) receipts: bool,
+    pub(crate) store: Option<String>,
     #[cfg(feature = "websocket")]
     pub(crate) url_signer: Option<std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
@@ -73,6 +74,7 @@ impl Options {
             mirror_presence: None,
             records: None,
             receipts: false,
+            store: None,
             #[cfg(feature = "websocket")]
             url_signer: None,
         }
@@ -107,6 +109,28 @@ impl Options {
     /// Whether requests ask for delivery receipts.
     pub fn get_delivery_receipts(&self) -> bool {
         self.receipts
+    }
+
+    /// Share call records and idempotency keys with every requester using
+    /// the same Redis (`redis://host:port/db`): gateway replicas and Lambda
+    /// instances then answer for each other's calls
+    /// ([`Requester::fetch_call_record`](crate::Requester::fetch_call_record)),
+    /// and a retry with a key through any of them joins the first call.
+    /// Turns call records on (with their defaults) if they are off. Each
+    /// requester still keeps its own records in memory and writes the store
+    /// behind them. Default: none.
+    #[cfg(feature = "redis")]
+    pub fn redis_store(mut self, url: impl Into<String>) -> Self {
+        self.store = Some(url.into());
+        if self.records.is_none() {
+            self.records = Some(crate::RecordOptions::default());
+        }
+        self
+    }
+
+    /// The shared store's URL, if any.
+    pub fn get_store(&self) -> Option<&str> {
+        self.store.as_deref()
     }
 
     /// The MQTT client id, exactly. Default: `{prefix}-{instance}`, which is

@@ -8,12 +8,12 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use directcall_core::{MessageId, Method, Target};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 
 /// Where a call stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum CallState {
@@ -44,17 +44,17 @@ impl CallState {
 }
 
 /// The record of one call.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CallRecord {
     /// The call's id (the `m_id` of its topics).
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "as_text", deserialize_with = "id_from_text")]
     pub id: MessageId,
     /// The device called.
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "as_text", deserialize_with = "target_from_text")]
     pub target: Target,
     /// The method called.
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "as_text", deserialize_with = "method_from_text")]
     pub method: Method,
     /// Where it stands.
     pub state: CallState,
@@ -81,6 +81,22 @@ pub struct CallRecord {
 
 fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    String::deserialize(d)
+}
+
+fn id_from_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MessageId, D::Error> {
+    MessageId::parse(&text(d)?).map_err(serde::de::Error::custom)
+}
+
+fn target_from_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Target, D::Error> {
+    Target::new(text(d)?).map_err(serde::de::Error::custom)
+}
+
+fn method_from_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Method, D::Error> {
+    Method::new(text(d)?).map_err(serde::de::Error::custom)
 }
 
 /// How long records are kept, and how many at most.
@@ -118,6 +134,8 @@ impl RecordOptions {
 pub(crate) struct Records {
     options: RecordOptions,
     inner: Mutex<Inner>,
+    /// Every change, for the shared store's writer (when there is a store).
+    mirror: Option<tokio::sync::mpsc::Sender<CallRecord>>,
     /// Woken whenever a record changes state.
     changed: tokio::sync::Notify,
 }
@@ -140,7 +158,23 @@ impl Records {
         Records {
             options,
             inner: Mutex::default(),
+            mirror: None,
             changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Sends every change of a record to `mirror` too.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn mirrored(mut self, mirror: tokio::sync::mpsc::Sender<CallRecord>) -> Self {
+        self.mirror = Some(mirror);
+        self
+    }
+
+    fn mirror(&self, record: &CallRecord) {
+        if let Some(m) = &self.mirror {
+            if m.try_send(record.clone()).is_err() {
+                tracing::warn!(id = %record.id, "the shared store is behind: a record change was not written");
+            }
         }
     }
 
@@ -167,6 +201,7 @@ impl Records {
             response: None,
             reason_code: None,
         };
+        self.mirror(&record);
         let mut inner = self.lock();
         inner.prune(now, &self.options, true);
         inner.by_id.insert(id, (now, record));
@@ -175,8 +210,12 @@ impl Records {
 
     /// Changes the record of `id`, if it is still kept.
     pub(crate) fn update(&self, id: &MessageId, change: impl FnOnce(&mut CallRecord)) {
-        if let Some((_, record)) = self.lock().by_id.get_mut(id) {
+        let changed = self.lock().by_id.get_mut(id).map(|(_, record)| {
             change(record);
+            self.mirror.is_some().then(|| record.clone())
+        });
+        if let Some(Some(record)) = changed {
+            self.mirror(&record);
         }
         self.changed.notify_waiters();
     }

@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::options::{Options, DEFAULT_TIMEOUT};
 use crate::presence::{Origin, Presence};
 use crate::records::{self, CallRecord, CallState, RecordOptions, Records};
+use crate::store::Store;
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
 const PUBLISH_OVERHEAD_BYTES: usize = 16;
@@ -160,6 +161,67 @@ impl Invocation {
     /// When the call started, if set with [`Invocation::started_at`].
     pub fn get_started_at(&self) -> Option<Instant> {
         self.start
+    }
+}
+
+/// The records (if kept) and the shared store (if any), with the task that
+/// writes the store behind the records.
+#[allow(clippy::type_complexity)]
+fn records_and_store(
+    options: &Options,
+) -> Result<(Option<Records>, Option<Arc<dyn Store>>), Error> {
+    let records = options.records.map(Records::new);
+    let Some(url) = options.store.as_deref() else {
+        return Ok((records, None));
+    };
+    #[cfg(feature = "redis")]
+    {
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::RedisStore::new(url)
+                .map_err(|e| Error::from(directcall_core::Error::invalid(Field::Store, e)))?,
+        );
+        let retention = options.records.unwrap_or_default().retention;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);
+        let writer = Arc::clone(&store);
+        tokio::spawn(async move {
+            while let Some(record) = rx.recv().await {
+                if let Err(e) = writer.save(&record, retention).await {
+                    tracing::warn!(id = %record.id, "shared store: {e}");
+                }
+            }
+        });
+        let records = records.unwrap_or_else(|| Records::new(RecordOptions::default()));
+        Ok((Some(records.mirrored(tx)), Some(store)))
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        Err(directcall_core::Error::invalid(
+            Field::Store,
+            format!("{url}: this build has no Redis support (feature \"redis\")"),
+        )
+        .into())
+    }
+}
+
+/// What a call's record says its outcome was, for a caller joined to it.
+fn result_of_record(record: CallRecord, start: Instant) -> Result<Reply, Error> {
+    let id = record.id;
+    match record.state {
+        CallState::Answered | CallState::AnsweredLate => Ok(Reply {
+            id,
+            status: record.status.unwrap_or(200),
+            response: record.response.unwrap_or(Value::Null),
+            elapsed: start.elapsed(),
+        }),
+        CallState::Offline => Err(Error::NoSubscriber { id }),
+        CallState::Unavailable => Err(Error::Refused {
+            id,
+            code: record.reason_code.unwrap_or(0x80),
+        }),
+        _ => Err(Error::Timeout {
+            elapsed: start.elapsed(),
+            id,
+        }),
     }
 }
 
@@ -333,6 +395,9 @@ struct Shared {
     keys: Keys,
     /// Requests ask for delivery receipts.
     receipts: bool,
+    /// Where records and keys are shared with other requesters.
+    store: Option<Arc<dyn Store>>,
+    store_url: Option<String>,
 }
 
 #[derive(Debug)]
@@ -412,6 +477,7 @@ impl Requester {
             connection_options = connection_options.url_signer(signer);
         }
         let connection = Connection::new(connection_options)?;
+        let (records, store) = records_and_store(&options)?;
         let pending = PendingTable::new(options.recent_capacity);
         let sweep = Arc::new(Notify::new());
         let sweeper_stop = watch::Sender::new(false);
@@ -441,7 +507,9 @@ impl Requester {
                 .clone()
                 .map(|source| Presence::new(source, options.mirror_presence.clone())),
             reported_broker: Mutex::new(None),
-            records: options.records.map(Records::new),
+            records,
+            store,
+            store_url: options.store.clone(),
             keys: Keys::new(options.records.unwrap_or_default()),
             receipts: options.receipts,
         });
@@ -567,7 +635,7 @@ impl Requester {
             invocation.method.as_str(),
             &invocation.request,
         );
-        let (mut outcome, replayed) = match shared.keys.attach(&key, fingerprint) {
+        let (outcome, replayed) = match shared.keys.attach(&key, fingerprint) {
             keys::Attach::Conflict => {
                 return Keyed {
                     result: Err(Error::KeyConflict),
@@ -575,6 +643,50 @@ impl Requester {
                 }
             }
             keys::Attach::First(tx, rx) => {
+                // Another requester may hold the key: ask the shared store.
+                let claim = match &shared.store {
+                    Some(store) => store
+                        .claim(&key, fingerprint, shared.keys.retention())
+                        .await
+                        .unwrap_or_else(|e| {
+                            // Without the store, go on here: a device still
+                            // drops a retry of the same id.
+                            tracing::warn!("shared store: {e}; the key is held here only");
+                            None
+                        }),
+                    None => None,
+                };
+                match claim {
+                    Some(first) if first != fingerprint => {
+                        tx.send_replace(Some(Err(Error::KeyConflict)));
+                        return Keyed {
+                            result: Err(Error::KeyConflict),
+                            replayed: false,
+                        };
+                    }
+                    Some(_) => {
+                        // Another requester runs it: follow its record.
+                        let requester = self.clone();
+                        tokio::spawn(async move {
+                            let record = requester
+                                .wait_call_record(
+                                    &id,
+                                    deadline.saturating_duration_since(Instant::now()),
+                                )
+                                .await;
+                            let result = match record {
+                                Some(r) => result_of_record(r, start),
+                                None => Err(Error::Timeout {
+                                    elapsed: start.elapsed(),
+                                    id,
+                                }),
+                            };
+                            tx.send_replace(Some(result));
+                        });
+                        return self.keyed_outcome(rx, true, deadline, start, id).await;
+                    }
+                    None => {}
+                }
                 invocation.id = Some(id);
                 // Runs to its end even if this caller goes away, so that
                 // every call joined to it gets its outcome.
@@ -587,6 +699,20 @@ impl Requester {
             }
             keys::Attach::Joined(rx) => (rx, true),
         };
+        self.keyed_outcome(outcome, replayed, deadline, start, id)
+            .await
+    }
+
+    /// Waits for a keyed call's shared outcome, within this caller's
+    /// deadline.
+    async fn keyed_outcome(
+        &self,
+        mut outcome: keys::Shared,
+        replayed: bool,
+        deadline: Instant,
+        start: Instant,
+        id: MessageId,
+    ) -> Keyed {
         let result =
             match tokio::time::timeout_at(deadline, outcome.wait_for(Option::is_some)).await {
                 Ok(Ok(done)) => done.clone().unwrap_or(Err(Error::Closed)),
@@ -598,13 +724,8 @@ impl Requester {
             };
         let result = match result {
             // A stored timeout whose late answer has come since.
-            Err(Error::Timeout { id, .. }) if replayed => match self.call_record(&id) {
-                Some(r) if r.state == CallState::AnsweredLate => Ok(Reply {
-                    id,
-                    status: r.status.unwrap_or(200),
-                    response: r.response.unwrap_or(Value::Null),
-                    elapsed: start.elapsed(),
-                }),
+            Err(Error::Timeout { id, .. }) if replayed => match self.fetch_call_record(&id).await {
+                Some(r) if r.state == CallState::AnsweredLate => result_of_record(r, start),
                 _ => Err(Error::Timeout {
                     elapsed: start.elapsed(),
                     id,
@@ -637,11 +758,41 @@ impl Requester {
         self.shared().records.as_ref()?.get(id)
     }
 
-    /// [`Requester::call_record`], waiting up to `wait` for the call to
-    /// leave `sent` (to be answered, time out, ...): a long poll.
+    /// [`Requester::call_record`], or, for a call another requester made,
+    /// its record in the shared store ([`Options::redis_store`]).
+    pub async fn fetch_call_record(&self, id: &MessageId) -> Option<CallRecord> {
+        if let Some(record) = self.call_record(id) {
+            return Some(record);
+        }
+        let store = self.shared().store.as_ref()?;
+        match store.load(id).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(%id, "shared store: {e}");
+                None
+            }
+        }
+    }
+
+    /// [`Requester::fetch_call_record`], waiting up to `wait` for the call
+    /// to leave `sent` or `delivered` (to be answered, time out, ...): a
+    /// long poll. A call of this requester's is watched in memory; one of
+    /// another's is read from the shared store every 50 ms.
     pub async fn wait_call_record(&self, id: &MessageId, wait: Duration) -> Option<CallRecord> {
+        let deadline = Instant::now() + wait;
         let records = self.shared().records.as_ref()?;
-        records.wait_final(id, Instant::now() + wait).await
+        if records.get(id).is_some() {
+            return records.wait_final(id, deadline).await;
+        }
+        loop {
+            let record = self.fetch_call_record(id).await;
+            let done = record.as_ref().is_none_or(|r| r.state.is_final());
+            if done || Instant::now() >= deadline {
+                return record;
+            }
+            tokio::time::sleep_until((Instant::now() + Duration::from_millis(50)).min(deadline))
+                .await;
+        }
     }
 
     /// Starts a call and returns its id at once, once its request is
@@ -702,6 +853,11 @@ impl Requester {
             }
             None => invoke.await.map(|r| r.id),
         }
+    }
+
+    /// The shared store's URL ([`Options::redis_store`]), if any.
+    pub fn get_store(&self) -> Option<&str> {
+        self.shared().store_url.as_deref()
     }
 
     /// Whether requests ask for delivery receipts

@@ -33,6 +33,8 @@ pub enum Field {
     Traceparent,
     /// A caller's idempotency key (the `Idempotency-Key` header).
     IdempotencyKey,
+    /// Where call records are shared (a Redis URL).
+    Store,
 }
 
 impl Field {
@@ -51,6 +53,7 @@ impl Field {
             Field::MqttVersion => "mqtt_version",
             Field::Traceparent => "traceparent",
             Field::IdempotencyKey => "Idempotency-Key",
+            Field::Store => "store",
         }
     }
 }

@@ -24,6 +24,7 @@ mod nats;
 mod raw;
 mod raw_pair;
 mod raw_puback;
+mod redis;
 mod relay;
 
 use std::future::Future;
@@ -35,6 +36,7 @@ pub use nats::{nats_binary, NatsCluster};
 pub use raw::Raw;
 pub use raw_pair::{Legs, RawCallError, RawPair, RawPairError};
 pub use raw_puback::RawPuback;
+pub use redis::{redis_binary, RedisServer};
 pub use relay::Relay;
 
 use crate::broker::{BrokerOptions, MqttVersion};

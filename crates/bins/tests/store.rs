@@ -1,0 +1,148 @@
+//! Call records and idempotency keys shared through a real Redis (started
+//! by the test on a free port): two gateway replicas answer for each
+//! other's calls, a retry through the other replica joins the first call,
+//! and records expire.
+
+mod common;
+mod e2e;
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use directcall_core::testkit::{skip, RedisServer};
+use directcall_device::Router;
+use serde_json::json;
+
+fn redis() -> Option<RedisServer> {
+    let r = RedisServer::start().expect("redis-server starts");
+    if r.is_none() {
+        skip("redis-server", "apt-get install -y redis-server");
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_records_and_keys_through_redis() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(redis) = redis() else { return };
+    let store = redis.url();
+    let car = unique("car");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let router = {
+        let runs = Arc::clone(&runs);
+        Router::new().method("unlock", move |call| {
+            let runs = Arc::clone(&runs);
+            async move {
+                runs.fetch_add(1, SeqCst);
+                // Slow: longer than a 1 s call, shorter than a 5 s one.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok(json!({"unlocked": call.request}))
+            }
+        })
+    };
+    let _device = device(&b, &car, router).await;
+    let flags = ["--store", store.as_str(), "--record-retention", "6"];
+    let (_a, a) = e2e::gateway(&b.url(), &flags).await;
+    let (_b, bb) = e2e::gateway(&b.url(), &flags).await;
+    e2e::wait_health(&a, 200).await;
+    e2e::wait_health(&bb, 200).await;
+
+    // A call through A times out; B serves its record, late answer and all.
+    let (status, body) = e2e::get(&format!(
+        "{a}/invoke?request=late&method=unlock&target={car}&timeout=1"
+    ))
+    .await;
+    assert_eq!(status, 504, "{body}");
+    let call = body["call"].as_str().unwrap().to_owned();
+    let (status, record) = e2e::get(&format!("{bb}{call}?wait=5")).await;
+    assert_eq!(status, 200, "{record}");
+    let until = Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let (_, record) = e2e::get(&format!("{bb}{call}")).await;
+        if record["state"] == "answered_late" {
+            break record;
+        }
+        assert!(Instant::now() < until, "{record}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["response"], json!({"unlocked": "late"}));
+    assert_eq!(runs.load(SeqCst), 1);
+
+    // A keyed call through A; its retry through B while it runs joins it.
+    let path = format!("/v1/targets/{car}/methods/unlock");
+    let send = |base: String, request: &'static str| {
+        let path = path.clone();
+        async move {
+            e2e::post_full(
+                &base,
+                &path,
+                &[
+                    ("content-type", "application/json"),
+                    ("idempotency-key", "order-7"),
+                ],
+                json!({"request": request, "timeout_ms": 5000})
+                    .to_string()
+                    .into_bytes(),
+            )
+            .await
+        }
+    };
+    let first = tokio::spawn(send(a.clone(), "door"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retry = send(bb.clone(), "door").await;
+    let first = first.await.unwrap();
+    assert_eq!(
+        (first.status, retry.status),
+        (200, 200),
+        "{} {}",
+        first.body,
+        retry.body
+    );
+    assert_eq!(e2e::json(&first)["response"], json!({"unlocked": "door"}));
+    assert_eq!(e2e::json(&retry)["response"], e2e::json(&first)["response"]);
+    assert_eq!(e2e::json(&retry)["id"], e2e::json(&first)["id"]);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(first.header("idempotent-replayed"), None);
+    assert_eq!(runs.load(SeqCst), 2, "the retry ran nothing");
+
+    // The same key with another body, through either: 409.
+    let other = send(bb.clone(), "trunk").await;
+    assert_eq!(other.status, 409, "{}", other.body);
+
+    // Records expire in Redis too (6 s retention).
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = e2e::get(&format!("{bb}{call}")).await;
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < until, "the record never expired");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_store_is_refused_at_start() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let port = directcall_bins::free_port().unwrap().to_string();
+    let out = std::process::Command::new(e2e::DIRECTCALL)
+        .args([
+            "serve",
+            "--broker",
+            &b.url(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--store", "postgres://x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--store postgres://x"), "{err}");
+}
