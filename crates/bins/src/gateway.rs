@@ -632,7 +632,7 @@ async fn openapi(State(gw): State<Gateway>) -> Response {
     path = "/v1/calls/{id}",
     params(
         ("id" = String, Path, description = "The call's id, as its 200, 202 or 504 answer gave it.", min_length = 36, max_length = 36, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
-        ("wait" = Option<u64>, Query, description = "Long poll: wait up to this many seconds (at most the gateway's maximum timeout) for the call to leave `sent`.", minimum = 0, maximum = 60),
+        ("wait" = Option<u64>, Query, description = "Long poll: wait up to this many seconds (at most the gateway's maximum timeout) for the call to have its answer (`answered`, `answered_late`) or be unable to (`offline`, `unavailable`).", minimum = 0, maximum = 60),
     ),
     security((), ("bearer" = [])),
     responses(
@@ -764,6 +764,9 @@ mod tests {
             .unwrap();
         let mut codes: Vec<&str> = responses.keys().map(String::as_str).collect();
         codes.sort_unstable();
-        assert_eq!(codes, ["200", "400", "401", "404", "413", "503", "504"]);
+        assert_eq!(
+            codes,
+            ["200", "400", "401", "404", "409", "413", "503", "504"]
+        );
     }
 }

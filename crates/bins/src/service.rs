@@ -686,7 +686,7 @@ impl InvokeService {
     }
 
     /// `GET /v1/calls/{id}?wait=SECONDS`: [`InvokeService::call_record`],
-    /// waiting up to `wait` for the call to leave `sent`.
+    /// waiting up to `wait` for the call to be final.
     pub async fn wait_call_record(&self, id: &str, wait: Duration) -> HttpReply {
         if let (Ok(id), false) = (MessageId::parse(id), wait.is_zero()) {
             self.requester.wait_call_record(&id, wait).await;

@@ -36,10 +36,14 @@ pub enum CallState {
 }
 
 impl CallState {
-    /// Whether nothing more will change it, short of a late answer to a
-    /// `TimedOut` call.
+    /// Whether nothing more will change it: the device answered (in time
+    /// or late), or never can (offline, unavailable). `TimedOut` is not:
+    /// a late answer may still come.
     pub fn is_final(self) -> bool {
-        !matches!(self, CallState::Sent | CallState::Delivered)
+        !matches!(
+            self,
+            CallState::Sent | CallState::Delivered | CallState::TimedOut
+        )
     }
 }
 
@@ -220,7 +224,7 @@ impl Records {
         self.changed.notify_waiters();
     }
 
-    /// The record of `id` once it leaves `sent`, waiting at most until
+    /// The record of `id` once it is final ([`CallState::is_final`]), waiting at most until
     /// `deadline`; then as it stands. `None` when there is no record.
     pub(crate) async fn wait_final(&self, id: &MessageId, deadline: Instant) -> Option<CallRecord> {
         loop {

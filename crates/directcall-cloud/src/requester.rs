@@ -184,10 +184,14 @@ fn records_and_store(
         let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);
         let writer = Arc::clone(&store);
         tokio::spawn(async move {
-            while let Some(record) = rx.recv().await {
-                if let Err(e) = writer.save(&record, retention).await {
-                    tracing::warn!(id = %record.id, "shared store: {e}");
+            // What piled up while the last write was out goes in one
+            // pipeline: one round trip for many changes, in order.
+            let mut batch = Vec::with_capacity(512);
+            while rx.recv_many(&mut batch, 512).await > 0 {
+                if let Err(e) = writer.save(&batch, retention).await {
+                    tracing::warn!(records = batch.len(), "shared store: {e}");
                 }
+                batch.clear();
             }
         });
         let records = records.unwrap_or_else(|| Records::new(RecordOptions::default()));
@@ -775,8 +779,9 @@ impl Requester {
     }
 
     /// [`Requester::fetch_call_record`], waiting up to `wait` for the call
-    /// to leave `sent` or `delivered` (to be answered, time out, ...): a
-    /// long poll. A call of this requester's is watched in memory; one of
+    /// to be final: answered (in time or late), or never answerable
+    /// (offline, unavailable). A long poll: a call that timed out is
+    /// waited on for its late answer until `wait` ends. A call of this requester's is watched in memory; one of
     /// another's is read from the shared store every 50 ms.
     pub async fn wait_call_record(&self, id: &MessageId, wait: Duration) -> Option<CallRecord> {
         let deadline = Instant::now() + wait;

@@ -16,8 +16,9 @@ use crate::records::CallRecord;
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 #[async_trait]
 pub(crate) trait Store: Send + Sync + std::fmt::Debug {
-    /// Writes `record`, to be forgotten after `ttl`.
-    async fn save(&self, record: &CallRecord, ttl: Duration) -> Result<(), String>;
+    /// Writes `records` in order (one round trip), each to be forgotten
+    /// after `ttl`.
+    async fn save(&self, records: &[CallRecord], ttl: Duration) -> Result<(), String>;
     /// The record of `id`, if the store holds one.
     async fn load(&self, id: &MessageId) -> Result<Option<CallRecord>, String>;
     /// Claims idempotency key `key` for a call with `fingerprint` for
@@ -88,15 +89,19 @@ impl RedisStore {
 #[cfg(feature = "redis")]
 #[async_trait]
 impl Store for RedisStore {
-    async fn save(&self, record: &CallRecord, ttl: Duration) -> Result<(), String> {
-        let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+    async fn save(&self, records: &[CallRecord], ttl: Duration) -> Result<(), String> {
+        let mut pipe = redis::pipe();
+        for record in records {
+            let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+            pipe.cmd("SET")
+                .arg(format!("directcall:call:{}", record.id))
+                .arg(json)
+                .arg("EX")
+                .arg(whole_secs(ttl))
+                .ignore();
+        }
         let mut conn = self.conn().await?;
-        redis::cmd("SET")
-            .arg(format!("directcall:call:{}", record.id))
-            .arg(json)
-            .arg("EX")
-            .arg(whole_secs(ttl))
-            .query_async::<()>(&mut conn)
+        pipe.query_async::<()>(&mut conn)
             .await
             .map_err(|e| e.to_string())
     }

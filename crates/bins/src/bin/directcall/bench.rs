@@ -145,6 +145,20 @@ pub(crate) struct BenchArgs {
     /// One JSON object on stdout instead of text.
     #[arg(long, env = "DIRECTCALL_BENCH_JSON")]
     json: bool,
+    /// Keep a record of every call (in memory, default retention), as the
+    /// gateway does by default.
+    #[arg(long, env = "DIRECTCALL_BENCH_RECORDS")]
+    records: bool,
+    /// Share records through a private Redis this run starts on a free port
+    /// (implies --records).
+    #[arg(long, env = "DIRECTCALL_BENCH_REDIS")]
+    redis: bool,
+    /// Ask devices for delivery receipts.
+    #[arg(long, env = "DIRECTCALL_BENCH_DELIVERY_RECEIPTS")]
+    delivery_receipts: bool,
+    /// The private Redis's URL, once started.
+    #[arg(skip)]
+    store: Option<String>,
 }
 
 impl BenchArgs {
@@ -193,7 +207,16 @@ fn legs_text(legs: Legs) -> String {
     )
 }
 
-pub(crate) async fn bench(args: BenchArgs) -> Result<(), String> {
+pub(crate) async fn bench(mut args: BenchArgs) -> Result<(), String> {
+    let _redis = if args.redis {
+        let redis = directcall_core::testkit::RedisServer::start()
+            .map_err(|e| format!("redis-server: {e}"))?
+            .ok_or("--redis needs redis-server (apt-get install -y redis-server)")?;
+        args.store = Some(redis.url());
+        Some(redis)
+    } else {
+        None
+    };
     let nodes = nodes(&args).await?;
     let (broker, broker_label) = (nodes.node(0), nodes.label.clone());
     let calls = match (args.calls, args.duration) {
@@ -313,7 +336,7 @@ async fn measure(
             .await?
         }
         Mode::Requester => {
-            let requester = requester(&nodes.node(0), qos, load.concurrency).await?;
+            let requester = requester(&nodes.node(0), qos, load.concurrency, args).await?;
             let targets = Arc::new(targets.to_vec());
             let method = Method::new("bench").map_err(|e| e.to_string())?;
             let payload = Value::String(payload.to_owned());
@@ -341,7 +364,7 @@ async fn measure(
         }
         Mode::Http => http(args, nodes, load, qos, targets, payload, timeout).await?,
         Mode::NoSubscriber => {
-            let requester = requester(&nodes.node(0), qos, load.concurrency).await?;
+            let requester = requester(&nodes.node(0), qos, load.concurrency, args).await?;
             let (target, method) = (
                 Target::new("NoSuchDevice").map_err(|e| e.to_string())?,
                 Method::new("bench").map_err(|e| e.to_string())?,
@@ -460,12 +483,20 @@ async fn requester(
     broker: &BrokerOptions,
     qos: Legs,
     concurrency: usize,
+    args: &BenchArgs,
 ) -> Result<Requester, String> {
     let prefix = Prefix::new(format!("bench-{:06x}", fastrand::u32(..) & 0xff_ffff))
         .map_err(|e| e.to_string())?;
     let mut options = Options::new(broker.clone())
         .prefix(prefix)
-        .max_in_flight(concurrency.max(16_384));
+        .max_in_flight(concurrency.max(16_384))
+        .delivery_receipts(args.delivery_receipts);
+    if args.records {
+        options = options.record_calls(directcall_cloud::RecordOptions::default());
+    }
+    if let Some(url) = &args.store {
+        options = options.redis_store(url.clone());
+    }
     options = options
         .request_qos(qos.request)
         .reply_qos(qos.reply_subscription);
@@ -565,7 +596,7 @@ async fn http(
         None => {
             let mut bases = Vec::new();
             for k in 0..args.gateways.max(1) {
-                let requester = requester(&nodes.node(k), qos, load.concurrency).await?;
+                let requester = requester(&nodes.node(k), qos, load.concurrency, args).await?;
                 let service = InvokeService::new(requester, Limits::default());
                 let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                     .await
@@ -939,7 +970,7 @@ async fn timeouts(
     calls: u64,
     timeout: Duration,
 ) -> Result<(), String> {
-    let requester = requester(broker, args.legs(), calls as usize).await?;
+    let requester = requester(broker, args.legs(), calls as usize, args).await?;
     let target = Target::new("nobody-answers").map_err(|e| e.to_string())?;
     let method = Method::new("bench").map_err(|e| e.to_string())?;
     let rss_before = bench::rss_bytes();
@@ -1066,6 +1097,12 @@ fn print(args: &BenchArgs, label: &str, rounds: &[(LoadReport, Option<LoadReport
             out["raw_qos"] = legs_json(args.raw_legs());
         }
         out["payload_bytes"] = json!(args.payload_bytes);
+        out["records"] = json!(match (&args.store, args.records) {
+            (Some(_), _) => "redis",
+            (None, true) => "memory",
+            (None, false) => "off",
+        });
+        out["delivery_receipts"] = json!(args.delivery_receipts);
         if let Some(raw) = &raw {
             out["raw"] = raw.to_json();
             out["ratio_p50"] = json!(ratio_p50);
@@ -1099,6 +1136,21 @@ fn print(args: &BenchArgs, label: &str, rounds: &[(LoadReport, Option<LoadReport
             args.payload_bytes,
             legs_text(args.legs()),
             legs_text(args.raw_legs())
+        );
+    }
+    if args.records || args.store.is_some() || args.delivery_receipts {
+        println!(
+            "records    {}{}",
+            if args.store.is_some() {
+                "shared through a private Redis"
+            } else {
+                "in memory"
+            },
+            if args.delivery_receipts {
+                ", delivery receipts asked"
+            } else {
+                ""
+            }
         );
     }
     if rounds.len() > 1 {
