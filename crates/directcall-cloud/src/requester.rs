@@ -1234,10 +1234,14 @@ impl Session for Shared {
     fn on_publish_refused(&self, topic: &str, reason: u8) {
         // Only requests are tracked: the topic is a request topic of ours.
         if let Ok(call) = CallTopics::parse_request(topic) {
+            // Counted first, so a caller reading stats after its outcome
+            // sees it (refusing wakes the caller).
+            self.counters.refused.fetch_add(1, Relaxed);
             if self.pending.refuse(&call.id(), reason) {
-                self.counters.refused.fetch_add(1, Relaxed);
                 self.metrics.refused.increment(1);
                 tracing::debug!(topic, reason, "request refused by the broker");
+            } else {
+                self.counters.refused.fetch_sub(1, Relaxed);
             }
         }
     }
