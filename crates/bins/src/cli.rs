@@ -402,11 +402,32 @@ pub fn qos(level: u8) -> QoS {
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json_logs() {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
+}
+
+/// Whether logs are JSON lines: `--log-format json` (or `=json`) among the
+/// arguments, or `DIRECTCALL_LOG_FORMAT=json`. Read before the arguments
+/// are parsed, so that the first lines are in the right format.
+fn json_logs() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = args.iter().enumerate().find_map(|(i, a)| {
+        if a == "--log-format" {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--log-format=").map(str::to_owned)
+        }
+    });
+    flag.or_else(|| std::env::var("DIRECTCALL_LOG_FORMAT").ok())
+        .is_some_and(|f| f == "json")
 }
 
 /// Sets up logging and a tokio runtime, then runs `main` to its exit code;

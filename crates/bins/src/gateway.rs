@@ -7,12 +7,13 @@
 //! (utoipa), served at `/openapi.json` with this instance's limits filled in.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -24,6 +25,7 @@ use serde::Serialize;
 use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
+use crate::access::{Access, Credential, Refusal, TargetLimit, TargetSlot, MAX_TOKEN_BYTES};
 use crate::service::{
     AcceptedBody, CallRecordBody, HttpReply, InvokeQuery, InvokeService, Limits, MessageBody,
     OfflineBody, OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES,
@@ -41,9 +43,13 @@ pub struct CallBudget(pub Duration);
 pub struct GatewayConfig {
     /// The call path.
     pub service: InvokeService,
-    /// API tokens: when any is set, calls and `/metrics` need
-    /// `Authorization: Bearer <token>`.
-    pub tokens: Vec<String>,
+    /// Who may call what: when it holds any credential, calls, records and
+    /// `/metrics` need `Authorization: Bearer <secret>`.
+    pub access: Option<Arc<Access>>,
+    /// At most this many calls in flight per target (`None`: no bound).
+    pub target_limit: Option<usize>,
+    /// Put the request and the response in each audit line. Default: false.
+    pub audit_bodies: bool,
     /// Renders `/metrics`; `None` serves no such route (nor documents one).
     pub metrics: Option<PrometheusHandle>,
     /// Wait for the broker connection within each call's own deadline
@@ -58,15 +64,36 @@ impl GatewayConfig {
     pub fn new(service: InvokeService) -> Self {
         GatewayConfig {
             service,
-            tokens: Vec::new(),
+            access: None,
+            target_limit: None,
+            audit_bodies: false,
             metrics: None,
             wait_for_broker: false,
         }
     }
 
-    /// Require one of `tokens` as a bearer token (empty ones are ignored).
+    /// Require one of `tokens` as a bearer token (empty ones are ignored),
+    /// each allowed everything.
     pub fn tokens(mut self, tokens: Vec<String>) -> Self {
-        self.tokens = tokens.into_iter().filter(|t| !t.is_empty()).collect();
+        self.access = Access::new(tokens, None).ok().map(Arc::new);
+        self
+    }
+
+    /// Require a credential of `access` (scopes, rates; reloadable).
+    pub fn access(mut self, access: Arc<Access>) -> Self {
+        self.access = Some(access);
+        self
+    }
+
+    /// At most `max` calls in flight per target; past it, 429.
+    pub fn target_limit(mut self, max: usize) -> Self {
+        self.target_limit = Some(max);
+        self
+    }
+
+    /// Put request and response bodies in the audit lines.
+    pub fn audit_bodies(mut self, on: bool) -> Self {
+        self.audit_bodies = on;
         self
     }
 
@@ -86,7 +113,9 @@ impl GatewayConfig {
 #[derive(Clone)]
 struct Gateway {
     service: InvokeService,
-    tokens: Arc<Vec<Vec<u8>>>,
+    access: Option<Arc<Access>>,
+    target_limit: Option<Arc<TargetLimit>>,
+    audit_bodies: bool,
     metrics: Option<PrometheusHandle>,
     openapi: Arc<String>,
     wait_for_broker: bool,
@@ -179,11 +208,24 @@ pub fn app(config: GatewayConfig) -> Router {
             config.service.limits(),
             config.metrics.is_some(),
         )),
-        tokens: Arc::new(config.tokens.into_iter().map(String::into_bytes).collect()),
+        access: config.access,
+        target_limit: config.target_limit.map(TargetLimit::new),
+        audit_bodies: config.audit_bodies,
         metrics: config.metrics,
         wait_for_broker: config.wait_for_broker,
         service: config.service,
     };
+    if let Some(limit) = &state.target_limit {
+        metrics::gauge!("directcall_limit_target_in_flight").set(limit.max() as f64);
+    }
+    if let Some(access) = &state.access {
+        for c in access.current().iter() {
+            if let Some((rate, _)) = c.rate() {
+                metrics::gauge!("directcall_limit_credential_calls_per_second", "credential" => c.name().to_owned())
+                    .set(f64::from(rate));
+            }
+        }
+    }
     let mut router = Router::new()
         .route("/invoke", get(invoke_get))
         .route("/invoke/", get(invoke_get_slash))
@@ -216,9 +258,12 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// A middleware that caps every call at `budget(request)`: for a front end
@@ -234,6 +279,49 @@ pub async fn with_budget(
     next.run(request).await
 }
 
+/// Who is calling: their credential (none when the gateway has none) and
+/// address (none behind API Gateway).
+#[derive(Debug, Clone)]
+struct Caller {
+    credential: Option<Arc<Credential>>,
+    source: Option<SocketAddr>,
+}
+
+/// The audit line of one call: who, from where, what, how it ended. Bodies
+/// only with `--audit-bodies`; never a secret.
+fn audit(
+    caller: &Caller,
+    (target, method): &(directcall_core::Target, directcall_core::Method),
+    reply: &HttpReply,
+    started: Instant,
+    request: Option<&serde_json::Value>,
+    with_response: bool,
+) {
+    let credential = caller.credential.as_ref().map_or("-", |c| c.name());
+    let source = caller.source.map(|a| a.to_string());
+    let id = reply.body["id"].as_str().unwrap_or("-");
+    let outcome = reply.body["result"].as_str().unwrap_or("-");
+    let status = reply.body["status"].as_u64();
+    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let request = request.map(ToString::to_string);
+    let response = with_response.then(|| reply.body["response"].to_string());
+    tracing::info!(
+        target: "directcall::audit",
+        credential,
+        source = source.as_deref().unwrap_or("-"),
+        target_device = target.as_str(),
+        method = method.as_str(),
+        outcome,
+        http_status = reply.status,
+        device_status = status,
+        latency_ms,
+        id,
+        request,
+        response,
+        "call"
+    );
+}
+
 fn respond(reply: HttpReply) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, reply.body.to_string()).into_response();
@@ -245,6 +333,11 @@ fn respond(reply: HttpReply) -> Response {
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if let Some(wait) = reply.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait));
     }
     if let Some(Ok(location)) = reply.location.as_deref().map(HeaderValue::from_str) {
         response.headers_mut().insert(header::LOCATION, location);
@@ -274,7 +367,7 @@ fn prefers_async(headers: &HeaderMap) -> bool {
 /// callers never share a key), or a 400 naming it.
 fn idempotency_key(
     headers: &HeaderMap,
-    with_tokens: bool,
+    caller: &Caller,
 ) -> Result<Option<(String, String)>, HttpReply> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -296,52 +389,79 @@ fn idempotency_key(
             "may hold only visible ASCII characters (no spaces)",
         ));
     }
-    let scope = if with_tokens {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes)
-            .unwrap_or_default();
-        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, token)
-            .simple()
-            .to_string()
-    } else {
-        "anyone".to_owned()
+    let scope = match &caller.credential {
+        Some(c) => format!("credential:{}", c.name()),
+        None => "anyone".to_owned(),
     };
     Ok(Some((scope, key.to_owned())))
 }
 
-/// Compares without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Gateway {
-    /// A 401 response when tokens are configured and none matches.
-    fn denied(&self, headers: &HeaderMap) -> Option<Response> {
-        if self.tokens.is_empty() {
-            return None;
+    /// The caller's credential (`None` when no credentials are set), or a
+    /// 401 response.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+    ) -> Result<Caller, Box<Response>> {
+        let source = connect.map(|Extension(ConnectInfo(addr))| addr);
+        let Some(access) = &self.access else {
+            return Ok(Caller {
+                credential: None,
+                source,
+            });
+        };
+        let credentials = access.current();
+        if credentials.is_empty() {
+            return Ok(Caller {
+                credential: None,
+                source,
+            });
         }
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .filter(|t| t.len() <= MAX_TOKEN_BYTES)
             .unwrap_or_default();
-        // Check every token, so timing does not tell which one came close.
-        let ok = self
-            .tokens
-            .iter()
-            .fold(false, |ok, t| ok | constant_time_eq(presented, t));
-        if ok {
-            None
-        } else {
-            self.service.record_refused(Outcome::Unauthorized);
-            let mut response = respond(HttpReply::unauthorized());
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Some(response)
+        match credentials.find(presented) {
+            Some(credential) if !presented.is_empty() => Ok(Caller {
+                credential: Some(credential),
+                source,
+            }),
+            _ => {
+                self.service.record_refused(Outcome::Unauthorized);
+                let mut response = respond(HttpReply::unauthorized());
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                Err(Box::new(response))
+            }
+        }
+    }
+
+    /// Whether the caller may make this call now: its scope (403), its rate
+    /// and the target's calls in flight (429). The slot is held for the
+    /// call's life.
+    fn admit(
+        &self,
+        caller: &Caller,
+        invocation: &Invocation,
+    ) -> Result<Option<TargetSlot>, HttpReply> {
+        let (target, method) = (
+            invocation.get_target().as_str(),
+            invocation.get_method().as_str(),
+        );
+        let refused = |r: Refusal| match r {
+            Refusal::Forbidden(m) => HttpReply::message(Outcome::Forbidden, m),
+            Refusal::Limited(m, wait) => HttpReply::limited(m, wait),
+        };
+        if let Some(c) = &caller.credential {
+            c.allows(target, method).map_err(refused)?;
+            c.take().map_err(refused)?;
+        }
+        match &self.target_limit {
+            Some(limit) => limit.enter(target).map(Some).map_err(refused),
+            None => Ok(None),
         }
     }
 
@@ -351,12 +471,45 @@ impl Gateway {
         respond(reply)
     }
 
-    /// Runs a parsed call within its budget.
+    /// Runs a parsed call within its budget, if the caller may make it, and
+    /// writes its audit line.
     async fn call(
         &self,
+        caller: &Caller,
         invocation: Invocation,
         budget: Option<Extension<CallBudget>>,
     ) -> Response {
+        let started = Instant::now();
+        let names = (
+            invocation.get_target().clone(),
+            invocation.get_method().clone(),
+        );
+        let request = self.audit_bodies.then(|| invocation.get_request().clone());
+        let slot = match self.admit(caller, &invocation) {
+            Ok(slot) => slot,
+            Err(reply) => {
+                audit(caller, &names, &reply, started, request.as_ref(), false);
+                return self.refuse(reply);
+            }
+        };
+        let reply = self.run(invocation, budget).await;
+        drop(slot);
+        audit(
+            caller,
+            &names,
+            &reply,
+            started,
+            request.as_ref(),
+            self.audit_bodies,
+        );
+        respond(reply)
+    }
+
+    async fn run(
+        &self,
+        invocation: Invocation,
+        budget: Option<Extension<CallBudget>>,
+    ) -> HttpReply {
         let invocation = match budget {
             Some(Extension(CallBudget(b))) => {
                 let timeout = invocation
@@ -375,7 +528,7 @@ impl Gateway {
                 .saturating_duration_since(tokio::time::Instant::now());
             requester.wait_ready(left).await;
         }
-        respond(self.service.invoke(invocation).await)
+        self.service.invoke(invocation).await
     }
 }
 
@@ -390,7 +543,10 @@ impl Gateway {
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
         (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 403, description = "The credential may not call this target or method; nothing was published.", body = MessageBody),
         (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
+        (status = 429, description = "Over the credential's rate or the target's calls in flight; nothing was published. `Retry-After` says when to try again.", body = MessageBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -401,11 +557,13 @@ async fn invoke_get(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     budget: Option<Extension<CallBudget>>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Response {
     let start = Instant::now();
-    if let Some(denied) = gw.denied(&headers) {
-        return denied;
-    }
+    let caller = match gw.authenticate(&headers, connect) {
+        Ok(caller) => caller,
+        Err(denied) => return *denied,
+    };
     let query = query.unwrap_or_default();
     if query.len() > MAX_QUERY_BYTES {
         return gw.refuse(HttpReply::too_large(
@@ -418,9 +576,9 @@ async fn invoke_get(
         .service
         .query_invocation(form_urlencoded::parse(query.as_bytes()), start)
     {
-        Ok(invocation) => match idempotency_key(&headers, !gw.tokens.is_empty()) {
+        Ok(invocation) => match idempotency_key(&headers, &caller) {
             Ok(key) => {
-                gw.call(keyed(traced(invocation, &headers), key), budget)
+                gw.call(&caller, keyed(traced(invocation, &headers), key), budget)
                     .await
             }
             Err(reply) => gw.refuse(reply),
@@ -440,7 +598,10 @@ async fn invoke_get(
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
         (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 403, description = "The credential may not call this target or method; nothing was published.", body = MessageBody),
         (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
+        (status = 429, description = "Over the credential's rate or the target's calls in flight; nothing was published. `Retry-After` says when to try again.", body = MessageBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -451,8 +612,9 @@ async fn invoke_get_slash(
     query: RawQuery,
     headers: HeaderMap,
     budget: Option<Extension<CallBudget>>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Response {
-    invoke_get(state, query, headers, budget).await
+    invoke_get(state, query, headers, budget, connect).await
 }
 
 /// Call a method on a device with any JSON request.
@@ -474,7 +636,10 @@ async fn invoke_get_slash(
         (status = 400, description = "A parameter or the body is invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
         (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 403, description = "The credential may not call this target or method; nothing was published.", body = MessageBody),
         (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
+        (status = 429, description = "Over the credential's rate or the target's calls in flight; nothing was published. `Retry-After` says when to try again.", body = MessageBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The body is over 128 KiB.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
@@ -485,12 +650,14 @@ async fn invoke_post(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     budget: Option<Extension<CallBudget>>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Body,
 ) -> Response {
     let start = Instant::now();
-    if let Some(denied) = gw.denied(&headers) {
-        return denied;
-    }
+    let caller = match gw.authenticate(&headers, connect) {
+        Ok(caller) => caller,
+        Err(denied) => return *denied,
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -521,15 +688,20 @@ async fn invoke_post(
         .service
         .post_invocation(&target, &method, content_type, &body, start)
     {
-        Ok(invocation) => match idempotency_key(&headers, !gw.tokens.is_empty()) {
+        Ok(invocation) => match idempotency_key(&headers, &caller) {
             Ok(key) => {
                 let invocation = keyed(traced(invocation, &headers), key);
                 // Without records there is nowhere to learn the outcome:
                 // the preference is ignored, as RFC 7240 allows.
                 if prefers_async(&headers) && gw.service.requester().record_options().is_some() {
-                    return respond(gw.service.submit(invocation).await);
+                    // Admitted like any call; its target slot is held until
+                    // the 202 (the call then runs on its own).
+                    return match gw.admit(&caller, &invocation) {
+                        Ok(_slot) => respond(gw.service.submit(invocation).await),
+                        Err(reply) => gw.refuse(reply),
+                    };
                 }
-                gw.call(invocation, budget).await
+                gw.call(&caller, invocation, budget).await
             }
             Err(reply) => gw.refuse(reply),
         },
@@ -590,6 +762,7 @@ async fn healthz(State(gw): State<Gateway>) -> Response {
         body: serde_json::to_value(body).unwrap_or_default(),
         replayed: false,
         location: None,
+        retry_after: None,
     })
 }
 
@@ -604,8 +777,8 @@ async fn healthz(State(gw): State<Gateway>) -> Response {
     )
 )]
 async fn metrics(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
-    if let Some(denied) = gw.denied(&headers) {
-        return denied;
+    if let Err(denied) = gw.authenticate(&headers, None) {
+        return *denied;
     }
     let text = gw.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
@@ -639,6 +812,7 @@ async fn openapi(State(gw): State<Gateway>) -> Response {
         (status = 200, description = "The call's record.", body = CallRecordBody),
         (status = 400, description = "Not a call id.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+        (status = 403, description = "The call is outside the credential's scope.", body = MessageBody),
         (status = 404, description = "No record: never made here, past the retention window, or calls are not recorded.", body = MessageBody),
     )
 )]
@@ -649,9 +823,10 @@ async fn call_record(
     headers: HeaderMap,
     budget: Option<Extension<CallBudget>>,
 ) -> Response {
-    if let Some(denied) = gw.denied(&headers) {
-        return denied;
-    }
+    let caller = match gw.authenticate(&headers, None) {
+        Ok(caller) => caller,
+        Err(denied) => return *denied,
+    };
     let Ok(Path(id)) = path else {
         return gw.refuse(HttpReply::invalid("id", "not valid in a path"));
     };
@@ -674,7 +849,18 @@ async fn call_record(
     if let Some(Extension(CallBudget(b))) = budget {
         wait = wait.min(b);
     }
-    respond(gw.service.wait_call_record(&id, wait).await)
+    let reply = gw.service.wait_call_record(&id, wait).await;
+    // A record of a call outside the caller's scope is not its to read.
+    if let (Some(c), Some(t), Some(m)) = (
+        &caller.credential,
+        reply.body["target"].as_str(),
+        reply.body["method"].as_str(),
+    ) {
+        if let Err(Refusal::Forbidden(message)) = c.allows(t, m) {
+            return gw.refuse(HttpReply::message(Outcome::Forbidden, message));
+        }
+    }
+    respond(reply)
 }
 
 async fn not_found(uri: Uri) -> Response {
@@ -711,14 +897,6 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn constant_time_eq_compares() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 
     #[test]
     fn the_openapi_document_has_every_route_and_the_limits() {
@@ -766,7 +944,7 @@ mod tests {
         codes.sort_unstable();
         assert_eq!(
             codes,
-            ["200", "400", "401", "404", "409", "413", "503", "504"]
+            ["200", "400", "401", "403", "404", "409", "413", "429", "503", "504"]
         );
     }
 }

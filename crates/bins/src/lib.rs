@@ -4,6 +4,7 @@
 //! simulator, a small HTTP client, SigV4 request signing for `directcall
 //! call`, and the load tool.
 
+pub mod access;
 pub mod bench;
 pub mod cli;
 pub mod gateway;

@@ -55,6 +55,8 @@ pub struct HttpReply {
     pub replayed: bool,
     /// A `Location` to answer with (a call accepted asynchronously).
     pub location: Option<String>,
+    /// Seconds for `Retry-After` (a 429).
+    pub retry_after: Option<u64>,
 }
 
 /// What a call ended as: the `result` of the body and its HTTP status.
@@ -86,11 +88,16 @@ pub enum Outcome {
     Conflict,
     /// A call accepted to run asynchronously (202).
     Accepted,
+    /// Outside the credential's scope (403).
+    Forbidden,
+    /// Over a rate or in-flight limit (429).
+    #[serde(rename = "rate_limited")]
+    Limited,
 }
 
 impl Outcome {
     /// Every outcome, in a fixed order.
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Ok,
         Outcome::Timeout,
         Outcome::Offline,
@@ -102,6 +109,8 @@ impl Outcome {
         Outcome::MethodNotAllowed,
         Outcome::Conflict,
         Outcome::Accepted,
+        Outcome::Forbidden,
+        Outcome::Limited,
     ];
 
     /// The `result` string of the HTTP body.
@@ -118,6 +127,8 @@ impl Outcome {
             Outcome::MethodNotAllowed => "method_not_allowed",
             Outcome::Conflict => "conflict",
             Outcome::Accepted => "accepted",
+            Outcome::Forbidden => "forbidden",
+            Outcome::Limited => "rate_limited",
         }
     }
 
@@ -134,6 +145,8 @@ impl Outcome {
             Outcome::MethodNotAllowed => 405,
             Outcome::Conflict => 409,
             Outcome::Accepted => 202,
+            Outcome::Forbidden => 403,
+            Outcome::Limited => 429,
         }
     }
 
@@ -150,6 +163,8 @@ impl Outcome {
             Outcome::MethodNotAllowed => 8,
             Outcome::Conflict => 9,
             Outcome::Accepted => 10,
+            Outcome::Forbidden => 11,
+            Outcome::Limited => 12,
         }
     }
 }
@@ -278,8 +293,9 @@ pub struct OfflineBody {
 #[non_exhaustive]
 pub struct MessageBody {
     /// `invalid_parameters`, `payload_too_large`, `unavailable`,
-    /// `not_found`, `method_not_allowed` or `conflict`.
-    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed|conflict)$")]
+    /// `not_found`, `method_not_allowed`, `conflict`, `forbidden` or
+    /// `rate_limited`.
+    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed|conflict|forbidden|rate_limited)$")]
     pub result: Outcome,
     /// Which parameter, and why; or what is unavailable.
     pub response: String,
@@ -342,6 +358,7 @@ impl HttpReply {
             }),
             replayed: false,
             location: None,
+            retry_after: None,
         }
     }
 
@@ -354,12 +371,26 @@ impl HttpReply {
             }),
             replayed: false,
             location: None,
+            retry_after: None,
         }
     }
 
     /// 400 naming the parameter.
     pub fn invalid(field: impl std::fmt::Display, reason: impl std::fmt::Display) -> Self {
         Self::message(Outcome::Invalid, format!("invalid {field}: {reason}"))
+    }
+
+    /// 429 naming the limit, with `Retry-After` (whole seconds, at least 1).
+    pub fn limited(message: impl Into<String>, wait: Duration) -> Self {
+        let mut reply = Self::message(Outcome::Limited, message);
+        reply.retry_after = Some(
+            wait.as_millis()
+                .div_ceil(1000)
+                .max(1)
+                .try_into()
+                .unwrap_or(u64::MAX),
+        );
+        reply
     }
 
     /// 413 for a body or query string of `size` bytes over `limit`.
@@ -431,7 +462,7 @@ impl Default for Limits {
 
 #[derive(Debug)]
 struct Metrics {
-    calls: [Counter; 11],
+    calls: [Counter; 13],
     duration: Histogram,
     in_flight: Gauge,
 }
@@ -677,6 +708,7 @@ impl InvokeService {
                     }),
                     replayed: false,
                     location: Some(call),
+                    retry_after: None,
                 }
             }
             Err(e) => render(Err(e), start.elapsed(), true),
@@ -727,6 +759,7 @@ impl InvokeService {
                 }),
                 replayed: false,
                 location: None,
+                retry_after: None,
             },
             None => HttpReply::message(
                 Outcome::NotFound,
@@ -820,6 +853,7 @@ fn render(
         body: value,
         replayed: false,
         location: None,
+        retry_after: None,
     }
 }
 

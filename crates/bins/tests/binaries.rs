@@ -94,7 +94,8 @@ async fn reference_example_on_the_embedded_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_speaks_http2_many_calls_on_one_connection() {
     let Some(b) = mosquitto() else { return };
-    let (_gw, base) = gateway(&b.url, &[]).await;
+    // 300 calls to one device at once: no per-target bound here.
+    let (_gw, base) = gateway(&b.url, &["--max-in-flight-per-target", "0"]).await;
     wait_health(&base, 200).await;
     let _sim = sim(&b.url, &["--client-id", "Device001", "--latency-ms", "200"]);
     let h2 = directcall_bins::http_client::Multiplexed::open(&base)
@@ -527,7 +528,15 @@ async fn the_openapi_document_matches_the_gateway() {
     let Some(mut b) = mosquitto() else { return };
     // Nobody's calls time out (504) on MQTT 5 too.
     let _hole = e2e::black_hole(&b.url).await;
-    let (_gw, base) = gateway(&b.url, &["--api-token", "tok"]).await;
+    // `tok` may call everything; `narrow` only `m` on Device001, once a minute.
+    let creds = b.mosquitto.as_ref().unwrap().dir().join("credentials.toml");
+    std::fs::write(
+        &creds,
+        "[[credentials]]\nname = \"narrow\"\ntoken = \"narrow-secret\"\ntargets = [\"Device001\"]\nmethods = [\"m\"]\nrate_per_second = 1\nburst = 1\n",
+    )
+    .unwrap();
+    let creds = creds.to_str().unwrap();
+    let (_gw, base) = gateway(&b.url, &["--api-token", "tok", "--credentials", creds]).await;
     wait_health(&base, 200).await;
     let _device = sim(&b.url, &[]);
     let mut gone = sim(&b.url, &["--client-id", "Gone", "--presence"]);
@@ -606,6 +615,46 @@ async fn the_openapi_document_matches_the_gateway() {
         .await;
         note(post_route, "post", status);
     }
+    // Outside the narrow credential's scope: 403; past its rate: 429.
+    let narrow = [("authorization", "Bearer narrow-secret")];
+    let narrow_json = [
+        ("authorization", "Bearer narrow-secret"),
+        ("content-type", "application/json"),
+    ];
+    for route in ["/invoke", "/invoke/"] {
+        let (status, _) = get_with(
+            &format!("{base}{route}?request=r&method=other&target=Device001&timeout=3"),
+            &narrow,
+        )
+        .await;
+        note(route, "get", status);
+    }
+    let (status, _) = post(
+        &base,
+        "/v1/targets/Device001/methods/other",
+        &narrow_json,
+        b"{}".to_vec(),
+    )
+    .await;
+    note(post_route, "post", status);
+    for _ in 0..2 {
+        for route in ["/invoke", "/invoke/"] {
+            let (status, _) = get_with(
+                &format!("{base}{route}?request=r&method=m&target=Device001&timeout=3"),
+                &narrow,
+            )
+            .await;
+            note(route, "get", status);
+        }
+        let (status, _) = post(
+            &base,
+            "/v1/targets/Device001/methods/m",
+            &narrow_json,
+            b"{}".to_vec(),
+        )
+        .await;
+        note(post_route, "post", status);
+    }
     // An idempotency key reused for another call: 409 on every form.
     for (i, route) in ["/invoke", "/invoke/"].into_iter().enumerate() {
         let key = format!("k-get-{i}");
@@ -648,7 +697,7 @@ async fn the_openapi_document_matches_the_gateway() {
     note(post_route, "post", status);
     // A call's record: found, not a call id, no token, unknown.
     let (status, answered) = get_with(
-        &format!("{base}/invoke?request=r&method=m&target=Device001&timeout=3"),
+        &format!("{base}/invoke?request=r&method=other&target=Device001&timeout=3"),
         &auth,
     )
     .await;
@@ -656,6 +705,7 @@ async fn the_openapi_document_matches_the_gateway() {
     let records = "/v1/calls/{id}";
     let id = answered["id"].as_str().unwrap();
     for (path, headers) in [
+        (format!("/v1/calls/{id}"), &narrow[..]),
         (format!("/v1/calls/{id}"), &auth[..]),
         ("/v1/calls/nope".to_owned(), &auth[..]),
         (format!("/v1/calls/{id}"), &[][..]),

@@ -106,6 +106,53 @@ pub async fn gateway(broker_url: &str, extra: &[&str]) -> (Proc, String) {
     (proc, base)
 }
 
+/// [`gateway`], its stderr (the logs) collected line by line.
+pub async fn gateway_logged(
+    broker_url: &str,
+    extra: &[&str],
+) -> (Proc, String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["serve", "--broker", broker_url, "--listen", &listen];
+    args.extend_from_slice(extra);
+    let mut child = Command::new(DIRECTCALL)
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn directcall");
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = std::sync::Arc::clone(&logs);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let proc = Proc { child, lines };
+    let base = format!("http://{listen}");
+    let until = Instant::now() + Duration::from_secs(20);
+    while http_client::get(&format!("{base}/openapi.json"), &[])
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < until, "gateway did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (proc, base, logs)
+}
+
 /// Waits until `/healthz` answers `status`.
 pub async fn wait_health(base: &str, status: u16) {
     let until = Instant::now() + Duration::from_secs(20);

@@ -678,6 +678,8 @@ impl ChildGateway {
             .args(["serve", "--broker", &urls.join(","), "--presence", "off"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--max-in-flight", &max_in_flight.to_string()])
+            // Thousands of calls to one slow device, on purpose.
+            .args(["--max-in-flight-per-target", "0"])
             .args(["--qos", &args.legs().request.level().to_string()])
             .args(["--mqtt-version", args.mqtt_version().as_str()])
             .args(["--reply-qos", &args.reply_qos.to_string()])

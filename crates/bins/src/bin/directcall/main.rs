@@ -5,8 +5,10 @@ mod bench;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use directcall_bins::access::Access;
 use directcall_bins::cli::{BrokerArgs, RequesterArgs};
 use directcall_bins::gateway::GatewayConfig;
 use directcall_bins::service::{HttpReply, InvokeService, Limits};
@@ -71,6 +73,19 @@ struct ServeArgs {
         hide_env_values = true
     )]
     api_tokens: Vec<String>,
+    /// A credentials file (TOML: names, secrets, the targets and methods each
+    /// may call, rates; docs/SECURITY.md), reloaded on SIGHUP.
+    #[arg(long, env = "DIRECTCALL_CREDENTIALS")]
+    credentials: Option<std::path::PathBuf>,
+    /// At most this many calls in flight per target; more get 429 (0: no bound).
+    #[arg(long, env = "DIRECTCALL_MAX_IN_FLIGHT_PER_TARGET", default_value_t = 8)]
+    max_in_flight_per_target: usize,
+    /// Logs as JSON lines (for log shippers), the audit lines included.
+    #[arg(long, env = "DIRECTCALL_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+    /// Put request and response bodies in the audit lines (never by default).
+    #[arg(long, env = "DIRECTCALL_AUDIT_BODIES")]
+    audit_bodies: bool,
 }
 
 #[derive(Debug, Args)]
@@ -179,19 +194,47 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let metrics = directcall_bins::cli::metrics_handle();
     // Start even while the broker is down: /healthz says 503 and calls get 503 until it is up.
     let requester = Requester::start(options).map_err(|e| e.to_string())?;
-    let config = GatewayConfig::new(InvokeService::new(requester, limits))
-        .tokens(args.api_tokens)
+    let access = Arc::new(
+        Access::new(args.api_tokens, args.credentials.clone())
+            .map_err(|e| format!("--credentials {e}"))?,
+    );
+    let credentials = access.current().iter().count();
+    let mut config = GatewayConfig::new(InvokeService::new(requester, limits))
+        .access(Arc::clone(&access))
+        .audit_bodies(args.audit_bodies)
         .metrics(metrics);
-    let auth = if config.tokens.is_empty() {
-        "off"
+    if args.max_in_flight_per_target > 0 {
+        config = config.target_limit(args.max_in_flight_per_target);
+    }
+    if args.credentials.is_some() {
+        tokio::spawn(reload_on_sighup(access));
+    }
+    let auth = if credentials == 0 {
+        "off".to_owned()
     } else {
-        "bearer token"
+        format!("{credentials} credentials")
     };
     let broker_url = broker.options.url();
     run_gateway(config, args.listen, |addr| {
         tracing::info!(%addr, broker = %broker_url, auth, "gateway listening");
     })
     .await
+}
+
+/// Reads the credentials file again on every SIGHUP; calls in flight keep
+/// the credential they started with, and a bad file leaves the old rules.
+async fn reload_on_sighup(access: Arc<Access>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::error!("cannot listen for SIGHUP: the credentials file will not be reloaded");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match access.reload() {
+            Ok(n) => tracing::info!(credentials = n, "credentials reloaded"),
+            Err(e) => tracing::error!("credentials not reloaded, the old ones stay: {e}"),
+        }
+    }
 }
 
 async fn invoke(mut args: InvokeArgs) -> ExitCode {

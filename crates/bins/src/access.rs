@@ -1,0 +1,431 @@
+//! Who may call what: named credentials with scopes (target globs, method
+//! lists) and a rate per credential, and a bound on calls in flight per
+//! target. SECURITY.md has the model.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use serde::Deserialize;
+use wildmatch::WildMatch;
+
+/// One caller: a name (logged), a secret (never logged), what it may call,
+/// and how often.
+pub struct Credential {
+    name: String,
+    secret: Vec<u8>,
+    targets: Vec<WildMatch>,
+    methods: Vec<WildMatch>,
+    limiter: Option<RateLimiter<NotKeyed, InMemoryState, DefaultClock>>,
+    rate: Option<(u32, u32)>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("Credential")
+            .field("name", &self.name)
+            .field("rate", &self.rate)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a call was refused by the rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Outside the credential's scope (403).
+    Forbidden(String),
+    /// Past a limit (429), with when to try again.
+    Limited(String, Duration),
+}
+
+impl Credential {
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its rate, calls per second and burst, if it has one.
+    pub fn rate(&self) -> Option<(u32, u32)> {
+        self.rate
+    }
+
+    /// Whether it may call `method` on `target`.
+    ///
+    /// # Errors
+    /// [`Refusal::Forbidden`] naming the credential and what was refused.
+    pub fn allows(&self, target: &str, method: &str) -> Result<(), Refusal> {
+        let target_ok = self.targets.iter().any(|g| g.matches(target));
+        let method_ok = self.methods.iter().any(|g| g.matches(method));
+        match (target_ok, method_ok) {
+            (true, true) => Ok(()),
+            (false, _) => Err(Refusal::Forbidden(format!(
+                "credential '{}' may not call target '{target}'",
+                self.name
+            ))),
+            (true, false) => Err(Refusal::Forbidden(format!(
+                "credential '{}' may not call method '{method}'",
+                self.name
+            ))),
+        }
+    }
+
+    /// Takes one call from its token bucket.
+    ///
+    /// # Errors
+    /// [`Refusal::Limited`] when the bucket is empty.
+    pub fn take(&self) -> Result<(), Refusal> {
+        let (Some(limiter), Some((rate, burst))) = (&self.limiter, self.rate) else {
+            return Ok(());
+        };
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Refusal::Limited(
+                format!(
+                    "credential '{}' is over its rate of {rate} calls/s (burst {burst})",
+                    self.name
+                ),
+                wait,
+            )
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    credentials: Vec<Entry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: String,
+    token: Option<String>,
+    token_env: Option<String>,
+    #[serde(default = "everything")]
+    targets: Vec<String>,
+    #[serde(default = "everything")]
+    methods: Vec<String>,
+    rate_per_second: Option<u32>,
+    burst: Option<u32>,
+}
+
+fn everything() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// Longest bearer token looked at; longer ones are refused unread.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
+/// A set of credentials.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    list: Vec<Arc<Credential>>,
+}
+
+impl Credentials {
+    /// `--api-token`: each token may call everything, named `token-1`, ...
+    pub fn everything(tokens: &[String]) -> Self {
+        let list = tokens
+            .iter()
+            .filter(|t| !t.is_empty())
+            .enumerate()
+            .map(|(i, t)| {
+                Arc::new(Credential {
+                    name: format!("token-{}", i + 1),
+                    secret: t.as_bytes().to_vec(),
+                    targets: vec![WildMatch::new("*")],
+                    methods: vec![WildMatch::new("*")],
+                    limiter: None,
+                    rate: None,
+                })
+            })
+            .collect();
+        Credentials { list }
+    }
+
+    /// Parses a credentials file (TOML; SECURITY.md has the format).
+    ///
+    /// # Errors
+    /// What is wrong, naming the credential (never its secret).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut list = Vec::new();
+        for e in file.credentials {
+            let secret = match (&e.token, &e.token_env) {
+                (Some(t), None) => t.clone(),
+                (None, Some(var)) => std::env::var(var).map_err(|_| {
+                    format!(
+                        "credential '{}': environment variable {var} is not set",
+                        e.name
+                    )
+                })?,
+                _ => {
+                    return Err(format!(
+                        "credential '{}': give exactly one of token and token_env",
+                        e.name
+                    ))
+                }
+            };
+            if secret.is_empty() || secret.len() > MAX_TOKEN_BYTES {
+                return Err(format!(
+                    "credential '{}': the token must be 1 to {MAX_TOKEN_BYTES} bytes",
+                    e.name
+                ));
+            }
+            if list.iter().any(|c: &Arc<Credential>| c.name == e.name) {
+                return Err(format!("credential '{}' is named twice", e.name));
+            }
+            let rate = match (e.rate_per_second, e.burst) {
+                (None, None) => None,
+                (Some(r), b) if r > 0 && b != Some(0) => Some((r, b.unwrap_or(r))),
+                _ => {
+                    return Err(format!(
+                        "credential '{}': rate_per_second (and burst) must be above 0",
+                        e.name
+                    ))
+                }
+            };
+            let limiter = rate.and_then(|(r, b)| {
+                let quota = Quota::per_second(NonZeroU32::new(r)?).allow_burst(NonZeroU32::new(b)?);
+                Some(RateLimiter::direct(quota))
+            });
+            list.push(Arc::new(Credential {
+                name: e.name,
+                secret: secret.into_bytes(),
+                targets: e.targets.iter().map(|t| WildMatch::new(t)).collect(),
+                methods: e.methods.iter().map(|m| WildMatch::new(m)).collect(),
+                limiter,
+                rate,
+            }));
+        }
+        Ok(Credentials { list })
+    }
+
+    /// Reads and parses a credentials file.
+    ///
+    /// # Errors
+    /// The file cannot be read, or [`Credentials::from_toml`]'s errors.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Whether there are none (no authentication).
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The credentials.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Credential>> {
+        self.list.iter()
+    }
+
+    /// The credential whose secret is `presented`. Every secret is compared
+    /// in constant time, so timing tells nothing about which came close.
+    pub fn find(&self, presented: &[u8]) -> Option<Arc<Credential>> {
+        use subtle::ConstantTimeEq;
+        let mut found = None;
+        for c in &self.list {
+            if bool::from(c.secret.as_slice().ct_eq(presented)) {
+                found = Some(Arc::clone(c));
+            }
+        }
+        found
+    }
+}
+
+/// The credentials in force, and where they come from: swapped whole on
+/// reload, so a call in flight keeps the credential it started with.
+#[derive(Debug)]
+pub struct Access {
+    current: RwLock<Arc<Credentials>>,
+    file: Option<PathBuf>,
+    tokens: Vec<String>,
+}
+
+impl Access {
+    /// From `--api-token` values and an optional credentials file.
+    ///
+    /// # Errors
+    /// The file's errors.
+    pub fn new(tokens: Vec<String>, file: Option<PathBuf>) -> Result<Self, String> {
+        let access = Access {
+            current: RwLock::default(),
+            file,
+            tokens,
+        };
+        access.reload()?;
+        Ok(access)
+    }
+
+    /// Reads the file again (on SIGHUP). On an error the credentials in
+    /// force stay.
+    ///
+    /// # Errors
+    /// The file's errors.
+    pub fn reload(&self) -> Result<usize, String> {
+        let mut all = Credentials::everything(&self.tokens);
+        if let Some(path) = &self.file {
+            all.list.extend(Credentials::load(path)?.list);
+        }
+        let n = all.list.len();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(all);
+        Ok(n)
+    }
+
+    /// The credentials in force now.
+    pub fn current(&self) -> Arc<Credentials> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// At most `max` calls in flight per target.
+#[derive(Debug)]
+pub struct TargetLimit {
+    max: usize,
+    in_flight: Mutex<HashMap<String, usize>>,
+}
+
+/// A call's place under its target's limit, given back on drop.
+#[derive(Debug)]
+pub struct TargetSlot {
+    limit: Arc<TargetLimit>,
+    target: String,
+}
+
+impl TargetLimit {
+    /// At most `max` calls in flight per target.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(TargetLimit {
+            max,
+            in_flight: Mutex::default(),
+        })
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A place for a call to `target`.
+    ///
+    /// # Errors
+    /// [`Refusal::Limited`] when `max` calls to it are in flight.
+    pub fn enter(self: &Arc<Self>, target: &str) -> Result<TargetSlot, Refusal> {
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(target.to_owned()).or_insert(0);
+        if *n >= self.max {
+            return Err(Refusal::Limited(
+                format!(
+                    "target '{target}' has {} calls in flight, its limit (--max-in-flight-per-target)",
+                    self.max
+                ),
+                Duration::from_secs(1),
+            ));
+        }
+        *n += 1;
+        Ok(TargetSlot {
+            limit: Arc::clone(self),
+            target: target.to_owned(),
+        })
+    }
+}
+
+impl Drop for TargetSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .limit
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.target) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.target);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[[credentials]]
+name = "fleet-ops"
+token = "ops-secret"
+targets = ["car-*", "truck-7"]
+methods = ["unlock", "lock"]
+
+[[credentials]]
+name = "dashboard"
+token = "dash-secret"
+methods = ["status"]
+rate_per_second = 2
+burst = 2
+"#;
+
+    #[test]
+    fn scopes_match_globs_and_lists() {
+        let c = Credentials::from_toml(FILE).unwrap();
+        let ops = c.find(b"ops-secret").unwrap();
+        assert_eq!(ops.name(), "fleet-ops");
+        assert!(ops.allows("car-1", "unlock").is_ok());
+        assert!(ops.allows("truck-7", "lock").is_ok());
+        let Err(Refusal::Forbidden(m)) = ops.allows("truck-8", "unlock") else {
+            panic!()
+        };
+        assert_eq!(m, "credential 'fleet-ops' may not call target 'truck-8'");
+        assert!(ops.allows("car-1", "open_trunk").is_err());
+        let dash = c.find(b"dash-secret").unwrap();
+        assert!(dash.allows("anything", "status").is_ok());
+        assert!(c.find(b"ops-secre").is_none() && c.find(b"").is_none());
+        assert!(!format!("{ops:?}").contains("ops-secret"));
+    }
+
+    #[test]
+    fn a_rate_empties_its_bucket() {
+        let c = Credentials::from_toml(FILE).unwrap();
+        let dash = c.find(b"dash-secret").unwrap();
+        assert!(dash.take().is_ok() && dash.take().is_ok());
+        let Err(Refusal::Limited(m, wait)) = dash.take() else {
+            panic!()
+        };
+        assert!(m.contains("rate of 2 calls/s"), "{m}");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_files_are_refused_naming_the_credential() {
+        for (text, needle) in [
+            ("[[credentials]]\nname = \"a\"\n", "exactly one of token"),
+            ("[[credentials]]\nname = \"a\"\ntoken = \"x\"\nrate_per_second = 0\n", "above 0"),
+            ("[[credentials]]\nname = \"a\"\ntoken = \"x\"\n[[credentials]]\nname = \"a\"\ntoken = \"y\"\n", "named twice"),
+            ("[[credentials]]\nname = \"a\"\ntoken = \"x\"\nscopes = 1\n", "unknown field"),
+        ] {
+            let e = Credentials::from_toml(text).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+            assert!(!e.contains("\"x\""), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_target_takes_at_most_its_limit() {
+        let limit = TargetLimit::new(2);
+        let a = limit.enter("car").unwrap();
+        let _b = limit.enter("car").unwrap();
+        assert!(matches!(limit.enter("car"), Err(Refusal::Limited(..))));
+        assert!(limit.enter("other").is_ok());
+        drop(a);
+        assert!(limit.enter("car").is_ok());
+    }
+}
