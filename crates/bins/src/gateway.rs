@@ -266,6 +266,121 @@ pub async fn serve(
     .await
 }
 
+/// TLS for the gateway's listener: its certificate chain and key (PEM),
+/// and, to require client certificates, the CA they must chain to.
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// From PEM: the certificate chain, its key, and optionally the CA that
+    /// client certificates must chain to (then every client must show one).
+    ///
+    /// # Errors
+    /// What is wrong with the material, in words.
+    pub fn from_pem(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("certificate: {e}"))?;
+        if certs.is_empty() {
+            return Err("certificate: no PEM certificate found".into());
+        }
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("key: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match client_ca {
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(pem) {
+                    roots
+                        .add(c.map_err(|e| format!("client CA: {e}"))?)
+                        .map_err(|e| format!("client CA: {e}"))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| format!("client CA: {e}"))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("certificate and key: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(ServerTls {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// [`serve`] over TLS: HTTP/1.1 and HTTP/2 (ALPN) on each accepted
+/// connection. On `shutdown` it stops accepting and lets the connections
+/// finish their requests in flight (at most 30 s).
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: ServerTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, "TLS handshake: {e}");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    app.clone().oneshot(request.map(Body::new))
+                },
+            );
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let _ = watcher.watch(connection.into_owned()).await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    Ok(())
+}
+
 /// A middleware that caps every call at `budget(request)`: for a front end
 /// with a deadline of its own.
 pub async fn with_budget(

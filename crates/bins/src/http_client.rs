@@ -94,6 +94,15 @@ impl Connection {
     /// # Errors
     /// [`HttpError`] when the URL is not absolute http(s), or connecting fails.
     pub async fn open(url: &str) -> Result<Self, HttpError> {
+        Self::open_with(url, &TlsOptions::default()).await
+    }
+
+    /// [`Connection::open`], trusting `tls`'s CA (and showing its client
+    /// certificate) for `https://`.
+    ///
+    /// # Errors
+    /// [`HttpError`] when the URL is not absolute http(s), or connecting fails.
+    pub async fn open_with(url: &str, tls_options: &TlsOptions) -> Result<Self, HttpError> {
         let bad = |reason: &str| HttpError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
@@ -124,7 +133,7 @@ impl Connection {
                 host: host.clone(),
                 reason,
             };
-            let mut config = directcall_core::mqtt::tls::client_config(&TlsOptions::default())
+            let mut config = directcall_core::mqtt::tls::client_config(tls_options)
                 .map_err(|e| tls_error(e.to_string()))?;
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             let name = rustls::pki_types::ServerName::try_from(host.clone())

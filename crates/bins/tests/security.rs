@@ -5,127 +5,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::pki::Pki;
 use common::{unique, within, Raw};
 use directcall_bins::Mosquitto;
 use directcall_cloud::{Error, Invocation, Options, Requester};
 use directcall_core::{BrokerOptions, MessageId, Target};
 use directcall_device::{handler_fn, serve, DeviceOptions, Router};
 use serde_json::{json, Value};
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and certificates signed by it, in a fresh folder.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(unique(&format!("directcall-pki-{name}")));
-        std::fs::create_dir_all(&dir).unwrap();
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={name}-ca"),
-            ],
-        );
-        Pki { dir }
-    }
-
-    /// A certificate for `cn`; servers get the SANs rustls insists on.
-    fn issue(&self, cn: &str) {
-        let d = &self.dir;
-        std::fs::write(
-            d.join(format!("{cn}.ext")),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-        )
-        .unwrap();
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{cn}.key"),
-                "-out",
-                &format!("{cn}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{cn}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{cn}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{cn}.ext"),
-            ],
-        );
-        // Mosquitto run as root drops privileges before reading its key.
-        for f in [format!("{cn}.key"), format!("{cn}.pem"), "ca.pem".into()] {
-            let _ = Command::new("chmod").arg("644").arg(d.join(f)).status();
-        }
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).display().to_string()
-    }
-
-    fn read(&self, file: &str) -> Vec<u8> {
-        std::fs::read(self.dir.join(file)).unwrap()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The ACL shipped in deploy/, so the test checks what users deploy.
 const ACL: &str = include_str!("../../../deploy/mosquitto/directcall.acl");

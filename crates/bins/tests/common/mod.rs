@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+pub mod pki;
+
 pub use directcall_core::testkit::{eventually, now_ms, unique, within, Kind, Raw, TestBroker};
 
 use directcall_cloud::{Invocation, Options, Prefix, Requester};

@@ -159,6 +159,17 @@ pub(crate) struct BenchArgs {
     /// The private Redis's URL, once started.
     #[arg(skip)]
     store: Option<String>,
+    /// --mode http: the gateways in this process serve HTTPS with this
+    /// certificate (PEM), needs --tls-key and --tls-ca.
+    #[arg(long, env = "DIRECTCALL_BENCH_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// --mode http: the key of --tls-cert.
+    #[arg(long, env = "DIRECTCALL_BENCH_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// --mode http: the CA the HTTP client trusts (for --tls-cert, or an
+    /// external --url https://).
+    #[arg(long, env = "DIRECTCALL_BENCH_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl BenchArgs {
@@ -604,11 +615,20 @@ async fn http(
                 let addr = listener.local_addr().map_err(|e| e.to_string())?;
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
                 let app = gateway::app(GatewayConfig::new(service));
-                tokio::spawn(gateway::serve(listener, app, async move {
+                let stopped = async move {
                     let _ = stop_rx.await;
-                }));
+                };
+                match server_tls(args)? {
+                    Some(tls) => {
+                        tokio::spawn(gateway::serve_tls(listener, app, tls, stopped));
+                        bases.push(format!("https://localhost:{}", addr.port()));
+                    }
+                    None => {
+                        tokio::spawn(gateway::serve(listener, app, stopped));
+                        bases.push(format!("http://{addr}"));
+                    }
+                }
                 stops.push(stop_tx);
-                bases.push(format!("http://{addr}"));
             }
             bases
         }
@@ -619,9 +639,27 @@ async fn http(
         .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
         .collect();
     let progress = progress_bar(load, args.json);
-    let report = http_load("http", &bases, paths, load, progress).await;
+    let report = http_load("http", &bases, paths, load, progress, &client_tls(args)?).await;
     drop(stops);
     report
+}
+
+/// The gateways' TLS, from --tls-cert and --tls-key.
+fn server_tls(args: &BenchArgs) -> Result<Option<gateway::ServerTls>, String> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    gateway::ServerTls::from_pem(&read(cert)?, &read(key)?, None).map(Some)
+}
+
+/// What the HTTP client trusts: --tls-ca, else the platform's roots.
+fn client_tls(args: &BenchArgs) -> Result<directcall_core::TlsOptions, String> {
+    let mut tls = directcall_core::TlsOptions::default();
+    if let Some(ca) = &args.tls_ca {
+        tls.ca_pem = Some(std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?);
+    }
+    Ok(tls)
 }
 
 /// Closed-loop GETs of `paths` (in turn) over `load.concurrency` keep-alive
@@ -633,11 +671,16 @@ async fn http_load(
     paths: Vec<String>,
     load: &LoadOptions,
     progress: Option<indicatif::ProgressBar>,
+    tls: &directcall_core::TlsOptions,
 ) -> Result<LoadReport, String> {
     let mut connections = Vec::new();
     for i in 0..load.concurrency {
         let base = &bases[i % bases.len()];
-        connections.push(Connection::open(base).await.map_err(|e| e.to_string())?);
+        connections.push(
+            Connection::open_with(base, tls)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
     }
     // A plain mutex: held for a pop or a push, never across an await.
     let pool = Arc::new(std::sync::Mutex::new(connections));
@@ -769,7 +812,15 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
     )];
 
     // 1. The fast calls alone.
-    let unloaded = http_load("alone", &bases, fast_paths.clone(), fast, None).await?;
+    let unloaded = http_load(
+        "alone",
+        &bases,
+        fast_paths.clone(),
+        fast,
+        None,
+        &Default::default(),
+    )
+    .await?;
     let rss_idle = gateway.rss_bytes();
 
     // 2. The slow calls, sent at once over HTTP/2.
@@ -824,7 +875,15 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
     let mut beside = fast.clone();
     beside.warmup = 0;
     beside.duration = Some(window);
-    let loaded = http_load("beside", &bases, fast_paths, &beside, None).await?;
+    let loaded = http_load(
+        "beside",
+        &bases,
+        fast_paths,
+        &beside,
+        None,
+        &Default::default(),
+    )
+    .await?;
     let waiting_after = gateway.pending().await.unwrap_or(0);
     let measured_by = sent_at.elapsed();
 

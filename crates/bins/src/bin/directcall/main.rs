@@ -86,6 +86,16 @@ struct ServeArgs {
     /// Put request and response bodies in the audit lines (never by default).
     #[arg(long, env = "DIRECTCALL_AUDIT_BODIES")]
     audit_bodies: bool,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "DIRECTCALL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "DIRECTCALL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require a client certificate chaining to this CA (PEM) from every
+    /// HTTPS client.
+    #[arg(long, env = "DIRECTCALL_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +180,7 @@ fn main() -> ExitCode {
 async fn run_gateway(
     config: GatewayConfig,
     listen: SocketAddr,
+    tls: Option<gateway::ServerTls>,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -179,9 +190,11 @@ async fn run_gateway(
     ready(addr);
     let requester = config.service.requester().clone();
     let app = gateway::app(config);
-    gateway::serve(listener, app, gateway::shutdown_signal())
-        .await
-        .map_err(|e| format!("HTTP server: {e}"))?;
+    match tls {
+        Some(tls) => gateway::serve_tls(listener, app, tls, gateway::shutdown_signal()).await,
+        None => gateway::serve(listener, app, gateway::shutdown_signal()).await,
+    }
+    .map_err(|e| format!("HTTP server: {e}"))?;
     requester.shutdown().await;
     tracing::info!("stopped");
     Ok(())
@@ -214,9 +227,28 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     } else {
         format!("{credentials} credentials")
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |flag: &str, p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+            };
+            let cert_pem = read("--tls-cert", cert)?;
+            let key_pem = read("--tls-key", key)?;
+            let ca = match &args.tls_client_ca {
+                Some(p) => Some(read("--tls-client-ca", p)?),
+                None => None,
+            };
+            Some(
+                gateway::ServerTls::from_pem(&cert_pem, &key_pem, ca.as_deref())
+                    .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?,
+            )
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let broker_url = broker.options.url();
-    run_gateway(config, args.listen, |addr| {
-        tracing::info!(%addr, broker = %broker_url, auth, "gateway listening");
+    run_gateway(config, args.listen, tls, |addr| {
+        tracing::info!(%addr, scheme, broker = %broker_url, auth, "gateway listening");
     })
     .await
 }
@@ -383,7 +415,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     let config =
         GatewayConfig::new(InvokeService::new(requester, Limits::default())).metrics(metrics);
     let broker_url = broker.url();
-    run_gateway(config, args.listen, |addr| {
+    run_gateway(config, args.listen, None, |addr| {
         println!("directcall demo");
         println!("  broker   {broker_url} (embedded rumqttd)");
         println!("  device   {device} (simulated, answers every method)");
