@@ -19,8 +19,8 @@ use wildmatch::WildMatch;
 pub struct Credential {
     name: String,
     secret: Vec<u8>,
-    targets: Vec<WildMatch>,
-    methods: Vec<WildMatch>,
+    /// What it may call: (target glob, method glob) pairs.
+    rules: Vec<(WildMatch, WildMatch)>,
     limiter: Option<RateLimiter<NotKeyed, InMemoryState, DefaultClock>>,
     rate: Option<(u32, u32)>,
 }
@@ -60,18 +60,37 @@ impl Credential {
     /// # Errors
     /// [`Refusal::Forbidden`] naming the credential and what was refused.
     pub fn allows(&self, target: &str, method: &str) -> Result<(), Refusal> {
-        let target_ok = self.targets.iter().any(|g| g.matches(target));
-        let method_ok = self.methods.iter().any(|g| g.matches(method));
-        match (target_ok, method_ok) {
-            (true, true) => Ok(()),
-            (false, _) => Err(Refusal::Forbidden(format!(
-                "credential '{}' may not call target '{target}'",
+        let mut target_ok = false;
+        for (t, m) in &self.rules {
+            if t.matches(target) {
+                if m.matches(method) {
+                    return Ok(());
+                }
+                target_ok = true;
+            }
+        }
+        Err(Refusal::Forbidden(if target_ok {
+            format!(
+                "credential '{}' may not call method '{method}' on target '{target}'",
                 self.name
-            ))),
-            (true, false) => Err(Refusal::Forbidden(format!(
-                "credential '{}' may not call method '{method}'",
-                self.name
-            ))),
+            )
+        } else {
+            format!("credential '{}' may not call target '{target}'", self.name)
+        }))
+    }
+
+    /// A credential for a verified bearer token (a JWT): its name and what
+    /// it may call, as (target glob, method glob) pairs; no secret, no rate.
+    pub fn verified(name: String, rules: Vec<(String, String)>) -> Self {
+        Credential {
+            name,
+            secret: Vec::new(),
+            rules: rules
+                .iter()
+                .map(|(t, m)| (WildMatch::new(t), WildMatch::new(m)))
+                .collect(),
+            limiter: None,
+            rate: None,
         }
     }
 
@@ -141,8 +160,7 @@ impl Credentials {
                 Arc::new(Credential {
                     name: format!("token-{}", i + 1),
                     secret: t.as_bytes().to_vec(),
-                    targets: vec![WildMatch::new("*")],
-                    methods: vec![WildMatch::new("*")],
+                    rules: vec![(WildMatch::new("*"), WildMatch::new("*"))],
                     limiter: None,
                     rate: None,
                 })
@@ -200,8 +218,15 @@ impl Credentials {
             list.push(Arc::new(Credential {
                 name: e.name,
                 secret: secret.into_bytes(),
-                targets: e.targets.iter().map(|t| WildMatch::new(t)).collect(),
-                methods: e.methods.iter().map(|m| WildMatch::new(m)).collect(),
+                rules: e
+                    .targets
+                    .iter()
+                    .flat_map(|t| {
+                        e.methods
+                            .iter()
+                            .map(move |m| (WildMatch::new(t), WildMatch::new(m)))
+                    })
+                    .collect(),
                 limiter,
                 rate,
             }));
@@ -243,12 +268,14 @@ impl Credentials {
 }
 
 /// The credentials in force, and where they come from: swapped whole on
-/// reload, so a call in flight keeps the credential it started with.
+/// reload, so a call in flight keeps the credential it started with; and
+/// the JWT verifier, if bearer JWTs are accepted.
 #[derive(Debug)]
 pub struct Access {
     current: RwLock<Arc<Credentials>>,
     file: Option<PathBuf>,
     tokens: Vec<String>,
+    jwt: Option<crate::jwt::JwtVerifier>,
 }
 
 impl Access {
@@ -261,6 +288,7 @@ impl Access {
             current: RwLock::default(),
             file,
             tokens,
+            jwt: None,
         };
         access.reload()?;
         Ok(access)
@@ -279,6 +307,37 @@ impl Access {
         let n = all.list.len();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(all);
         Ok(n)
+    }
+
+    /// Accepts bearer JWTs verified by `verifier` as well.
+    pub fn with_jwt(mut self, verifier: crate::jwt::JwtVerifier) -> Self {
+        self.jwt = Some(verifier);
+        self
+    }
+
+    /// Whether any caller needs a credential.
+    pub fn is_required(&self) -> bool {
+        self.jwt.is_some() || !self.current().is_empty()
+    }
+
+    /// The credential `presented` stands for: a configured secret, or a JWT
+    /// that verifies.
+    ///
+    /// # Errors
+    /// Why it was refused, for the 401's message (never the token).
+    pub fn authenticate(&self, presented: &[u8]) -> Result<Arc<Credential>, String> {
+        if presented.is_empty() {
+            return Err("no bearer token".into());
+        }
+        if let Some(c) = self.current().find(presented) {
+            return Ok(c);
+        }
+        match (&self.jwt, std::str::from_utf8(presented)) {
+            (Some(jwt), Ok(token)) if token.matches('.').count() == 2 => {
+                jwt.verify(token).map(Arc::new)
+            }
+            _ => Err("unknown token".into()),
+        }
     }
 
     /// The credentials in force now.

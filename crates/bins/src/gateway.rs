@@ -520,32 +520,29 @@ impl Gateway {
         connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     ) -> Result<Caller, Box<Response>> {
         let source = connect.map(|Extension(ConnectInfo(addr))| addr);
-        let Some(access) = &self.access else {
+        let Some(access) = self.access.as_ref().filter(|a| a.is_required()) else {
             return Ok(Caller {
                 credential: None,
                 source,
             });
         };
-        let credentials = access.current();
-        if credentials.is_empty() {
-            return Ok(Caller {
-                credential: None,
-                source,
-            });
-        }
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-            .filter(|t| t.len() <= MAX_TOKEN_BYTES)
             .unwrap_or_default();
-        match credentials.find(presented) {
-            Some(credential) if !presented.is_empty() => Ok(Caller {
+        let verdict = if presented.len() > MAX_TOKEN_BYTES {
+            Err(format!("bearer token over {MAX_TOKEN_BYTES} bytes"))
+        } else {
+            access.authenticate(presented)
+        };
+        match verdict {
+            Ok(credential) => Ok(Caller {
                 credential: Some(credential),
                 source,
             }),
-            _ => {
+            Err(why) => {
                 self.service.record_refused(Outcome::Unauthorized);
-                let mut response = respond(HttpReply::unauthorized());
+                let mut response = respond(HttpReply::unauthorized_because(why));
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod gateway;
 pub mod http_client;
+pub mod jwt;
 pub mod lambda;
 pub mod service;
 pub mod sigv4;

@@ -308,6 +308,10 @@ pub struct UnauthorizedBody {
     /// Always `unauthorized`.
     #[schema(value_type = String, pattern = "^unauthorized$")]
     pub result: Outcome,
+    /// Why, when there is more to say than "no credential matched" (a JWT
+    /// that is expired, for another audience, ...); never the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
 }
 
 /// The seed's query parameters.
@@ -364,10 +368,20 @@ impl HttpReply {
 
     /// 401 `{"result": "unauthorized"}`.
     pub fn unauthorized() -> Self {
+        Self::unauthorized_with(None)
+    }
+
+    /// 401 saying why (never the token).
+    pub fn unauthorized_because(why: impl Into<String>) -> Self {
+        Self::unauthorized_with(Some(why.into()))
+    }
+
+    fn unauthorized_with(response: Option<String>) -> Self {
         HttpReply {
             status: 401,
             body: body(&UnauthorizedBody {
                 result: Outcome::Unauthorized,
+                response,
             }),
             replayed: false,
             location: None,

@@ -151,6 +151,8 @@ fn the_bench_drives_the_gateway_over_https() {
             &pki.path("ca.pem"),
         ])
         .arg("--json")
+        // The embedded broker's bench runs on 3.1.1, whatever this run's version.
+        .env_remove("DIRECTCALL_MQTT_VERSION")
         .output()
         .unwrap();
     assert!(

@@ -452,6 +452,13 @@ async fn nodes(args: &BenchArgs) -> Result<Nodes, String> {
 
 async fn started_nodes(args: &BenchArgs) -> Result<Nodes, String> {
     if args.embedded {
+        if args.mqtt_version() == directcall_core::MqttVersion::V5 {
+            // rumqttd serves MQTT 5 on a port of its own, and the floor
+            // speaks 3.1.1: one node cannot carry both here.
+            return Err(
+                "--embedded runs on MQTT 3.1.1 only; use --mosquitto for --mqtt-version 5".into(),
+            );
+        }
         let b = EmbeddedBroker::start(None).map_err(|e| e.to_string())?;
         // rumqttd runs until the process exits.
         return Ok(Nodes::single(

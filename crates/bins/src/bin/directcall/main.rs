@@ -86,6 +86,21 @@ struct ServeArgs {
     /// Put request and response bodies in the audit lines (never by default).
     #[arg(long, env = "DIRECTCALL_AUDIT_BODIES")]
     audit_bodies: bool,
+    /// Accept bearer JWTs signed by a key of this JWKS (a file, or an
+    /// http(s):// URL read once at start); needs --jwt-issuer and
+    /// --jwt-audience.
+    #[arg(long, env = "DIRECTCALL_JWKS", requires_all = ["jwt_issuer", "jwt_audience"])]
+    jwks: Option<String>,
+    /// The `iss` a JWT must carry.
+    #[arg(long, env = "DIRECTCALL_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// The `aud` a JWT must carry.
+    #[arg(long, env = "DIRECTCALL_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// The claim listing what a JWT may call, as `target/method` globs
+    /// (space-separated, or an array).
+    #[arg(long, env = "DIRECTCALL_JWT_SCOPE_CLAIM", default_value = "scope")]
+    jwt_scope_claim: String,
     /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "DIRECTCALL_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -207,10 +222,26 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let metrics = directcall_bins::cli::metrics_handle();
     // Start even while the broker is down: /healthz says 503 and calls get 503 until it is up.
     let requester = Requester::start(options).map_err(|e| e.to_string())?;
-    let access = Arc::new(
-        Access::new(args.api_tokens, args.credentials.clone())
-            .map_err(|e| format!("--credentials {e}"))?,
-    );
+    let mut access = Access::new(args.api_tokens, args.credentials.clone())
+        .map_err(|e| format!("--credentials {e}"))?;
+    if let (Some(jwks), Some(iss), Some(aud)) = (&args.jwks, &args.jwt_issuer, &args.jwt_audience) {
+        let text = if jwks.starts_with("http://") || jwks.starts_with("https://") {
+            let r = http_client::get(jwks, &[])
+                .await
+                .map_err(|e| format!("--jwks {jwks}: {e}"))?;
+            if r.status != 200 {
+                return Err(format!("--jwks {jwks}: HTTP {}", r.status));
+            }
+            r.body
+        } else {
+            std::fs::read_to_string(jwks).map_err(|e| format!("--jwks {jwks}: {e}"))?
+        };
+        let verifier =
+            directcall_bins::jwt::JwtVerifier::new(&text, iss, aud, &args.jwt_scope_claim)
+                .map_err(|e| format!("--jwks {jwks}: {e}"))?;
+        access = access.with_jwt(verifier);
+    }
+    let access = Arc::new(access);
     let credentials = access.current().iter().count();
     let mut config = GatewayConfig::new(InvokeService::new(requester, limits))
         .access(Arc::clone(&access))
@@ -222,10 +253,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if args.credentials.is_some() {
         tokio::spawn(reload_on_sighup(access));
     }
-    let auth = if credentials == 0 {
-        "off".to_owned()
-    } else {
-        format!("{credentials} credentials")
+    let auth = match (credentials, args.jwks.is_some()) {
+        (0, false) => "off".to_owned(),
+        (n, false) => format!("{n} credentials"),
+        (n, true) => format!("{n} credentials and JWTs"),
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
