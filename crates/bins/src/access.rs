@@ -414,6 +414,99 @@ impl Drop for TargetSlot {
     }
 }
 
+/// Who may call what, as flags: `directcall serve` and `directcall-lambda`
+/// take the same ones.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct AccessArgs {
+    /// API tokens (comma-separated); when set, calls need `Authorization: Bearer <token>`.
+    #[arg(
+        long = "api-token",
+        env = "DIRECTCALL_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_tokens: Vec<String>,
+    /// A credentials file (TOML: names, secrets, the targets and methods each
+    /// may call, rates; docs/SECURITY.md), reloaded on SIGHUP by `serve`.
+    #[arg(long, env = "DIRECTCALL_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Accept bearer JWTs signed by a key of this JWKS (a file, or an
+    /// http(s):// URL read once at start); needs --jwt-issuer and
+    /// --jwt-audience.
+    #[arg(long, env = "DIRECTCALL_JWKS", requires_all = ["jwt_issuer", "jwt_audience"])]
+    pub jwks: Option<String>,
+    /// The `iss` a JWT must carry.
+    #[arg(long, env = "DIRECTCALL_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The `aud` a JWT must carry.
+    #[arg(long, env = "DIRECTCALL_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The claim listing what a JWT may call, as `target/method` globs
+    /// (space-separated, or an array).
+    #[arg(long, env = "DIRECTCALL_JWT_SCOPE_CLAIM", default_value = "scope")]
+    pub jwt_scope_claim: String,
+    /// At most this many calls in flight per target; more get 429 (0: no bound).
+    #[arg(long, env = "DIRECTCALL_MAX_IN_FLIGHT_PER_TARGET", default_value_t = 8)]
+    pub max_in_flight_per_target: usize,
+    /// Put request and response bodies in the audit lines (never by default).
+    #[arg(long, env = "DIRECTCALL_AUDIT_BODIES")]
+    pub audit_bodies: bool,
+}
+
+impl AccessArgs {
+    /// The access rules these flags describe (the JWKS read now).
+    ///
+    /// # Errors
+    /// A credentials file or JWKS that cannot be read or used, naming the flag.
+    pub async fn access(&self) -> Result<Access, String> {
+        let mut access = Access::new(self.api_tokens.clone(), self.credentials.clone())
+            .map_err(|e| format!("--credentials {e}"))?;
+        if let (Some(jwks), Some(iss), Some(aud)) =
+            (&self.jwks, &self.jwt_issuer, &self.jwt_audience)
+        {
+            let text = if jwks.starts_with("http://") || jwks.starts_with("https://") {
+                let r = crate::http_client::get(jwks, &[])
+                    .await
+                    .map_err(|e| format!("--jwks {jwks}: {e}"))?;
+                if r.status != 200 {
+                    return Err(format!("--jwks {jwks}: HTTP {}", r.status));
+                }
+                r.body
+            } else {
+                std::fs::read_to_string(jwks).map_err(|e| format!("--jwks {jwks}: {e}"))?
+            };
+            let verifier = crate::jwt::JwtVerifier::new(&text, iss, aud, &self.jwt_scope_claim)
+                .map_err(|e| format!("--jwks {jwks}: {e}"))?;
+            access = access.with_jwt(verifier);
+        }
+        Ok(access)
+    }
+
+    /// `config` with `access` and these flags' limits and audit setting.
+    pub fn apply(
+        &self,
+        config: crate::gateway::GatewayConfig,
+        access: Arc<Access>,
+    ) -> crate::gateway::GatewayConfig {
+        let config = config.access(access).audit_bodies(self.audit_bodies);
+        if self.max_in_flight_per_target > 0 {
+            config.target_limit(self.max_in_flight_per_target)
+        } else {
+            config
+        }
+    }
+
+    /// How callers are checked, in words, for the start-up log line.
+    pub fn describe(&self, access: &Access) -> String {
+        match (access.current().iter().count(), self.jwks.is_some()) {
+            (0, false) => "off".to_owned(),
+            (n, false) => format!("{n} credentials"),
+            (n, true) => format!("{n} credentials and JWTs"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -542,7 +542,13 @@ impl Gateway {
             }),
             Err(why) => {
                 self.service.record_refused(Outcome::Unauthorized);
-                let mut response = respond(HttpReply::unauthorized_because(why));
+                // No token at all: nothing more to say than the status.
+                let reply = if presented.is_empty() {
+                    HttpReply::unauthorized()
+                } else {
+                    HttpReply::unauthorized_because(why)
+                };
+                let mut response = respond(reply);
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -61,14 +61,9 @@ pub struct LambdaArgs {
     /// [default: the keepalive].
     #[arg(long, env = "DIRECTCALL_IDLE_RECONNECT_SECS")]
     pub idle_reconnect: Option<u64>,
-    /// API tokens (comma-separated); when set, calls need `Authorization: Bearer <token>`.
-    #[arg(
-        long = "api-token",
-        env = "DIRECTCALL_API_TOKENS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub api_tokens: Vec<String>,
+    /// Who may call what (as for `directcall serve`; no SIGHUP reload here).
+    #[command(flatten)]
+    pub access: crate::access::AccessArgs,
 }
 
 /// How long `init` waits for the broker before the first event.
@@ -90,6 +85,9 @@ pub enum LambdaError {
     /// The requester.
     #[error(transparent)]
     Requester(#[from] directcall_cloud::Error),
+    /// The access rules (a credentials file or JWKS that cannot be used).
+    #[error("{0}")]
+    Access(String),
     /// The Lambda runtime.
     #[error("Lambda runtime: {0}")]
     Runtime(String),
@@ -120,10 +118,13 @@ pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
         idle_reconnect,
         last_done: Mutex::new(Instant::now()),
     });
-    let config = GatewayConfig::new(InvokeService::new(requester, limits))
-        .tokens(args.api_tokens)
-        .metrics(metrics)
-        .wait_for_broker(true);
+    let access = args.access.access().await.map_err(LambdaError::Access)?;
+    let config = args.access.apply(
+        GatewayConfig::new(InvokeService::new(requester, limits))
+            .metrics(metrics)
+            .wait_for_broker(true),
+        Arc::new(access),
+    );
     let app =
         axum::middleware::from_fn_with_state(environment, prepare).layer(gateway::app(config));
     let app = tower::service_fn(move |request: lambda_http::Request| {

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use directcall_bins::access::Access;
+use directcall_bins::access::{Access, AccessArgs};
 use directcall_bins::cli::{BrokerArgs, RequesterArgs};
 use directcall_bins::gateway::GatewayConfig;
 use directcall_bins::service::{HttpReply, InvokeService, Limits};
@@ -65,42 +65,11 @@ struct ServeArgs {
     /// Longest timeout a caller may ask for, in seconds; more is refused with 400.
     #[arg(long, env = "DIRECTCALL_MAX_TIMEOUT", default_value_t = 60)]
     max_timeout: u64,
-    /// API tokens (comma-separated); when set, calls need `Authorization: Bearer <token>`.
-    #[arg(
-        long = "api-token",
-        env = "DIRECTCALL_API_TOKENS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    api_tokens: Vec<String>,
-    /// A credentials file (TOML: names, secrets, the targets and methods each
-    /// may call, rates; docs/SECURITY.md), reloaded on SIGHUP.
-    #[arg(long, env = "DIRECTCALL_CREDENTIALS")]
-    credentials: Option<std::path::PathBuf>,
-    /// At most this many calls in flight per target; more get 429 (0: no bound).
-    #[arg(long, env = "DIRECTCALL_MAX_IN_FLIGHT_PER_TARGET", default_value_t = 8)]
-    max_in_flight_per_target: usize,
+    #[command(flatten)]
+    access: AccessArgs,
     /// Logs as JSON lines (for log shippers), the audit lines included.
     #[arg(long, env = "DIRECTCALL_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
-    /// Put request and response bodies in the audit lines (never by default).
-    #[arg(long, env = "DIRECTCALL_AUDIT_BODIES")]
-    audit_bodies: bool,
-    /// Accept bearer JWTs signed by a key of this JWKS (a file, or an
-    /// http(s):// URL read once at start); needs --jwt-issuer and
-    /// --jwt-audience.
-    #[arg(long, env = "DIRECTCALL_JWKS", requires_all = ["jwt_issuer", "jwt_audience"])]
-    jwks: Option<String>,
-    /// The `iss` a JWT must carry.
-    #[arg(long, env = "DIRECTCALL_JWT_ISSUER")]
-    jwt_issuer: Option<String>,
-    /// The `aud` a JWT must carry.
-    #[arg(long, env = "DIRECTCALL_JWT_AUDIENCE")]
-    jwt_audience: Option<String>,
-    /// The claim listing what a JWT may call, as `target/method` globs
-    /// (space-separated, or an array).
-    #[arg(long, env = "DIRECTCALL_JWT_SCOPE_CLAIM", default_value = "scope")]
-    jwt_scope_claim: String,
     /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "DIRECTCALL_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -222,42 +191,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let metrics = directcall_bins::cli::metrics_handle();
     // Start even while the broker is down: /healthz says 503 and calls get 503 until it is up.
     let requester = Requester::start(options).map_err(|e| e.to_string())?;
-    let mut access = Access::new(args.api_tokens, args.credentials.clone())
-        .map_err(|e| format!("--credentials {e}"))?;
-    if let (Some(jwks), Some(iss), Some(aud)) = (&args.jwks, &args.jwt_issuer, &args.jwt_audience) {
-        let text = if jwks.starts_with("http://") || jwks.starts_with("https://") {
-            let r = http_client::get(jwks, &[])
-                .await
-                .map_err(|e| format!("--jwks {jwks}: {e}"))?;
-            if r.status != 200 {
-                return Err(format!("--jwks {jwks}: HTTP {}", r.status));
-            }
-            r.body
-        } else {
-            std::fs::read_to_string(jwks).map_err(|e| format!("--jwks {jwks}: {e}"))?
-        };
-        let verifier =
-            directcall_bins::jwt::JwtVerifier::new(&text, iss, aud, &args.jwt_scope_claim)
-                .map_err(|e| format!("--jwks {jwks}: {e}"))?;
-        access = access.with_jwt(verifier);
-    }
-    let access = Arc::new(access);
-    let credentials = access.current().iter().count();
-    let mut config = GatewayConfig::new(InvokeService::new(requester, limits))
-        .access(Arc::clone(&access))
-        .audit_bodies(args.audit_bodies)
-        .metrics(metrics);
-    if args.max_in_flight_per_target > 0 {
-        config = config.target_limit(args.max_in_flight_per_target);
-    }
-    if args.credentials.is_some() {
+    let access = Arc::new(args.access.access().await?);
+    let auth = args.access.describe(&access);
+    let config = args.access.apply(
+        GatewayConfig::new(InvokeService::new(requester, limits)).metrics(metrics),
+        Arc::clone(&access),
+    );
+    if args.access.credentials.is_some() {
         tokio::spawn(reload_on_sighup(access));
     }
-    let auth = match (credentials, args.jwks.is_some()) {
-        (0, false) => "off".to_owned(),
-        (n, false) => format!("{n} credentials"),
-        (n, true) => format!("{n} credentials and JWTs"),
-    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let read = |flag: &str, p: &std::path::Path| {
