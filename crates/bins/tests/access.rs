@@ -264,6 +264,31 @@ async fn scopes_limits_reload_and_audit() {
     assert!(audits.iter().any(|a| a["outcome"] == "rate_limited"));
     assert!(lines.iter().any(|l| l.contains("credentials reloaded")));
 
+    // The limits are in /metrics.
+    let (status, metrics) = e2e::get_with(
+        &format!("{base}/metrics"),
+        &[("authorization", "Bearer admin-SECRET-0")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains("directcall_limit_target_in_flight 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("directcall_limit_credential_calls_per_second{credential=\"dashboard\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("directcall_calls_total{outcome=\"forbidden\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("directcall_calls_total{outcome=\"rate_limited\"}"),
+        "{text}"
+    );
+
     // No secret in any line of the run.
     for secret in ["ops-SECRET-1", "dash-SECRET-2", "admin-SECRET-0"] {
         assert!(

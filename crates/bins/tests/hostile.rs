@@ -345,3 +345,94 @@ async fn hostile_requests_do_not_stop_a_device() {
     assert_eq!(dev.stats().malformed, 8);
     assert_eq!(dev.stats().executed, 1);
 }
+
+/// The raw status line of one HTTP/1.1 request written byte for byte.
+async fn raw_status(base: &str, request: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = within(10, tcp.read(&mut buf)).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"))
+}
+
+/// Hostile headers of the access rules and the call records: oversized and
+/// malformed tokens, header injection (CR, NUL, obs-fold), non-ASCII and
+/// oversized idempotency keys, too many headers. Each is a 4xx (never a
+/// 500), nothing is published, and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_headers_get_a_4xx_and_publish_nothing() {
+    let b = TestBroker::start(common::Kind::Embedded).unwrap();
+    let mut spy = Raw::connect(&b.options_v311(), &unique("spy")).await;
+    spy.subscribe("#").await;
+    let (_gw, base) = gateway(&b.url(), &["--api-token", "tok"]).await;
+    wait_health(&base, 200).await;
+    let url = format!("{base}/invoke?request=r&method=m&target=car&timeout=1");
+
+    let long = format!("Bearer {}", "t".repeat(10_000));
+    for (headers, want, needle) in [
+        (
+            vec![("authorization", long.as_str())],
+            401,
+            "over 4096 bytes",
+        ),
+        (
+            vec![("authorization", "Bearer a.b.c")],
+            401,
+            "unknown token",
+        ),
+        (vec![("authorization", "Basic dG9rOg==")], 401, ""),
+        (
+            vec![
+                ("authorization", "Bearer tok"),
+                ("idempotency-key", "has space"),
+            ],
+            400,
+            "invalid Idempotency-Key",
+        ),
+    ] {
+        let (status, body) = e2e::get_with(&url, &headers).await;
+        assert_eq!(status, want, "{headers:?}: {body}");
+        if !needle.is_empty() {
+            assert!(body.to_string().contains(needle), "{body}");
+        }
+    }
+    let key = "k".repeat(300);
+    let (status, body) = e2e::get_with(
+        &url,
+        &[("authorization", "Bearer tok"), ("idempotency-key", &key)],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    let path = "/invoke?request=r&method=m&target=car&timeout=1";
+    let many: String = (0..150).map(|i| format!("X-Pad-{i}: x\r\n")).collect();
+    let raw: Vec<Vec<u8>> = vec![
+        // A CR inside a value: an injected header.
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nIdempotency-Key: a\rX-Evil: 1\r\n\r\n").into_bytes(),
+        // A NUL inside the token.
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\0ok\r\n\r\n").into_bytes(),
+        // obs-fold continuing a header on the next line.
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nIdempotency-Key: a\r\n b\r\n\r\n").into_bytes(),
+        // A key that is not ASCII.
+        [
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nIdempotency-Key: ").as_bytes(),
+            "clé".as_bytes(),
+            b"\r\nConnection: close\r\n\r\n",
+        ]
+        .concat(),
+        // Too many headers.
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{many}\r\n").into_bytes(),
+    ];
+    for (n, request) in raw.iter().enumerate() {
+        let status = raw_status(&base, request).await;
+        assert!((400..500).contains(&status), "raw case {n}: {status}");
+    }
+    spy.nothing_for(500).await;
+    wait_health(&base, 200).await;
+}

@@ -163,6 +163,15 @@ pub(crate) struct BenchArgs {
     /// certificate (PEM), needs --tls-key and --tls-ca.
     #[arg(long, env = "DIRECTCALL_BENCH_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
     tls_cert: Option<std::path::PathBuf>,
+    /// --mode http: a header sent with every call, `Name: value`
+    /// (repeatable), e.g. `Authorization: Bearer …` for a gateway with
+    /// credentials.
+    #[arg(
+        long = "http-header",
+        env = "DIRECTCALL_BENCH_HTTP_HEADERS",
+        value_delimiter = '\n'
+    )]
+    http_headers: Vec<String>,
     /// --mode http: the key of --tls-cert.
     #[arg(long, env = "DIRECTCALL_BENCH_TLS_KEY")]
     tls_key: Option<std::path::PathBuf>,
@@ -646,7 +655,24 @@ async fn http(
         .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
         .collect();
     let progress = progress_bar(load, args.json);
-    let report = http_load("http", &bases, paths, load, progress, &client_tls(args)?).await;
+    let headers = args
+        .http_headers
+        .iter()
+        .map(|h| match h.split_once(':') {
+            Some((n, v)) => Ok((n.trim().to_owned(), v.trim().to_owned())),
+            None => Err(format!("--http-header {h}: give `Name: value`")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let report = http_load(
+        "http",
+        &bases,
+        paths,
+        load,
+        progress,
+        &client_tls(args)?,
+        headers,
+    )
+    .await;
     drop(stops);
     report
 }
@@ -679,7 +705,9 @@ async fn http_load(
     load: &LoadOptions,
     progress: Option<indicatif::ProgressBar>,
     tls: &directcall_core::TlsOptions,
+    headers: Vec<(String, String)>,
 ) -> Result<LoadReport, String> {
+    let headers = Arc::new(headers);
     let mut connections = Vec::new();
     for i in 0..load.concurrency {
         let base = &bases[i % bases.len()];
@@ -693,11 +721,11 @@ async fn http_load(
     let pool = Arc::new(std::sync::Mutex::new(connections));
     let paths = Arc::new(paths);
     Ok(bench::run(mode, load, progress, move |n| {
-        let (pool, paths) = (Arc::clone(&pool), Arc::clone(&paths));
+        let (pool, paths, headers) = (Arc::clone(&pool), Arc::clone(&paths), Arc::clone(&headers));
         async move {
             let taken = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let mut conn = taken.ok_or(Failure::from("no connection"))?;
-            let result = conn.get(&paths[n as usize % paths.len()], &[]).await;
+            let result = conn.get(&paths[n as usize % paths.len()], &headers).await;
             pool.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
             match result {
                 Ok(r) if r.status == 200 && r.body.contains("\"status\":200") => Ok(()),
@@ -826,6 +854,7 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
         fast,
         None,
         &Default::default(),
+        Vec::new(),
     )
     .await?;
     let rss_idle = gateway.rss_bytes();
@@ -889,6 +918,7 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
         &beside,
         None,
         &Default::default(),
+        Vec::new(),
     )
     .await?;
     let waiting_after = gateway.pending().await.unwrap_or(0);
