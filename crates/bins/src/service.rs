@@ -230,7 +230,9 @@ pub struct AcceptedBody {
     pub call: String,
 }
 
-/// 200 from `GET /v1/calls/{id}`: what became of a call.
+/// 200 from `GET /v1/calls/{id}`: what became of a call. The schema of
+/// [`directcall_cloud::CallRecord`]'s JSON, which is what is sent (the
+/// cloud crate does not depend on utoipa); a test keeps the two alike.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[non_exhaustive]
 pub struct CallRecordBody {
@@ -756,21 +758,8 @@ impl InvokeService {
         match self.requester.fetch_call_record(&id).await {
             Some(r) => HttpReply {
                 status: 200,
-                body: body(&CallRecordBody {
-                    id: r.id.to_string(),
-                    target: r.target.to_string(),
-                    method: r.method.to_string(),
-                    state: serde_json::to_value(r.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    sent_at_ms: r.sent_at_ms,
-                    delivered_at_ms: r.delivered_at_ms,
-                    answered_at_ms: r.answered_at_ms,
-                    status: r.status,
-                    response: r.response,
-                    reason_code: r.reason_code,
-                }),
+                // directcall_cloud::CallRecord's own JSON: CallRecordBody is its schema.
+                body: body(&r),
                 replayed: false,
                 location: None,
                 retry_after: None,

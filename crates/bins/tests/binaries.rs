@@ -704,6 +704,28 @@ async fn the_openapi_document_matches_the_gateway() {
     assert_eq!(status, 200, "{answered}");
     let records = "/v1/calls/{id}";
     let id = answered["id"].as_str().unwrap();
+    // The record sent is the CallRecord's own JSON: every field of it is
+    // in the documented schema, and the schema's required ones are there.
+    let (_, record) = get_with(&format!("{base}/v1/calls/{id}"), &auth).await;
+    let schema = &doc["components"]["schemas"]["CallRecordBody"];
+    let fields: BTreeSet<&str> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in record.as_object().unwrap().keys() {
+        assert!(
+            fields.contains(key.as_str()),
+            "{key} is not in CallRecordBody"
+        );
+    }
+    for key in schema["required"].as_array().unwrap() {
+        assert!(
+            record.get(key.as_str().unwrap()).is_some(),
+            "{key} missing: {record}"
+        );
+    }
     for (path, headers) in [
         (format!("/v1/calls/{id}"), &narrow[..]),
         (format!("/v1/calls/{id}"), &auth[..]),

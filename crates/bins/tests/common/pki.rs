@@ -7,7 +7,11 @@ use std::process::Command;
 
 use directcall_core::testkit::unique;
 
-pub fn openssl(dir: &Path, args: &[&str]) {
+/// Runs `openssl args` in `dir`; its stdout.
+///
+/// # Panics
+/// When openssl is missing or fails.
+pub fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -18,6 +22,7 @@ pub fn openssl(dir: &Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 /// A CA and certificates signed by it, in a fresh folder.

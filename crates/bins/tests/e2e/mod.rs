@@ -95,14 +95,7 @@ pub async fn gateway(broker_url: &str, extra: &[&str]) -> (Proc, String) {
     args.extend_from_slice(extra);
     let proc = Proc::spawn(DIRECTCALL, &args);
     let base = format!("http://{listen}");
-    let until = Instant::now() + Duration::from_secs(20);
-    while http_client::get(&format!("{base}/openapi.json"), &[])
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < until, "gateway did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_listening(&base).await;
     (proc, base)
 }
 
@@ -142,6 +135,12 @@ pub async fn gateway_logged(
     });
     let proc = Proc { child, lines };
     let base = format!("http://{listen}");
+    wait_listening(&base).await;
+    (proc, base, logs)
+}
+
+/// Waits until the gateway at `base` answers HTTP at all, within 20 s.
+async fn wait_listening(base: &str) {
     let until = Instant::now() + Duration::from_secs(20);
     while http_client::get(&format!("{base}/openapi.json"), &[])
         .await
@@ -150,7 +149,6 @@ pub async fn gateway_logged(
         assert!(Instant::now() < until, "gateway did not listen");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (proc, base, logs)
 }
 
 /// Waits until `/healthz` answers `status`.

@@ -504,6 +504,15 @@ impl std::fmt::Debug for Link {
     }
 }
 
+/// What became of a publish [`Link::try_enqueue`] tried to queue.
+enum Enqueued {
+    Queued,
+    /// The queue was full; the publish may wait for room.
+    Full(Deferred),
+    /// The queue was full and the publish is tracked: not to wait.
+    Dropped,
+}
+
 impl Link {
     /// Queues a publish without waiting.
     ///
@@ -535,24 +544,44 @@ impl Link {
         retain: bool,
         properties: Option<&Properties>,
     ) -> Result<(), PublishError> {
-        let (topic, payload) = (topic.into(), payload.into());
-        match self.tracked(qos) {
-            // Queued in the same order as noted, under the one lock.
-            Some(unwritten) => {
-                let mut unwritten = lock(unwritten);
-                unwritten.push_back(Some(topic.clone()));
-                let result = self
-                    .client
-                    .try_publish(topic, payload, qos, retain, properties);
-                if result.is_err() {
-                    unwritten.pop_back();
-                }
-                result.map_err(|_| PublishError::NotQueued)
-            }
-            None => self
+        match self.try_enqueue(topic.into(), payload.into(), qos, retain, properties, true) {
+            Enqueued::Queued => Ok(()),
+            Enqueued::Full(_) | Enqueued::Dropped => Err(PublishError::NotQueued),
+        }
+    }
+
+    /// Queues a publish without waiting. When this link tracks QoS 1 acks,
+    /// the publish is noted (its topic, if `note_topic`) under the same
+    /// lock as it is queued, so that the noted order is the queue's.
+    fn try_enqueue(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        qos: QoS,
+        retain: bool,
+        properties: Option<&Properties>,
+        note_topic: bool,
+    ) -> Enqueued {
+        let Some(unwritten) = self.tracked(qos) else {
+            return match self
                 .client
                 .try_publish(topic, payload, qos, retain, properties)
-                .map_err(|_| PublishError::NotQueued),
+            {
+                Ok(()) => Enqueued::Queued,
+                Err(deferred) => Enqueued::Full(deferred),
+            };
+        };
+        let mut unwritten = lock(unwritten);
+        unwritten.push_back(note_topic.then(|| topic.clone()));
+        match self
+            .client
+            .try_publish(topic, payload, qos, retain, properties)
+        {
+            Ok(()) => Enqueued::Queued,
+            Err(_) => {
+                unwritten.pop_back();
+                Enqueued::Dropped
+            }
         }
     }
 
@@ -587,37 +616,19 @@ impl Link {
         retain: bool,
         properties: Option<&Properties>,
     ) {
-        let (topic, payload) = (topic.into(), payload.into());
-        let deferred = match self.tracked(qos) {
-            Some(unwritten) => {
-                let mut unwritten = lock(unwritten);
-                unwritten.push_back(None);
-                match self
-                    .client
-                    .try_publish(topic, payload, qos, retain, properties)
-                {
-                    Ok(()) => return,
-                    Err(_) => {
-                        // Waiting for room would queue it out of the noted
-                        // order: dropped instead (a full queue of a link
-                        // that tracks acks means calls are failing anyway).
-                        unwritten.pop_back();
-                        tracing::warn!("request queue full: a QoS 1 publish was dropped");
-                        return;
-                    }
-                }
+        match self.try_enqueue(topic.into(), payload.into(), qos, retain, properties, false) {
+            Enqueued::Queued => {}
+            // Waiting for room would queue it out of the noted order:
+            // dropped instead (a full queue of a link that tracks acks
+            // means calls are failing anyway).
+            Enqueued::Dropped => {
+                tracing::warn!("request queue full: a QoS 1 publish was dropped");
             }
-            None => match self
-                .client
-                .try_publish(topic, payload, qos, retain, properties)
-            {
-                Ok(()) => return,
-                Err(deferred) => deferred,
-            },
-        };
-        if !matches!(deferred, Deferred::Refused) {
-            let client = self.client.clone();
-            tokio::spawn(async move { client.publish_deferred(deferred).await });
+            Enqueued::Full(Deferred::Refused) => {}
+            Enqueued::Full(deferred) => {
+                let client = self.client.clone();
+                tokio::spawn(async move { client.publish_deferred(deferred).await });
+            }
         }
     }
 
