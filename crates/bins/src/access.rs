@@ -79,6 +79,12 @@ impl Credential {
         }))
     }
 
+    /// Whether any of its rules names `target` (the console shows it such
+    /// targets only).
+    pub fn sees_target(&self, target: &str) -> bool {
+        self.rules.iter().any(|(t, _)| t.matches(target))
+    }
+
     /// A credential for a verified bearer token (a JWT): its name and what
     /// it may call, as (target glob, method glob) pairs; no secret, no rate.
     pub fn verified(name: String, rules: Vec<(String, String)>) -> Self {

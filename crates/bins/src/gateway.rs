@@ -26,6 +26,7 @@ use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::access::{Access, Credential, Refusal, TargetLimit, TargetSlot, MAX_TOKEN_BYTES};
+use crate::console::{Console, LogEntry, RecentTarget};
 use crate::service::{
     AcceptedBody, CallRecordBody, HttpReply, InvokeQuery, InvokeService, Limits, MessageBody,
     OfflineBody, OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES,
@@ -56,6 +57,10 @@ pub struct GatewayConfig {
     /// instead of answering 503 at once (the Lambda: a frozen, then thawed,
     /// environment reconnects first). Default: false.
     pub wait_for_broker: bool,
+    /// Serve the web console at `/`, with `/v1/devices` and the event
+    /// stream `/v1/events` (docs/console.md). Default: false; `directcall
+    /// serve` turns it on unless `--no-console`.
+    pub console: bool,
 }
 
 impl GatewayConfig {
@@ -69,7 +74,14 @@ impl GatewayConfig {
             audit_bodies: false,
             metrics: None,
             wait_for_broker: false,
+            console: false,
         }
+    }
+
+    /// Serve the web console at `/` (and `/v1/devices`, `/v1/events`).
+    pub fn console(mut self, on: bool) -> Self {
+        self.console = on;
+        self
     }
 
     /// Require one of `tokens` as a bearer token (empty ones are ignored),
@@ -119,6 +131,26 @@ struct Gateway {
     metrics: Option<PrometheusHandle>,
     openapi: Arc<String>,
     wait_for_broker: bool,
+    console: Option<Arc<Console>>,
+}
+
+/// Fires when the server begins to shut down: the event streams end then,
+/// so a graceful shutdown does not wait for open consoles.
+#[derive(Clone)]
+struct Closing(tokio::sync::watch::Receiver<bool>);
+
+/// `app` with a [`Closing`] signal, and the future that fires it after
+/// `shutdown`.
+fn with_closing(
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (Router, impl Future<Output = ()> + Send + 'static) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    };
+    (app.layer(Extension(Closing(rx))), shutdown)
 }
 
 /// `{"status": "ok"|"unavailable", "broker": "connected"|"disconnected"}`.
@@ -141,8 +173,8 @@ struct HealthBody {
         version = "1",
         description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
     ),
-    paths(invoke_get, invoke_get_slash, invoke_post, call_record, healthz, metrics, openapi),
-    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody)),
+    paths(invoke_get, invoke_get_slash, invoke_post, call_record, devices, events, healthz, metrics, openapi),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody, DevicesBody, DeviceBody, RecentTarget)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -169,14 +201,18 @@ impl utoipa::Modify for BearerAuth {
 
 /// The OpenAPI document of the gateway, with `limits` filled in so a client
 /// (or a schema-driven tester) sees the bounds it will be held to, and
-/// without `/metrics` when the gateway serves none.
-pub fn openapi_json(limits: Limits, with_metrics: bool) -> String {
+/// without `/metrics` or the console's routes when the gateway serves none.
+pub fn openapi_json(limits: Limits, with_metrics: bool, with_console: bool) -> String {
     let Ok(mut doc) = serde_json::to_value(ApiDoc::openapi()) else {
         return String::new();
     };
-    if !with_metrics {
-        if let Some(paths) = doc["paths"].as_object_mut() {
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        if !with_metrics {
             paths.remove("/metrics");
+        }
+        if !with_console {
+            paths.remove("/v1/devices");
+            paths.remove("/v1/events");
         }
     }
     let max_s = limits.max_timeout.as_secs().max(1);
@@ -203,17 +239,24 @@ pub fn openapi_json(limits: Limits, with_metrics: bool) -> String {
 /// need `Authorization: Bearer <token>`; `/healthz` and `/openapi.json`
 /// never do.
 pub fn app(config: GatewayConfig) -> Router {
+    let console = config.console.then(Console::new);
+    let service = match &console {
+        Some(c) => config.service.with_console(Arc::clone(c)),
+        None => config.service,
+    };
     let state = Gateway {
         openapi: Arc::new(openapi_json(
-            config.service.limits(),
+            service.limits(),
             config.metrics.is_some(),
+            console.is_some(),
         )),
         access: config.access,
         target_limit: config.target_limit.map(TargetLimit::new),
         audit_bodies: config.audit_bodies,
         metrics: config.metrics,
         wait_for_broker: config.wait_for_broker,
-        service: config.service,
+        service,
+        console,
     };
     if let Some(limit) = &state.target_limit {
         metrics::gauge!("directcall_limit_target_in_flight").set(limit.max() as f64);
@@ -235,6 +278,13 @@ pub fn app(config: GatewayConfig) -> Router {
         .route("/openapi.json", get(openapi));
     if state.metrics.is_some() {
         router = router.route("/metrics", get(metrics));
+    }
+    if state.console.is_some() {
+        router = router
+            .route("/", get(console_asset))
+            .route("/console/{*path}", get(console_asset))
+            .route("/v1/devices", get(devices))
+            .route("/v1/events", get(events));
     }
     router
         .fallback(not_found)
@@ -258,6 +308,7 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    let (app, shutdown) = with_closing(app, shutdown);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -342,6 +393,7 @@ pub async fn serve_tls(
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tower::ServiceExt;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
+    let (app, shutdown) = with_closing(app, shutdown);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -606,21 +658,74 @@ impl Gateway {
         let slot = match self.admit(caller, &invocation) {
             Ok(slot) => slot,
             Err(reply) => {
-                audit(caller, &names, &reply, started, request.as_ref(), false);
+                self.finished(caller, names, &reply, started, request.as_ref(), false);
                 return self.refuse(reply);
             }
         };
         let reply = self.run(invocation, budget).await;
         drop(slot);
-        audit(
+        self.finished(
             caller,
-            &names,
+            names,
             &reply,
             started,
             request.as_ref(),
             self.audit_bodies,
         );
         respond(reply)
+    }
+
+    /// A call submitted to run on its own (202), if the caller may make it.
+    async fn submit(&self, caller: &Caller, invocation: Invocation) -> Response {
+        let started = Instant::now();
+        let names = (
+            invocation.get_target().clone(),
+            invocation.get_method().clone(),
+        );
+        let request = self.audit_bodies.then(|| invocation.get_request().clone());
+        // Admitted like any call; its target slot is held until the 202
+        // (the call then runs on its own).
+        let reply = match self.admit(caller, &invocation) {
+            Ok(_slot) => self.service.submit(invocation).await,
+            Err(reply) => {
+                self.finished(caller, names, &reply, started, request.as_ref(), false);
+                return self.refuse(reply);
+            }
+        };
+        self.finished(caller, names, &reply, started, request.as_ref(), false);
+        respond(reply)
+    }
+
+    /// The end of a call: its audit line, and its line in the console's
+    /// live log.
+    fn finished(
+        &self,
+        caller: &Caller,
+        names: (directcall_core::Target, directcall_core::Method),
+        reply: &HttpReply,
+        started: Instant,
+        request: Option<&serde_json::Value>,
+        with_response: bool,
+    ) {
+        audit(caller, &names, reply, started, request, with_response);
+        if let Some(console) = &self.console {
+            let (target, method) = names;
+            console.log(LogEntry {
+                at_ms: crate::console::now_ms(),
+                id: reply.body["id"].as_str().map(str::to_owned),
+                target: target.as_str().to_owned(),
+                method: method.as_str().to_owned(),
+                outcome: reply.body["result"].as_str().unwrap_or("-").to_owned(),
+                http_status: reply.status,
+                device_status: reply.body["status"].as_u64(),
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                credential: caller
+                    .credential
+                    .as_ref()
+                    .map_or("-", |c| c.name())
+                    .to_owned(),
+            });
+        }
     }
 
     async fn run(
@@ -812,12 +917,7 @@ async fn invoke_post(
                 // Without records there is nowhere to learn the outcome:
                 // the preference is ignored, as RFC 7240 allows.
                 if prefers_async(&headers) && gw.service.requester().record_options().is_some() {
-                    // Admitted like any call; its target slot is held until
-                    // the 202 (the call then runs on its own).
-                    return match gw.admit(&caller, &invocation) {
-                        Ok(_slot) => respond(gw.service.submit(invocation).await),
-                        Err(reply) => gw.refuse(reply),
-                    };
+                    return gw.submit(&caller, invocation).await;
                 }
                 gw.call(&caller, invocation, budget).await
             }
@@ -981,6 +1081,248 @@ async fn call_record(
     respond(reply)
 }
 
+/// The console's page and its embedded assets.
+async fn console_asset(uri: Uri) -> Response {
+    match crate::console::asset(uri.path()) {
+        Some(response) => response,
+        None => respond(HttpReply::not_found(uri.path())),
+    }
+}
+
+/// `GET /v1/devices`: what presence knows, and the targets called lately.
+#[derive(Debug, Serialize, ToSchema)]
+struct DevicesBody {
+    /// Whether this gateway tracks presence (`--presence`); without it,
+    /// `devices` is empty.
+    presence: bool,
+    /// Every target with a presence record, by name.
+    devices: Vec<DeviceBody>,
+    /// The targets of the last calls through this gateway, newest first,
+    /// each with its latest call.
+    recent: Vec<RecentTarget>,
+}
+
+/// A target's presence.
+#[derive(Debug, Serialize, ToSchema)]
+struct DeviceBody {
+    /// The device.
+    target: String,
+    /// Whether it is connected.
+    online: bool,
+    /// Since when, ms since the Unix epoch.
+    since_ms: u64,
+}
+
+impl From<directcall_cloud::DeviceState> for DeviceBody {
+    fn from(d: directcall_cloud::DeviceState) -> Self {
+        DeviceBody {
+            target: d.target.as_str().to_owned(),
+            online: d.online,
+            since_ms: d.since_ms,
+        }
+    }
+}
+
+impl Gateway {
+    /// The devices body as `credential` may see it: only targets its rules
+    /// name, only calls it could have made.
+    fn devices_body(&self, credential: Option<&Credential>) -> DevicesBody {
+        let requester = self.service.requester();
+        let visible = |target: &str| credential.is_none_or(|c| c.sees_target(target));
+        let log = self
+            .console
+            .as_ref()
+            .map(|c| c.recent())
+            .unwrap_or_default();
+        let log: Vec<_> = log
+            .into_iter()
+            .filter(|l| l.visible_to(credential))
+            .collect();
+        DevicesBody {
+            presence: requester.tracks_presence(),
+            devices: requester
+                .devices()
+                .into_iter()
+                .filter(|d| visible(d.target.as_str()))
+                .map(DeviceBody::from)
+                .collect(),
+            recent: crate::console::recently_called(&log),
+        }
+    }
+}
+
+/// The devices presence knows, online or offline and since when, and the
+/// targets called lately (the console's device list).
+#[utoipa::path(
+    get,
+    path = "/v1/devices",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The devices this credential may call.", body = DevicesBody),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+    )
+)]
+async fn devices(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    let caller = match gw.authenticate(&headers, None) {
+        Ok(caller) => caller,
+        Err(denied) => return *denied,
+    };
+    let body = gw.devices_body(caller.credential.as_deref());
+    respond(HttpReply {
+        status: 200,
+        body: serde_json::to_value(body).unwrap_or_default(),
+        replayed: false,
+        location: None,
+        retry_after: None,
+    })
+}
+
+/// One page's event stream: what is left to send, and what it waits on.
+struct Feed {
+    hello: Option<String>,
+    calls: tokio::sync::broadcast::Receiver<Arc<crate::console::Logged>>,
+    devices: Option<tokio::sync::broadcast::Receiver<directcall_cloud::DeviceState>>,
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
+    ticker: tokio::time::Interval,
+    /// The newest second sent.
+    last: Option<u64>,
+}
+
+/// The console's live feed, as Server-Sent Events: first `hello` (the
+/// devices, the live log, the last minutes of per-second counts), then
+/// `call` for each call through this gateway, `device` for each presence
+/// change and `seconds` once a second. A credential sees only the calls
+/// and targets its rules allow.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The event stream (never ends on its own).", content_type = "text/event-stream", body = String),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+    )
+)]
+async fn events(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    closing: Option<Extension<Closing>>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let caller = match gw.authenticate(&headers, None) {
+        Ok(caller) => caller,
+        Err(denied) => return *denied,
+    };
+    let Some(console) = gw.console.clone() else {
+        return respond(HttpReply::not_found("/v1/events"));
+    };
+    let credential = caller.credential;
+    let requester = gw.service.requester().clone();
+    // Watch first, then read the snapshot: nothing falls in between.
+    let (backlog, calls) = console.watch_with_backlog();
+    let device_changes = requester.watch_devices();
+    let devices = gw.devices_body(credential.as_deref());
+    let seconds = console.seconds_after(None);
+    let last = seconds.last().map(|s| s.t);
+    let calls_json: Vec<&str> = backlog
+        .iter()
+        .filter(|l| l.visible_to(credential.as_deref()))
+        .map(|l| l.json())
+        .collect();
+    let hello = format!(
+        r#"{{"presence":{},"records":{},"max_timeout_s":{},"devices":{},"recent":{},"calls":[{}],"seconds":{}}}"#,
+        devices.presence,
+        requester.record_options().is_some(),
+        gw.service.limits().max_timeout.as_secs().max(1),
+        serde_json::to_string(&devices.devices).unwrap_or_else(|_| "[]".into()),
+        serde_json::to_string(&devices.recent).unwrap_or_else(|_| "[]".into()),
+        calls_json.join(","),
+        serde_json::to_string(&seconds).unwrap_or_else(|_| "[]".into()),
+    );
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let feed = Feed {
+        hello: Some(hello),
+        calls,
+        devices: requester.tracks_presence().then_some(device_changes),
+        closing: closing.map(|Extension(Closing(rx))| rx),
+        ticker,
+        last,
+    };
+    let stream = futures_util::stream::unfold(feed, move |mut feed| {
+        let console = Arc::clone(&console);
+        let credential = credential.clone();
+        async move {
+            if let Some(hello) = feed.hello.take() {
+                let event = Event::default().event("hello").data(hello);
+                return Some((Ok::<_, std::convert::Infallible>(event), feed));
+            }
+            let lagged = |n: u64| {
+                Event::default()
+                    .event("lagged")
+                    .data(format!(r#"{{"missed":{n}}}"#))
+            };
+            loop {
+                let Feed {
+                    calls,
+                    devices,
+                    closing,
+                    ticker,
+                    last,
+                    ..
+                } = &mut feed;
+                let closed = async {
+                    match closing.as_mut() {
+                        // Fired, or the server is gone.
+                        Some(rx) => drop(rx.wait_for(|c| *c).await),
+                        None => std::future::pending().await,
+                    }
+                };
+                let device = async {
+                    match devices.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let event = tokio::select! {
+                    () = closed => return None,
+                    call = calls.recv() => match call {
+                        Ok(l) if l.visible_to(credential.as_deref()) => {
+                            Event::default().event("call").data(l.json())
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(n)) => lagged(n),
+                        Err(RecvError::Closed) => return None,
+                    },
+                    device = device => match device {
+                        Ok(d) if credential.as_deref().is_none_or(|c| c.sees_target(d.target.as_str())) => {
+                            let body = serde_json::to_string(&DeviceBody::from(d)).unwrap_or_default();
+                            Event::default().event("device").data(body)
+                        }
+                        Ok(_) => continue,
+                        // Fell behind: the page reads the list again.
+                        Err(RecvError::Lagged(n)) => lagged(n),
+                        Err(RecvError::Closed) => {
+                            *devices = None;
+                            continue;
+                        }
+                    },
+                    _ = ticker.tick() => {
+                        let seconds = console.seconds_after(*last);
+                        let Some(newest) = seconds.last().map(|s| s.t) else { continue };
+                        *last = Some(newest);
+                        Event::default().event("seconds").data(serde_json::to_string(&seconds).unwrap_or_default())
+                    },
+                };
+                return Some((Ok(event), feed));
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
 async fn not_found(uri: Uri) -> Response {
     respond(HttpReply::not_found(uri.path()))
 }
@@ -1019,9 +1361,10 @@ mod tests {
     #[test]
     fn the_openapi_document_has_every_route_and_the_limits() {
         let limits = Limits::new(2, 5).unwrap();
-        let doc: serde_json::Value = serde_json::from_str(&openapi_json(limits, true)).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi_json(limits, true, true)).unwrap();
         let without: serde_json::Value =
-            serde_json::from_str(&openapi_json(limits, false)).unwrap();
+            serde_json::from_str(&openapi_json(limits, false, false)).unwrap();
         assert!(without["paths"].get("/metrics").is_none());
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
         let paths: Vec<&str> = doc["paths"]

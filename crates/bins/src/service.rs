@@ -150,7 +150,7 @@ impl Outcome {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Outcome::Ok => 0,
             Outcome::Timeout => 1,
@@ -507,6 +507,8 @@ pub struct InvokeService {
     requester: Requester,
     limits: Limits,
     metrics: std::sync::Arc<Metrics>,
+    /// The web console's per-second tally, when the console is on.
+    console: Option<std::sync::Arc<crate::console::Console>>,
 }
 
 impl InvokeService {
@@ -517,7 +519,14 @@ impl InvokeService {
             requester,
             limits,
             metrics: std::sync::Arc::new(Metrics::register()),
+            console: None,
         }
+    }
+
+    /// The same service, also counting every outcome into `console`.
+    pub(crate) fn with_console(mut self, console: std::sync::Arc<crate::console::Console>) -> Self {
+        self.console = Some(console);
+        self
     }
 
     /// The requester behind it.
@@ -790,6 +799,9 @@ impl InvokeService {
         self.metrics.calls[outcome.index()].increment(1);
         if let Some(latency) = latency {
             self.metrics.duration.record(latency.as_secs_f64());
+        }
+        if let Some(console) = &self.console {
+            console.count(outcome, latency);
         }
     }
 }

@@ -742,6 +742,19 @@ async fn the_openapi_document_matches_the_gateway() {
             get_with(&format!("{base}{path}"), headers).await.0,
         );
     }
+    // The console's routes: the device list and the event stream.
+    for headers in [&auth[..], &[][..]] {
+        note(
+            "/v1/devices",
+            "get",
+            get_with(&format!("{base}/v1/devices"), headers).await.0,
+        );
+        let (status, head) = e2e::stream_status(&base, "/v1/events", headers).await;
+        if status == 200 {
+            assert!(head.contains("content-type: text/event-stream"), "{head}");
+        }
+        note("/v1/events", "get", status);
+    }
     note("/healthz", "get", get(&format!("{base}/healthz")).await.0);
     note("/metrics", "get", get(&format!("{base}/metrics")).await.0);
     note(

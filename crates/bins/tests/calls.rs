@@ -133,8 +133,33 @@ async fn a_call_to_a_crashed_device_fails_offline_at_once(b: TestBroker) {
         .await
         .unwrap();
     assert_eq!(ok.status, 200);
+    // The device list: online, since a moment ago.
+    let listed = within(10, async {
+        loop {
+            if let Some(d) = r.devices().into_iter().find(|d| d.target.as_str() == car) {
+                break d;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(listed.online, "{listed:?}");
+    let mut changes = r.watch_devices();
     // killed without DISCONNECT: the broker publishes its will
     dev.abort().await;
+    let change = within(10, async {
+        loop {
+            let d = changes.recv().await.unwrap();
+            if d.target.as_str() == car {
+                break d;
+            }
+        }
+    })
+    .await;
+    assert!(!change.online, "{change:?}");
+    assert!(change.since_ms >= listed.since_ms, "{change:?} {listed:?}");
+    let listed = r.devices().into_iter().find(|d| d.target.as_str() == car);
+    assert_eq!(listed, Some(change));
     let offline = within(10, async {
         loop {
             match r.invoke(call(&car, "alarm_off", Value::Null, 300)).await {

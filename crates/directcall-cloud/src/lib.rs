@@ -54,5 +54,6 @@ pub use keys::MAX_IDEMPOTENCY_KEY_BYTES;
 pub use options::{
     Options, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_REPLY_QOS, DEFAULT_TIMEOUT,
 };
+pub use presence::DeviceState;
 pub use records::{CallRecord, CallState, RecordOptions};
 pub use requester::{Invocation, Invoke, Keyed, Reply, Requester, Stats};

@@ -2,6 +2,10 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
 
 use directcall_core::presence::{
     parse_aws_lifecycle, parse_directcall, PresenceEvent, AWS_PRESENCE_FILTER,
@@ -10,6 +14,41 @@ use directcall_core::{PresenceRoot, Target};
 
 use crate::options::PresenceSource;
 
+/// A target's presence, as the requester last learned it
+/// ([`Requester::devices`](crate::Requester::devices),
+/// [`Requester::watch_devices`](crate::Requester::watch_devices)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DeviceState {
+    /// The device.
+    #[serde(serialize_with = "as_text")]
+    pub target: Target,
+    /// Whether it is connected.
+    pub online: bool,
+    /// When it went online or offline, in milliseconds since the Unix epoch:
+    /// the presence record's own timestamp, else when the requester learned
+    /// of the change.
+    pub since_ms: u64,
+}
+
+fn as_text<S: serde::Serializer>(target: &Target, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(target)
+}
+
+/// How many presence changes a slow watcher may fall behind by before it
+/// is told it lagged.
+const CHANGES_BUFFER: usize = 1024;
+
+/// What is known of one target.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    online: bool,
+    /// The record's own timestamp, if it had one.
+    timestamp_ms: Option<u64>,
+    /// When it last went online or offline.
+    since_ms: u64,
+}
+
 /// The last presence record of each target that has one.
 #[derive(Debug)]
 pub(crate) struct Presence {
@@ -17,7 +56,8 @@ pub(crate) struct Presence {
     /// With AWS lifecycle events: where they are mirrored as retained
     /// records, and read back from (replicas started later learn from them).
     mirror: Option<PresenceRoot>,
-    online: RwLock<HashMap<Target, (bool, Option<u64>)>>,
+    online: RwLock<HashMap<Target, Known>>,
+    changes: broadcast::Sender<DeviceState>,
 }
 
 /// Where a presence event came from.
@@ -39,6 +79,7 @@ impl Presence {
             source,
             mirror,
             online: RwLock::new(HashMap::new()),
+            changes: broadcast::channel(CHANGES_BUFFER).0,
         }
     }
 
@@ -84,7 +125,13 @@ impl Presence {
     pub(crate) fn record(&self, event: PresenceEvent) -> bool {
         let mut online = self.online.write().unwrap_or_else(|e| e.into_inner());
         let older = match (online.get(&event.target), event.timestamp_ms) {
-            (Some((_, Some(known))), Some(ts)) => ts < *known,
+            (
+                Some(Known {
+                    timestamp_ms: Some(known),
+                    ..
+                }),
+                Some(ts),
+            ) => ts < *known,
             _ => false,
         };
         if older {
@@ -93,7 +140,30 @@ impl Presence {
         tracing::debug!(target = %event.target, online = ?event.online, "presence");
         match event.online {
             Some(up) => {
-                online.insert(event.target, (up, event.timestamp_ms));
+                // A repeated record (a reconnecting subscription gets the
+                // retained ones again) is no change.
+                let known = online.get(&event.target).copied();
+                let changed = known.is_none_or(|k| k.online != up);
+                let since_ms = match known {
+                    Some(k) if !changed => k.since_ms,
+                    _ => event.timestamp_ms.unwrap_or_else(now_ms),
+                };
+                online.insert(
+                    event.target.clone(),
+                    Known {
+                        online: up,
+                        timestamp_ms: event.timestamp_ms,
+                        since_ms,
+                    },
+                );
+                if changed {
+                    // Nobody watching is fine.
+                    let _ = self.changes.send(DeviceState {
+                        target: event.target,
+                        online: up,
+                        since_ms,
+                    });
+                }
             }
             None => {
                 online.remove(&event.target);
@@ -104,6 +174,32 @@ impl Presence {
 
     pub(crate) fn is_offline(&self, target: &Target) -> bool {
         let online = self.online.read().unwrap_or_else(|e| e.into_inner());
-        online.get(target).is_some_and(|(up, _)| !up)
+        online.get(target).is_some_and(|k| !k.online)
     }
+
+    /// Every target with a record, by name.
+    pub(crate) fn devices(&self) -> Vec<DeviceState> {
+        let online = self.online.read().unwrap_or_else(|e| e.into_inner());
+        let mut devices: Vec<DeviceState> = online
+            .iter()
+            .map(|(target, k)| DeviceState {
+                target: target.clone(),
+                online: k.online,
+                since_ms: k.since_ms,
+            })
+            .collect();
+        devices.sort_unstable_by(|a, b| a.target.as_str().cmp(b.target.as_str()));
+        devices
+    }
+
+    /// Changes from now on.
+    pub(crate) fn watch(&self) -> broadcast::Receiver<DeviceState> {
+        self.changes.subscribe()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

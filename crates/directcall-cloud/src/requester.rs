@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::keys::{self, Keys};
 use crate::metrics::Metrics;
 use crate::options::{Options, DEFAULT_TIMEOUT};
-use crate::presence::{Origin, Presence};
+use crate::presence::{DeviceState, Origin, Presence};
 use crate::records::{self, CallRecord, CallState, RecordOptions, Records};
 use crate::store::Store;
 
@@ -874,6 +874,51 @@ impl Requester {
     /// How calls are recorded, if they are.
     pub fn record_options(&self) -> Option<RecordOptions> {
         self.shared().records.as_ref().map(Records::options)
+    }
+
+    /// Whether the requester tracks presence ([`Options::presence`],
+    /// [`Options::aws_presence`]).
+    pub fn tracks_presence(&self) -> bool {
+        self.shared().presence.is_some()
+    }
+
+    /// Every target with a presence record, online or offline and since
+    /// when, sorted by name. Empty without presence tracking.
+    ///
+    /// ```no_run
+    /// # async fn run(requester: directcall_cloud::Requester) {
+    /// for device in requester.devices() {
+    ///     println!("{} online={} since={}", device.target, device.online, device.since_ms);
+    /// }
+    /// # }
+    /// ```
+    pub fn devices(&self) -> Vec<DeviceState> {
+        self.shared()
+            .presence
+            .as_ref()
+            .map(Presence::devices)
+            .unwrap_or_default()
+    }
+
+    /// The presence changes from now on: a target going online or offline.
+    /// A watcher more than 1,024 changes behind gets
+    /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged)
+    /// (read [`devices`](Self::devices) again); without presence tracking
+    /// the receiver is closed at once.
+    ///
+    /// ```no_run
+    /// # async fn run(requester: directcall_cloud::Requester) {
+    /// let mut changes = requester.watch_devices();
+    /// while let Ok(device) = changes.recv().await {
+    ///     println!("{} is {}", device.target, if device.online { "online" } else { "offline" });
+    /// }
+    /// # }
+    /// ```
+    pub fn watch_devices(&self) -> tokio::sync::broadcast::Receiver<DeviceState> {
+        match &self.shared().presence {
+            Some(p) => p.watch(),
+            None => tokio::sync::broadcast::channel(1).1,
+        }
     }
 
     /// A snapshot of the counters.

@@ -80,6 +80,9 @@ struct ServeArgs {
     /// HTTPS client.
     #[arg(long, env = "DIRECTCALL_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<std::path::PathBuf>,
+    /// Serve no web console (no `/`, `/v1/devices` or `/v1/events`).
+    #[arg(long, env = "DIRECTCALL_NO_CONSOLE")]
+    no_console: bool,
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +142,9 @@ struct DemoArgs {
     /// Name of the simulated device.
     #[arg(long, env = "DIRECTCALL_DEMO_DEVICE", default_value = "Device001")]
     device: String,
+    /// Serve no web console.
+    #[arg(long, env = "DIRECTCALL_NO_CONSOLE")]
+    no_console: bool,
 }
 
 fn main() -> ExitCode {
@@ -194,7 +200,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let access = Arc::new(args.access.access().await?);
     let auth = args.access.describe(&access);
     let config = args.access.apply(
-        GatewayConfig::new(InvokeService::new(requester, limits)).metrics(metrics),
+        GatewayConfig::new(InvokeService::new(requester, limits))
+            .metrics(metrics)
+            .console(!args.no_console),
         Arc::clone(&access),
     );
     if args.access.credentials.is_some() {
@@ -381,18 +389,25 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
-    let options = Options::new(broker.options()).presence(PresenceRoot::default());
+    // Records on, as in `serve`: the console shows each call's timeline.
+    let options = Options::new(broker.options())
+        .presence(PresenceRoot::default())
+        .record_calls(directcall_cloud::RecordOptions::default());
     let requester = Requester::connect(options)
         .await
         .map_err(|e| e.to_string())?;
-    let config =
-        GatewayConfig::new(InvokeService::new(requester, Limits::default())).metrics(metrics);
+    let config = GatewayConfig::new(InvokeService::new(requester, Limits::default()))
+        .metrics(metrics)
+        .console(!args.no_console);
     let broker_url = broker.url();
     run_gateway(config, args.listen, None, |addr| {
         println!("directcall demo");
         println!("  broker   {broker_url} (embedded rumqttd)");
         println!("  device   {device} (simulated, answers every method)");
         println!("  gateway  http://{addr}");
+        if !args.no_console {
+            println!("  console  http://{addr}/ (open it in a browser)");
+        }
         println!();
         println!("Try:");
         println!("  curl 'http://{addr}/invoke?request=my_request_1&method=reqid-ABCD&target={device}&timeout=3'");

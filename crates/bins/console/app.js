@@ -1,0 +1,554 @@
+// directcall console. Everything a device or a caller sent is put in the page
+// with textContent, never as HTML.
+import { fetchEventSource } from '/console/vendor/fetch-event-source/index.js';
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = 'directcall-token';
+const LOG_ROWS = 300;
+const HISTORY = 300;
+const FINAL_STATES = new Set(['answered', 'answered_late', 'offline', 'unavailable']);
+
+let token = sessionStorage.getItem(TOKEN_KEY);
+let stream = null;
+let records = false;
+let maxWait = 1;
+
+// The test reads this: a Content-Security-Policy violation is a bug.
+let violations = 0;
+document.addEventListener('securitypolicyviolation', () => {
+  violations += 1;
+  document.body.dataset.cspViolations = String(violations);
+});
+
+function authHeaders() {
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function clock(ms) {
+  const d = new Date(ms);
+  const time = d.toLocaleTimeString([], { hour12: false });
+  const millis = String(d.getMilliseconds()).padStart(3, '0');
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? `${time}.${millis}` : `${d.toLocaleDateString()} ${time}`;
+}
+
+function outcomeClass(outcome) {
+  if (outcome === 'ok') return 'o-ok';
+  if (outcome === 'timeout') return 'o-timeout';
+  if (outcome === 'offline') return 'o-offline';
+  if (outcome === 'accepted') return 'o-accepted';
+  return 'o-error';
+}
+
+function setConn(text, state) {
+  const c = $('conn');
+  c.textContent = text;
+  c.className = state || '';
+}
+
+// ---------------------------------------------------------------- access
+
+class Unauthorized extends Error {}
+
+function showLogin(message) {
+  if (stream) stream.abort();
+  $('main').hidden = true;
+  $('signout').hidden = true;
+  $('login').hidden = false;
+  $('login-error').textContent = message || '';
+  setConn('token needed', 'down');
+  $('token').focus();
+}
+
+$('login-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const value = $('token').value.trim();
+  if (!value) {
+    $('login-error').textContent = 'Enter a token.';
+    return;
+  }
+  token = value;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $('token').value = '';
+  start();
+});
+
+$('signout').addEventListener('click', () => {
+  token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  showLogin('');
+});
+
+// ---------------------------------------------------------------- devices
+
+/** target -> { online: bool|undefined, since_ms, last: {at_ms, method, outcome} } */
+const devices = new Map();
+let presence = false;
+
+function device(target) {
+  let d = devices.get(target);
+  if (!d) {
+    d = {};
+    devices.set(target, d);
+  }
+  return d;
+}
+
+function applyDevices(body) {
+  devices.clear();
+  presence = body.presence;
+  for (const d of body.devices) Object.assign(device(d.target), { online: d.online, since_ms: d.since_ms });
+  for (const r of body.recent) device(r.target).last = r;
+  renderDevices();
+}
+
+function renderDevices() {
+  $('presence-note').textContent = presence
+    ? 'Online and offline come from presence records; the list updates live.'
+    : 'This gateway tracks no presence (--presence off): only targets called lately are listed.';
+  const filter = $('filter').value.trim().toLowerCase();
+  const tbody = $('devices').tBodies[0];
+  const rows = [];
+  const names = [...devices.keys()].sort();
+  for (const target of names) {
+    if (filter && !target.toLowerCase().includes(filter)) continue;
+    const d = devices.get(target);
+    const tr = el('tr');
+    tr.dataset.target = target;
+    tr.append(el('td', target, 'target wrap'));
+    const state = d.online === undefined ? 'unknown' : d.online ? 'online' : 'offline';
+    tr.append(el('td', state, `state state-${state}`));
+    const since = el('td', d.since_ms ? clock(d.since_ms) : '–', 'since');
+    if (d.since_ms) since.title = new Date(d.since_ms).toISOString();
+    tr.append(since);
+    const last = el('td', '', 'last');
+    if (d.last) {
+      last.append(el('span', `${clock(d.last.at_ms)} ${d.last.method} `));
+      last.append(el('span', d.last.outcome, outcomeClass(d.last.outcome)));
+    } else {
+      last.textContent = '–';
+    }
+    tr.append(last);
+    const action = el('td');
+    const pick = el('button', 'Call', 'plain');
+    pick.type = 'button';
+    pick.setAttribute('aria-label', `Call a method on ${target}`);
+    pick.addEventListener('click', () => {
+      $('target').value = target;
+      updateCurl();
+      $('method').focus();
+    });
+    action.append(pick);
+    tr.append(action);
+    rows.push(tr);
+  }
+  tbody.replaceChildren(...rows);
+  $('devices-empty').hidden = devices.size > 0;
+}
+
+$('filter').addEventListener('input', renderDevices);
+
+async function refreshDevices() {
+  const r = await fetch('/v1/devices', { headers: authHeaders() });
+  if (r.status === 401) throw new Unauthorized();
+  if (!r.ok) throw new Error(`GET /v1/devices: HTTP ${r.status}`);
+  applyDevices(await r.json());
+}
+
+// ---------------------------------------------------------------- live log
+
+let paused = false;
+const held = [];
+
+function logRow(c) {
+  const tr = el('tr');
+  tr.dataset.target = c.target;
+  tr.dataset.outcome = c.outcome;
+  tr.append(el('td', clock(c.at_ms), 'mono'));
+  tr.append(el('td', c.target, 'wrap'));
+  tr.append(el('td', c.method, 'wrap'));
+  const status = c.device_status !== undefined ? ` (${c.device_status})` : '';
+  // A device's own error (404 for an unknown method) is coloured as one.
+  const failed = c.device_status !== undefined && c.device_status >= 400;
+  tr.append(el('td', `${c.outcome}${status}`, failed ? 'o-error' : outcomeClass(c.outcome)));
+  tr.append(el('td', `${c.latency_ms.toFixed(1)} ms`, 'mono'));
+  tr.append(el('td', c.credential));
+  return tr;
+}
+
+function addCalls(calls) {
+  const tbody = $('log').tBodies[0];
+  for (const c of calls) tbody.prepend(logRow(c));
+  while (tbody.rows.length > LOG_ROWS) tbody.deleteRow(-1);
+  noteLog();
+}
+
+function noteLog() {
+  const shown = $('log').tBodies[0].rows.length;
+  $('log-note').textContent = paused
+    ? `Paused: ${held.length} new call(s) waiting.`
+    : `${shown} call(s) shown, newest first.`;
+}
+
+function onCall(c) {
+  device(c.target).last = { at_ms: c.at_ms, method: c.method, outcome: c.outcome };
+  renderDevices();
+  if (paused) {
+    held.push(c);
+    if (held.length > LOG_ROWS) held.shift();
+    noteLog();
+  } else {
+    addCalls([c]);
+  }
+}
+
+$('pause').addEventListener('click', () => {
+  paused = !paused;
+  $('pause').setAttribute('aria-pressed', String(paused));
+  $('pause').textContent = paused ? 'Resume' : 'Pause';
+  if (!paused) addCalls(held.splice(0));
+  noteLog();
+});
+
+// ---------------------------------------------------------------- charts
+
+const RATE_SERIES = [
+  ['ok', '#1a7f37'],
+  ['timeout', '#bc4c00'],
+  ['offline', '#6e7781'],
+  ['accepted', '#0969da'],
+  ['refused', '#cf222e'],
+];
+// Outcomes other than these four are refusals and errors (4xx, 503).
+const rateOf = (calls, name) => {
+  if (name !== 'refused') return calls[name] || 0;
+  return Object.entries(calls)
+    .filter(([k]) => !['ok', 'timeout', 'offline', 'accepted'].includes(k))
+    .reduce((sum, [, n]) => sum + n, 0);
+};
+
+const rateData = [[], ...RATE_SERIES.map(() => [])];
+const latencyData = [[], [], [], []];
+let rateChart = null;
+let latencyChart = null;
+
+function addSeconds(seconds) {
+  for (const s of seconds) {
+    rateData[0].push(s.t);
+    RATE_SERIES.forEach(([name], i) => rateData[i + 1].push(rateOf(s.calls, name)));
+    latencyData[0].push(s.t);
+    latencyData[1].push(s.p50_ms ?? null);
+    latencyData[2].push(s.p90_ms ?? null);
+    latencyData[3].push(s.p99_ms ?? null);
+  }
+  for (const data of [rateData, latencyData]) {
+    const extra = data[0].length - HISTORY;
+    if (extra > 0) data.forEach((column) => column.splice(0, extra));
+  }
+  if (rateChart) rateChart.setData(rateData);
+  if (latencyChart) latencyChart.setData(latencyData);
+}
+
+function chartWidth(id) {
+  return Math.max(240, $(id).clientWidth || 400);
+}
+
+function makeCharts() {
+  if (rateChart || typeof uPlot === 'undefined') return;
+  rateChart = new uPlot(
+    {
+      width: chartWidth('chart-rate'),
+      height: 200,
+      scales: { y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+      series: [{}, ...RATE_SERIES.map(([label, stroke]) => ({ label, stroke, width: 2 }))],
+      axes: [{}, { label: 'calls/s' }],
+    },
+    rateData,
+    $('chart-rate'),
+  );
+  latencyChart = new uPlot(
+    {
+      width: chartWidth('chart-latency'),
+      height: 200,
+      scales: { y: { range: (u, min, max) => [0, Math.max(1, max ?? 1)] } },
+      series: [
+        {},
+        { label: 'p50', stroke: '#0969da', width: 2, spanGaps: false },
+        { label: 'p90', stroke: '#bc4c00', width: 2, spanGaps: false },
+        { label: 'p99', stroke: '#cf222e', width: 2, spanGaps: false },
+      ],
+      axes: [{}, { label: 'ms' }],
+    },
+    latencyData,
+    $('chart-latency'),
+  );
+  new ResizeObserver(() => {
+    rateChart.setSize({ width: chartWidth('chart-rate'), height: 200 });
+    latencyChart.setSize({ width: chartWidth('chart-latency'), height: 200 });
+  }).observe($('charts-panel'));
+}
+
+// ---------------------------------------------------------------- event stream
+
+function openStream() {
+  if (stream) stream.abort();
+  const controller = new AbortController();
+  stream = controller;
+  fetchEventSource('/v1/events', {
+    headers: authHeaders(),
+    signal: controller.signal,
+    openWhenHidden: true,
+    async onopen(response) {
+      if (response.status === 401) throw new Unauthorized();
+      const type = response.headers.get('content-type') || '';
+      if (!response.ok || !type.startsWith('text/event-stream')) {
+        throw new Error(`GET /v1/events: HTTP ${response.status}`);
+      }
+      setConn('live', 'live');
+    },
+    onmessage(message) {
+      const data = message.data ? JSON.parse(message.data) : null;
+      switch (message.event) {
+        case 'hello':
+          records = data.records;
+          maxWait = data.max_timeout_s;
+          applyDevices(data);
+          $('log').tBodies[0].replaceChildren();
+          held.length = 0;
+          addCalls(data.calls);
+          rateData.forEach((c) => c.splice(0));
+          latencyData.forEach((c) => c.splice(0));
+          addSeconds(data.seconds);
+          break;
+        case 'call':
+          onCall(data);
+          break;
+        case 'device':
+          Object.assign(device(data.target), { online: data.online, since_ms: data.since_ms });
+          renderDevices();
+          break;
+        case 'seconds':
+          addSeconds(data);
+          break;
+        case 'lagged':
+          refreshDevices().catch(() => {});
+          break;
+        default:
+          break;
+      }
+    },
+    onclose() {
+      // The gateway ended the stream (it is stopping): try again.
+      throw new Error('stream closed');
+    },
+    onerror(err) {
+      if (err instanceof Unauthorized) {
+        showLogin(token ? 'That token was refused.' : '');
+        throw err;
+      }
+      setConn('reconnecting…', 'down');
+      return 2000;
+    },
+  }).catch(() => {});
+}
+
+// ---------------------------------------------------------------- call form
+
+let generation = 0;
+
+function shellQuote(s) {
+  return `'${String(s).replace(/'/g, "'\\''")}'`;
+}
+
+function callUrl(target, method) {
+  return `/v1/targets/${encodeURIComponent(target)}/methods/${encodeURIComponent(method)}`;
+}
+
+/** The request body, or an error message. */
+function readForm() {
+  const target = $('target').value.trim();
+  const method = $('method').value.trim();
+  const timeout = Number($('timeout').value);
+  const key = $('idem').value.trim();
+  let request;
+  let problem = null;
+  try {
+    request = JSON.parse($('request').value);
+  } catch (e) {
+    problem = `The request is not valid JSON: ${e.message}`;
+  }
+  return { target, method, timeout, key, request, problem };
+}
+
+function updateCurl() {
+  const f = readForm();
+  if (f.problem) {
+    $('curl').value = '# fix the request JSON first';
+    return;
+  }
+  const body = JSON.stringify({ request: f.request, timeout_ms: f.timeout || undefined });
+  const parts = [
+    'curl -sS -X POST',
+    shellQuote(`${window.location.origin}${callUrl(f.target || 'TARGET', f.method || 'METHOD')}`),
+    "-H 'content-type: application/json'",
+  ];
+  if (token) parts.push('-H "Authorization: Bearer $DIRECTCALL_TOKEN"');
+  if (f.key) parts.push('-H', shellQuote(`Idempotency-Key: ${f.key}`));
+  parts.push('-d', shellQuote(body));
+  $('curl').value = parts.join(' ');
+}
+
+for (const id of ['target', 'method', 'request', 'timeout', 'idem']) {
+  $(id).addEventListener('input', updateCurl);
+}
+
+$('copy-curl').addEventListener('click', async () => {
+  try {
+    await navigator.clipboard.writeText($('curl').value);
+    $('copy-curl').textContent = 'Copied';
+  } catch {
+    $('curl').select();
+    $('copy-curl').textContent = 'Selected: press Ctrl+C';
+  }
+  setTimeout(() => { $('copy-curl').textContent = 'Copy curl command'; }, 2000);
+});
+
+function invalid(id, message) {
+  const field = $(id);
+  field.setAttribute('aria-invalid', 'true');
+  $('request-error').textContent = message;
+  field.focus();
+}
+
+$('call-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  for (const id of ['target', 'method', 'request', 'timeout']) $(id).removeAttribute('aria-invalid');
+  $('request-error').textContent = '';
+  const f = readForm();
+  if (!f.target) return invalid('target', 'Name a target.');
+  if (!f.method) return invalid('method', 'Name a method.');
+  if (f.problem) return invalid('request', f.problem);
+  if (!Number.isInteger(f.timeout) || f.timeout < 1) return invalid('timeout', 'The timeout is a whole number of milliseconds, at least 1.');
+  updateCurl();
+  const mine = ++generation;
+  const headers = { 'content-type': 'application/json', ...authHeaders() };
+  if (f.key) headers['Idempotency-Key'] = f.key;
+  $('send').disabled = true;
+  $('result').hidden = true;
+  const started = performance.now();
+  let response;
+  let body;
+  try {
+    response = await fetch(callUrl(f.target, f.method), {
+      method: 'POST',
+      headers,
+      body: JSON.stringify({ request: f.request, timeout_ms: f.timeout }),
+    });
+    const text = await response.text();
+    try {
+      body = JSON.parse(text);
+    } catch {
+      body = text;
+    }
+  } catch (err) {
+    $('send').disabled = false;
+    $('request-error').textContent = `The gateway could not be reached: ${err.message}`;
+    return;
+  }
+  const latency = performance.now() - started;
+  $('send').disabled = false;
+  if (response.status === 401) {
+    showLogin(token ? 'That token was refused.' : '');
+    return;
+  }
+  showResult(response.status, body, latency);
+  if (records && body && typeof body.id === 'string') followRecord(body.id, mine);
+});
+
+function showResult(status, body, latency) {
+  $('result').hidden = false;
+  $('result-status').textContent = String(status);
+  $('result-status').className = status === 200 ? 'o-ok' : status === 504 ? 'o-timeout' : 'o-error';
+  $('result-outcome').textContent = body && body.result ? body.result : '–';
+  $('result-outcome').className = body && body.result ? outcomeClass(body.result) : '';
+  // The device's own verdict: 404 for a method it does not know.
+  const device = body && body.status !== undefined ? body.status : null;
+  $('result-device-status').textContent = device === null ? '–' : String(device);
+  $('result-device-status').className = device === null ? '' : device < 400 ? 'o-ok' : 'o-error';
+  $('result-latency').textContent = `${latency.toFixed(1)} ms`;
+  $('result-id').textContent = body && body.id ? body.id : '–';
+  const shown = body && typeof body === 'object' && 'response' in body ? body.response : body;
+  $('response').textContent = typeof shown === 'string' ? shown : JSON.stringify(shown, null, 2);
+  $('record').hidden = true;
+  $('late').hidden = true;
+  $('timeline').replaceChildren();
+}
+
+function renderRecord(r) {
+  $('record').hidden = false;
+  const items = [el('li', `sent at ${clock(r.sent_at_ms)}`)];
+  if (r.delivered_at_ms) items.push(el('li', `delivered +${r.delivered_at_ms - r.sent_at_ms} ms`));
+  if (r.state === 'answered') items.push(el('li', `answered +${r.answered_at_ms - r.sent_at_ms} ms (status ${r.status})`, 'o-ok'));
+  if (r.state === 'timed_out') items.push(el('li', 'no answer by the deadline; waiting for a late one…', 'o-timeout'));
+  if (r.state === 'answered_late') {
+    items.push(el('li', 'no answer by the deadline', 'o-timeout'));
+    items.push(el('li', `answered late +${r.answered_at_ms - r.sent_at_ms} ms (status ${r.status})`, 'o-accepted'));
+    $('late').hidden = false;
+    $('late-response').textContent = typeof r.response === 'string' ? r.response : JSON.stringify(r.response, null, 2);
+  }
+  if (r.state === 'offline') items.push(el('li', 'offline: not delivered', 'o-offline'));
+  if (r.state === 'unavailable') items.push(el('li', 'no broker connection', 'o-error'));
+  if (r.state === 'sent' || r.state === 'delivered') items.push(el('li', 'waiting for the answer…'));
+  $('timeline').replaceChildren(...items);
+}
+
+/** Shows the call's record, and keeps long-polling it until it is final. */
+async function followRecord(id, mine) {
+  let wait = 0;
+  for (let round = 0; round < 40 && mine === generation; round += 1) {
+    let response;
+    try {
+      response = await fetch(`/v1/calls/${encodeURIComponent(id)}?wait=${wait}`, { headers: authHeaders() });
+    } catch {
+      return;
+    }
+    if (!response.ok || mine !== generation) return;
+    const r = await response.json();
+    renderRecord(r);
+    if (FINAL_STATES.has(r.state)) return;
+    wait = Math.min(30, maxWait);
+  }
+}
+
+// ---------------------------------------------------------------- start
+
+async function start() {
+  setConn('connecting…', '');
+  try {
+    await refreshDevices();
+  } catch (err) {
+    if (err instanceof Unauthorized) {
+      showLogin(token ? 'That token was refused.' : '');
+    } else {
+      setConn(err.message, 'down');
+      setTimeout(start, 3000);
+    }
+    return;
+  }
+  $('login').hidden = true;
+  $('main').hidden = false;
+  $('signout').hidden = !token;
+  makeCharts();
+  updateCurl();
+  noteLog();
+  openStream();
+}
+
+start();

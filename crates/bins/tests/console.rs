@@ -1,0 +1,443 @@
+//! The web console in a real browser: Debian's chromium, headless, driven
+//! through chromedriver (WebDriver, fantoccini), against `directcall serve`
+//! and `directcall-sim` on a Mosquitto of the test's own.
+//!
+//! Skipped when chromium or chromedriver is missing, except under `CI`,
+//! where that fails (as the Mosquitto tests do).
+
+mod e2e;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use directcall_bins::{free_port, Mosquitto};
+use e2e::{gateway, sim, Proc};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+const CHROMIUM: &[&str] = &["/usr/bin/chromium", "/usr/bin/chromium-browser"];
+const CHROMEDRIVER: &[&str] = &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"];
+
+fn first_present(paths: &[&str]) -> Option<String> {
+    paths
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .map(|p| (*p).to_owned())
+}
+
+/// chromedriver on a free port, and a headless chromium session through it.
+struct Browser {
+    client: Client,
+    _driver: Proc,
+    _profile: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub(crate) struct Dir(pub(crate) std::path::PathBuf);
+
+    impl Dir {
+        pub(crate) fn new(name: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!(
+                "directcall-{name}-{}-{}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Browser {
+    async fn start() -> Option<Browser> {
+        let (Some(chromium), Some(driver)) = (first_present(CHROMIUM), first_present(CHROMEDRIVER))
+        else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "chromium and chromium-driver are required in CI (apt-get install -y chromium chromium-driver)"
+            );
+            eprintln!("\n*** SKIPPED: chromium or chromedriver is not installed (apt-get install -y chromium chromium-driver) ***\n");
+            return None;
+        };
+        let port = free_port().unwrap();
+        let driver = Proc::spawn(&driver, &[&format!("--port={port}")]);
+        let url = format!("http://127.0.0.1:{port}");
+        let until = Instant::now() + Duration::from_secs(20);
+        while directcall_bins::http_client::get(&format!("{url}/status"), &[])
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < until, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let profile = tempdir::Dir::new("chromium");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium,
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--no-first-run",
+                    "--window-size=1280,800",
+                    format!("--user-data-dir={}", profile.0.display()),
+                ],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("a chromium session");
+        Some(Browser {
+            client,
+            _driver: driver,
+            _profile: profile,
+        })
+    }
+
+    /// The text of the first element matching `css`, once `ok` holds for
+    /// it, within 20 s.
+    async fn wait_text(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
+        let until = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        loop {
+            if let Ok(e) = self.client.find(Locator::Css(css)).await {
+                if let Ok(text) = e.text().await {
+                    if ok(&text) {
+                        return text;
+                    }
+                    last = text;
+                }
+            }
+            assert!(
+                Instant::now() < until,
+                "{css}: never as expected; last text {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.client.execute(script, vec![]).await.expect(script)
+    }
+
+    /// Runs `body` (an async function body that returns a value) in the page.
+    async fn js_async(&self, body: &str) -> Value {
+        let script =
+            format!("const done = arguments[arguments.length - 1]; (async () => {{ {body} }})().then(done, e => done('error: ' + e));");
+        self.client
+            .execute_async(&script, vec![])
+            .await
+            .expect(body)
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        let field = self.client.find(Locator::Css(css)).await.expect(css);
+        field.clear().await.expect(css);
+        field.send_keys(text).await.expect(css);
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .expect(css)
+            .click()
+            .await
+            .expect(css);
+    }
+
+    /// Fills the call form and sends it; returns once a result is shown.
+    async fn call(&self, target: &str, method: &str, request: &str, timeout_ms: u32) {
+        self.js("document.getElementById('result').hidden = true; document.getElementById('result-status').textContent = '';")
+            .await;
+        self.fill("#target", target).await;
+        self.fill("#method", method).await;
+        self.fill("#request", request).await;
+        self.fill("#timeout", &timeout_ms.to_string()).await;
+        self.click("#send").await;
+        self.wait_text("#result-status", |t| !t.is_empty()).await;
+    }
+
+    /// Nothing is wider than the window, at `width` × `height`.
+    async fn fits(&self, width: u32, height: u32) {
+        self.client.set_window_size(width, height).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sizes = self
+            .js("return [document.documentElement.scrollWidth, window.innerWidth];")
+            .await;
+        let (scroll, inner) = (sizes[0].as_u64().unwrap(), sizes[1].as_u64().unwrap());
+        assert!(
+            scroll <= inner,
+            "at {width}x{height} the page is {scroll} px wide in a {inner} px window"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_a_real_browser() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let mosquitto = match Mosquitto::start("").expect("mosquitto starts") {
+        Some(m) => m,
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "mosquitto is required in CI"
+            );
+            return;
+        }
+    };
+    let url = mosquitto.url();
+    let (_open_gw, base) = gateway(&url, &[]).await;
+    let (_closed_gw, closed_base) = gateway(&url, &["--api-token", "console-secret"]).await;
+    let mut device = sim(
+        &url,
+        &[
+            "--presence",
+            "--methods",
+            "windows_down,honk,echo",
+            "--echo",
+        ],
+    );
+    // Answers after 1.5 s: late for a 0.5 s call.
+    let _slow = sim(
+        &url,
+        &[
+            "--client-id",
+            "Slow001",
+            "--presence",
+            "--latency-ms",
+            "1500",
+            "--echo",
+        ],
+    );
+    let b = &browser;
+
+    // The page, its devices: Device001 online.
+    b.client.goto(&format!("{base}/")).await.unwrap();
+    b.js("window.sameDocument = 'yes';").await;
+    b.wait_text("#conn", |t| t == "live").await;
+    b.wait_text(r#"#devices tr[data-target="Device001"] td.state"#, |t| {
+        t == "online"
+    })
+    .await;
+
+    // Every field has a label; the page fits 1280×800.
+    let unlabelled = b
+        .js("return [...document.querySelectorAll('input, textarea')].filter(e => e.labels.length === 0).map(e => e.id);")
+        .await;
+    assert_eq!(unlabelled, json!([]), "fields without a label");
+    b.fits(1280, 800).await;
+
+    // A call from the form: 200, the response, the record's timeline.
+    b.call("Device001", "windows_down", r#"{"percent": 50}"#, 3000)
+        .await;
+    assert_eq!(b.wait_text("#result-status", |_| true).await, "200");
+    assert_eq!(b.wait_text("#result-outcome", |_| true).await, "ok");
+    let response = b.wait_text("#response", |t| !t.is_empty()).await;
+    assert!(response.contains("\"percent\": 50"), "{response}");
+    let timeline = b.wait_text("#timeline", |t| t.contains("answered")).await;
+    assert!(timeline.contains("sent at"), "{timeline}");
+    let curl = b.js("return document.getElementById('curl').value;").await;
+    let curl = curl.as_str().unwrap();
+    assert!(
+        curl.starts_with("curl -sS -X POST")
+            && curl.contains("/v1/targets/Device001/methods/windows_down")
+            && curl.contains(r#"-d '{"request":{"percent":50},"timeout_ms":3000}'"#),
+        "{curl}"
+    );
+
+    // The curl command the page shows, run as it is: the same answer.
+    let out = Command::new("sh")
+        .args(["-c", curl])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("curl runs");
+    let answered: Value = serde_json::from_slice(&out.stdout).expect("curl got JSON");
+    assert_eq!(answered["response"], json!({"percent": 50}), "{answered}");
+
+    // A method the device does not know: its own 404.
+    b.call("Device001", "fly", "{}", 3000).await;
+    assert_eq!(b.wait_text("#result-device-status", |_| true).await, "404");
+
+    // Invalid JSON is caught before anything is sent.
+    let calls_before = b
+        .js("return document.querySelectorAll('#log tbody tr').length;")
+        .await;
+    b.fill("#request", "{not json").await;
+    b.click("#send").await;
+    let problem = b.wait_text("#request-error", |t| !t.is_empty()).await;
+    assert!(problem.contains("not valid JSON"), "{problem}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b.js("return document.querySelectorAll('#log tbody tr').length;")
+            .await,
+        calls_before,
+        "nothing was called"
+    );
+
+    // A call from outside the page, with curl: it appears in the live log.
+    let status = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            &format!("{base}/invoke?request=from-curl&method=honk&target=Device001&timeout=3"),
+        ])
+        .status()
+        .expect("curl runs");
+    assert!(status.success());
+    let row = b
+        .wait_text(r#"#log tbody tr[data-target="Device001"]"#, |t| {
+            t.contains("honk")
+        })
+        .await;
+    assert!(row.contains("ok"), "{row}");
+
+    // Pausing holds new calls back; resuming shows them.
+    b.click("#pause").await;
+    let shown = b
+        .js("return document.querySelectorAll('#log tbody tr').length;")
+        .await;
+    let _ = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            &format!("{base}/invoke?request=held&method=echo&target=Device001&timeout=3"),
+        ])
+        .status();
+    b.wait_text("#log-note", |t| t.contains("1 new call")).await;
+    assert_eq!(
+        b.js("return document.querySelectorAll('#log tbody tr').length;")
+            .await,
+        shown
+    );
+    b.click("#pause").await;
+    b.wait_text(r#"#log tbody tr[data-target="Device001"]"#, |t| {
+        t.contains("echo")
+    })
+    .await;
+
+    // A device's answer is text, never HTML.
+    let xss = "<img src=x onerror=alert(1)>";
+    b.call(
+        "Device001",
+        "echo",
+        &serde_json::to_string(xss).unwrap(),
+        3000,
+    )
+    .await;
+    let shown = b.wait_text("#response", |t| t.contains("img")).await;
+    assert_eq!(shown, xss);
+    let images = b
+        .js("return [document.images.length, document.getElementById('response').children.length, document.getElementById('response').textContent];")
+        .await;
+    assert_eq!(images, json!([0, 0, xss]), "the answer must stay text");
+    assert!(
+        b.client.get_alert_text().await.is_err(),
+        "no alert may open"
+    );
+
+    // A call that times out: 504, then its late answer when it comes.
+    b.call("Slow001", "echo", r#""worth the wait""#, 500).await;
+    assert_eq!(b.wait_text("#result-status", |_| true).await, "504");
+    let late = b.wait_text("#late-response", |t| !t.is_empty()).await;
+    assert_eq!(late, "worth the wait");
+    let timeline = b.wait_text("#timeline", |_| true).await;
+    assert!(
+        timeline.contains("no answer by the deadline") && timeline.contains("answered late"),
+        "{timeline}"
+    );
+
+    // The charts got their seconds.
+    b.wait_text("#chart-rate", |_| true).await;
+    let points = b
+        .js("return document.querySelectorAll('#chart-rate canvas, #chart-latency canvas').length;")
+        .await;
+    assert_eq!(points, json!(2), "two charts drawn");
+
+    // A screenshot for docs/console.md: 1280 wide, tall enough for all.
+    b.client.set_window_size(1280, 1500).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let png = b.client.screenshot().await.expect("a screenshot");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png");
+    std::fs::write(&shot, &png).unwrap();
+    eprintln!("console screenshot: {}", shot.display());
+
+    // Readable on a narrow window too.
+    b.fits(420, 800).await;
+    b.client.set_window_size(1280, 800).await.unwrap();
+
+    // The simulator stops (its will says offline): the list follows, with
+    // no reload.
+    device.kill();
+    b.wait_text(r#"#devices tr[data-target="Device001"] td.state"#, |t| {
+        t == "offline"
+    })
+    .await;
+    assert_eq!(
+        b.js("return window.sameDocument;").await,
+        json!("yes"),
+        "the page was not reloaded"
+    );
+    assert_eq!(
+        b.js("return document.body.dataset.cspViolations ?? null;")
+            .await,
+        Value::Null,
+        "no Content-Security-Policy violation"
+    );
+
+    // With tokens on: the page asks for one, and without it the event
+    // stream cannot be read.
+    b.client.goto(&format!("{closed_base}/")).await.unwrap();
+    b.wait_text("#login-h", |t| t.contains("token")).await;
+    assert_eq!(
+        b.js("return document.getElementById('main').hidden;").await,
+        json!(true)
+    );
+    let unauthorized = b
+        .js_async(
+            "const r = await fetch('/v1/events'); const w = await fetch('/v1/events', {headers: {Authorization: 'Bearer wrong'}}); const d = await fetch('/v1/devices'); return [r.status, w.status, d.status];",
+        )
+        .await;
+    assert_eq!(unauthorized, json!([401, 401, 401]));
+    assert_eq!(
+        b.js("return document.querySelectorAll('#log tbody tr').length;")
+            .await,
+        json!(0),
+        "nothing of the log reached the page"
+    );
+    b.fill("#token", "console-secret").await;
+    b.click("#login-form button[type=submit]").await;
+    b.wait_text("#conn", |t| t == "live").await;
+    let offline = b
+        .wait_text(r#"#devices tr[data-target="Device001"] td.state"#, |t| {
+            !t.is_empty()
+        })
+        .await;
+    assert_eq!(offline, "offline");
+    // Kept for the tab's session: a reload stays signed in.
+    b.client.refresh().await.unwrap();
+    b.wait_text("#conn", |t| t == "live").await;
+    let stored = b
+        .js("return [sessionStorage.getItem('directcall-token'), localStorage.length];")
+        .await;
+    assert_eq!(stored, json!(["console-secret", 0]));
+
+    browser.client.close().await.unwrap();
+}
