@@ -441,3 +441,130 @@ async fn the_console_in_a_real_browser() {
 
     browser.client.close().await.unwrap();
 }
+
+/// The first `hello` event of `/v1/events`, read with curl for `secs`.
+fn hello(base: &str, token: &str, secs: u32) -> (Value, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sN",
+            "--max-time",
+            &secs.to_string(),
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &format!("{base}/v1/events"),
+        ])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let data = text
+        .split("\n\n")
+        .find(|e| e.starts_with("event: hello"))
+        .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .unwrap_or_else(|| panic!("no hello in {text:?}"));
+    (serde_json::from_str(data).unwrap(), text)
+}
+
+/// A scoped credential sees only the targets its rules name and the calls
+/// it could have made, in the device list and in the event stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_credential_sees_only_its_own_devices_and_calls() {
+    let Some(mosquitto) = Mosquitto::start("").expect("mosquitto starts") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto is required in CI"
+        );
+        return;
+    };
+    let url = mosquitto.url();
+    let creds = mosquitto.dir().join("credentials.toml");
+    std::fs::write(
+        &creds,
+        "[[credentials]]\nname = \"fleet\"\ntoken = \"fleet-secret\"\ntargets = [\"Device*\"]\n\n\
+         [[credentials]]\nname = \"cars\"\ntoken = \"cars-secret\"\ntargets = [\"Car*\"]\n\n\
+         [[credentials]]\nname = \"honk-only\"\ntoken = \"honk-secret\"\ntargets = [\"Device*\"]\nmethods = [\"honk\"]\n",
+    )
+    .unwrap();
+    let (_gw, base) = gateway(&url, &["--credentials", creds.to_str().unwrap()]).await;
+    let _device = sim(&url, &["--presence"]);
+    let fleet = [("authorization", "Bearer fleet-secret")];
+    // Wait for the presence record, then make one call.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = e2e::get_with(&format!("{base}/v1/devices"), &fleet).await;
+        if body["devices"][0]["target"] == "Device001" {
+            assert_eq!(body["devices"][0]["online"], true, "{body}");
+            break;
+        }
+        assert!(Instant::now() < until, "Device001 never listed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = e2e::get_with(
+        &format!("{base}/invoke?request=r&method=unlock&target=Device001&timeout=3"),
+        &fleet,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (_, mine) = e2e::get_with(&format!("{base}/v1/devices"), &fleet).await;
+    assert_eq!(mine["recent"][0]["target"], "Device001", "{mine}");
+    assert_eq!(mine["recent"][0]["outcome"], "ok", "{mine}");
+    let (_, theirs) = e2e::get_with(
+        &format!("{base}/v1/devices"),
+        &[("authorization", "Bearer cars-secret")],
+    )
+    .await;
+    assert_eq!(theirs["devices"], json!([]), "{theirs}");
+    assert_eq!(theirs["recent"], json!([]), "{theirs}");
+    // Sees the device, not the `unlock` call it could not have made.
+    let (_, honk) = e2e::get_with(
+        &format!("{base}/v1/devices"),
+        &[("authorization", "Bearer honk-secret")],
+    )
+    .await;
+    assert_eq!(honk["devices"][0]["target"], "Device001", "{honk}");
+    assert_eq!(honk["recent"], json!([]), "{honk}");
+
+    let (mine, _) = hello(&base, "fleet-secret", 2);
+    assert_eq!(mine["calls"][0]["method"], "unlock", "{mine}");
+    assert_eq!(mine["calls"][0]["credential"], "fleet", "{mine}");
+    assert_eq!(mine["devices"][0]["target"], "Device001", "{mine}");
+    let (theirs, text) = hello(&base, "cars-secret", 3);
+    assert_eq!(theirs["calls"], json!([]), "{theirs}");
+    assert_eq!(theirs["devices"], json!([]), "{theirs}");
+    assert!(
+        text.contains("event: seconds"),
+        "the per-second totals come once a second: {text}"
+    );
+    assert!(!text.contains("Device001"), "{text}");
+    // Never a secret in the stream.
+    assert!(!text.contains("secret"), "{text}");
+}
+
+/// `--no-console`: no page, no console routes, none in the OpenAPI document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_console_serves_none_of_it() {
+    let broker = directcall_bins::EmbeddedBroker::start(None).unwrap();
+    let (_gw, base) = gateway(&broker.url(), &["--no-console"]).await;
+    for path in ["/", "/console/app.js", "/v1/devices", "/v1/events"] {
+        let (status, body) = e2e::get(&format!("{base}{path}")).await;
+        assert_eq!(
+            (status, &body["result"]),
+            (404, &json!("not_found")),
+            "{path}"
+        );
+    }
+    let (_, doc) = e2e::get(&format!("{base}/openapi.json")).await;
+    assert!(doc["paths"].get("/v1/devices").is_none());
+    assert!(doc["paths"].get("/v1/events").is_none());
+    // And with the console: the page, with its policy.
+    let (_gw, base) = gateway(&broker.url(), &[]).await;
+    let page = directcall_bins::http_client::get(&format!("{base}/"), &[])
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-security-policy"),
+        Some(directcall_bins::console::CSP)
+    );
+    assert!(page.body.contains("<title>directcall console</title>"));
+}

@@ -179,6 +179,10 @@ pub(crate) struct BenchArgs {
     /// external --url https://).
     #[arg(long, env = "DIRECTCALL_BENCH_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
+    /// --mode http: the in-process gateway keeps the web console's live
+    /// log and per-second tally, as `directcall serve` does by default.
+    #[arg(long, env = "DIRECTCALL_BENCH_CONSOLE")]
+    console: bool,
 }
 
 impl BenchArgs {
@@ -630,7 +634,7 @@ async fn http(
                     .map_err(|e| e.to_string())?;
                 let addr = listener.local_addr().map_err(|e| e.to_string())?;
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let app = gateway::app(GatewayConfig::new(service));
+                let app = gateway::app(GatewayConfig::new(service).console(args.console));
                 let stopped = async move {
                     let _ = stop_rx.await;
                 };
