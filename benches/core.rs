@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the sans-IO core: topic build/parse, payload
-//! encode/decode, and the pending table.
+//! encode/decode, and the pending table; and the web console's work per
+//! call in the gateway.
 
 use std::hint::black_box;
 
@@ -116,5 +117,49 @@ fn pending_contended(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, topics, payloads, pending, pending_contended);
+/// What the gateway does per call for the console: a live-log entry and
+/// the per-second tally; with a page open, the entry's JSON too.
+fn console(c: &mut Criterion) {
+    use directcall_bins::console::{Console, LogEntry};
+    use directcall_bins::service::Outcome;
+    use std::time::Duration;
+    let mut g = c.benchmark_group("console");
+    g.throughput(Throughput::Elements(1));
+    let console = Console::new();
+    let entry = || {
+        let mut e = LogEntry::new(
+            "Device001",
+            "windows_down",
+            "ok",
+            200,
+            Duration::from_micros(350),
+        );
+        e.id = Some(MessageId::new().to_string());
+        e.device_status = Some(200);
+        e
+    };
+    g.bench_function("log+count, no page open", |b| {
+        b.iter(|| {
+            console.log(black_box(entry()));
+            console.count(Outcome::Ok, Some(Duration::from_micros(350)));
+        });
+    });
+    g.bench_function("log+count+JSON, a page open", |b| {
+        b.iter(|| {
+            console.log(black_box(entry()));
+            console.count(Outcome::Ok, Some(Duration::from_micros(350)));
+            black_box(console.newest_json());
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    topics,
+    payloads,
+    pending,
+    pending_contended,
+    console
+);
 criterion_main!(benches);

@@ -197,16 +197,32 @@ function noteLog() {
     : `${shown} call(s) shown, newest first.`;
 }
 
+// Calls are drawn once per frame, however many arrive: a busy gateway
+// streams thousands a second.
+const incoming = [];
+let drawScheduled = false;
+
 function onCall(c) {
   device(c.target).last = { at_ms: c.at_ms, method: c.method, outcome: c.outcome };
-  renderDevices();
+  incoming.push(c);
+  if (incoming.length > LOG_ROWS) incoming.shift();
+  if (!drawScheduled) {
+    drawScheduled = true;
+    requestAnimationFrame(drawCalls);
+  }
+}
+
+function drawCalls() {
+  drawScheduled = false;
+  const calls = incoming.splice(0);
   if (paused) {
-    held.push(c);
-    if (held.length > LOG_ROWS) held.shift();
+    held.push(...calls);
+    if (held.length > LOG_ROWS) held.splice(0, held.length - LOG_ROWS);
     noteLog();
   } else {
-    addCalls([c]);
+    addCalls(calls);
   }
+  renderDevices();
 }
 
 $('pause').addEventListener('click', () => {
@@ -322,6 +338,7 @@ function openStream() {
           applyDevices(data);
           $('log').tBodies[0].replaceChildren();
           held.length = 0;
+          incoming.length = 0;
           addCalls(data.calls);
           rateData.forEach((c) => c.splice(0));
           latencyData.forEach((c) => c.splice(0));

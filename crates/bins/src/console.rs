@@ -9,14 +9,18 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::broadcast;
+use utoipa::ToSchema;
 
 use crate::access::Credential;
-use crate::service::Outcome;
+use crate::gateway::{respond, Closing, Gateway};
+use crate::service::{HttpReply, Outcome, UnauthorizedBody};
 
 /// How many calls the live log keeps (and sends to a page that connects).
 pub const LOG_SIZE: usize = 300;
@@ -112,30 +116,59 @@ pub(crate) fn now_ms() -> u64 {
 
 /// One call as the live log shows it.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct LogEntry {
+#[non_exhaustive]
+pub struct LogEntry {
     /// When it ended, ms since the Unix epoch.
     pub at_ms: u64,
     /// The call id, when it got one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The device called.
     pub target: String,
+    /// The method called.
     pub method: String,
     /// The `result` of its HTTP answer.
     pub outcome: String,
+    /// The HTTP status of its answer.
     pub http_status: u16,
     /// The device's own status, when it answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_status: Option<u64>,
+    /// From the request's arrival to its answer.
     pub latency_ms: f64,
     /// The credential's name (never its secret); `-` on an open gateway.
     pub credential: String,
 }
 
-/// A log entry, serialized once for every page that receives it.
+impl LogEntry {
+    /// A call to `method` on `target` that ended now with `outcome`.
+    pub fn new(
+        target: impl Into<String>,
+        method: impl Into<String>,
+        outcome: impl Into<String>,
+        http_status: u16,
+        latency: Duration,
+    ) -> Self {
+        LogEntry {
+            at_ms: now_ms(),
+            id: None,
+            target: target.into(),
+            method: method.into(),
+            outcome: outcome.into(),
+            http_status,
+            device_status: None,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            credential: "-".to_owned(),
+        }
+    }
+}
+
+/// A log entry, serialized once (when a page first needs it) for every page
+/// that receives it.
 #[derive(Debug)]
-pub(crate) struct Logged {
+pub struct Logged {
     entry: LogEntry,
-    json: String,
+    json: std::sync::OnceLock<String>,
 }
 
 impl Logged {
@@ -145,7 +178,8 @@ impl Logged {
     }
 
     pub(crate) fn json(&self) -> &str {
-        &self.json
+        self.json
+            .get_or_init(|| serde_json::to_string(&self.entry).unwrap_or_default())
     }
 
     /// Whether `credential` (none: an open gateway) may see it: only calls
@@ -238,14 +272,15 @@ impl Tally {
 /// What the console keeps: the live log, the tally, and the channel that
 /// streams new calls to every open page.
 #[derive(Debug)]
-pub(crate) struct Console {
+pub struct Console {
     calls: broadcast::Sender<Arc<Logged>>,
     log: Mutex<VecDeque<Arc<Logged>>>,
     tally: Mutex<Tally>,
 }
 
 impl Console {
-    pub(crate) fn new() -> Arc<Self> {
+    /// An empty console.
+    pub fn new() -> Arc<Self> {
         Arc::new(Console {
             calls: broadcast::channel(1024).0,
             log: Mutex::new(VecDeque::with_capacity(LOG_SIZE)),
@@ -255,7 +290,7 @@ impl Console {
 
     /// Counts one request's outcome (and its latency, for one that reached
     /// the broker) in the current second.
-    pub(crate) fn count(&self, outcome: Outcome, latency: Option<Duration>) {
+    pub fn count(&self, outcome: Outcome, latency: Option<Duration>) {
         let mut tally = self.tally.lock().unwrap_or_else(|e| e.into_inner());
         tally.roll(now_ms() / 1000);
         tally.counts[outcome.index()] += 1;
@@ -279,9 +314,11 @@ impl Console {
     }
 
     /// Adds a call to the live log and streams it to the open pages.
-    pub(crate) fn log(&self, entry: LogEntry) {
-        let json = serde_json::to_string(&entry).unwrap_or_default();
-        let logged = Arc::new(Logged { entry, json });
+    pub fn log(&self, entry: LogEntry) {
+        let logged = Arc::new(Logged {
+            entry,
+            json: std::sync::OnceLock::new(),
+        });
         // Sent under the lock, so a page that connects gets each call
         // either in its backlog or as an event, never both.
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
@@ -301,8 +338,14 @@ impl Console {
         (log.iter().cloned().collect(), self.calls.subscribe())
     }
 
+    /// The newest call's JSON, as a page receives it (for benches).
+    pub fn newest_json(&self) -> Option<String> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.back().map(|l| l.json().to_owned())
+    }
+
     /// The live log, oldest first.
-    pub(crate) fn recent(&self) -> Vec<Arc<Logged>> {
+    pub fn recent(&self) -> Vec<Arc<Logged>> {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.iter().cloned().collect()
     }
@@ -324,7 +367,7 @@ pub(crate) fn recently_called(log: &[Arc<Logged>]) -> Vec<RecentTarget> {
 }
 
 /// A target of the live log and its latest call.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub(crate) struct RecentTarget {
     /// The device.
     pub target: String,
@@ -334,6 +377,250 @@ pub(crate) struct RecentTarget {
     pub method: String,
     /// That call's outcome (`result`).
     pub outcome: String,
+}
+
+// ------------------------------------------------------------------ routes
+
+/// The console's page and its embedded assets.
+pub(crate) async fn console_asset(uri: Uri) -> Response {
+    match asset(uri.path()) {
+        Some(response) => response,
+        None => respond(HttpReply::not_found(uri.path())),
+    }
+}
+
+/// `GET /v1/devices`: what presence knows, and the targets called lately.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DevicesBody {
+    /// Whether this gateway tracks presence (`--presence`); without it,
+    /// `devices` is empty.
+    presence: bool,
+    /// Every target with a presence record, by name.
+    devices: Vec<DeviceBody>,
+    /// The targets of the last calls through this gateway, newest first,
+    /// each with its latest call.
+    recent: Vec<RecentTarget>,
+}
+
+/// A target's presence.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DeviceBody {
+    /// The device.
+    target: String,
+    /// Whether it is connected.
+    online: bool,
+    /// Since when, ms since the Unix epoch.
+    since_ms: u64,
+}
+
+impl From<directcall_cloud::DeviceState> for DeviceBody {
+    fn from(d: directcall_cloud::DeviceState) -> Self {
+        DeviceBody {
+            target: d.target.as_str().to_owned(),
+            online: d.online,
+            since_ms: d.since_ms,
+        }
+    }
+}
+
+impl Gateway {
+    /// The devices body as `credential` may see it: only targets its rules
+    /// name, only calls it could have made.
+    pub(crate) fn devices_body(&self, credential: Option<&Credential>) -> DevicesBody {
+        let requester = self.service.requester();
+        let visible = |target: &str| credential.is_none_or(|c| c.sees_target(target));
+        let log = self
+            .console
+            .as_ref()
+            .map(|c| c.recent())
+            .unwrap_or_default();
+        let log: Vec<_> = log
+            .into_iter()
+            .filter(|l| l.visible_to(credential))
+            .collect();
+        DevicesBody {
+            presence: requester.tracks_presence(),
+            devices: requester
+                .devices()
+                .into_iter()
+                .filter(|d| visible(d.target.as_str()))
+                .map(DeviceBody::from)
+                .collect(),
+            recent: recently_called(&log),
+        }
+    }
+}
+
+/// The devices presence knows, online or offline and since when, and the
+/// targets called lately (the console's device list).
+#[utoipa::path(
+    get,
+    path = "/v1/devices",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The devices this credential may call.", body = DevicesBody),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+    )
+)]
+pub(crate) async fn devices(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    let caller = match gw.authenticate(&headers, None) {
+        Ok(caller) => caller,
+        Err(denied) => return *denied,
+    };
+    let body = gw.devices_body(caller.credential.as_deref());
+    respond(HttpReply {
+        status: 200,
+        body: serde_json::to_value(body).unwrap_or_default(),
+        replayed: false,
+        location: None,
+        retry_after: None,
+    })
+}
+
+/// One page's event stream: what is left to send, and what it waits on.
+struct Feed {
+    hello: Option<String>,
+    calls: tokio::sync::broadcast::Receiver<Arc<Logged>>,
+    devices: Option<tokio::sync::broadcast::Receiver<directcall_cloud::DeviceState>>,
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
+    ticker: tokio::time::Interval,
+    /// The newest second sent.
+    last: Option<u64>,
+}
+
+/// The console's live feed, as Server-Sent Events: first `hello` (the
+/// devices, the live log, the last minutes of per-second counts), then
+/// `call` for each call through this gateway, `device` for each presence
+/// change and `seconds` once a second. A credential sees only the calls
+/// and targets its rules allow.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The event stream (never ends on its own).", content_type = "text/event-stream", body = String),
+        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
+    )
+)]
+pub(crate) async fn events(
+    State(gw): State<Gateway>,
+    headers: HeaderMap,
+    closing: Option<Extension<Closing>>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let caller = match gw.authenticate(&headers, None) {
+        Ok(caller) => caller,
+        Err(denied) => return *denied,
+    };
+    let Some(console) = gw.console.clone() else {
+        return respond(HttpReply::not_found("/v1/events"));
+    };
+    let credential = caller.credential;
+    let requester = gw.service.requester().clone();
+    // Watch first, then read the snapshot: nothing falls in between.
+    let (backlog, calls) = console.watch_with_backlog();
+    let device_changes = requester.watch_devices();
+    let devices = gw.devices_body(credential.as_deref());
+    let seconds = console.seconds_after(None);
+    let last = seconds.last().map(|s| s.t);
+    let calls_json: Vec<&str> = backlog
+        .iter()
+        .filter(|l| l.visible_to(credential.as_deref()))
+        .map(|l| l.json())
+        .collect();
+    let hello = format!(
+        r#"{{"presence":{},"records":{},"max_timeout_s":{},"devices":{},"recent":{},"calls":[{}],"seconds":{}}}"#,
+        devices.presence,
+        requester.record_options().is_some(),
+        gw.service.limits().max_timeout.as_secs().max(1),
+        serde_json::to_string(&devices.devices).unwrap_or_else(|_| "[]".into()),
+        serde_json::to_string(&devices.recent).unwrap_or_else(|_| "[]".into()),
+        calls_json.join(","),
+        serde_json::to_string(&seconds).unwrap_or_else(|_| "[]".into()),
+    );
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let feed = Feed {
+        hello: Some(hello),
+        calls,
+        devices: requester.tracks_presence().then_some(device_changes),
+        closing: closing.map(|Extension(Closing(rx))| rx),
+        ticker,
+        last,
+    };
+    let stream = futures_util::stream::unfold(feed, move |mut feed| {
+        let console = Arc::clone(&console);
+        let credential = credential.clone();
+        async move {
+            if let Some(hello) = feed.hello.take() {
+                let event = Event::default().event("hello").data(hello);
+                return Some((Ok::<_, std::convert::Infallible>(event), feed));
+            }
+            let lagged = |n: u64| {
+                Event::default()
+                    .event("lagged")
+                    .data(format!(r#"{{"missed":{n}}}"#))
+            };
+            loop {
+                let Feed {
+                    calls,
+                    devices,
+                    closing,
+                    ticker,
+                    last,
+                    ..
+                } = &mut feed;
+                let closed = async {
+                    match closing.as_mut() {
+                        // Fired, or the server is gone.
+                        Some(rx) => drop(rx.wait_for(|c| *c).await),
+                        None => std::future::pending().await,
+                    }
+                };
+                let device = async {
+                    match devices.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let event = tokio::select! {
+                    () = closed => return None,
+                    call = calls.recv() => match call {
+                        Ok(l) if l.visible_to(credential.as_deref()) => {
+                            Event::default().event("call").data(l.json())
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(n)) => lagged(n),
+                        Err(RecvError::Closed) => return None,
+                    },
+                    device = device => match device {
+                        Ok(d) if credential.as_deref().is_none_or(|c| c.sees_target(d.target.as_str())) => {
+                            let body = serde_json::to_string(&DeviceBody::from(d)).unwrap_or_default();
+                            Event::default().event("device").data(body)
+                        }
+                        Ok(_) => continue,
+                        // Fell behind: the page reads the list again.
+                        Err(RecvError::Lagged(n)) => lagged(n),
+                        Err(RecvError::Closed) => {
+                            *devices = None;
+                            continue;
+                        }
+                    },
+                    _ = ticker.tick() => {
+                        let seconds = console.seconds_after(*last);
+                        let Some(newest) = seconds.last().map(|s| s.t) else { continue };
+                        *last = Some(newest);
+                        Event::default().event("seconds").data(serde_json::to_string(&seconds).unwrap_or_default())
+                    },
+                };
+                return Some((Ok(event), feed));
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 #[cfg(test)]
@@ -374,18 +661,19 @@ mod tests {
     fn the_log_keeps_the_last_calls_and_names_each_target_once() {
         let console = Console::new();
         for i in 0..LOG_SIZE + 5 {
-            console.log(LogEntry {
-                at_ms: i as u64,
-                id: None,
-                target: format!("t{}", i % 3),
-                method: "m".into(),
-                outcome: "ok".into(),
-                http_status: 200,
-                device_status: Some(200),
-                latency_ms: 1.0,
-                credential: "-".into(),
-            });
+            let mut entry = LogEntry::new(
+                format!("t{}", i % 3),
+                "m",
+                "ok",
+                200,
+                Duration::from_millis(1),
+            );
+            entry.at_ms = i as u64;
+            console.log(entry);
         }
+        let json: serde_json::Value = serde_json::from_str(console.recent()[0].json()).unwrap();
+        assert_eq!(json["target"], "t2");
+        assert_eq!(json["credential"], "-");
         let log = console.recent();
         assert_eq!(log.len(), LOG_SIZE);
         assert_eq!(log[0].entry().at_ms, 5);

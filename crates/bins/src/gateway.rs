@@ -26,7 +26,9 @@ use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::access::{Access, Credential, Refusal, TargetLimit, TargetSlot, MAX_TOKEN_BYTES};
-use crate::console::{Console, LogEntry, RecentTarget};
+use crate::console::{
+    console_asset, devices, events, Console, DeviceBody, DevicesBody, LogEntry, RecentTarget,
+};
 use crate::service::{
     AcceptedBody, CallRecordBody, HttpReply, InvokeQuery, InvokeService, Limits, MessageBody,
     OfflineBody, OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody, MAX_HTTP_REQUEST_BYTES,
@@ -123,21 +125,21 @@ impl GatewayConfig {
 }
 
 #[derive(Clone)]
-struct Gateway {
-    service: InvokeService,
+pub(crate) struct Gateway {
+    pub(crate) service: InvokeService,
     access: Option<Arc<Access>>,
     target_limit: Option<Arc<TargetLimit>>,
     audit_bodies: bool,
     metrics: Option<PrometheusHandle>,
     openapi: Arc<String>,
     wait_for_broker: bool,
-    console: Option<Arc<Console>>,
+    pub(crate) console: Option<Arc<Console>>,
 }
 
 /// Fires when the server begins to shut down: the event streams end then,
 /// so a graceful shutdown does not wait for open consoles.
 #[derive(Clone)]
-struct Closing(tokio::sync::watch::Receiver<bool>);
+pub(crate) struct Closing(pub(crate) tokio::sync::watch::Receiver<bool>);
 
 /// `app` with a [`Closing`] signal, and the future that fires it after
 /// `shutdown`.
@@ -173,7 +175,7 @@ struct HealthBody {
         version = "1",
         description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
     ),
-    paths(invoke_get, invoke_get_slash, invoke_post, call_record, devices, events, healthz, metrics, openapi),
+    paths(invoke_get, invoke_get_slash, invoke_post, call_record, crate::console::devices, crate::console::events, healthz, metrics, openapi),
     components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody, DevicesBody, DeviceBody, RecentTarget)),
     modifiers(&BearerAuth)
 )]
@@ -449,8 +451,8 @@ pub async fn with_budget(
 /// Who is calling: their credential (none when the gateway has none) and
 /// address (none behind API Gateway).
 #[derive(Debug, Clone)]
-struct Caller {
-    credential: Option<Arc<Credential>>,
+pub(crate) struct Caller {
+    pub(crate) credential: Option<Arc<Credential>>,
     source: Option<SocketAddr>,
 }
 
@@ -489,7 +491,7 @@ fn audit(
     );
 }
 
-fn respond(reply: HttpReply) -> Response {
+pub(crate) fn respond(reply: HttpReply) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, reply.body.to_string()).into_response();
     response.headers_mut().insert(
@@ -566,7 +568,7 @@ fn idempotency_key(
 impl Gateway {
     /// The caller's credential (`None` when no credentials are set), or a
     /// 401 response.
-    fn authenticate(
+    pub(crate) fn authenticate(
         &self,
         headers: &HeaderMap,
         connect: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -710,21 +712,19 @@ impl Gateway {
         audit(caller, &names, reply, started, request, with_response);
         if let Some(console) = &self.console {
             let (target, method) = names;
-            console.log(LogEntry {
-                at_ms: crate::console::now_ms(),
-                id: reply.body["id"].as_str().map(str::to_owned),
-                target: target.as_str().to_owned(),
-                method: method.as_str().to_owned(),
-                outcome: reply.body["result"].as_str().unwrap_or("-").to_owned(),
-                http_status: reply.status,
-                device_status: reply.body["status"].as_u64(),
-                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-                credential: caller
-                    .credential
-                    .as_ref()
-                    .map_or("-", |c| c.name())
-                    .to_owned(),
-            });
+            let mut entry = LogEntry::new(
+                target.as_str(),
+                method.as_str(),
+                reply.body["result"].as_str().unwrap_or("-"),
+                reply.status,
+                started.elapsed(),
+            );
+            entry.id = reply.body["id"].as_str().map(str::to_owned);
+            entry.device_status = reply.body["status"].as_u64();
+            if let Some(c) = &caller.credential {
+                c.name().clone_into(&mut entry.credential);
+            }
+            console.log(entry);
         }
     }
 
@@ -1079,248 +1079,6 @@ async fn call_record(
         }
     }
     respond(reply)
-}
-
-/// The console's page and its embedded assets.
-async fn console_asset(uri: Uri) -> Response {
-    match crate::console::asset(uri.path()) {
-        Some(response) => response,
-        None => respond(HttpReply::not_found(uri.path())),
-    }
-}
-
-/// `GET /v1/devices`: what presence knows, and the targets called lately.
-#[derive(Debug, Serialize, ToSchema)]
-struct DevicesBody {
-    /// Whether this gateway tracks presence (`--presence`); without it,
-    /// `devices` is empty.
-    presence: bool,
-    /// Every target with a presence record, by name.
-    devices: Vec<DeviceBody>,
-    /// The targets of the last calls through this gateway, newest first,
-    /// each with its latest call.
-    recent: Vec<RecentTarget>,
-}
-
-/// A target's presence.
-#[derive(Debug, Serialize, ToSchema)]
-struct DeviceBody {
-    /// The device.
-    target: String,
-    /// Whether it is connected.
-    online: bool,
-    /// Since when, ms since the Unix epoch.
-    since_ms: u64,
-}
-
-impl From<directcall_cloud::DeviceState> for DeviceBody {
-    fn from(d: directcall_cloud::DeviceState) -> Self {
-        DeviceBody {
-            target: d.target.as_str().to_owned(),
-            online: d.online,
-            since_ms: d.since_ms,
-        }
-    }
-}
-
-impl Gateway {
-    /// The devices body as `credential` may see it: only targets its rules
-    /// name, only calls it could have made.
-    fn devices_body(&self, credential: Option<&Credential>) -> DevicesBody {
-        let requester = self.service.requester();
-        let visible = |target: &str| credential.is_none_or(|c| c.sees_target(target));
-        let log = self
-            .console
-            .as_ref()
-            .map(|c| c.recent())
-            .unwrap_or_default();
-        let log: Vec<_> = log
-            .into_iter()
-            .filter(|l| l.visible_to(credential))
-            .collect();
-        DevicesBody {
-            presence: requester.tracks_presence(),
-            devices: requester
-                .devices()
-                .into_iter()
-                .filter(|d| visible(d.target.as_str()))
-                .map(DeviceBody::from)
-                .collect(),
-            recent: crate::console::recently_called(&log),
-        }
-    }
-}
-
-/// The devices presence knows, online or offline and since when, and the
-/// targets called lately (the console's device list).
-#[utoipa::path(
-    get,
-    path = "/v1/devices",
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The devices this credential may call.", body = DevicesBody),
-        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-    )
-)]
-async fn devices(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
-    let caller = match gw.authenticate(&headers, None) {
-        Ok(caller) => caller,
-        Err(denied) => return *denied,
-    };
-    let body = gw.devices_body(caller.credential.as_deref());
-    respond(HttpReply {
-        status: 200,
-        body: serde_json::to_value(body).unwrap_or_default(),
-        replayed: false,
-        location: None,
-        retry_after: None,
-    })
-}
-
-/// One page's event stream: what is left to send, and what it waits on.
-struct Feed {
-    hello: Option<String>,
-    calls: tokio::sync::broadcast::Receiver<Arc<crate::console::Logged>>,
-    devices: Option<tokio::sync::broadcast::Receiver<directcall_cloud::DeviceState>>,
-    closing: Option<tokio::sync::watch::Receiver<bool>>,
-    ticker: tokio::time::Interval,
-    /// The newest second sent.
-    last: Option<u64>,
-}
-
-/// The console's live feed, as Server-Sent Events: first `hello` (the
-/// devices, the live log, the last minutes of per-second counts), then
-/// `call` for each call through this gateway, `device` for each presence
-/// change and `seconds` once a second. A credential sees only the calls
-/// and targets its rules allow.
-#[utoipa::path(
-    get,
-    path = "/v1/events",
-    security((), ("bearer" = [])),
-    responses(
-        (status = 200, description = "The event stream (never ends on its own).", content_type = "text/event-stream", body = String),
-        (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-    )
-)]
-async fn events(
-    State(gw): State<Gateway>,
-    headers: HeaderMap,
-    closing: Option<Extension<Closing>>,
-) -> Response {
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    use tokio::sync::broadcast::error::RecvError;
-    let caller = match gw.authenticate(&headers, None) {
-        Ok(caller) => caller,
-        Err(denied) => return *denied,
-    };
-    let Some(console) = gw.console.clone() else {
-        return respond(HttpReply::not_found("/v1/events"));
-    };
-    let credential = caller.credential;
-    let requester = gw.service.requester().clone();
-    // Watch first, then read the snapshot: nothing falls in between.
-    let (backlog, calls) = console.watch_with_backlog();
-    let device_changes = requester.watch_devices();
-    let devices = gw.devices_body(credential.as_deref());
-    let seconds = console.seconds_after(None);
-    let last = seconds.last().map(|s| s.t);
-    let calls_json: Vec<&str> = backlog
-        .iter()
-        .filter(|l| l.visible_to(credential.as_deref()))
-        .map(|l| l.json())
-        .collect();
-    let hello = format!(
-        r#"{{"presence":{},"records":{},"max_timeout_s":{},"devices":{},"recent":{},"calls":[{}],"seconds":{}}}"#,
-        devices.presence,
-        requester.record_options().is_some(),
-        gw.service.limits().max_timeout.as_secs().max(1),
-        serde_json::to_string(&devices.devices).unwrap_or_else(|_| "[]".into()),
-        serde_json::to_string(&devices.recent).unwrap_or_else(|_| "[]".into()),
-        calls_json.join(","),
-        serde_json::to_string(&seconds).unwrap_or_else(|_| "[]".into()),
-    );
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let feed = Feed {
-        hello: Some(hello),
-        calls,
-        devices: requester.tracks_presence().then_some(device_changes),
-        closing: closing.map(|Extension(Closing(rx))| rx),
-        ticker,
-        last,
-    };
-    let stream = futures_util::stream::unfold(feed, move |mut feed| {
-        let console = Arc::clone(&console);
-        let credential = credential.clone();
-        async move {
-            if let Some(hello) = feed.hello.take() {
-                let event = Event::default().event("hello").data(hello);
-                return Some((Ok::<_, std::convert::Infallible>(event), feed));
-            }
-            let lagged = |n: u64| {
-                Event::default()
-                    .event("lagged")
-                    .data(format!(r#"{{"missed":{n}}}"#))
-            };
-            loop {
-                let Feed {
-                    calls,
-                    devices,
-                    closing,
-                    ticker,
-                    last,
-                    ..
-                } = &mut feed;
-                let closed = async {
-                    match closing.as_mut() {
-                        // Fired, or the server is gone.
-                        Some(rx) => drop(rx.wait_for(|c| *c).await),
-                        None => std::future::pending().await,
-                    }
-                };
-                let device = async {
-                    match devices.as_mut() {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let event = tokio::select! {
-                    () = closed => return None,
-                    call = calls.recv() => match call {
-                        Ok(l) if l.visible_to(credential.as_deref()) => {
-                            Event::default().event("call").data(l.json())
-                        }
-                        Ok(_) => continue,
-                        Err(RecvError::Lagged(n)) => lagged(n),
-                        Err(RecvError::Closed) => return None,
-                    },
-                    device = device => match device {
-                        Ok(d) if credential.as_deref().is_none_or(|c| c.sees_target(d.target.as_str())) => {
-                            let body = serde_json::to_string(&DeviceBody::from(d)).unwrap_or_default();
-                            Event::default().event("device").data(body)
-                        }
-                        Ok(_) => continue,
-                        // Fell behind: the page reads the list again.
-                        Err(RecvError::Lagged(n)) => lagged(n),
-                        Err(RecvError::Closed) => {
-                            *devices = None;
-                            continue;
-                        }
-                    },
-                    _ = ticker.tick() => {
-                        let seconds = console.seconds_after(*last);
-                        let Some(newest) = seconds.last().map(|s| s.t) else { continue };
-                        *last = Some(newest);
-                        Event::default().event("seconds").data(serde_json::to_string(&seconds).unwrap_or_default())
-                    },
-                };
-                return Some((Ok(event), feed));
-            }
-        }
-    });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
 }
 
 async fn not_found(uri: Uri) -> Response {

@@ -183,6 +183,10 @@ pub(crate) struct BenchArgs {
     /// log and per-second tally, as `directcall serve` does by default.
     #[arg(long, env = "DIRECTCALL_BENCH_CONSOLE")]
     console: bool,
+    /// --mode http: this many open consoles: readers of each gateway's
+    /// event stream (`/v1/events`, plain HTTP), every byte read and dropped.
+    #[arg(long, env = "DIRECTCALL_BENCH_CONSOLE_READERS", default_value_t = 0)]
+    console_readers: usize,
 }
 
 impl BenchArgs {
@@ -667,6 +671,12 @@ async fn http(
             None => Err(format!("--http-header {h}: give `Name: value`")),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut readers = Vec::new();
+    for base in &bases {
+        for _ in 0..args.console_readers {
+            readers.push(tokio::spawn(read_events(base.clone(), headers.clone())));
+        }
+    }
     let report = http_load(
         "http",
         &bases,
@@ -677,8 +687,34 @@ async fn http(
         headers,
     )
     .await;
+    for r in readers {
+        r.abort();
+    }
     drop(stops);
     report
+}
+
+/// An open console: reads `base`'s event stream and drops it, until aborted.
+async fn read_events(base: String, headers: Vec<(String, String)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(addr) = base.strip_prefix("http://") else {
+        tracing::warn!("--console-readers: {base} is not plain http://");
+        return;
+    };
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
+        tracing::warn!("--console-readers: cannot connect to {addr}");
+        return;
+    };
+    let mut request = format!("GET /v1/events HTTP/1.1\r\nhost: {addr}\r\n");
+    for (name, value) in &headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    if tcp.write_all(request.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 /// The gateways' TLS, from --tls-cert and --tls-key.
