@@ -276,6 +276,12 @@ function chartWidth(id) {
   return Math.max(240, $(id).clientWidth || 400);
 }
 
+// Time of day on the x axis (uPlot's default adds overlapping date rows).
+const timeAxis = {
+  space: 70,
+  values: (u, ticks) => ticks.map((t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false })),
+};
+
 function makeCharts() {
   if (rateChart || typeof uPlot === 'undefined') return;
   rateChart = new uPlot(
@@ -284,7 +290,7 @@ function makeCharts() {
       height: 200,
       scales: { y: { range: (u, min, max) => [0, Math.max(1, max)] } },
       series: [{}, ...RATE_SERIES.map(([label, stroke]) => ({ label, stroke, width: 2 }))],
-      axes: [{}, { label: 'calls/s' }],
+      axes: [timeAxis, { label: 'calls/s' }],
     },
     rateData,
     $('chart-rate'),
@@ -300,7 +306,7 @@ function makeCharts() {
         { label: 'p90', stroke: '#bc4c00', width: 2, spanGaps: false },
         { label: 'p99', stroke: '#cf222e', width: 2, spanGaps: false },
       ],
-      axes: [{}, { label: 'ms' }],
+      axes: [timeAxis, { label: 'ms' }],
     },
     latencyData,
     $('chart-latency'),
@@ -344,8 +350,8 @@ function openStream() {
           latencyData.forEach((c) => c.splice(0));
           addSeconds(data.seconds);
           break;
-        case 'call':
-          onCall(data);
+        case 'calls':
+          data.forEach(onCall);
           break;
         case 'device':
           Object.assign(device(data.target), { online: data.online, since_ms: data.since_ms });

@@ -202,7 +202,7 @@ async fn the_console_in_a_real_browser() {
         }
     };
     let url = mosquitto.url();
-    let (_open_gw, base) = gateway(&url, &[]).await;
+    let (_open_gw, base) = gateway(&url, &["--delivery-receipts"]).await;
     let (_closed_gw, closed_base) = gateway(&url, &["--api-token", "console-secret"]).await;
     let mut device = sim(
         &url,
@@ -251,7 +251,10 @@ async fn the_console_in_a_real_browser() {
     let response = b.wait_text("#response", |t| !t.is_empty()).await;
     assert!(response.contains("\"percent\": 50"), "{response}");
     let timeline = b.wait_text("#timeline", |t| t.contains("answered")).await;
-    assert!(timeline.contains("sent at"), "{timeline}");
+    assert!(
+        timeline.contains("sent at") && timeline.contains("delivered +"),
+        "{timeline}"
+    );
     let curl = b.js("return document.getElementById('curl').value;").await;
     let curl = curl.as_str().unwrap();
     assert!(
@@ -360,7 +363,9 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(late, "worth the wait");
     let timeline = b.wait_text("#timeline", |_| true).await;
     assert!(
-        timeline.contains("no answer by the deadline") && timeline.contains("answered late"),
+        timeline.contains("delivered +")
+            && timeline.contains("no answer by the deadline")
+            && timeline.contains("answered late"),
         "{timeline}"
     );
 
@@ -523,6 +528,30 @@ async fn a_scoped_credential_sees_only_its_own_devices_and_calls() {
     .await;
     assert_eq!(honk["devices"][0]["target"], "Device001", "{honk}");
     assert_eq!(honk["recent"], json!([]), "{honk}");
+
+    // Live: a call made while both streams are open reaches only the
+    // credential that could have made it.
+    let streams: Vec<_> = ["fleet-secret", "cars-secret"]
+        .into_iter()
+        .map(|token| {
+            let base = base.clone();
+            std::thread::spawn(move || hello(&base, token, 4).1)
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, _) = e2e::get_with(
+        &format!("{base}/invoke?request=r&method=lock&target=Device001&timeout=3"),
+        &fleet,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let texts: Vec<String> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    let live = texts[0]
+        .split("\n\n")
+        .find(|e| e.starts_with("event: calls"))
+        .unwrap_or_else(|| panic!("no calls event: {}", texts[0]));
+    assert!(live.contains(r#""method":"lock""#), "{live}");
+    assert!(!texts[1].contains("event: calls"), "{}", texts[1]);
 
     let (mine, _) = hello(&base, "fleet-secret", 2);
     assert_eq!(mine["calls"][0]["method"], "unlock", "{mine}");

@@ -389,10 +389,12 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
-    // Records on, as in `serve`: the console shows each call's timeline.
+    // Records on, as in `serve`, and delivery receipts: the console shows
+    // each call's timeline, sent, delivered, answered.
     let options = Options::new(broker.options())
         .presence(PresenceRoot::default())
-        .record_calls(directcall_cloud::RecordOptions::default());
+        .record_calls(directcall_cloud::RecordOptions::default())
+        .delivery_receipts(true);
     let requester = Requester::connect(options)
         .await
         .map_err(|e| e.to_string())?;
