@@ -190,11 +190,16 @@ function addCalls(calls) {
   noteLog();
 }
 
+// Calls the gateway counted but did not send (more than a page shows came
+// at once).
+let notShown = 0;
+
 function noteLog() {
   const shown = $('log').tBodies[0].rows.length;
+  const skipped = notShown > 0 ? ` ${notShown} more too fast to list (see the charts).` : '';
   $('log-note').textContent = paused
-    ? `Paused: ${held.length} new call(s) waiting.`
-    : `${shown} call(s) shown, newest first.`;
+    ? `Paused: ${held.length} new call(s) waiting.${skipped}`
+    : `${shown} call(s) shown, newest first.${skipped}`;
 }
 
 // Calls are drawn once per frame, however many arrive: a busy gateway
@@ -351,7 +356,8 @@ function openStream() {
           addSeconds(data.seconds);
           break;
         case 'calls':
-          data.forEach(onCall);
+          data.calls.forEach(onCall);
+          if (data.more > 0) notShown += data.more;
           break;
         case 'device':
           Object.assign(device(data.target), { online: data.online, since_ms: data.since_ms });

@@ -24,8 +24,11 @@ use crate::service::{HttpReply, Outcome, UnauthorizedBody};
 
 /// How many calls the live log keeps (and sends to a page that connects).
 pub const LOG_SIZE: usize = 300;
-/// At most this many calls in one `calls` event.
-const MAX_BATCH: usize = 256;
+/// How long the event stream gathers calls before it sends them.
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// How many calls may wait for a slow event stream before it is told it
+/// lagged.
+const STREAM_BUFFER: usize = 8192;
 /// How many seconds of call rates and latencies the charts get.
 pub const HISTORY_SECONDS: usize = 300;
 
@@ -284,7 +287,7 @@ impl Console {
     /// An empty console.
     pub fn new() -> Arc<Self> {
         Arc::new(Console {
-            calls: broadcast::channel(1024).0,
+            calls: broadcast::channel(STREAM_BUFFER).0,
             log: Mutex::new(VecDeque::with_capacity(LOG_SIZE)),
             tally: Mutex::new(Tally::new(now_ms() / 1000)),
         })
@@ -492,7 +495,7 @@ struct Feed {
 
 /// The console's live feed, as Server-Sent Events: first `hello` (the
 /// devices, the live log, the last minutes of per-second counts), then
-/// `calls` (an array: the calls through this gateway since the last one), `device` for each presence
+/// `calls` (the calls through this gateway in the last 100 ms or so), `device` for each presence
 /// change and `seconds` once a second. A credential sees only the calls
 /// and targets its rules allow.
 #[utoipa::path(
@@ -589,30 +592,24 @@ pub(crate) async fn events(
                 let event = tokio::select! {
                     () = closed => return None,
                     call = calls.recv() => match call {
-                        // With it, every call already waiting: one event
-                        // (one write, one wake of the page) per batch.
+                        // Then gather for a moment: one event (one write,
+                        // one wake of the page) per batch, however busy.
                         Ok(first) => {
-                            let mut batch = String::from("[");
-                            let mut add = |l: &Logged| {
-                                if l.visible_to(credential.as_deref()) {
-                                    if batch.len() > 1 {
-                                        batch.push(',');
-                                    }
-                                    batch.push_str(l.json());
-                                }
-                            };
-                            add(&first);
-                            for _ in 1..MAX_BATCH {
-                                match calls.try_recv() {
-                                    Ok(l) => add(&l),
-                                    Err(_) => break,
-                                }
+                            tokio::time::sleep(BATCH_WINDOW).await;
+                            let mut batch = vec![first];
+                            while let Ok(l) = calls.try_recv() {
+                                batch.push(l);
                             }
-                            if batch.len() == 1 {
+                            batch.retain(|l| l.visible_to(credential.as_deref()));
+                            if batch.is_empty() {
                                 continue;
                             }
-                            batch.push(']');
-                            Event::default().event("calls").data(batch)
+                            // A page shows the last LOG_SIZE calls: the rest
+                            // are only counted.
+                            let more = batch.len().saturating_sub(LOG_SIZE);
+                            let shown: Vec<&str> = batch[more..].iter().map(|l| l.json()).collect();
+                            let data = format!(r#"{{"calls":[{}],"more":{more}}}"#, shown.join(","));
+                            Event::default().event("calls").data(data)
                         }
                         Err(RecvError::Lagged(n)) => lagged(n),
                         Err(RecvError::Closed) => return None,

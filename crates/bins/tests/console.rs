@@ -243,6 +243,37 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(unlabelled, json!([]), "fields without a label");
     b.fits(1280, 800).await;
 
+    // Keyboard only: the device row's Call button fills the target and
+    // moves on to the method; Tab and Enter do the rest.
+    b.js("document.querySelector('#devices tr[data-target=\"Device001\"] button').focus();")
+        .await;
+    let button = b.client.active_element().await.unwrap();
+    button.send_keys("\u{e007}").await.unwrap();
+    let focused = b.js("return document.activeElement.id;").await;
+    assert_eq!(
+        focused,
+        json!("method"),
+        "Enter on Call moves to the method"
+    );
+    let method = b.client.active_element().await.unwrap();
+    method.send_keys("windows_down\u{e004}").await.unwrap();
+    assert_eq!(
+        b.js("return document.activeElement.id;").await,
+        json!("request")
+    );
+    let request = b.client.active_element().await.unwrap();
+    request.send_keys("\u{e004}").await.unwrap();
+    let timeout = b.client.active_element().await.unwrap();
+    timeout.send_keys("\u{e007}").await.unwrap();
+    assert_eq!(
+        b.wait_text("#result-status", |t| !t.is_empty()).await,
+        "200"
+    );
+    assert_eq!(
+        b.js("return [document.getElementById('target').value, document.getElementById('method').value];").await,
+        json!(["Device001", "windows_down"])
+    );
+
     // A call from the form: 200, the response, the record's timeline.
     b.call("Device001", "windows_down", r#"{"percent": 50}"#, 3000)
         .await;
@@ -278,6 +309,7 @@ async fn the_console_in_a_real_browser() {
     assert_eq!(b.wait_text("#result-device-status", |_| true).await, "404");
 
     // Invalid JSON is caught before anything is sent.
+    b.wait_text("#log tbody tr", |t| t.contains("fly")).await;
     let calls_before = b
         .js("return document.querySelectorAll('#log tbody tr').length;")
         .await;
@@ -551,6 +583,7 @@ async fn a_scoped_credential_sees_only_its_own_devices_and_calls() {
         .find(|e| e.starts_with("event: calls"))
         .unwrap_or_else(|| panic!("no calls event: {}", texts[0]));
     assert!(live.contains(r#""method":"lock""#), "{live}");
+    assert!(live.contains(r#""more":0"#), "{live}");
     assert!(!texts[1].contains("event: calls"), "{}", texts[1]);
 
     let (mine, _) = hello(&base, "fleet-secret", 2);
