@@ -84,11 +84,6 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
     ),
 ];
 
-/// The total size of the embedded assets, in bytes.
-pub fn assets_size() -> usize {
-    ASSETS.iter().map(|(_, _, bytes)| bytes.len()).sum()
-}
-
 /// The embedded file at `path`, with the console's security headers, or
 /// `None`.
 pub(crate) fn asset(path: &str) -> Option<Response> {

@@ -644,12 +644,15 @@ impl Gateway {
     }
 
     /// Runs a parsed call within its budget, if the caller may make it, and
-    /// writes its audit line.
+    /// writes its audit line. `asynchronous`: answers 202 once the request
+    /// is published (the call then runs on its own; its target slot is held
+    /// until the 202).
     async fn call(
         &self,
         caller: &Caller,
         invocation: Invocation,
         budget: Option<Extension<CallBudget>>,
+        asynchronous: bool,
     ) -> Response {
         let started = Instant::now();
         let names = (
@@ -664,7 +667,11 @@ impl Gateway {
                 return self.refuse(reply);
             }
         };
-        let reply = self.run(invocation, budget).await;
+        let reply = if asynchronous {
+            self.service.submit(invocation).await
+        } else {
+            self.run(invocation, budget).await
+        };
         drop(slot);
         self.finished(
             caller,
@@ -674,27 +681,6 @@ impl Gateway {
             request.as_ref(),
             self.audit_bodies,
         );
-        respond(reply)
-    }
-
-    /// A call submitted to run on its own (202), if the caller may make it.
-    async fn submit(&self, caller: &Caller, invocation: Invocation) -> Response {
-        let started = Instant::now();
-        let names = (
-            invocation.get_target().clone(),
-            invocation.get_method().clone(),
-        );
-        let request = self.audit_bodies.then(|| invocation.get_request().clone());
-        // Admitted like any call; its target slot is held until the 202
-        // (the call then runs on its own).
-        let reply = match self.admit(caller, &invocation) {
-            Ok(_slot) => self.service.submit(invocation).await,
-            Err(reply) => {
-                self.finished(caller, names, &reply, started, request.as_ref(), false);
-                return self.refuse(reply);
-            }
-        };
-        self.finished(caller, names, &reply, started, request.as_ref(), false);
         respond(reply)
     }
 
@@ -801,8 +787,13 @@ async fn invoke_get(
     {
         Ok(invocation) => match idempotency_key(&headers, &caller) {
             Ok(key) => {
-                gw.call(&caller, keyed(traced(invocation, &headers), key), budget)
-                    .await
+                gw.call(
+                    &caller,
+                    keyed(traced(invocation, &headers), key),
+                    budget,
+                    false,
+                )
+                .await
             }
             Err(reply) => gw.refuse(reply),
         },
@@ -916,10 +907,9 @@ async fn invoke_post(
                 let invocation = keyed(traced(invocation, &headers), key);
                 // Without records there is nowhere to learn the outcome:
                 // the preference is ignored, as RFC 7240 allows.
-                if prefers_async(&headers) && gw.service.requester().record_options().is_some() {
-                    return gw.submit(&caller, invocation).await;
-                }
-                gw.call(&caller, invocation, budget).await
+                let asynchronous =
+                    prefers_async(&headers) && gw.service.requester().record_options().is_some();
+                gw.call(&caller, invocation, budget, asynchronous).await
             }
             Err(reply) => gw.refuse(reply),
         },

@@ -201,12 +201,18 @@ async fn scopes_limits_reload_and_audit() {
     assert_eq!(slow_runs.load(SeqCst), 2, "the refused call ran");
 
     // Reload on SIGHUP while calls run: none dropped; the new rules apply.
-    let load: Vec<_> = (0..20)
-        .map(|i| {
+    // Two callers of ten calls each: never more in flight than the
+    // target's bound of 2, however slow the machine.
+    let load: Vec<_> = (0..2)
+        .map(|_| {
             let (base, car) = (base.clone(), car.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(i * 10)).await;
-                call(&base, "ops-SECRET-1", &car, "lock").await.0
+                let mut statuses = Vec::new();
+                for _ in 0..10 {
+                    statuses.push(call(&base, "ops-SECRET-1", &car, "lock").await.0);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                statuses
             })
         })
         .collect();
@@ -222,13 +228,31 @@ async fn scopes_limits_reload_and_audit() {
         .status()
         .unwrap();
     for l in load {
-        assert_eq!(l.await.unwrap(), 200, "a call was dropped by the reload");
+        assert_eq!(
+            l.await.unwrap(),
+            [200; 10],
+            "a call was dropped by the reload"
+        );
     }
     let until = std::time::Instant::now() + Duration::from_secs(10);
     while call(&base, "ops-SECRET-1", &car, "open_trunk").await.0 != 200 {
         assert!(std::time::Instant::now() < until, "the reload never took");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // An asynchronous call (202) is audited like any other.
+    let (status, accepted) = e2e::post(
+        &base,
+        &format!("/v1/targets/{car}/methods/lock"),
+        &[
+            ("authorization", "Bearer ops-SECRET-1"),
+            ("content-type", "application/json"),
+            ("prefer", "respond-async"),
+        ],
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
 
     // Audit lines: JSON, one per call, with who, what and how it ended.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -262,6 +286,12 @@ async fn scopes_limits_reload_and_audit() {
         "bodies without --audit-bodies: {ok}"
     );
     assert!(audits.iter().any(|a| a["outcome"] == "rate_limited"));
+    let async_call = audits
+        .iter()
+        .find(|a| a["outcome"] == "accepted")
+        .expect("an audit line for a 202");
+    assert_eq!(async_call["http_status"], 202);
+    assert_eq!(async_call["id"], accepted["id"]);
     assert!(lines.iter().any(|l| l.contains("credentials reloaded")));
 
     // The limits are in /metrics.

@@ -630,3 +630,29 @@ async fn no_console_serves_none_of_it() {
     );
     assert!(page.body.contains("<title>directcall console</title>"));
 }
+
+/// An open console does not hold up a graceful stop: SIGTERM ends the event
+/// streams, and the gateway exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_event_streams() {
+    let broker = directcall_bins::EmbeddedBroker::start(None).unwrap();
+    let (mut gw, base) = gateway(&broker.url(), &[]).await;
+    let mut reader = Command::new("curl")
+        .args(["-sN", "--max-time", "60", &format!("{base}/v1/events")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    // The stream is open once the first per-second event came.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gw.terminate();
+    let status = gw.wait_exit(15);
+    assert!(status.success(), "{status:?}");
+    let out = tokio::task::spawn_blocking(move || {
+        let _ = reader.kill();
+        reader.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("event: hello"), "{text}");
+}

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -13,6 +12,7 @@ use directcall_core::presence::{
 use directcall_core::{PresenceRoot, Target};
 
 use crate::options::PresenceSource;
+use crate::records::now_ms;
 
 /// A target's presence, as the requester last learned it
 /// ([`Requester::devices`](crate::Requester::devices),
@@ -196,10 +196,4 @@ impl Presence {
     pub(crate) fn watch(&self) -> broadcast::Receiver<DeviceState> {
         self.changes.subscribe()
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
