@@ -37,18 +37,28 @@ impl Raw {
         let (sub_tx, subacks) = mpsc::unbounded_channel();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
+            let mut connected = false;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
                     }
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected = true;
                         let _ = conn_tx.send(());
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = sub_tx.send(());
                     }
                     Ok(_) => {}
+                    // Until the first CONNACK a failed attempt is tried
+                    // again (within `connect`'s 10 s): a busy broker may
+                    // drop a connection it has just accepted. After it, the
+                    // peer's connection is gone for good.
+                    Err(e) if !connected && !conn_tx.is_closed() => {
+                        eprintln!("raw client: connecting: {e}; trying again");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     Err(_) => break,
                 }
             }
