@@ -1128,8 +1128,13 @@ mod tests {
             "/healthz",
             "/metrics",
             "/openapi.json",
+            "/v1/devices",
+            "/v1/events",
         ] {
             assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+        for p in ["/v1/devices", "/v1/events"] {
+            assert!(without["paths"].get(p).is_none(), "{p} without a console");
         }
         let timeout = doc["paths"]["/invoke"]["get"]["parameters"]
             .as_array()
