@@ -161,6 +161,40 @@ impl Connection {
         self.send("GET", path_and_query, headers, Vec::new()).await
     }
 
+    /// Sends `GET path_and_query` with `headers` and returns once the
+    /// response's head is in, its body unread: for a response that may
+    /// never end (an event stream).
+    ///
+    /// # Errors
+    /// [`HttpError`] when the connection fails.
+    pub async fn get_streaming(
+        &mut self,
+        path_and_query: &str,
+        headers: &[(String, String)],
+    ) -> Result<hyper::Response<hyper::body::Incoming>, HttpError> {
+        self.request("GET", path_and_query, headers, Vec::new())
+            .await
+    }
+
+    async fn request(
+        &mut self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, HttpError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header("host", &self.authority);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let request = request.body(Full::new(axum::body::Bytes::from(body)))?;
+        self.sender.ready().await?;
+        Ok(self.sender.send_request(request).await?)
+    }
+
     /// Sends any request and reads the whole response.
     ///
     /// # Errors
@@ -172,16 +206,7 @@ impl Connection {
         headers: &[(String, String)],
         body: Vec<u8>,
     ) -> Result<HttpResponse, HttpError> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path_and_query)
-            .header("host", &self.authority);
-        for (name, value) in headers {
-            request = request.header(name.as_str(), value.as_str());
-        }
-        let request = request.body(Full::new(axum::body::Bytes::from(body)))?;
-        self.sender.ready().await?;
-        let response = self.sender.send_request(request).await?;
+        let response = self.request(method, path_and_query, headers, body).await?;
         let status = response.status().as_u16();
         let headers = header_list(response.headers());
         let body = response.into_body().collect().await?.to_bytes();

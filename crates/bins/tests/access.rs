@@ -334,20 +334,15 @@ async fn a_bad_credentials_file_is_refused_and_a_bad_reload_keeps_the_old_rules(
         return;
     };
     let bad = write_file(&b, "[[credentials]]\nname = \"a\"\n");
-    let port = directcall_bins::free_port().unwrap().to_string();
-    let out = std::process::Command::new(e2e::DIRECTCALL)
-        .args([
-            "serve",
-            "--broker",
-            &b.url(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--credentials", &bad])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = e2e::refused(&[
+        "serve",
+        "--broker",
+        &b.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--credentials",
+        &bad,
+    ]);
     assert!(
         err.contains("credential 'a': give exactly one of token and token_env"),
         "{err}"

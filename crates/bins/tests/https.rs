@@ -96,32 +96,24 @@ async fn the_gateway_serves_https_and_can_require_client_certificates() {
 fn bad_tls_material_is_refused_at_start() {
     let pki = Pki::new("badtls");
     pki.issue("server");
-    let out = Command::new(e2e::DIRECTCALL)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &pki.path("ca.pem"),
-            "--tls-key",
-            &pki.path("server.key"),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = e2e::refused(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &pki.path("ca.pem"),
+        "--tls-key",
+        &pki.path("server.key"),
+    ]);
     assert!(err.contains("--tls-cert/--tls-key"), "{err}");
-    let out = Command::new(e2e::DIRECTCALL)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &pki.path("server.pem"),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "--tls-cert without --tls-key");
+    // --tls-cert without --tls-key
+    e2e::refused(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &pki.path("server.pem"),
+    ]);
 }
 
 /// The load tool drives the gateway over HTTPS too.

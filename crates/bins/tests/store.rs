@@ -130,19 +130,14 @@ async fn a_bad_store_is_refused_at_start() {
     let Some(b) = TestBroker::start(Kind::Mosquitto) else {
         return;
     };
-    let port = directcall_bins::free_port().unwrap().to_string();
-    let out = std::process::Command::new(e2e::DIRECTCALL)
-        .args([
-            "serve",
-            "--broker",
-            &b.url(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--store", "postgres://x"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = e2e::refused(&[
+        "serve",
+        "--broker",
+        &b.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        "postgres://x",
+    ]);
     assert!(err.contains("--store postgres://x"), "{err}");
 }

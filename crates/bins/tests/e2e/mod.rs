@@ -280,35 +280,42 @@ pub fn v5() -> bool {
     directcall_core::testkit::mqtt_version() == directcall_core::MqttVersion::V5
 }
 
-/// The status of `GET path` on a response that may never end (an event
-/// stream): reads the status line and the headers only.
-pub async fn stream_status(base: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = base.trim_start_matches("http://");
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tcp.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before the headers");
-            head.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("headers within 10 s");
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, head)
+/// The status and headers of `GET path` on a response that may never end
+/// (an event stream); the body is left unread.
+pub async fn stream_status(
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>) {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(a, b)| ((*a).into(), (*b).into()))
+        .collect();
+    let mut conn = http_client::Connection::open(base).await.expect("connect");
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), conn.get_streaming(path, &headers))
+            .await
+            .expect("headers within 10 s")
+            .expect("HTTP response");
+    let head = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    (response.status().as_u16(), head)
+}
+
+/// `directcall` with `args`, which must refuse to start: its stderr.
+pub fn refused(args: &[&str]) -> String {
+    let out = Command::new(DIRECTCALL)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn directcall: {e}"));
+    assert!(!out.status.success(), "directcall {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

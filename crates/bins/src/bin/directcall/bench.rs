@@ -696,25 +696,18 @@ async fn http(
 
 /// An open console: reads `base`'s event stream and drops it, until aborted.
 async fn read_events(base: String, headers: Vec<(String, String)>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Some(addr) = base.strip_prefix("http://") else {
-        tracing::warn!("--console-readers: {base} is not plain http://");
-        return;
+    use http_body_util::BodyExt;
+    let stream = match Connection::open(&base).await {
+        Ok(mut c) => c.get_streaming("/v1/events", &headers).await,
+        Err(e) => Err(e),
     };
-    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
-        tracing::warn!("--console-readers: cannot connect to {addr}");
-        return;
-    };
-    let mut request = format!("GET /v1/events HTTP/1.1\r\nhost: {addr}\r\n");
-    for (name, value) in &headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+    match stream {
+        Ok(response) => {
+            let mut body = response.into_body();
+            while let Some(Ok(_)) = body.frame().await {}
+        }
+        Err(e) => tracing::warn!("--console-readers: {base}: {e}"),
     }
-    request.push_str("\r\n");
-    if tcp.write_all(request.as_bytes()).await.is_err() {
-        return;
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 /// The gateways' TLS, from --tls-cert and --tls-key.
