@@ -540,19 +540,27 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // directcall patch: the previous connection of this client id may have
+    // ended without waiting for its will (a failed link leaves its sender
+    // here with no receiver), so a failed send is not an error; and a
+    // poisoned lock must not take every later connection down with it.
+    if let Some(sender) = will_handlers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&client_id)
+    {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
     will_handlers
         .lock()
-        .unwrap()
+        .unwrap_or_else(|e| e.into_inner())
         .insert(client_id.clone(), will_tx);
 
     // Start the link
@@ -616,7 +624,10 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            will_handlers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&client_id);
             // as will delay interval has passed, publish the will message
             true
         }
