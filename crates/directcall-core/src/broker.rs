@@ -185,7 +185,9 @@ pub struct BrokerOptions {
     pub keep_alive: Duration,
     /// Largest MQTT packet sent or accepted (default 128 KiB).
     pub max_packet_bytes: usize,
-    /// How long a TCP connect may take (default 5 s).
+    /// How long connecting may take, from the TCP connect to the broker's
+    /// CONNACK (default 5 s). A slower connect counts as failed: with several
+    /// endpoints the next one is tried.
     pub connect_timeout: Duration,
     /// First reconnect delay (default 100 ms); doubles per failure.
     pub backoff_min: Duration,
