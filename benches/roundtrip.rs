@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use directcall_bins::{sim, EmbeddedBroker, Mosquitto};
+use directcall_bins::sim;
 use directcall_cloud::{Invocation, Options, Prefix, Requester};
-use directcall_core::testkit::{Legs, RawPair};
 use directcall_core::{BrokerOptions, Method, Target};
+use directcall_testkit::{EmbeddedBroker, Legs, Mosquitto, RawPair};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(5);

@@ -9,9 +9,9 @@
 
 use std::time::Duration;
 
-use directcall_bins::EmbeddedBroker;
 use directcall_cloud::{Invocation, Options, Requester};
 use directcall_device::{serve, DeviceOptions, HandlerError, Router, Target};
+use directcall_testkit::EmbeddedBroker;
 use serde_json::json;
 
 #[tokio::main]

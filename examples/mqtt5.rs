@@ -17,9 +17,9 @@
 
 use std::time::Duration;
 
-use directcall_bins::EmbeddedBroker;
 use directcall_cloud::{BrokerOptions, Error, Invocation, MqttVersion, Options, Requester};
 use directcall_device::{serve, DeviceOptions, Router, Target};
+use directcall_testkit::EmbeddedBroker;
 use serde_json::json;
 
 #[tokio::main]

@@ -1,7 +1,7 @@
 //! The load tool behind `directcall bench` and the end-to-end criterion
 //! benches: a closed-loop driver with latency percentiles. The raw-MQTT
 //! floor every figure is compared with in the same run is
-//! `directcall_core::testkit::RawPair`.
+//! `directcall_testkit::RawPair`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -150,8 +150,8 @@ impl From<String> for Failure {
     }
 }
 
-impl From<directcall_core::testkit::RawCallError> for Failure {
-    fn from(e: directcall_core::testkit::RawCallError) -> Self {
+impl From<directcall_testkit::RawCallError> for Failure {
+    fn from(e: directcall_testkit::RawCallError) -> Self {
         Failure(e.to_string())
     }
 }

@@ -15,6 +15,3 @@ pub mod lambda;
 pub mod service;
 pub mod sigv4;
 pub mod sim;
-
-pub use directcall_core::embedded::EmbeddedBroker;
-pub use directcall_core::testkit::{free_port, Mosquitto};

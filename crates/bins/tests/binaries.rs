@@ -7,7 +7,7 @@ mod e2e;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use directcall_bins::{EmbeddedBroker, Mosquitto};
+use directcall_testkit::{EmbeddedBroker, Mosquitto};
 use e2e::*;
 use serde_json::{json, Value};
 
@@ -21,7 +21,7 @@ fn embedded() -> Broker {
     let b = EmbeddedBroker::start(None).expect("embedded broker");
     // The binaries read DIRECTCALL_MQTT_VERSION themselves; rumqttd serves
     // each version on its own port.
-    let url = match directcall_core::testkit::mqtt_version() {
+    let url = match directcall_testkit::mqtt_version() {
         directcall_core::MqttVersion::V5 => b.url_v5(),
         _ => b.url(),
     };
@@ -419,7 +419,7 @@ async fn the_invoke_command_prints_the_gateway_json_with_exit_codes() {
         (Some(2), Some("invalid_parameters")),
         "{body}"
     );
-    let port = directcall_bins::free_port().unwrap().to_string();
+    let port = directcall_testkit::free_port().unwrap().to_string();
     let out = std::process::Command::new(DIRECTCALL)
         .args([
             "invoke",
@@ -506,7 +506,7 @@ async fn the_simulator_knobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_prints_a_curl_line_that_works() {
-    let port = directcall_bins::free_port().unwrap().to_string();
+    let port = directcall_testkit::free_port().unwrap().to_string();
     let demo = Proc::spawn(
         DIRECTCALL,
         &["demo", "--listen", &format!("127.0.0.1:{port}")],

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::{call, car_router, device, device_with, requester, unique, within, TestBroker};
 use directcall_cloud::Error;
-use directcall_core::{both_brokers, PresenceRoot};
+use directcall_core::PresenceRoot;
 use directcall_device::Router;
+use directcall_testkit::both_brokers;
 use serde_json::{json, Value};
 
 async fn one_call_is_answered(b: TestBroker) {
@@ -216,9 +217,9 @@ both_brokers!(a_call_to_a_crashed_device_fails_offline_at_once);
 /// against Mosquitto's websockets listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_over_websockets() {
-    let ws_port = directcall_bins::free_port().unwrap();
+    let ws_port = directcall_testkit::free_port().unwrap();
     let extra = format!("listener {ws_port} 127.0.0.1\nprotocol websockets\n");
-    let Some(m) = directcall_bins::Mosquitto::start(&extra).expect("mosquitto") else {
+    let Some(m) = directcall_testkit::Mosquitto::start(&extra).expect("mosquitto") else {
         assert!(
             std::env::var_os("CI").is_none(),
             "mosquitto is required in CI"

@@ -10,7 +10,7 @@ mod e2e;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use directcall_bins::{free_port, Mosquitto};
+use directcall_testkit::{free_port, Mosquitto};
 use e2e::{gateway, sim, Proc};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
@@ -605,7 +605,7 @@ async fn a_scoped_credential_sees_only_its_own_devices_and_calls() {
 /// `--no-console`: no page, no console routes, none in the OpenAPI document.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_console_serves_none_of_it() {
-    let broker = directcall_bins::EmbeddedBroker::start(None).unwrap();
+    let broker = directcall_testkit::EmbeddedBroker::start(None).unwrap();
     let (_gw, base) = gateway(&broker.url(), &["--no-console"]).await;
     for path in ["/", "/console/app.js", "/v1/devices", "/v1/events"] {
         let (status, body) = e2e::get(&format!("{base}{path}")).await;
@@ -635,7 +635,7 @@ async fn no_console_serves_none_of_it() {
 /// streams, and the gateway exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_open_event_streams() {
-    let broker = directcall_bins::EmbeddedBroker::start(None).unwrap();
+    let broker = directcall_testkit::EmbeddedBroker::start(None).unwrap();
     let (mut gw, base) = gateway(&broker.url(), &[]).await;
     let mut reader = Command::new("curl")
         .args(["-sN", "--max-time", "60", &format!("{base}/v1/events")])

@@ -15,9 +15,9 @@ use directcall_bins::gateway::{self, GatewayConfig};
 use directcall_bins::http_client::Connection;
 use directcall_bins::service::{InvokeService, Limits};
 use directcall_cloud::{Error, Options, Prefix, PresenceRoot, Requester};
-use directcall_core::testkit::{skip, Mosquitto, NatsCluster};
 use directcall_core::{BrokerOptions, MessageId, Target};
 use directcall_device::{serve, Device, DeviceOptions, Router};
+use directcall_testkit::{skip, Mosquitto, NatsCluster};
 use serde_json::{json, Value};
 
 /// A gateway in this process on a free port: its base URL and requester.

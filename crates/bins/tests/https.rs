@@ -25,7 +25,7 @@ fn curl(args: &[&str]) -> (i32, String) {
 }
 
 async fn https_gateway(b: &TestBroker, pki: &Pki, extra: &[&str]) -> (e2e::Proc, String) {
-    let port = directcall_bins::free_port().unwrap();
+    let port = directcall_testkit::free_port().unwrap();
     let (url, listen) = (b.url(), format!("127.0.0.1:{port}"));
     let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
     let mut args = vec!["serve", "--broker", &url, "--listen", &listen];

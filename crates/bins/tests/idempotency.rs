@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use directcall_cloud::{Error, MessageId};
-use directcall_core::both_brokers;
 use directcall_device::Router;
+use directcall_testkit::both_brokers;
 use serde_json::json;
 
 /// A device whose `unlock` takes `ms` and counts its runs.

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
-use directcall_bins::Mosquitto;
+use directcall_testkit::Mosquitto;
 use e2e::{gateway, get_with, sim, wait_health};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -314,7 +314,7 @@ fn req(method: &'static str, path: &str, token: bool, body: Option<&str>) -> Req
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_and_the_lambda_answer_the_http_table_alike() {
     let Some(mut m) = Mosquitto::start("").expect("mosquitto") else {
-        directcall_core::testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
+        directcall_testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
         return;
     };
     let url = m.url();
@@ -568,7 +568,7 @@ async fn the_lambda_answers_api_gateway_events_on_one_reused_connection() {
     let Some(m) =
         Mosquitto::start("log_type notice\nconnection_messages true\n").expect("mosquitto")
     else {
-        directcall_core::testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
+        directcall_testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
         return;
     };
     let _sim = sim(&m.url(), &["--client-id", "Device001"]);
@@ -629,7 +629,7 @@ async fn the_lambda_answers_api_gateway_events_on_one_reused_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_warm_lambdas_each_receive_only_their_own_replies() {
     let Some(m) = Mosquitto::start("").expect("mosquitto") else {
-        directcall_core::testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
+        directcall_testkit::skip("the mosquitto binary", "apt-get install -y mosquitto");
         return;
     };
     let _sim = sim(&m.url(), &["--client-id", "Device001"]);

@@ -126,7 +126,7 @@ async fn a_publish_the_broker_refuses_ends_the_call_with_the_reason() {
         "topic read #\ntopic write Allowed/#\ntopic write +/+/+/+/ack\n",
     )
     .unwrap();
-    let Some(m) = directcall_bins::Mosquitto::start(&format!("acl_file {}\n", acl.display()))
+    let Some(m) = directcall_testkit::Mosquitto::start(&format!("acl_file {}\n", acl.display()))
         .expect("mosquitto starts")
     else {
         return;
@@ -243,7 +243,7 @@ async fn an_expired_request_never_reaches_a_device_that_comes_back_late() {
 async fn mosquitto_rr_gets_an_answer_from_a_directcall_device() {
     let Some(b) = mosquitto() else { return };
     let Some(rr) = which("mosquitto_rr") else {
-        directcall_core::testkit::skip("mosquitto_rr", "apt-get install -y mosquitto-clients");
+        directcall_testkit::skip("mosquitto_rr", "apt-get install -y mosquitto-clients");
         return;
     };
     let router = Router::new().method("windows_down", |call| async move {
@@ -435,7 +435,7 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
 /// it does is asserted, so a rumqttd upgrade that changes it is noticed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_embedded_broker_mqtt_5_calls_work_without_no_subscriber_pubacks() {
-    let b = directcall_bins::EmbeddedBroker::start(None).expect("embedded broker");
+    let b = directcall_testkit::EmbeddedBroker::start(None).expect("embedded broker");
     let o = b.options_v5();
     let router = Router::new().method("m", |c| async move {
         Ok(json!({"traceparent": c.traceparent, "reply_to": c.reply_to}))
@@ -468,9 +468,8 @@ async fn on_the_embedded_broker_mqtt_5_calls_work_without_no_subscriber_pubacks(
 /// and says so, rather than waiting silently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_refuses_mqtt_5_and_the_requester_says_why() {
-    let Some(nats) = directcall_core::testkit::NatsCluster::start(1).expect("nats-server starts")
-    else {
-        directcall_core::testkit::skip("nats-server", "apt-get install -y nats-server");
+    let Some(nats) = directcall_testkit::NatsCluster::start(1).expect("nats-server starts") else {
+        directcall_testkit::skip("nats-server", "apt-get install -y nats-server");
         return;
     };
     let mut broker = nats.options(0);

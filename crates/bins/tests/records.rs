@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use directcall_cloud::{CallState, Error, RecordOptions};
-use directcall_core::both_brokers;
-use directcall_core::testkit::Raw;
+use directcall_testkit::{both_brokers, Raw};
 use serde_json::{json, Value};
 
 /// A seed-format device on `target` that answers each request `delay_ms`

@@ -85,7 +85,7 @@ async fn calls_survive_a_broker_restart_on_the_same_port() {
 
 #[tokio::test]
 async fn a_requester_without_a_broker_is_unavailable_not_hung() {
-    let port = directcall_bins::free_port().unwrap();
+    let port = directcall_testkit::free_port().unwrap();
     let options = Options::new(BrokerOptions::new("127.0.0.1", port))
         .ready_timeout(Duration::from_millis(500));
     let e = within(10, Requester::connect(options.clone()))

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use common::pki::Pki;
 use common::{unique, within, Raw};
-use directcall_bins::Mosquitto;
 use directcall_cloud::{Error, Invocation, Options, Requester};
 use directcall_core::{BrokerOptions, MessageId, Target};
 use directcall_device::{handler_fn, serve, DeviceOptions, Router};
+use directcall_testkit::Mosquitto;
 use serde_json::{json, Value};
 
 /// The ACL shipped in deploy/, so the test checks what users deploy.
@@ -222,7 +222,7 @@ async fn tls_failures_are_clear_errors_not_hangs() {
 
 #[test]
 fn secrets_never_reach_the_logs() {
-    let port = directcall_bins::free_port().unwrap();
+    let port = directcall_testkit::free_port().unwrap();
     let mut gw = Command::new(env!("CARGO_BIN_EXE_directcall"))
         .args([
             "serve",
@@ -268,7 +268,7 @@ async fn secure_websockets_verify_the_server() {
     let pki = Pki::new("wss");
     pki.issue("localhost");
     let _ = Command::new("chmod").arg("755").arg(&pki.dir).status();
-    let port = directcall_bins::free_port().unwrap();
+    let port = directcall_testkit::free_port().unwrap();
     let extra = format!(
         "listener {port} 127.0.0.1\nprotocol websockets\ncafile {}\ncertfile {}\nkeyfile {}\n",
         pki.path("ca.pem"),

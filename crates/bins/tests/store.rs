@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use directcall_core::testkit::{skip, RedisServer};
 use directcall_device::Router;
+use directcall_testkit::{skip, RedisServer};
 use serde_json::json;
 
 fn redis() -> Option<RedisServer> {

@@ -6,8 +6,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use directcall_cloud::{Error, Field, Invocation, Options, Prefix, Requester};
-use directcall_core::testkit::{eventually, now_ms, unique, within, Kind, Raw, Relay, TestBroker};
-use directcall_core::{both_brokers, MessageId, PresenceRoot};
+use directcall_core::{MessageId, PresenceRoot};
+use directcall_testkit::{
+    both_brokers, eventually, now_ms, unique, within, Kind, Raw, Relay, TestBroker,
+};
 use serde_json::{json, Value};
 
 fn call(target: &str, method: &str, request: Value, timeout_ms: u64) -> Invocation {
@@ -495,7 +497,7 @@ async fn reconnect_makes_a_new_connection_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_broker_calls_are_unavailable_with_the_cause() {
-    let port = directcall_core::testkit::free_port().unwrap();
+    let port = directcall_testkit::free_port().unwrap();
     let options = Options::new(directcall_core::BrokerOptions::new("127.0.0.1", port))
         .ready_timeout(Duration::from_millis(300));
     let e = Requester::connect(options.clone()).await.unwrap_err();

@@ -19,8 +19,6 @@
 //! | `mqtt` | [`mqtt`]: the one connection layer of the requester and the device (rumqttc, tokio) |
 //! | `tls` | `mqtts://` and `wss://` (rustls, ring) |
 //! | `websocket` | `ws://` and `wss://`, with a URL signing hook ([`mqtt::UrlSigner`]) |
-//! | `embedded-broker` | [`embedded`]: rumqttd in-process, behind `directcall demo` |
-//! | `testkit` | [`testkit`]: real brokers on free ports and bare MQTT peers, for tests |
 //!
 //! ```
 //! use directcall_core::{CallTopics, MessageId, Method, Prefix, Target};
@@ -38,16 +36,12 @@
 
 pub mod broker;
 pub mod deadline;
-#[cfg(feature = "embedded-broker")]
-pub mod embedded;
 pub mod error;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 pub mod pending;
 pub mod presence;
 pub mod recent;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 pub mod topic;
 pub mod trace;
 pub mod wire;

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use directcall_core::testkit::{eventually, now_ms, unique, within, Kind, Raw, TestBroker};
-use directcall_core::{both_brokers, MessageId, PresenceRoot, Target};
+use directcall_core::{MessageId, PresenceRoot, Target};
 use directcall_device::{serve, start, Device, DeviceOptions, HandlerError, Router};
+use directcall_testkit::{both_brokers, eventually, now_ms, unique, within, Kind, Raw, TestBroker};
 use serde_json::{json, Value};
 
 async fn device_with(
@@ -375,7 +375,7 @@ async fn a_device_boots_before_its_broker_and_answers_once_it_is_there() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_gives_up_with_the_cause_when_the_broker_never_comes() {
-    let port = directcall_core::testkit::free_port().unwrap();
+    let port = directcall_testkit::free_port().unwrap();
     let options = DeviceOptions::new(
         directcall_core::BrokerOptions::new("127.0.0.1", port),
         Target::new("car").unwrap(),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use directcall_core::testkit::unique;
+use directcall_testkit::unique;
 
 /// Runs `openssl args` in `dir`; its stdout.
 ///

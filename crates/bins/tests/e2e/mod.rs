@@ -6,8 +6,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use directcall_bins::free_port;
 use directcall_bins::http_client::{self, HttpResponse};
+use directcall_testkit::free_port;
 use serde_json::Value;
 
 pub const DIRECTCALL: &str = env!("CARGO_BIN_EXE_directcall");
@@ -265,11 +265,10 @@ pub fn assert_reference_answer(status: u16, body: &Value) {
 /// never answers, so that calls to an absent target wait for their deadline
 /// on MQTT 5 too (where the broker would otherwise say "no matching
 /// subscribers" at once). Keep it alive while the calls run.
-pub async fn black_hole(url: &str) -> directcall_core::testkit::Raw {
+pub async fn black_hole(url: &str) -> directcall_testkit::Raw {
     let broker = directcall_core::BrokerOptions::from_url(url).expect("broker URL");
     let mut hole =
-        directcall_core::testkit::Raw::connect(&broker, &directcall_core::testkit::unique("hole"))
-            .await;
+        directcall_testkit::Raw::connect(&broker, &directcall_testkit::unique("hole")).await;
     hole.subscribe("#").await;
     hole
 }
@@ -277,7 +276,7 @@ pub async fn black_hole(url: &str) -> directcall_core::testkit::Raw {
 /// Whether the binaries speak MQTT 5 in this run (they read
 /// `DIRECTCALL_MQTT_VERSION` like the tests).
 pub fn v5() -> bool {
-    directcall_core::testkit::mqtt_version() == directcall_core::MqttVersion::V5
+    directcall_testkit::mqtt_version() == directcall_core::MqttVersion::V5
 }
 
 /// The status and headers of `GET path` on a response that may never end

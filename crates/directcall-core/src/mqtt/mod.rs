@@ -56,8 +56,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::broker::{BrokerOptions, MqttVersion};
-#[cfg(feature = "testkit")]
-pub(crate) use transport::puback_code;
 use transport::{Client, Deferred, Endpoints, Events};
 
 pub use error::{ConnectionError, PublishError, SetupError};

@@ -49,34 +49,6 @@ pub(crate) fn all_endpoints(
     Ok((all, net))
 }
 
-/// The rumqttc 3.1.1 options of the first endpoint (for bare test clients).
-#[cfg(feature = "testkit")]
-pub(crate) fn rumqttc_options(
-    options: &ConnectionOptions,
-) -> Result<(MqttOptions, NetworkOptions), SetupError> {
-    let mut v4 = options.clone();
-    v4.broker.mqtt_version = MqttVersion::V311;
-    let (all, net) = all_endpoints(&v4)?;
-    match all {
-        Endpoints::V4(mut all) => Ok((all.swap_remove(0), net)),
-        Endpoints::V5(_) => unreachable!("asked for 3.1.1"),
-    }
-}
-
-/// The rumqttc version 5 options of the first endpoint (for bare bench
-/// clients).
-#[cfg(feature = "testkit")]
-pub(crate) fn rumqttc_options_v5(
-    options: &ConnectionOptions,
-) -> Result<rumqttc::v5::MqttOptions, SetupError> {
-    let mut v5 = options.clone();
-    v5.broker.mqtt_version = MqttVersion::V5;
-    match all_endpoints(&v5)?.0 {
-        Endpoints::V5(mut all) => Ok(all.swap_remove(0)),
-        Endpoints::V4(_) => unreachable!("asked for 5"),
-    }
-}
-
 /// What both versions' options can be told: the transport and the URL
 /// signing hook.
 trait Settable {

@@ -12,11 +12,11 @@ use directcall_bins::cli::BrokerArgs;
 use directcall_bins::gateway::GatewayConfig;
 use directcall_bins::http_client::Connection;
 use directcall_bins::service::{InvokeService, Limits};
-use directcall_bins::{gateway, sim, EmbeddedBroker, Mosquitto};
+use directcall_bins::{gateway, sim};
 use directcall_cloud::{Invocation, Options, Prefix, Requester};
 use directcall_core::mqtt;
-use directcall_core::testkit::{Legs, NatsCluster, RawPair, RawPuback};
 use directcall_core::{BrokerOptions, Method, Target};
+use directcall_testkit::{EmbeddedBroker, Legs, Mosquitto, NatsCluster, RawPair, RawPuback};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use serde_json::{json, Value};
@@ -237,7 +237,7 @@ fn legs_text(legs: Legs) -> String {
 
 pub(crate) async fn bench(mut args: BenchArgs) -> Result<(), String> {
     let _redis = if args.redis {
-        let redis = directcall_core::testkit::RedisServer::start()
+        let redis = directcall_testkit::RedisServer::start()
             .map_err(|e| format!("redis-server: {e}"))?
             .ok_or("--redis needs redis-server (apt-get install -y redis-server)")?;
         args.store = Some(redis.url());
@@ -782,7 +782,7 @@ impl ChildGateway {
         args: &BenchArgs,
         max_in_flight: usize,
     ) -> Result<Self, String> {
-        let port = directcall_core::testkit::free_port().map_err(|e| e.to_string())?;
+        let port = directcall_testkit::free_port().map_err(|e| e.to_string())?;
         let urls: Vec<String> = broker.endpoints.iter().map(|e| e.url()).collect();
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let child = std::process::Command::new(exe)

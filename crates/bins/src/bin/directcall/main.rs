@@ -12,9 +12,10 @@ use directcall_bins::access::{Access, AccessArgs};
 use directcall_bins::cli::{BrokerArgs, RequesterArgs};
 use directcall_bins::gateway::GatewayConfig;
 use directcall_bins::service::{HttpReply, InvokeService, Limits};
-use directcall_bins::{gateway, http_client, sim, EmbeddedBroker};
+use directcall_bins::{gateway, http_client, sim};
 use directcall_cloud::{Options, PresenceRoot, Requester};
 use directcall_core::Target;
+use directcall_testkit::EmbeddedBroker;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::embedded::free_port;
+use crate::free_port;
 
 /// A `redis-server` process owned by this one.
 #[derive(Debug)]

@@ -13,8 +13,7 @@ use rumqttc::Outgoing;
 use tokio::sync::{oneshot, watch};
 
 use super::{RawCallError, RawPairError};
-use crate::broker::BrokerOptions;
-use crate::mqtt::ConnectionOptions;
+use directcall_core::broker::BrokerOptions;
 
 #[derive(Debug, Default)]
 struct Waiting {
@@ -41,8 +40,7 @@ impl RawPuback {
     /// [`RawPairError`] when it cannot connect within 10 s.
     pub async fn start(broker: &BrokerOptions) -> Result<RawPuback, RawPairError> {
         let run = format!("{:08x}", fastrand::u32(..));
-        let options = ConnectionOptions::new(broker.clone(), format!("rawpuback-{run}"));
-        let mqtt = crate::mqtt::options::rumqttc_options_v5(&options)
+        let mqtt = crate::options::v5(broker, &format!("rawpuback-{run}"))
             .map_err(|e| RawPairError(e.to_string()))?;
         let (client, mut events) = AsyncClient::new(mqtt, 200_000);
         let waiting: Arc<Mutex<Waiting>> = Arc::default();
@@ -67,7 +65,7 @@ impl RawPuback {
                             .sent
                             .remove(&ack.pkid);
                         if let Some(tx) = tx {
-                            let _ = tx.send(crate::mqtt::puback_code(ack.reason));
+                            let _ = tx.send(crate::options::puback_code(ack.reason));
                         }
                     }
                     Ok(_) => {}

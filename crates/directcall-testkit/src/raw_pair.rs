@@ -11,8 +11,8 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, Packet};
 use tokio::sync::{oneshot, watch};
 
-use crate::broker::BrokerOptions;
-use crate::mqtt::{ConnectionOptions, QoS};
+use directcall_core::broker::BrokerOptions;
+use directcall_core::mqtt::QoS;
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
 
@@ -109,7 +109,7 @@ impl RawPair {
                     let id = topic.rsplit('/').next().unwrap_or_default();
                     let _ = client.try_publish(
                         format!("{reply_root}/{id}"),
-                        legs.reply.to_rumqttc(),
+                        crate::options::qos(legs.reply),
                         false,
                         payload.to_vec(),
                     );
@@ -181,7 +181,7 @@ impl RawPair {
             .client
             .try_publish(
                 topic,
-                self.legs.request.to_rumqttc(),
+                crate::options::qos(self.legs.request),
                 false,
                 payload.to_vec(),
             )
@@ -234,9 +234,8 @@ fn raw_client(
     stop: &watch::Sender<bool>,
     on_message: impl Fn(&AsyncClient, &str, &[u8]) + Send + 'static,
 ) -> Result<AsyncClient, RawPairError> {
-    let options = ConnectionOptions::new(broker.clone(), client_id);
     let (mqtt, net) =
-        crate::mqtt::options::rumqttc_options(&options).map_err(|e| RawPairError(e.to_string()))?;
+        crate::options::v311(broker, client_id).map_err(|e| RawPairError(e.to_string()))?;
     let (client, mut events) = AsyncClient::new(mqtt, 200_000);
     events.set_network_options(net);
     let (me, ready) = (client.clone(), ready.clone());
@@ -249,7 +248,7 @@ fn raw_client(
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = me.try_subscribe(filter.clone(), qos.to_rumqttc());
+                    let _ = me.try_subscribe(filter.clone(), crate::options::qos(qos));
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => ready.send_modify(|n| *n += 1),
                 Ok(Event::Incoming(Packet::Publish(p))) => on_message(&me, &p.topic, &p.payload),

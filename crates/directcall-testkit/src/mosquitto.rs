@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::broker::BrokerOptions;
+use directcall_core::broker::BrokerOptions;
 
-use crate::embedded::free_port;
+use crate::free_port;
 
 /// A Mosquitto process owned by this one; killed on drop.
 #[derive(Debug)]

@@ -1,11 +1,11 @@
-//! The embedded broker: rumqttd in-process, so the demo and the examples need
-//! nothing installed.
+//! The embedded broker: rumqttd in-process, so the tests, the demo and the
+//! examples need nothing installed.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::broker::BrokerOptions;
+use directcall_core::broker::{BrokerOptions, MqttVersion};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 /// Why the embedded broker did not start.
@@ -87,7 +87,7 @@ impl EmbeddedBroker {
     /// Connection settings for its MQTT 5 listener.
     pub fn options_v5(&self) -> BrokerOptions {
         let mut options = BrokerOptions::new(self.addr_v5.ip().to_string(), self.addr_v5.port());
-        options.mqtt_version = crate::broker::MqttVersion::V5;
+        options.mqtt_version = MqttVersion::V5;
         options
     }
 

@@ -1,13 +1,17 @@
-//! Real servers on free ports, bare MQTT peers and small helpers, for the
-//! tests and benches of every directcall crate (feature `testkit`).
+//! The directcall test kit: real servers on free ports, bare MQTT peers and
+//! small helpers, for the tests and benches of every directcall crate, and
+//! the embedded broker behind `directcall demo`. Never published: a
+//! published crate has no test-only feature, so this lives apart.
 //!
-//! Nothing here is a mock: [`TestBroker`] is the embedded rumqttd or a
+//! Nothing here is a mock: [`TestBroker`] is the embedded rumqttd
+//! ([`EmbeddedBroker`], the vendored copy with this project's fixes) or a
 //! Mosquitto process started from the `mosquitto` binary on a free port
 //! (never the machine's 1883), and [`Raw`] is a bare MQTT client, what a seed
-//! device or a hostile peer would be.
+//! device or a hostile peer would be. [`NatsCluster`] and [`RedisServer`]
+//! start private `nats-server` and `redis-server` processes the same way.
 //!
 //! ```no_run
-//! use directcall_core::testkit::{within, Kind, Raw, TestBroker};
+//! use directcall_testkit::{within, Kind, Raw, TestBroker};
 //!
 //! # async fn run() {
 //! let broker = TestBroker::start(Kind::Mosquitto).expect("mosquitto installed");
@@ -19,8 +23,10 @@
 //! # }
 //! ```
 
+mod embedded;
 mod mosquitto;
 mod nats;
+mod options;
 mod raw;
 mod raw_pair;
 mod raw_puback;
@@ -30,7 +36,7 @@ mod relay;
 use std::future::Future;
 use std::time::Duration;
 
-pub use crate::embedded::{free_port, BrokerError, EmbeddedBroker};
+pub use embedded::{free_port, BrokerError, EmbeddedBroker};
 pub use mosquitto::{mosquitto_binary, Mosquitto};
 pub use nats::{nats_binary, NatsCluster};
 pub use raw::Raw;
@@ -39,7 +45,7 @@ pub use raw_puback::RawPuback;
 pub use redis::{redis_binary, RedisServer};
 pub use relay::Relay;
 
-use crate::broker::{BrokerOptions, MqttVersion};
+use directcall_core::broker::{BrokerOptions, MqttVersion};
 
 /// Which real broker a scenario runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,16 +176,13 @@ macro_rules! both_brokers {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn embedded() {
-                if let Some(b) = $crate::testkit::TestBroker::start($crate::testkit::Kind::Embedded)
-                {
+                if let Some(b) = $crate::TestBroker::start($crate::Kind::Embedded) {
                     super::$name(b).await;
                 }
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn mosquitto() {
-                if let Some(b) =
-                    $crate::testkit::TestBroker::start($crate::testkit::Kind::Mosquitto)
-                {
+                if let Some(b) = $crate::TestBroker::start($crate::Kind::Mosquitto) {
                     super::$name(b).await;
                 }
             }
@@ -231,5 +234,5 @@ pub async fn eventually(secs: u64, mut check: impl FnMut() -> bool) {
 
 /// Milliseconds since the Unix epoch now.
 pub fn now_ms() -> u64 {
-    crate::deadline::unix_millis(std::time::SystemTime::now())
+    directcall_core::deadline::unix_millis(std::time::SystemTime::now())
 }

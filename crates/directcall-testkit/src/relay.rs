@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::broker::BrokerOptions;
+use directcall_core::broker::BrokerOptions;
 
 /// MQTT control packet type of SUBSCRIBE (fixed header `0x82`).
 const SUBSCRIBE: u8 = 8;

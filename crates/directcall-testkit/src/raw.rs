@@ -8,8 +8,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::within;
-use crate::broker::BrokerOptions;
-use crate::mqtt::ConnectionOptions;
+use directcall_core::broker::BrokerOptions;
 
 /// A bare MQTT 3.1.1 client; every await is bounded.
 #[derive(Debug)]
@@ -25,9 +24,7 @@ impl Raw {
     /// # Panics
     /// When it is not connected within 10 s.
     pub async fn connect(broker: &BrokerOptions, id: &str) -> Raw {
-        let options = ConnectionOptions::new(broker.clone(), id);
-        let (mut mqtt, net) =
-            crate::mqtt::options::rumqttc_options(&options).expect("raw client options");
+        let (mut mqtt, net) = crate::options::v311(broker, id).expect("raw client options");
         mqtt.set_keep_alive(Duration::from_secs(30));
         // rumqttc's default is 10 KiB; hostile tests send far more.
         mqtt.set_max_packet_size(4 << 20, 4 << 20);

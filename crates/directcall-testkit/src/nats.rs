@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::broker::BrokerOptions;
-use crate::embedded::free_port;
+use crate::free_port;
+use directcall_core::broker::BrokerOptions;
 
 /// Where the `nats-server` binary is: `$NATS_SERVER`, then `$PATH`, then
 /// `/usr/sbin` (where Debian puts it).
@@ -215,11 +215,8 @@ fn fast(mut o: BrokerOptions) -> BrokerOptions {
 /// Whether a bare client can subscribe on the broker (SUBACK success).
 async fn probe_subscribe(broker: &BrokerOptions) -> bool {
     use rumqttc::{AsyncClient, Event, Packet, QoS, SubscribeReasonCode};
-    let options = crate::mqtt::ConnectionOptions::new(
-        broker.clone(),
-        format!("probe-{:08x}", fastrand::u32(..)),
-    );
-    let Ok((mqtt, net)) = crate::mqtt::options::rumqttc_options(&options) else {
+    let id = format!("probe-{:08x}", fastrand::u32(..));
+    let Ok((mqtt, net)) = crate::options::v311(broker, &id) else {
         return false;
     };
     let (client, mut events) = AsyncClient::new(mqtt, 10);
