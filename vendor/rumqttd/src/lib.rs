@@ -9,16 +9,6 @@ use std::sync::Arc;
 use std::{collections::HashMap, path::Path};
 
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::{
-    filter::EnvFilter,
-    fmt::{
-        format::{Format, Pretty},
-        Layer,
-    },
-    layer::Layered,
-    reload::Handle,
-    Registry,
-};
 
 pub use link::alerts;
 pub use link::local;
@@ -61,19 +51,8 @@ pub struct Config {
     pub v5: Option<HashMap<String, ServerSettings>>,
     pub ws: Option<HashMap<String, ServerSettings>>,
     pub cluster: Option<ClusterSettings>,
-    pub console: Option<ConsoleSettings>,
     pub bridge: Option<BridgeConfig>,
-    pub prometheus: Option<PrometheusSetting>,
     pub metrics: Option<HashMap<MetricType, MetricSettings>>,
-}
-
-#[derive(Debug, Serialize, Deserialize, Clone)]
-pub struct PrometheusSetting {
-    #[deprecated(note = "Use listen instead")]
-    port: Option<u16>,
-    listen: Option<SocketAddr>,
-    // How frequently to update metrics
-    interval: u64,
 }
 
 // TODO: Change names without _ until config-rs issue is resolved
@@ -210,21 +189,6 @@ pub struct RouterConfig {
 pub struct SegmentConfig {
     pub max_segment_size: usize,
     pub max_segment_count: usize,
-}
-
-type ReloadHandle = Handle<EnvFilter, Layered<Layer<Registry, Pretty, Format<Pretty>>, Registry>>;
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct ConsoleSettings {
-    pub listen: String,
-    #[serde(skip)]
-    filter_handle: Option<ReloadHandle>,
-}
-
-impl ConsoleSettings {
-    pub fn set_filter_reload_handle(&mut self, handle: ReloadHandle) {
-        self.filter_handle.replace(handle);
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, Default)]

@@ -1,6 +1,5 @@
 pub mod alerts;
 pub mod bridge;
-pub mod console;
 pub mod local;
 pub mod meters;
 pub mod network;
