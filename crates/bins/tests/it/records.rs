@@ -3,12 +3,10 @@
 //! The device is a bare seed-format peer (the seed's exact fields), which
 //! needs no extension for any of this.
 
-mod common;
-mod e2e;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::e2e;
 use directcall_cloud::{CallState, Error, RecordOptions};
 use directcall_testkit::{both_brokers, Raw};
 use serde_json::{json, Value};

@@ -3,14 +3,12 @@
 //! other's calls, a retry through the other replica joins the first call,
 //! and records expire.
 
-mod common;
-mod e2e;
-
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use crate::e2e;
 use directcall_device::Router;
 use directcall_testkit::{skip, RedisServer};
 use serde_json::json;

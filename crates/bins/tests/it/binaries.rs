@@ -2,13 +2,12 @@
 //! Mosquitto started by the harness and against the embedded broker, over
 //! real HTTP. Every row of PROTOCOL.md's HTTP table is asserted here.
 
-mod e2e;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::e2e;
+use crate::e2e::*;
 use directcall_testkit::{EmbeddedBroker, Mosquitto};
-use e2e::*;
 use serde_json::{json, Value};
 
 /// A broker of its own for each test: no two tests share a `Device001`.

@@ -2,15 +2,14 @@
 //! publish or a 500, and MQTT messages a peer should never be able to turn
 //! into a crash, a leak or a completed call.
 
-mod common;
-mod e2e;
-
 use std::time::Duration;
 
-use common::{requester, unique, within, Raw, TestBroker};
+use crate::common;
+use crate::common::{requester, unique, within, Raw, TestBroker};
+use crate::e2e;
+use crate::e2e::{gateway, get, post, wait_health};
 use directcall_cloud::Invocation;
 use directcall_core::MessageId;
-use e2e::{gateway, get, post, wait_health};
 use serde_json::{json, Value};
 
 enum Req {

@@ -3,14 +3,12 @@
 //! 3-node NATS cluster with MQTT (nats-server, JetStream in temp dirs) with
 //! a node killed under load.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{call, unique, within};
+use crate::common::{call, unique, within};
 use directcall_bins::gateway::{self, GatewayConfig};
 use directcall_bins::http_client::Connection;
 use directcall_bins::service::{InvokeService, Limits};
@@ -32,6 +30,9 @@ async fn gateway(broker: BrokerOptions, presence: Option<PresenceRoot>) -> (Stri
         "gateway connects: {:?}",
         requester.last_error()
     );
+    // The recorder is process-wide: every requester of this test binary
+    // records into it once it is installed. The asserts below read only
+    // gauges labelled with this test's own broker URLs.
     let config = GatewayConfig::new(InvokeService::new(requester.clone(), Limits::default()))
         .metrics(directcall_bins::cli::metrics_handle());
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))

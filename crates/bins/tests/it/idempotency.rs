@@ -3,14 +3,12 @@
 //! conflict; ids derived from keys let a device drop a retry that came
 //! another way. Library and gateway.
 
-mod common;
-mod e2e;
-
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::e2e;
 use directcall_cloud::{Error, MessageId};
 use directcall_device::Router;
 use directcall_testkit::both_brokers;

@@ -1,17 +1,17 @@
 //! Faults survived, against a real Mosquitto started by the harness: the
 //! broker killed under load, a device restarted mid-call, a device slower
 //! than the deadline, the gateway told to stop under load. Plus the long
-//! soak (ignored by default: `cargo test -p directcall-bins --test faults -- --ignored`).
-
-mod common;
-mod e2e;
+//! soak (ignored by default: `cargo test -p directcall-bins --test it
+//! faults::soak -- --ignored`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{call, car_router, device, requester, unique, within, Kind, TestBroker};
+use crate::common;
+use crate::common::{call, car_router, device, requester, unique, within, Kind, TestBroker};
+use crate::e2e;
 use directcall_cloud::Error;
 use directcall_device::Router;
 use serde_json::{json, Value};
@@ -221,7 +221,10 @@ fn rss_mb() -> f64 {
 }
 
 /// 200,000 calls at a steady 64 in flight: memory flat after warm-up, the
-/// pending table empty at the end, every call accounted for.
+/// pending table empty at the end, every call accounted for. It measures
+/// the whole process's RSS, which the other tests of this binary share:
+/// run it alone, as `--ignored` does (it is the only ignored test), never
+/// with `--include-ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run before releases with --ignored"]
 async fn soak_200k_calls() {

@@ -4,13 +4,11 @@
 //! audience, wrong signature, `alg: none` and an unknown key id are each a
 //! 401 with a clear message.
 
-mod common;
-mod e2e;
-
 use std::path::Path;
 
-use common::pki::openssl;
-use common::*;
+use crate::common::pki::openssl;
+use crate::common::*;
+use crate::e2e;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 

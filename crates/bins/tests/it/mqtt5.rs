@@ -4,14 +4,12 @@
 //! requester calls a 3.1.1 seed-format device, and `traceparent` reaches the
 //! handler.
 
-mod common;
-mod e2e;
-
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use crate::e2e;
 use directcall_cloud::{Error, MqttVersion};
 use directcall_core::BrokerOptions;
 use directcall_device::{DeviceOptions, Router};

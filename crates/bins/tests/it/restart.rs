@@ -1,11 +1,10 @@
 //! The broker killed and restarted mid-run (Mosquitto: the embedded rumqttd
 //! cannot be stopped), and a requester started while no broker listens.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{car_router, device, requester, unique, within, Kind, TestBroker};
+use crate::common;
+use crate::common::{car_router, device, requester, unique, within, Kind, TestBroker};
 use directcall_cloud::{Error, Invocation, Options, Requester};
 use directcall_core::BrokerOptions;
 use serde_json::{json, Value};

@@ -3,19 +3,18 @@
 //! with API Gateway events, against a real Mosquitto and a simulated device;
 //! and PROTOCOL.md's HTTP table run against it and `directcall serve` alike.
 
-mod e2e;
-
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::e2e;
+use crate::e2e::{gateway, get_with, sim, wait_health};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use directcall_testkit::Mosquitto;
-use e2e::{gateway, get_with, sim, wait_health};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 

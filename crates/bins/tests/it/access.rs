@@ -4,14 +4,12 @@
 //! counts), reload on SIGHUP under load with no call dropped, JSON audit
 //! lines parsed back, and no secret in any log line.
 
-mod common;
-mod e2e;
-
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::e2e;
 use directcall_device::Router;
 use serde_json::{json, Value};
 

@@ -1,11 +1,10 @@
 //! The call scenarios of the foundations, each against the embedded rumqttd
 //! and a Mosquitto started by the harness.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{call, car_router, device, device_with, requester, unique, within, TestBroker};
+use crate::common;
+use crate::common::{call, car_router, device, device_with, requester, unique, within, TestBroker};
 use directcall_cloud::Error;
 use directcall_core::PresenceRoot;
 use directcall_device::Router;

@@ -5,13 +5,12 @@
 //! Skipped when chromium or chromedriver is missing, except under `CI`,
 //! where that fails (as the Mosquitto tests do).
 
-mod e2e;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::e2e;
+use crate::e2e::{gateway, sim, Proc};
 use directcall_testkit::{free_port, Mosquitto};
-use e2e::{gateway, sim, Proc};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 

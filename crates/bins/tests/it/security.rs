@@ -3,13 +3,11 @@
 //! confines each device to its own topics (like an AWS IoT policy with
 //! `${iot:ClientId}`). Certificates are made at test time with openssl.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::pki::Pki;
-use common::{unique, within, Raw};
+use crate::common::pki::Pki;
+use crate::common::{unique, within, Raw};
 use directcall_cloud::{Error, Invocation, Options, Requester};
 use directcall_core::{BrokerOptions, MessageId, Target};
 use directcall_device::{handler_fn, serve, DeviceOptions, Router};
@@ -17,7 +15,7 @@ use directcall_testkit::Mosquitto;
 use serde_json::{json, Value};
 
 /// The ACL shipped in deploy/, so the test checks what users deploy.
-const ACL: &str = include_str!("../../../deploy/mosquitto/directcall.acl");
+const ACL: &str = include_str!("../../../../deploy/mosquitto/directcall.acl");
 
 struct SecureBroker {
     mosquitto: Mosquitto,

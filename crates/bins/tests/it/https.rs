@@ -2,13 +2,11 @@
 //! reference call over TLS and HTTP/2, and client certificates required
 //! when `--tls-client-ca` is given. Certificates are made with openssl.
 
-mod common;
-mod e2e;
-
 use std::process::Command;
 
-use common::pki::Pki;
-use common::{Kind, TestBroker};
+use crate::common::pki::Pki;
+use crate::common::{Kind, TestBroker};
+use crate::e2e;
 use serde_json::Value;
 
 /// Runs curl with `args`; its exit code and stdout.

@@ -1,0 +1,32 @@
+//! The end-to-end tests of directcall-bins, one module per area, built as
+//! one test binary: each test binary links the whole dependency graph, and
+//! this one replaces seventeen.
+//!
+//! Everything here shares one process. A test that changes process-wide
+//! state (the global `metrics` recorder, environment variables, the
+//! process's memory as the soak test measures it) must stay correct beside
+//! the others; the modules say where that matters.
+//!
+//! Run one area with a filter: `cargo test -p directcall-bins --test it
+//! fleet::`.
+
+mod common;
+mod e2e;
+
+mod access;
+mod binaries;
+mod calls;
+mod console;
+mod deploy;
+mod faults;
+mod fleet;
+mod hostile;
+mod https;
+mod idempotency;
+mod jwt;
+mod lambda;
+mod mqtt5;
+mod records;
+mod restart;
+mod security;
+mod store;
