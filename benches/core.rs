@@ -120,8 +120,7 @@ fn pending_contended(c: &mut Criterion) {
 /// What the gateway does per call for the console: a live-log entry and
 /// the per-second tally; with a page open, the entry's JSON too.
 fn console(c: &mut Criterion) {
-    use directcall_bins::console::{Console, LogEntry};
-    use directcall_bins::service::Outcome;
+    use directcall_cloud::gateway::{Console, LogEntry, Outcome};
     use std::time::Duration;
     let mut g = c.benchmark_group("console");
     g.throughput(Throughput::Elements(1));

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use directcall_cloud::gateway::{Access, AccessError, Gateway, JwtVerifier, Limits};
 use directcall_cloud::sigv4::AwsSigV4;
 use directcall_cloud::{Options, Prefix, PresenceRoot, QoS, RecordOptions};
 use directcall_core::mqtt::UrlSigner;
@@ -44,6 +45,39 @@ pub enum ConfigError {
     /// An environment variable SigV4 signing needs is not set.
     #[error("{0} is not set (needed for SigV4 signing)")]
     MissingEnv(&'static str),
+    /// The credentials file cannot be used.
+    #[error("--credentials {0}")]
+    Credentials(#[source] AccessError),
+    /// The JWKS cannot be read or used.
+    #[error("--jwks {what}: {source}")]
+    Jwks {
+        /// The file or URL, without credentials or query.
+        what: String,
+        /// Why.
+        #[source]
+        source: JwksError,
+    },
+}
+
+/// Why a JWKS cannot be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwksError {
+    /// The file cannot be read.
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    /// The URL cannot be fetched.
+    #[error(transparent)]
+    Fetch(#[from] crate::http_client::HttpError),
+    /// The URL did not answer in time.
+    #[error("no answer within {} s", JWKS_FETCH_TIMEOUT.as_secs())]
+    Timeout,
+    /// The URL answered with another status than 200.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// It is not a usable JWKS.
+    #[error(transparent)]
+    Invalid(#[from] directcall_cloud::gateway::JwtError),
 }
 
 /// How to authenticate to AWS IoT Core when `--iot-endpoint` is given.
@@ -57,6 +91,10 @@ pub enum AwsAuth {
     /// Mutual TLS on 443 with ALPN `x-amzn-mqtt-ca`.
     Mtls443,
 }
+
+/// The error of a binary's top-level function: any error, reported once
+/// at the edge (exit code and message).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Default broker when none is given.
 pub const DEFAULT_BROKER: &str = "mqtt://127.0.0.1:1883";
@@ -271,7 +309,7 @@ pub struct RequesterArgs {
     /// Client id BASE-INSTANCE, with the reply prefix's INSTANCE [default: the prefix].
     #[arg(long, env = "DIRECTCALL_CLIENT_ID_PREFIX")]
     pub client_id_prefix: Option<String>,
-    /// Replies under the prefix itself, as in the seed, instead of
+    /// Replies under the prefix itself, as in the AWS sample, instead of
     /// PREFIX-INSTANCE: every instance sharing the prefix then receives every
     /// reply (for policies that allow exactly one prefix).
     #[arg(long, env = "DIRECTCALL_SHARED_PREFIX")]
@@ -319,7 +357,12 @@ pub struct RequesterArgs {
     /// Where call records and idempotency keys live: `memory` (this
     /// process), or `redis://host:port/db`, shared by every gateway and
     /// Lambda using it.
-    #[arg(long, env = "DIRECTCALL_STORE", default_value = "memory")]
+    #[arg(
+        long,
+        env = "DIRECTCALL_STORE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
     pub store: String,
 }
 
@@ -383,7 +426,7 @@ impl RequesterArgs {
             _ => {
                 return Err(ConfigError::Conflict(format!(
                     "--store {}: give `memory` or a redis:// URL",
-                    self.store
+                    redact_url(&self.store)
                 )))
             }
         }
@@ -447,8 +490,8 @@ where
 }
 
 /// The Prometheus recorder of this process, installed on first use as the
-/// global `metrics` recorder (with [`crate::service::CALL_DURATION`]'s
-/// buckets), and its handle to render `/metrics`.
+/// global `metrics` recorder (with the call duration histogram's buckets),
+/// and its handle to render `/metrics`.
 pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -457,8 +500,8 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
-                    Matcher::Full(crate::service::CALL_DURATION.to_owned()),
-                    &crate::service::CALL_DURATION_BUCKETS,
+                    Matcher::Full(directcall_cloud::gateway::CALL_DURATION.to_owned()),
+                    &directcall_cloud::gateway::CALL_DURATION_BUCKETS,
                 )
                 .map(PrometheusBuilder::build_recorder)
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
@@ -469,6 +512,168 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The timeouts a caller may ask for, from `--default-timeout` and
+/// `--max-timeout`.
+///
+/// # Errors
+/// [`ConfigError::Conflict`] naming both flags when they do not fit.
+pub fn limits(default_timeout: u64, max_timeout: u64) -> Result<Limits, ConfigError> {
+    Limits::new(default_timeout, max_timeout).map_err(|_| {
+        ConfigError::Conflict(format!(
+            "--default-timeout ({default_timeout}) must be from 1 to --max-timeout ({max_timeout})"
+        ))
+    })
+}
+
+/// How long a JWKS fetched from a URL may take: an identity provider that
+/// stalls must not stall the gateway's start (or a Lambda's init).
+pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who may call what, as flags: `directcall serve` and `directcall-lambda`
+/// take the same ones.
+#[derive(Debug, Clone, Args)]
+#[non_exhaustive]
+pub struct AccessArgs {
+    /// API tokens (comma-separated); when set, calls need `Authorization: Bearer <token>`.
+    #[arg(
+        long = "api-token",
+        env = "DIRECTCALL_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_tokens: Vec<String>,
+    /// A credentials file (TOML: names, secrets, the targets and methods each
+    /// may call, rates; docs/SECURITY.md), reloaded on SIGHUP by `serve`.
+    #[arg(long, env = "DIRECTCALL_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Accept bearer JWTs signed by a key of this JWKS (a file, or an
+    /// http(s):// URL read once at start, within 10 s); needs --jwt-issuer
+    /// and --jwt-audience.
+    #[arg(long, env = "DIRECTCALL_JWKS", requires_all = ["jwt_issuer", "jwt_audience"])]
+    pub jwks: Option<String>,
+    /// The `iss` a JWT must carry.
+    #[arg(long, env = "DIRECTCALL_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The `aud` a JWT must carry.
+    #[arg(long, env = "DIRECTCALL_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The claim listing what a JWT may call, as `target/method` globs
+    /// (space-separated, or an array).
+    #[arg(long, env = "DIRECTCALL_JWT_SCOPE_CLAIM", default_value = "scope")]
+    pub jwt_scope_claim: String,
+    /// At most this many calls in flight per target; more get 429 (0: no bound).
+    #[arg(long, env = "DIRECTCALL_MAX_IN_FLIGHT_PER_TARGET", default_value_t = 8)]
+    pub max_in_flight_per_target: usize,
+    /// Put request and response bodies in the audit lines (never by default).
+    #[arg(long, env = "DIRECTCALL_AUDIT_BODIES")]
+    pub audit_bodies: bool,
+}
+
+/// The credential-rate gauge: one per credential with a rate.
+pub const LIMIT_CREDENTIAL_RATE: &str = "directcall_limit_credential_calls_per_second";
+
+impl AccessArgs {
+    /// The access rules these flags describe (the JWKS read now, a URL
+    /// within [`JWKS_FETCH_TIMEOUT`]), and the gauge of each credential's
+    /// rate set.
+    ///
+    /// # Errors
+    /// A credentials file or JWKS that cannot be read or used, naming the flag.
+    pub async fn access(&self) -> Result<Access, ConfigError> {
+        let mut access = Access::new(self.api_tokens.clone(), self.credentials.clone())
+            .map_err(ConfigError::Credentials)?;
+        if let (Some(jwks), Some(iss), Some(aud)) =
+            (&self.jwks, &self.jwt_issuer, &self.jwt_audience)
+        {
+            let failed = |source: JwksError| ConfigError::Jwks {
+                what: redact_url(jwks),
+                source,
+            };
+            let text = if jwks.starts_with("http://") || jwks.starts_with("https://") {
+                let fetched =
+                    tokio::time::timeout(JWKS_FETCH_TIMEOUT, crate::http_client::get(jwks, &[]))
+                        .await
+                        .map_err(|_| failed(JwksError::Timeout))?
+                        .map_err(|e| failed(e.into()))?;
+                if fetched.status != 200 {
+                    return Err(failed(JwksError::Status(fetched.status)));
+                }
+                fetched.body
+            } else {
+                std::fs::read_to_string(jwks).map_err(|e| failed(e.into()))?
+            };
+            let verifier = JwtVerifier::new(&text, iss, aud, &self.jwt_scope_claim)
+                .map_err(|e| failed(e.into()))?;
+            access = access.with_jwt(verifier);
+        }
+        for caller in access.current().callers() {
+            if let Some((rate, _)) = caller.get_rate() {
+                metrics::gauge!(LIMIT_CREDENTIAL_RATE, "credential" => caller.name().to_owned())
+                    .set(f64::from(rate));
+            }
+        }
+        Ok(access)
+    }
+
+    /// `gateway` with `access` and these flags' limits and audit setting.
+    pub fn apply(&self, gateway: Gateway, access: Arc<Access>) -> Gateway {
+        let gateway = gateway.authenticate(access).audit_bodies(self.audit_bodies);
+        if self.max_in_flight_per_target > 0 {
+            gateway.max_in_flight_per_target(self.max_in_flight_per_target)
+        } else {
+            gateway
+        }
+    }
+
+    /// How callers are checked, in words, for the start-up log line.
+    pub fn describe(&self, access: &Access) -> String {
+        match (access.current().len(), access.accepts_jwt()) {
+            (0, false) => "off".to_owned(),
+            (n, false) => format!("{n} credentials"),
+            (n, true) => format!("{n} credentials and JWTs"),
+        }
+    }
+}
+
+/// `url` without a user, password or query (they may hold secrets).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let rest = match rest.split_once('/') {
+        Some((authority, path)) => {
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{host}/{path}")
+        }
+        None => rest.rsplit_once('@').map_or(rest, |(_, h)| h).to_owned(),
+    };
+    format!("{scheme}://{rest}")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down: no new requests, letting calls in flight finish");
 }
 
 #[cfg(test)]

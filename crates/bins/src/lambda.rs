@@ -26,9 +26,9 @@ use lambda_http::request::RequestContext;
 use lambda_http::RequestExt;
 use tower::{Layer, ServiceExt};
 
-use crate::cli::{BrokerArgs, ConfigError, RequesterArgs};
-use crate::gateway::{self, CallBudget, GatewayConfig};
-use crate::service::{InvokeService, Limits};
+use directcall_cloud::gateway::{CallBudget, Gateway};
+
+use crate::cli::{AccessArgs, BrokerArgs, ConfigError, RequesterArgs};
 
 /// Time kept back from the Lambda's own deadline to send the response.
 pub const RESPONSE_MARGIN: Duration = Duration::from_millis(250);
@@ -63,7 +63,7 @@ pub struct LambdaArgs {
     pub idle_reconnect: Option<u64>,
     /// Who may call what (as for `directcall serve`; no SIGHUP reload here).
     #[command(flatten)]
-    pub access: crate::access::AccessArgs,
+    pub access: AccessArgs,
 }
 
 /// How long `init` waits for the broker before the first event.
@@ -85,12 +85,9 @@ pub enum LambdaError {
     /// The requester.
     #[error(transparent)]
     Requester(#[from] directcall_cloud::Error),
-    /// The access rules (a credentials file or JWKS that cannot be used).
-    #[error("{0}")]
-    Access(String),
     /// The Lambda runtime.
     #[error("Lambda runtime: {0}")]
-    Runtime(String),
+    Runtime(#[source] lambda_http::Error),
 }
 
 /// Connects at init (waiting up to [`INIT_WAIT`]; a broker that is not there
@@ -105,7 +102,7 @@ pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
     let metrics = crate::cli::metrics_handle();
     let broker = args.broker.resolve()?;
     let options = args.requester.options(&broker)?;
-    let limits = Limits::new(args.default_timeout, args.max_timeout)?;
+    let limits = crate::cli::limits(args.default_timeout, args.max_timeout)?;
     let idle_reconnect = args
         .idle_reconnect
         .map_or(broker.options.keep_alive, Duration::from_secs);
@@ -118,21 +115,19 @@ pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
         idle_reconnect,
         last_done: Mutex::new(Instant::now()),
     });
-    let access = args.access.access().await.map_err(LambdaError::Access)?;
-    let config = args.access.apply(
-        GatewayConfig::new(InvokeService::new(requester, limits))
-            .metrics(metrics)
+    let access = args.access.access().await?;
+    let gateway = args.access.apply(
+        Gateway::new(requester)
+            .limits(limits)
+            .metrics(move || metrics.render())
             .wait_for_broker(true),
         Arc::new(access),
     );
-    let app =
-        axum::middleware::from_fn_with_state(environment, prepare).layer(gateway::app(config));
+    let app = axum::middleware::from_fn_with_state(environment, prepare).layer(gateway.app());
     let app = tower::service_fn(move |request: lambda_http::Request| {
         app.clone().oneshot(request.map(axum::body::Body::new))
     });
-    lambda_http::run(app)
-        .await
-        .map_err(|e| LambdaError::Runtime(e.to_string()))
+    lambda_http::run(app).await.map_err(LambdaError::Runtime)
 }
 
 /// The path without API Gateway's stage prefix (`/Prod/invoke` → `/invoke`).

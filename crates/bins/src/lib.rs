@@ -1,17 +1,13 @@
-//! The parts the directcall binaries share: configuration (broker and
-//! requester flags, logging, metrics), the HTTP mapping and the gateway
-//! that `directcall serve` and `directcall-lambda` both run, the device
-//! simulator, the web console, a small HTTP client, SigV4 request signing for `directcall
-//! call`, and the load tool.
+//! What the directcall binaries share: their configuration (broker,
+//! requester and access flags, logging, metrics), the device simulator, a
+//! small HTTP client, SigV4 request signing for `directcall call`, the
+//! Lambda front end (feature `lambda`) and the load tool. The libraries
+//! do the work: the gateway is `directcall_cloud::gateway`.
 
-pub mod access;
 pub mod bench;
 pub mod cli;
-pub mod console;
-pub mod gateway;
 pub mod http_client;
-pub mod jwt;
+#[cfg(feature = "lambda")]
 pub mod lambda;
-pub mod service;
 pub mod sigv4;
 pub mod sim;

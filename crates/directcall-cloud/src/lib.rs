@@ -26,6 +26,9 @@
 //! | `tls` | yes | `mqtts://` and `wss://` brokers |
 //! | `websocket` | no | `ws://` and `wss://`, [`Options::url_signer`] |
 //! | `sigv4` | no | [`sigv4::AwsSigV4`]: AWS IoT Core over `wss://` with SigV4 |
+//! | `redis` | no | [`Options::redis_store`]: call records and idempotency keys shared through Redis |
+//! | `gateway` | no | [`gateway`]: the HTTP API (axum routes to mount, or the whole app) |
+//! | `console` | no | [`gateway::Gateway::console`]: the web console (implies `gateway`) |
 //!
 //! # Metrics
 //!
@@ -33,7 +36,12 @@
 //! facade, to whatever exporter the process installs (install it before
 //! starting a requester); their names are the constants of [`metrics`].
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod error;
+#[cfg(feature = "gateway")]
+#[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
+pub mod gateway;
 mod keys;
 pub mod metrics;
 mod options;

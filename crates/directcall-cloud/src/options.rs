@@ -4,7 +4,7 @@ use directcall_core::mqtt::QoS;
 use directcall_core::pending::DEFAULT_RECENT_CAPACITY;
 use directcall_core::{BrokerOptions, Prefix, PresenceRoot};
 
-/// Default deadline of a call that names none (the seed's 10 s).
+/// Default deadline of a call that names none (the AWS sample's 10 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default largest number of calls in flight at once.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16_384;
@@ -99,7 +99,7 @@ impl Options {
     /// acknowledges a request before its handler runs, and the call's
     /// record moves to `delivered`, so a timeout can tell "delivered, no
     /// answer" from "no sign of delivery". Devices that do not know the
-    /// extension (the seed's) ignore it. Costs one more message per call.
+    /// extension (the AWS sample's) ignore it. Costs one more message per call.
     /// Default: off.
     pub fn delivery_receipts(mut self, ask: bool) -> Self {
         self.receipts = ask;
@@ -162,7 +162,7 @@ impl Options {
     }
 
     /// Replies come back under the prefix itself, `{prefix}/+/+/+/ack`, as in
-    /// the seed: every requester sharing the prefix then receives every reply
+    /// the AWS sample: every requester sharing the prefix then receives every reply
     /// under it and drops the ones it did not ask for (counted as
     /// `dropped_unknown`). For brokers or policies that allow exactly one
     /// prefix. Default: a per-instance prefix.
@@ -184,7 +184,7 @@ impl Options {
 
     /// QoS of the reply subscription (default [`DEFAULT_REPLY_QOS`]). A
     /// broker delivers at the lower of the publish and subscription QoS, so
-    /// this caps the reply leg whatever QoS devices publish at (the seed's
+    /// this caps the reply leg whatever QoS devices publish at (the AWS sample's
     /// devices publish at 1). See PERFORMANCE.md for the measurements behind
     /// the default.
     pub fn reply_qos(mut self, qos: QoS) -> Self {

@@ -81,6 +81,10 @@ pub struct CallRecord {
     /// MQTT 5: the broker's PUBACK reason code when it refused the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason_code: Option<u8>,
+    /// Who made the call ([`Invocation::caller`](crate::Invocation::caller)),
+    /// if it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
 }
 
 fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -191,7 +195,13 @@ impl Records {
     }
 
     /// Records a call just published.
-    pub(crate) fn sent(&self, id: MessageId, target: Target, method: Method) {
+    pub(crate) fn sent(
+        &self,
+        id: MessageId,
+        target: Target,
+        method: Method,
+        caller: Option<String>,
+    ) {
         let now = Instant::now();
         let record = CallRecord {
             id,
@@ -204,6 +214,7 @@ impl Records {
             status: None,
             response: None,
             reason_code: None,
+            caller,
         };
         self.mirror(&record);
         let mut inner = self.lock();
@@ -317,7 +328,7 @@ mod tests {
         let records = Records::new(RecordOptions::new(Duration::from_secs(10), 100));
         let id = MessageId::new();
         let (t, m) = names();
-        records.sent(id, t, m);
+        records.sent(id, t, m, None);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(records.get(&id).unwrap().state, CallState::Sent);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -331,7 +342,7 @@ mod tests {
         let ids: Vec<_> = (0..5).map(|_| MessageId::new()).collect();
         for id in &ids {
             let (t, m) = names();
-            records.sent(*id, t, m);
+            records.sent(*id, t, m, None);
         }
         assert_eq!(records.len(), 3);
         assert!(records.get(&ids[0]).is_none() && records.get(&ids[1]).is_none());
@@ -344,7 +355,7 @@ mod tests {
         let (late, answered) = (MessageId::new(), MessageId::new());
         for id in [late, answered] {
             let (t, m) = names();
-            records.sent(id, t, m);
+            records.sent(id, t, m, None);
         }
         records.update(&late, |r| r.state = CallState::TimedOut);
         records.update(&answered, |r| r.state = CallState::Answered);

@@ -45,7 +45,7 @@ pub struct Invocation {
     start: Option<Instant>,
     traceparent: Option<String>,
     idempotency_key: Option<String>,
-    idempotency_scope: Option<String>,
+    caller: Option<String>,
     /// The id to publish under, when it is not a fresh one (a keyed call).
     id: Option<MessageId>,
 }
@@ -62,7 +62,7 @@ impl Invocation {
             start: None,
             traceparent: None,
             idempotency_key: None,
-            idempotency_scope: None,
+            caller: None,
             id: None,
         }
     }
@@ -111,8 +111,8 @@ impl Invocation {
     }
 
     /// Makes the call idempotent under `key` (1 to 255 visible ASCII
-    /// characters; include your caller's identity in it if callers share a
-    /// requester). While a call with this key runs, another with the same
+    /// characters), the key of its [`caller`](Self::caller) when it names
+    /// one. While a call with this key runs, another with the same
     /// key and the same target, method and request waits for its outcome
     /// instead of publishing; after it, gets the stored outcome, for the
     /// requester's record retention (10 minutes by default). The same key
@@ -130,12 +130,19 @@ impl Invocation {
         self.idempotency_key.as_deref()
     }
 
-    /// Whose idempotency key it is (a tenant, a credential): the same key
-    /// in two scopes names two calls. The gateway scopes keys to the
-    /// caller's token. Default: none (one scope).
-    pub fn idempotency_scope(mut self, scope: impl Into<String>) -> Self {
-        self.idempotency_scope = Some(scope.into());
+    /// Who makes the call: a tenant, a credential's name. Its idempotency
+    /// key is this caller's own (the same key from two callers names two
+    /// calls), and its record says who made it
+    /// ([`CallRecord::caller`](crate::CallRecord::caller)); the gateway
+    /// lets only that caller read it. Default: none (one caller).
+    pub fn caller(mut self, caller: impl Into<String>) -> Self {
+        self.caller = Some(caller.into());
         self
+    }
+
+    /// Who makes the call, if set.
+    pub fn get_caller(&self) -> Option<&str> {
+        self.caller.as_deref()
     }
 
     /// The device.
@@ -176,10 +183,9 @@ fn records_and_store(
     };
     #[cfg(feature = "redis")]
     {
-        let store: Arc<dyn Store> = Arc::new(
-            crate::store::RedisStore::new(url)
-                .map_err(|e| Error::from(directcall_core::Error::invalid(Field::Store, e)))?,
-        );
+        let store: Arc<dyn Store> = Arc::new(crate::store::RedisStore::new(url).map_err(|e| {
+            Error::from(directcall_core::Error::invalid(Field::Store, e.to_string()))
+        })?);
         let retention = options.records.unwrap_or_default().retention;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);
         let writer = Arc::clone(&store);
@@ -201,7 +207,10 @@ fn records_and_store(
     {
         Err(directcall_core::Error::invalid(
             Field::Store,
-            format!("{url}: this build has no Redis support (feature \"redis\")"),
+            format!(
+                "{}: this build has no Redis support (feature \"redis\")",
+                crate::store::redacted(url)
+            ),
         )
         .into())
     }
@@ -231,8 +240,8 @@ fn result_of_record(record: CallRecord, start: Instant) -> Result<Reply, Error> 
 
 /// The key a call's idempotency key is kept under: its scope's and its own.
 fn scoped_key(invocation: &Invocation, key: &str) -> String {
-    match &invocation.idempotency_scope {
-        Some(scope) => format!("{scope}\0{key}"),
+    match &invocation.caller {
+        Some(caller) => format!("{caller}\0{key}"),
         None => key.to_owned(),
     }
 }
@@ -513,7 +522,7 @@ impl Requester {
             reported_broker: Mutex::new(None),
             records,
             store,
-            store_url: options.store.clone(),
+            store_url: options.store.as_deref().map(crate::store::redacted),
             keys: Keys::new(options.records.unwrap_or_default()),
             receipts: options.receipts,
         });
@@ -860,7 +869,8 @@ impl Requester {
         }
     }
 
-    /// The shared store's URL ([`Options::redis_store`]), if any.
+    /// The shared store's URL ([`Options::redis_store`]), if any, without
+    /// its password.
     pub fn get_store(&self) -> Option<&str> {
         self.shared().store_url.as_deref()
     }
@@ -1411,7 +1421,12 @@ impl Shared {
         }
         // Recorded before the publish: the reply may come before it returns.
         if let Some(records) = &self.records {
-            records.sent(id, call.target().clone(), call.method().clone());
+            records.sent(
+                id,
+                call.target().clone(),
+                call.method().clone(),
+                invocation.caller,
+            );
         }
         if let Err(e) = self
             .link

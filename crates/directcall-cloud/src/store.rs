@@ -12,15 +12,60 @@ use uuid::Uuid;
 
 use crate::records::CallRecord;
 
+/// Why a shared store's operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum StoreError {
+    /// The store cannot be reached, or refused the command.
+    #[cfg(feature = "redis")]
+    #[error("redis at {url}: {source}")]
+    Redis {
+        /// Where, without its password.
+        url: String,
+        /// Why.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A record did not encode, or a stored one did not decode.
+    #[error("a call record: {0}")]
+    Record(#[from] serde_json::Error),
+    /// An idempotency key holds something else than a call's fingerprint.
+    #[error("{key} holds no fingerprint: {source}")]
+    Fingerprint {
+        /// The key's name in the store.
+        key: String,
+        /// Why.
+        #[source]
+        source: uuid::Error,
+    },
+}
+
+/// `url` with its password (and user) left out: for logs and errors.
+pub(crate) fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if path.is_empty() {
+        format!("{scheme}://{host}")
+    } else {
+        format!("{scheme}://{host}/{path}")
+    }
+}
+
 /// What a shared store does.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 #[async_trait]
 pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// Writes `records` in order (one round trip), each to be forgotten
     /// after `ttl`.
-    async fn save(&self, records: &[CallRecord], ttl: Duration) -> Result<(), String>;
+    async fn save(&self, records: &[CallRecord], ttl: Duration) -> Result<(), StoreError>;
     /// The record of `id`, if the store holds one.
-    async fn load(&self, id: &MessageId) -> Result<Option<CallRecord>, String>;
+    async fn load(&self, id: &MessageId) -> Result<Option<CallRecord>, StoreError>;
     /// Claims idempotency key `key` for a call with `fingerprint` for
     /// `ttl`: `None` when this caller has it now, else the fingerprint of
     /// the call that claimed it first.
@@ -29,7 +74,7 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
         key: &str,
         fingerprint: Uuid,
         ttl: Duration,
-    ) -> Result<Option<Uuid>, String>;
+    ) -> Result<Option<Uuid>, StoreError>;
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -54,6 +99,7 @@ pub(crate) struct RedisStore {
 #[cfg(feature = "redis")]
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `url` is already without its password.
         f.debug_struct("RedisStore")
             .field("url", &self.url)
             .finish()
@@ -63,16 +109,27 @@ impl std::fmt::Debug for RedisStore {
 #[cfg(feature = "redis")]
 impl RedisStore {
     /// A store at `url` (`redis://host:port/db`); connects on first use.
-    pub(crate) fn new(url: &str) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    pub(crate) fn new(url: &str) -> Result<Self, StoreError> {
+        let url_redacted = redacted(url);
+        let client = redis::Client::open(url).map_err(|source| StoreError::Redis {
+            url: url_redacted.clone(),
+            source,
+        })?;
         Ok(RedisStore {
             client,
-            url: url.to_owned(),
+            url: url_redacted,
             conn: tokio::sync::OnceCell::new(),
         })
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
+    fn failed(&self, source: redis::RedisError) -> StoreError {
+        StoreError::Redis {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
         self.conn
             .get_or_try_init(|| async {
                 let config = redis::aio::ConnectionManagerConfig::new()
@@ -82,17 +139,17 @@ impl RedisStore {
             })
             .await
             .cloned()
-            .map_err(|e| format!("redis at {}: {e}", self.url))
+            .map_err(|e| self.failed(e))
     }
 }
 
 #[cfg(feature = "redis")]
 #[async_trait]
 impl Store for RedisStore {
-    async fn save(&self, records: &[CallRecord], ttl: Duration) -> Result<(), String> {
+    async fn save(&self, records: &[CallRecord], ttl: Duration) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         for record in records {
-            let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+            let json = serde_json::to_string(record)?;
             pipe.cmd("SET")
                 .arg(format!("directcall:call:{}", record.id))
                 .arg(json)
@@ -103,18 +160,17 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         pipe.query_async::<()>(&mut conn)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| self.failed(e))
     }
 
-    async fn load(&self, id: &MessageId) -> Result<Option<CallRecord>, String> {
+    async fn load(&self, id: &MessageId) -> Result<Option<CallRecord>, StoreError> {
         let mut conn = self.conn().await?;
         let json: Option<String> = redis::cmd("GET")
             .arg(format!("directcall:call:{id}"))
             .query_async(&mut conn)
             .await
-            .map_err(|e| e.to_string())?;
-        json.map(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))
-            .transpose()
+            .map_err(|e| self.failed(e))?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }
 
     async fn claim(
@@ -122,7 +178,7 @@ impl Store for RedisStore {
         key: &str,
         fingerprint: Uuid,
         ttl: Duration,
-    ) -> Result<Option<Uuid>, String> {
+    ) -> Result<Option<Uuid>, StoreError> {
         let name = format!(
             "directcall:key:{}",
             Uuid::new_v5(&Uuid::NAMESPACE_OID, key.as_bytes()).simple()
@@ -136,7 +192,7 @@ impl Store for RedisStore {
             .arg(whole_secs(ttl))
             .query_async(&mut conn)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(e))?;
         if set.is_some() {
             return Ok(None);
         }
@@ -144,12 +200,35 @@ impl Store for RedisStore {
             .arg(&name)
             .query_async(&mut conn)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(e))?;
         match first.map(|f| Uuid::parse_str(&f)) {
             Some(Ok(f)) => Ok(Some(f)),
             // Expired between the two commands: ours to take after all.
             None => Ok(None),
-            Some(Err(e)) => Err(format!("{name} holds no fingerprint: {e}")),
+            Some(Err(source)) => Err(StoreError::Fingerprint { key: name, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        for (url, shown) in [
+            (
+                "redis://:s3cret@127.0.0.1:6379/0",
+                "redis://127.0.0.1:6379/0",
+            ),
+            ("rediss://user:s3cret@cache:6380", "rediss://cache:6380"),
+            (
+                "redis://127.0.0.1:6379/2?password=s3cret",
+                "redis://127.0.0.1:6379/2",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted(url), shown);
         }
     }
 }

@@ -28,7 +28,7 @@ pub fn is_expired(
     now_ms > ts.saturating_add(budget).saturating_add(skew_ms)
 }
 
-/// Whole milliseconds of `d`, saturating (the seed's `elapsed` unit).
+/// Whole milliseconds of `d`, saturating (the AWS sample's `elapsed` unit).
 pub fn whole_millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

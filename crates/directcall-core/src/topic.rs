@@ -15,7 +15,7 @@ use crate::error::{Error, Field};
 pub const MAX_LEVEL_BYTES: usize = 128;
 /// Longest whole topic, in bytes (AWS IoT Core's limit).
 pub const MAX_TOPIC_BYTES: usize = 256;
-/// The default requester prefix, as in the seed sample.
+/// The default requester prefix, as in the AWS sample.
 pub const DEFAULT_PREFIX: &str = "invocation_client";
 /// The default root of presence topics.
 pub const DEFAULT_PRESENCE_ROOT: &str = "directcall/presence";

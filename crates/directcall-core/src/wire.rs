@@ -1,8 +1,8 @@
 //! Request and reply payloads (PROTOCOL.md, "Payloads").
 //!
-//! The seed's fields (`id`, `request`, `timestamp` in; `id`, `response` out)
+//! The AWS sample's fields (`id`, `request`, `timestamp` in; `id`, `response` out)
 //! are always present; the extensions (`timeout_ms`, `status`) are optional,
-//! and unknown fields are ignored, so seed devices and directcall devices
+//! and unknown fields are ignored, so the AWS sample's devices and directcall devices
 //! interoperate in both directions.
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -19,11 +19,11 @@ pub const STATUS_OK: u16 = 200;
 pub struct RequestPayload {
     /// The call's id (`m_id`).
     pub id: String,
-    /// The caller's value, any JSON (a string in the seed).
+    /// The caller's value, any JSON (a string in the AWS sample).
     #[serde(default)]
     pub request: Value,
     /// Requester's clock at send: milliseconds since the Unix epoch.
-    /// Written as a decimal string (seed format); a JSON number is accepted too.
+    /// Written as a decimal string (the AWS sample's format); a JSON number is accepted too.
     #[serde(
         serialize_with = "ser_decimal",
         deserialize_with = "de_decimal",
@@ -45,7 +45,7 @@ pub struct RequestPayload {
 /// *Extension*: what a device publishes on the reply topic when a request
 /// asks for a receipt, before its handler runs: `{"delivered": "<m_id>"}`.
 /// It has no `id` field on purpose, so that no requester that does not know
-/// it (the seed's, or an older directcall) can take it for an answer.
+/// it (the AWS sample's, or an older directcall) can take it for an answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Receipt {
@@ -249,7 +249,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_request_decodes() {
+    fn the_aws_sample_request_decodes() {
         let r = RequestPayload::from_slice(
             br#"{"id":"x","request":"r","timestamp":"1700000000000","extra":[1,2]}"#,
         )

@@ -38,7 +38,7 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// clean-session device drops unacknowledged publishes when it reconnects,
 /// so QoS 1 would buy an acknowledgement per reply and nothing else;
 /// measured, it cost a fifth of the throughput at 128 calls in flight
-/// (PERFORMANCE.md). The seed's devices publish at 1; both work.
+/// (PERFORMANCE.md). The AWS sample's devices publish at 1; both work.
 pub const DEFAULT_REPLY_QOS: QoS = QoS::AtMostOnce;
 /// Default QoS of the device's request subscription: 1, so a requester that
 /// publishes requests at QoS 1 gets at-least-once delivery (requests go out

@@ -6,8 +6,8 @@
 //! Nothing here is a mock: [`TestBroker`] is the embedded rumqttd
 //! ([`EmbeddedBroker`], the vendored copy with this project's fixes) or a
 //! Mosquitto process started from the `mosquitto` binary on a free port
-//! (never the machine's 1883), and [`Raw`] is a bare MQTT client, what a seed
-//! device or a hostile peer would be. [`NatsCluster`] and [`RedisServer`]
+//! (never the machine's 1883), and [`Raw`] is a bare MQTT client, what a device of the AWS sample,
+//! a requester of its kind or a hostile peer would be. [`NatsCluster`] and [`RedisServer`]
 //! start private `nats-server` and `redis-server` processes the same way.
 //!
 //! ```no_run
@@ -193,7 +193,7 @@ macro_rules! both_brokers {
 /// The MQTT version directcall's own sides speak in the tests:
 /// `DIRECTCALL_MQTT_VERSION` (the variable the binaries read too), 3.1.1
 /// when unset. CI runs the whole suite once per version; bare peers
-/// ([`Raw`], the seed's devices) stay 3.1.1 either way.
+/// ([`Raw`], the AWS sample's devices) stay 3.1.1 either way.
 ///
 /// # Panics
 /// When the variable holds something other than `3.1.1` or `5`.

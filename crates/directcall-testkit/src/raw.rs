@@ -1,4 +1,4 @@
-//! A bare MQTT client for tests: a seed device, a seed requester, a spy or a
+//! A bare MQTT client for tests: a device or a requester of the AWS sample, a spy or a
 //! hostile peer, with none of directcall's checks.
 
 use std::time::Duration;

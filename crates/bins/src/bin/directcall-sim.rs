@@ -73,12 +73,9 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+async fn run(cli: Cli) -> Result<(), directcall_bins::cli::BoxError> {
     if !(0.0..=1.0).contains(&cli.fail_rate) {
-        return Err(format!(
-            "--fail-rate {} is not from 0.0 to 1.0",
-            cli.fail_rate
-        ));
+        return Err(format!("--fail-rate {} is not from 0.0 to 1.0", cli.fail_rate).into());
     }
     let broker = cli.broker.resolve().map_err(|e| e.to_string())?;
     let targets = if cli.devices == 1 {
@@ -113,7 +110,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tracing::info!(devices = devices.len(), broker = %broker.options.url(), "connected");
     println!("Waiting for command ...");
-    directcall_bins::gateway::shutdown_signal().await;
+    directcall_bins::cli::shutdown_signal().await;
     for device in devices {
         device.shutdown().await;
     }

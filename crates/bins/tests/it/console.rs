@@ -625,7 +625,7 @@ async fn no_console_serves_none_of_it() {
     assert_eq!(page.status, 200);
     assert_eq!(
         page.header("content-security-policy"),
-        Some(directcall_bins::console::CSP)
+        Some(directcall_cloud::gateway::CONSOLE_CSP)
     );
     assert!(page.body.contains("<title>directcall console</title>"));
 }

@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{call, unique, within};
-use directcall_bins::gateway::{self, GatewayConfig};
 use directcall_bins::http_client::Connection;
-use directcall_bins::service::{InvokeService, Limits};
+use directcall_cloud::gateway::{self, Gateway};
 use directcall_cloud::{Error, Options, Prefix, PresenceRoot, Requester};
 use directcall_core::{BrokerOptions, MessageId, Target};
 use directcall_device::{serve, Device, DeviceOptions, Router};
@@ -33,17 +32,15 @@ async fn gateway(broker: BrokerOptions, presence: Option<PresenceRoot>) -> (Stri
     // The recorder is process-wide: every requester of this test binary
     // records into it once it is installed. The asserts below read only
     // gauges labelled with this test's own broker URLs.
-    let config = GatewayConfig::new(InvokeService::new(requester.clone(), Limits::default()))
-        .metrics(directcall_bins::cli::metrics_handle());
+    let metrics = directcall_bins::cli::metrics_handle();
+    let app = Gateway::new(requester.clone())
+        .metrics(move || metrics.render())
+        .app();
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(gateway::serve(
-        listener,
-        gateway::app(config),
-        std::future::pending(),
-    ));
+    tokio::spawn(gateway::serve(listener, app, std::future::pending()));
     (base, requester)
 }
 

@@ -18,6 +18,7 @@ mod binaries;
 mod calls;
 mod console;
 mod deploy;
+mod embed;
 mod faults;
 mod fleet;
 mod hostile;

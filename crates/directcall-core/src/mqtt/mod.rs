@@ -2,8 +2,8 @@
 //! (feature `mqtt`).
 //!
 //! It holds what both sides must get right and nothing either side owns:
-//! rumqttc options with the traps of PITFALLS.md set (TCP_NODELAY, packet
-//! sizes, clean sessions), TLS (feature `tls`) and WebSockets with a URL
+//! rumqttc options with its traps set right (TCP_NODELAY, packet sizes,
+//! clean sessions), TLS (feature `tls`) and WebSockets with a URL
 //! signing hook (feature `websocket`), and the task that drives a
 //! connection: it reconnects with capped, jittered backoff, subscribes again
 //! on every connection, reports ready only after the essential SUBACK, and

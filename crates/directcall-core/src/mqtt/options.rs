@@ -1,5 +1,6 @@
-//! rumqttc settings from [`ConnectionOptions`], with the traps of
-//! PITFALLS.md set right, one set per broker endpoint.
+//! rumqttc settings from [`ConnectionOptions`], with rumqttc's traps set
+//! right (TCP_NODELAY, packet sizes, clean sessions), one set per broker
+//! endpoint.
 
 #[cfg(all(feature = "websocket", feature = "tls"))]
 use std::sync::Arc;

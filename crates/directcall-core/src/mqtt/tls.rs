@@ -1,7 +1,7 @@
 //! TLS for MQTT connections (feature `tls`): a rustls client configuration
 //! from PEM material, with the ring provider passed explicitly, so no
-//! process-wide default provider is needed (PITFALLS.md: rustls panics when
-//! two providers are compiled in and none is installed).
+//! process-wide default provider is needed (rustls 0.23 panics when two
+//! providers are compiled in and none is installed).
 
 use std::sync::Arc;
 

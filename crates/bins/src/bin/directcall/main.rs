@@ -1,18 +1,15 @@
 //! `directcall`: the HTTP gateway, one-off calls over MQTT or HTTP, a
 //! self-contained demo, and the load tool.
 
-mod bench;
-
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use directcall_bins::access::{Access, AccessArgs};
-use directcall_bins::cli::{BrokerArgs, RequesterArgs};
-use directcall_bins::gateway::GatewayConfig;
-use directcall_bins::service::{HttpReply, InvokeService, Limits};
-use directcall_bins::{gateway, http_client, sim};
+use directcall_bins::bench::command as bench;
+use directcall_bins::cli::{shutdown_signal, AccessArgs, BoxError, BrokerArgs, RequesterArgs};
+use directcall_bins::{http_client, sim};
+use directcall_cloud::gateway::{self, Access, Gateway, HttpReply, InvokeService, Limits};
 use directcall_cloud::{Options, PresenceRoot, Requester};
 use directcall_core::Target;
 use directcall_testkit::EmbeddedBroker;
@@ -169,21 +166,20 @@ fn main() -> ExitCode {
 }
 
 async fn run_gateway(
-    config: GatewayConfig,
+    requester: Requester,
+    app: axum::Router,
     listen: SocketAddr,
     tls: Option<gateway::ServerTls>,
     ready: impl FnOnce(SocketAddr),
-) -> Result<(), String> {
+) -> Result<(), BoxError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("--listen {listen}: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let addr = listener.local_addr()?;
     ready(addr);
-    let requester = config.service.requester().clone();
-    let app = gateway::app(config);
     match tls {
-        Some(tls) => gateway::serve_tls(listener, app, tls, gateway::shutdown_signal()).await,
-        None => gateway::serve(listener, app, gateway::shutdown_signal()).await,
+        Some(tls) => gateway::serve_tls(listener, app, tls, shutdown_signal()).await,
+        None => gateway::serve(listener, app, shutdown_signal()).await,
     }
     .map_err(|e| format!("HTTP server: {e}"))?;
     requester.shutdown().await;
@@ -191,21 +187,25 @@ async fn run_gateway(
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
-    let limits = Limits::new(args.default_timeout, args.max_timeout).map_err(|e| e.to_string())?;
-    let broker = args.broker.resolve().map_err(|e| e.to_string())?;
-    let options = args.requester.options(&broker).map_err(|e| e.to_string())?;
+async fn serve(args: ServeArgs) -> Result<(), BoxError> {
+    let limits = directcall_bins::cli::limits(args.default_timeout, args.max_timeout)?;
+    let broker = args.broker.resolve()?;
+    let options = args.requester.options(&broker)?;
     let metrics = directcall_bins::cli::metrics_handle();
     // Start even while the broker is down: /healthz says 503 and calls get 503 until it is up.
-    let requester = Requester::start(options).map_err(|e| e.to_string())?;
+    let requester = Requester::start(options)?;
     let access = Arc::new(args.access.access().await?);
     let auth = args.access.describe(&access);
-    let config = args.access.apply(
-        GatewayConfig::new(InvokeService::new(requester, limits))
-            .metrics(metrics)
-            .console(!args.no_console),
-        Arc::clone(&access),
-    );
+    let app = args
+        .access
+        .apply(
+            Gateway::new(requester.clone())
+                .limits(limits)
+                .metrics(move || metrics.render())
+                .console(!args.no_console),
+            Arc::clone(&access),
+        )
+        .app();
     if args.access.credentials.is_some() {
         tokio::spawn(reload_on_sighup(access));
     }
@@ -229,7 +229,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let broker_url = broker.options.url();
-    run_gateway(config, args.listen, tls, |addr| {
+    run_gateway(requester, app, args.listen, tls, |addr| {
         tracing::info!(%addr, scheme, broker = %broker_url, auth, "gateway listening");
     })
     .await
@@ -346,7 +346,7 @@ async fn call(args: CallArgs) -> ExitCode {
     }
 }
 
-fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)>, String> {
+fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)>, BoxError> {
     let env = |name: &str| std::env::var(name).map_err(|_| format!("{name} is not set"));
     let mut creds = directcall_cloud::sigv4::AwsSigV4::new(
         String::new(),
@@ -374,13 +374,13 @@ fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)
         &creds,
         std::time::SystemTime::now(),
     )
-    .map_err(|e| e.to_string())
+    .map_err(Into::into)
 }
 
-async fn demo(args: DemoArgs) -> Result<(), String> {
+async fn demo(args: DemoArgs) -> Result<(), BoxError> {
     let device = Target::new(args.device.as_str()).map_err(|e| format!("--device: {e}"))?;
     let metrics = directcall_bins::cli::metrics_handle();
-    let broker = EmbeddedBroker::start(args.broker_port).map_err(|e| e.to_string())?;
+    let broker = EmbeddedBroker::start(args.broker_port)?;
     let mut sim_options = sim::SimOptions::default();
     sim_options.presence = true;
     let devices = sim::start(
@@ -388,22 +388,20 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         std::slice::from_ref(&device),
         &sim_options,
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     // Records on, as in `serve`, and delivery receipts: the console shows
     // each call's timeline, sent, delivered, answered.
     let options = Options::new(broker.options())
         .presence(PresenceRoot::default())
         .record_calls(directcall_cloud::RecordOptions::default())
         .delivery_receipts(true);
-    let requester = Requester::connect(options)
-        .await
-        .map_err(|e| e.to_string())?;
-    let config = GatewayConfig::new(InvokeService::new(requester, Limits::default()))
-        .metrics(metrics)
-        .console(!args.no_console);
+    let requester = Requester::connect(options).await?;
+    let app = Gateway::new(requester.clone())
+        .metrics(move || metrics.render())
+        .console(!args.no_console)
+        .app();
     let broker_url = broker.url();
-    run_gateway(config, args.listen, None, |addr| {
+    run_gateway(requester, app, args.listen, None, |addr| {
         println!("directcall demo");
         println!("  broker   {broker_url} (embedded rumqttd)");
         println!("  device   {device} (simulated, answers every method)");

@@ -1,28 +1,26 @@
 //! The HTTP mapping of PROTOCOL.md, independent of any HTTP server:
-//! request parameters in, `(status, JSON body)` out. The bodies are the
-//! typed structs below, so the OpenAPI document (derived from them with
-//! utoipa) cannot drift from what is sent.
+//! request parameters in, an [`HttpReply`] (status and JSON body) out.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use directcall_cloud::{Invocation, Requester};
 use directcall_core::deadline::whole_millis;
 use directcall_core::{MessageId, Method, Target};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Gauge, Histogram};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use utoipa::{IntoParams, ToSchema};
 
-use crate::cli::ConfigError;
+use super::body::{
+    body, AcceptedBody, HttpReply, OfflineBody, OkBody, Outcome, PostBody, TimeoutBody,
+};
+use crate::{Invocation, Requester};
 
 /// Largest HTTP body accepted, in bytes (128 KiB, AWS IoT Core's payload limit).
 pub const MAX_HTTP_REQUEST_BYTES: usize = 128 * 1024;
 /// Largest query string accepted, in bytes (48 KiB): URIs longer than 64 KiB
 /// cannot even be represented by the HTTP stack, so the limit sits below that.
 pub const MAX_QUERY_BYTES: usize = 48 * 1024;
-/// Default `timeout` of the seed's GET form: 10 s.
+/// Default `timeout` of the AWS sample's GET form: 10 s.
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shortest `timeout_ms` of the JSON form: a deadline shorter than a network
 /// round trip could only ever time out.
@@ -42,402 +40,6 @@ pub const CALL_DURATION_BUCKETS: [f64; 16] = [
     60.0,
 ];
 
-/// An HTTP answer: status code and JSON body.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct HttpReply {
-    /// HTTP status code.
-    pub status: u16,
-    /// JSON body.
-    pub body: Value,
-    /// The outcome is a stored one (an idempotency key's): answered with
-    /// `Idempotent-Replayed: true`.
-    pub replayed: bool,
-    /// A `Location` to answer with (a call accepted asynchronously).
-    pub location: Option<String>,
-    /// Seconds for `Retry-After` (a 429).
-    pub retry_after: Option<u64>,
-}
-
-/// What a call ended as: the `result` of the body and its HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Outcome {
-    /// The device replied (200).
-    Ok,
-    /// No reply before the deadline (504).
-    Timeout,
-    /// The target is known offline (404).
-    Offline,
-    /// A bad parameter (400).
-    #[serde(rename = "invalid_parameters")]
-    Invalid,
-    /// Too large (413).
-    #[serde(rename = "payload_too_large")]
-    TooLarge,
-    /// No broker connection (503).
-    Unavailable,
-    /// Missing or wrong credentials (401).
-    Unauthorized,
-    /// No such route (404).
-    NotFound,
-    /// The route does not take this HTTP method (405).
-    MethodNotAllowed,
-    /// An idempotency key reused for another call (409).
-    Conflict,
-    /// A call accepted to run asynchronously (202).
-    Accepted,
-    /// Outside the credential's scope (403).
-    Forbidden,
-    /// Over a rate or in-flight limit (429).
-    #[serde(rename = "rate_limited")]
-    Limited,
-}
-
-impl Outcome {
-    /// Every outcome, in a fixed order.
-    pub const ALL: [Outcome; 13] = [
-        Outcome::Ok,
-        Outcome::Timeout,
-        Outcome::Offline,
-        Outcome::Invalid,
-        Outcome::TooLarge,
-        Outcome::Unavailable,
-        Outcome::Unauthorized,
-        Outcome::NotFound,
-        Outcome::MethodNotAllowed,
-        Outcome::Conflict,
-        Outcome::Accepted,
-        Outcome::Forbidden,
-        Outcome::Limited,
-    ];
-
-    /// The `result` string of the HTTP body.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Timeout => "timeout",
-            Outcome::Offline => "offline",
-            Outcome::Invalid => "invalid_parameters",
-            Outcome::TooLarge => "payload_too_large",
-            Outcome::Unavailable => "unavailable",
-            Outcome::Unauthorized => "unauthorized",
-            Outcome::NotFound => "not_found",
-            Outcome::MethodNotAllowed => "method_not_allowed",
-            Outcome::Conflict => "conflict",
-            Outcome::Accepted => "accepted",
-            Outcome::Forbidden => "forbidden",
-            Outcome::Limited => "rate_limited",
-        }
-    }
-
-    /// Its HTTP status.
-    pub fn http_status(self) -> u16 {
-        match self {
-            Outcome::Ok => 200,
-            Outcome::Timeout => 504,
-            Outcome::Offline | Outcome::NotFound => 404,
-            Outcome::Invalid => 400,
-            Outcome::TooLarge => 413,
-            Outcome::Unavailable => 503,
-            Outcome::Unauthorized => 401,
-            Outcome::MethodNotAllowed => 405,
-            Outcome::Conflict => 409,
-            Outcome::Accepted => 202,
-            Outcome::Forbidden => 403,
-            Outcome::Limited => 429,
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Outcome::Ok => 0,
-            Outcome::Timeout => 1,
-            Outcome::Offline => 2,
-            Outcome::Invalid => 3,
-            Outcome::TooLarge => 4,
-            Outcome::Unavailable => 5,
-            Outcome::Unauthorized => 6,
-            Outcome::NotFound => 7,
-            Outcome::MethodNotAllowed => 8,
-            Outcome::Conflict => 9,
-            Outcome::Accepted => 10,
-            Outcome::Forbidden => 11,
-            Outcome::Limited => 12,
-        }
-    }
-}
-
-/// 200: the device answered.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[non_exhaustive]
-pub struct OkBody {
-    /// Always `ok`.
-    #[schema(value_type = String, pattern = "^ok$")]
-    pub result: Outcome,
-    /// Whole milliseconds since the request arrived.
-    #[schema(pattern = "^[0-9]+$")]
-    pub elapsed: String,
-    /// The device's answer, any JSON.
-    pub response: Value,
-    /// The device's verdict: 200 done, 400, 404 unknown method, 500 handler
-    /// failed, 503 busy.
-    pub status: u16,
-    /// The call's id.
-    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
-    pub id: String,
-}
-
-/// 504: no reply before the deadline. The device may or may not have run
-/// the method.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[non_exhaustive]
-pub struct TimeoutBody {
-    /// Always `timeout`.
-    #[schema(value_type = String, pattern = "^timeout$")]
-    pub result: Outcome,
-    /// Whole milliseconds since the request arrived.
-    #[schema(pattern = "^[0-9]+$")]
-    pub elapsed: String,
-    /// The call's id.
-    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
-    pub id: String,
-    /// Where the call's record is (`/v1/calls/{id}`), when calls are
-    /// recorded: a late answer lands there.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^/v1/calls/[0-9a-f-]{36}$")]
-    pub call: Option<String>,
-    /// With delivery receipts on: `delivered at +N ms, no answer by the
-    /// deadline`, or `no sign of delivery`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub delivery: Option<String>,
-}
-
-/// 202: the call was published and goes on; its record says how it ends.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[non_exhaustive]
-pub struct AcceptedBody {
-    /// Always `accepted`.
-    #[schema(value_type = String, pattern = "^accepted$")]
-    pub result: Outcome,
-    /// The call's id.
-    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
-    pub id: String,
-    /// Its record, also in the `Location` header: poll it, or long-poll
-    /// it with `?wait=SECONDS`.
-    #[schema(pattern = "^/v1/calls/[0-9a-f-]{36}$")]
-    pub call: String,
-}
-
-/// 200 from `GET /v1/calls/{id}`: what became of a call. The schema of
-/// [`directcall_cloud::CallRecord`]'s JSON, which is what is sent (the
-/// cloud crate does not depend on utoipa); a test keeps the two alike.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[non_exhaustive]
-pub struct CallRecordBody {
-    /// The call's id.
-    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
-    pub id: String,
-    /// The device called.
-    pub target: String,
-    /// The method called.
-    pub method: String,
-    /// `sent` (no answer yet), `delivered` (the device acknowledged it; no
-    /// answer yet), `answered`, `timed_out` (no answer by the deadline, so
-    /// far), `answered_late` (the answer came after the deadline and is
-    /// here), `offline` (MQTT 5: no device subscribed), `unavailable` (MQTT
-    /// 5: the broker refused the request).
-    #[schema(pattern = "^(sent|delivered|answered|timed_out|answered_late|offline|unavailable)$")]
-    pub state: String,
-    /// When the request was published, in milliseconds since the Unix epoch.
-    pub sent_at_ms: u64,
-    /// When the device's delivery receipt arrived, in milliseconds since
-    /// the Unix epoch (only when the gateway asks for receipts).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub delivered_at_ms: Option<u64>,
-    /// When the answer arrived, in milliseconds since the Unix epoch.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub answered_at_ms: Option<u64>,
-    /// The device's status, once it answered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    /// The device's answer, any JSON, once it answered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response: Option<Value>,
-    /// MQTT 5: the broker's PUBACK reason code, when it refused the request.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason_code: Option<u8>,
-}
-
-/// 404: the target is known to be offline; nothing was published.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[non_exhaustive]
-pub struct OfflineBody {
-    /// Always `offline`.
-    #[schema(value_type = String, pattern = "^offline$")]
-    pub result: Outcome,
-    /// Whole milliseconds since the request arrived.
-    #[schema(pattern = "^[0-9]+$")]
-    pub elapsed: String,
-    /// Why it is known offline, when not from a presence record (MQTT 5: no
-    /// device is subscribed to the target's requests).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response: Option<String>,
-    /// The call's id, when a request was published (and refused by the
-    /// broker for want of a subscriber).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-}
-
-/// 400, 404 (no route), 405, 413, 503: what went wrong, in words.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[non_exhaustive]
-pub struct MessageBody {
-    /// `invalid_parameters`, `payload_too_large`, `unavailable`,
-    /// `not_found`, `method_not_allowed`, `conflict`, `forbidden` or
-    /// `rate_limited`.
-    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed|conflict|forbidden|rate_limited)$")]
-    pub result: Outcome,
-    /// Which parameter, and why; or what is unavailable.
-    pub response: String,
-}
-
-/// 401: missing or wrong credentials.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[non_exhaustive]
-pub struct UnauthorizedBody {
-    /// Always `unauthorized`.
-    #[schema(value_type = String, pattern = "^unauthorized$")]
-    pub result: Outcome,
-    /// Why, when there is more to say than "no credential matched" (a JWT
-    /// that is expired, for another audience, ...); never the token.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response: Option<String>,
-}
-
-/// The seed's query parameters.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct InvokeQuery {
-    /// The device (one topic level: 1-128 bytes of `A-Z a-z 0-9 _ - . :`).
-    #[param(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$")]
-    target: String,
-    /// The method (one topic level).
-    #[param(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_.:-]+$")]
-    method: String,
-    /// The request value, sent to the device as a JSON string.
-    request: String,
-    /// Whole seconds to wait, 1 to the gateway's maximum.
-    #[param(minimum = 1, maximum = 60, default = 10)]
-    timeout: Option<u64>,
-}
-
-/// The JSON form's body: `{"request": <any JSON>, "timeout_ms": <int>}`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct PostBody {
-    /// The request value, any JSON (default `null`).
-    #[serde(default)]
-    pub request: Value,
-    /// Milliseconds to wait, 100 to the gateway's maximum.
-    #[serde(default)]
-    #[schema(value_type = u64, required = false, minimum = 100, maximum = 60000)]
-    pub timeout_ms: Option<Value>,
-}
-
-fn body(value: &impl Serialize) -> Value {
-    // Serialising these structs of strings, numbers and JSON values cannot fail.
-    serde_json::to_value(value).unwrap_or(Value::Null)
-}
-
-impl HttpReply {
-    /// `{"result": <outcome>, "response": <message>}` with the outcome's status.
-    pub fn message(outcome: Outcome, message: impl Into<String>) -> Self {
-        HttpReply {
-            status: outcome.http_status(),
-            body: body(&MessageBody {
-                result: outcome,
-                response: message.into(),
-            }),
-            replayed: false,
-            location: None,
-            retry_after: None,
-        }
-    }
-
-    /// 401 `{"result": "unauthorized"}`.
-    pub fn unauthorized() -> Self {
-        Self::unauthorized_with(None)
-    }
-
-    /// 401 saying why (never the token).
-    pub fn unauthorized_because(why: impl Into<String>) -> Self {
-        Self::unauthorized_with(Some(why.into()))
-    }
-
-    fn unauthorized_with(response: Option<String>) -> Self {
-        HttpReply {
-            status: 401,
-            body: body(&UnauthorizedBody {
-                result: Outcome::Unauthorized,
-                response,
-            }),
-            replayed: false,
-            location: None,
-            retry_after: None,
-        }
-    }
-
-    /// 400 naming the parameter.
-    pub fn invalid(field: impl std::fmt::Display, reason: impl std::fmt::Display) -> Self {
-        Self::message(Outcome::Invalid, format!("invalid {field}: {reason}"))
-    }
-
-    /// 429 naming the limit, with `Retry-After` (whole seconds, at least 1).
-    pub fn limited(message: impl Into<String>, wait: Duration) -> Self {
-        let mut reply = Self::message(Outcome::Limited, message);
-        reply.retry_after = Some(
-            wait.as_millis()
-                .div_ceil(1000)
-                .max(1)
-                .try_into()
-                .unwrap_or(u64::MAX),
-        );
-        reply
-    }
-
-    /// 413 for a body or query string of `size` bytes over `limit`.
-    pub fn too_large(what: &str, size: Option<usize>, limit: usize) -> Self {
-        let size = size.map(|s| format!(" ({s} bytes)")).unwrap_or_default();
-        Self::message(
-            Outcome::TooLarge,
-            format!("{what}{size} exceeds {limit} bytes"),
-        )
-    }
-
-    /// 404 for a path that is no route.
-    pub fn not_found(path: &str) -> Self {
-        Self::message(Outcome::NotFound, format!("no route {path}"))
-    }
-
-    /// 405 for a route that does not take the request's method.
-    pub fn method_not_allowed(path: &str, method: &str) -> Self {
-        Self::message(
-            Outcome::MethodNotAllowed,
-            format!("{path} does not take {method}"),
-        )
-    }
-
-    /// The outcome its body names.
-    pub fn outcome(&self) -> Option<Outcome> {
-        let result = self.body.get("result")?.as_str()?;
-        Outcome::ALL.into_iter().find(|o| o.as_str() == result)
-    }
-}
-
 /// Timeout limits of the HTTP forms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -451,20 +53,40 @@ pub struct Limits {
 impl Limits {
     /// `default_timeout` and `max_timeout`, both whole seconds.
     ///
+    /// ```
+    /// # use directcall_cloud::gateway::Limits;
+    /// let limits = Limits::new(3, 29)?; // the Lambda's: API Gateway ends at 29 s
+    /// assert!(Limits::new(30, 29).is_err());
+    /// # Ok::<(), directcall_cloud::gateway::InvalidLimits>(())
+    /// ```
+    ///
     /// # Errors
-    /// [`ConfigError::Conflict`] when either is zero or the default exceeds
-    /// the maximum.
-    pub fn new(default_timeout: u64, max_timeout: u64) -> Result<Self, ConfigError> {
+    /// [`InvalidLimits`] when either is zero or the default exceeds the
+    /// maximum.
+    pub fn new(default_timeout: u64, max_timeout: u64) -> Result<Self, InvalidLimits> {
         if default_timeout == 0 || max_timeout == 0 || default_timeout > max_timeout {
-            return Err(ConfigError::Conflict(format!(
-                "--default-timeout ({default_timeout}) must be from 1 to --max-timeout ({max_timeout})"
-            )));
+            return Err(InvalidLimits {
+                default_timeout,
+                max_timeout,
+            });
         }
         Ok(Limits {
             default_timeout: Duration::from_secs(default_timeout),
             max_timeout: Duration::from_secs(max_timeout),
         })
     }
+}
+
+/// Timeout limits that cannot be used: the default must be from 1 s to
+/// the maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the default timeout ({default_timeout} s) must be from 1 to the maximum timeout ({max_timeout} s)")]
+#[non_exhaustive]
+pub struct InvalidLimits {
+    /// The default asked for, in seconds.
+    pub default_timeout: u64,
+    /// The maximum asked for, in seconds.
+    pub max_timeout: u64,
 }
 
 impl Default for Limits {
@@ -502,13 +124,25 @@ impl Metrics {
 
 /// Validates HTTP-shaped calls, runs them through a [`Requester`], and renders
 /// the outcome as PROTOCOL.md's HTTP table. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InvokeService {
     requester: Requester,
     limits: Limits,
     metrics: std::sync::Arc<Metrics>,
-    /// The web console's per-second tally, when the console is on.
-    console: Option<std::sync::Arc<crate::console::Console>>,
+    /// Told every outcome (the web console's per-second tally).
+    observer: Option<Observer>,
+}
+
+/// Told each outcome, and its latency for a call that reached the broker.
+pub(crate) type Observer = std::sync::Arc<dyn Fn(Outcome, Option<Duration>) + Send + Sync>;
+
+impl std::fmt::Debug for InvokeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvokeService")
+            .field("requester", &self.requester)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InvokeService {
@@ -519,13 +153,14 @@ impl InvokeService {
             requester,
             limits,
             metrics: std::sync::Arc::new(Metrics::register()),
-            console: None,
+            observer: None,
         }
     }
 
-    /// The same service, also counting every outcome into `console`.
-    pub(crate) fn with_console(mut self, console: std::sync::Arc<crate::console::Console>) -> Self {
-        self.console = Some(console);
+    /// The same service, also telling `observer` every outcome.
+    #[cfg_attr(not(feature = "console"), allow(dead_code))]
+    pub(crate) fn observed(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -539,7 +174,7 @@ impl InvokeService {
         self.limits
     }
 
-    /// The seed's GET form: `request`, `method`, `target` and `timeout`
+    /// The AWS sample's GET form: `request`, `method`, `target` and `timeout`
     /// (whole seconds) as decoded query pairs. Unknown parameters are ignored;
     /// a repeated one is refused.
     ///
@@ -767,7 +402,7 @@ impl InvokeService {
         match self.requester.fetch_call_record(&id).await {
             Some(r) => HttpReply {
                 status: 200,
-                // directcall_cloud::CallRecord's own JSON: CallRecordBody is its schema.
+                // crate::CallRecord's own JSON: CallRecordBody is its schema.
                 body: body(&r),
                 replayed: false,
                 location: None,
@@ -800,19 +435,19 @@ impl InvokeService {
         if let Some(latency) = latency {
             self.metrics.duration.record(latency.as_secs_f64());
         }
-        if let Some(console) = &self.console {
-            console.count(outcome, latency);
+        if let Some(observer) = &self.observer {
+            observer(outcome, latency);
         }
     }
 }
 
 /// PROTOCOL.md's HTTP table.
 fn render(
-    result: Result<directcall_cloud::Reply, directcall_cloud::Error>,
+    result: Result<crate::Reply, crate::Error>,
     elapsed: Duration,
     recorded: bool,
 ) -> HttpReply {
-    use directcall_cloud::Error;
+    use crate::Error;
     let ms = |d: Duration| whole_millis(d).to_string();
     let (status, value) = match result {
         Ok(reply) => (
@@ -885,7 +520,7 @@ fn required<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use directcall_cloud::{BrokerOptions, Options};
+    use crate::{BrokerOptions, Options};
     use serde_json::json;
 
     fn service() -> InvokeService {

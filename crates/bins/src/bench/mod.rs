@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod command;
+
 /// How long and how hard to drive.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

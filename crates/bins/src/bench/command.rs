@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use directcall_bins::bench::{self, Failure, LoadOptions, LoadReport};
-use directcall_bins::cli::BrokerArgs;
-use directcall_bins::gateway::GatewayConfig;
-use directcall_bins::http_client::Connection;
-use directcall_bins::service::{InvokeService, Limits};
-use directcall_bins::{gateway, sim};
+use directcall_cloud::gateway::{self, Gateway};
+
+use super::{Failure, LoadOptions, LoadReport};
+use crate::cli::{BoxError, BrokerArgs};
+use crate::http_client::Connection;
+use crate::sim;
 use directcall_cloud::{Invocation, Options, Prefix, Requester};
 use directcall_core::mqtt;
 use directcall_core::{BrokerOptions, Method, Target};
@@ -21,8 +21,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use serde_json::{json, Value};
 
+/// What `directcall bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Mode {
+pub enum Mode {
     /// Drive the requester library directly.
     Requester,
     /// Drive an HTTP gateway over keep-alive HTTP/1.1 connections.
@@ -44,8 +45,9 @@ pub(crate) enum Mode {
     NoSubscriber,
 }
 
+/// The flags of `directcall bench`.
 #[derive(Debug, Args)]
-pub(crate) struct BenchArgs {
+pub struct BenchArgs {
     /// What to drive.
     #[arg(long, env = "DIRECTCALL_BENCH_MODE", value_enum, default_value_t = Mode::Requester)]
     mode: Mode,
@@ -192,7 +194,7 @@ pub(crate) struct BenchArgs {
 impl BenchArgs {
     /// directcall's legs as the flags set them.
     fn legs(&self) -> Legs {
-        let q = directcall_bins::cli::qos;
+        let q = crate::cli::qos;
         let v5 = self.mqtt_version() == directcall_core::MqttVersion::V5;
         let mut legs = Legs::uniform(q(self.qos.unwrap_or(u8::from(v5))));
         legs.request_subscription = q(self.device_subscription_qos);
@@ -235,7 +237,11 @@ fn legs_text(legs: Legs) -> String {
     )
 }
 
-pub(crate) async fn bench(mut args: BenchArgs) -> Result<(), String> {
+/// Runs `directcall bench` to the end, printing its figures.
+///
+/// # Errors
+/// A broker, gateway or device that cannot be started or reached.
+pub async fn bench(mut args: BenchArgs) -> Result<(), BoxError> {
     let _redis = if args.redis {
         let redis = directcall_testkit::RedisServer::start()
             .map_err(|e| format!("redis-server: {e}"))?
@@ -297,10 +303,12 @@ pub(crate) async fn bench(mut args: BenchArgs) -> Result<(), String> {
     }
     if !matches!(args.mode, Mode::Raw | Mode::NoSubscriber) && !args.external_devices {
         // Device i on node i: spread over a cluster as a fleet would be.
-        let mut echo = sim::SimOptions::default();
-        echo.echo = true;
-        echo.reply_qos = Some(qos.reply);
-        echo.subscription_qos = Some(qos.request_subscription);
+        let echo = sim::SimOptions {
+            echo: true,
+            reply_qos: Some(qos.reply),
+            subscription_qos: Some(qos.request_subscription),
+            ..Default::default()
+        };
         for (i, target) in targets.iter().enumerate() {
             devices.extend(
                 sim::start(&nodes.node(i).into(), std::slice::from_ref(target), &echo)
@@ -349,7 +357,7 @@ async fn measure(
     targets: &[Target],
     payload: &str,
     timeout: Duration,
-) -> Result<LoadReport, String> {
+) -> Result<LoadReport, BoxError> {
     let qos = args.legs();
     Ok(match args.mode {
         Mode::Raw => {
@@ -370,7 +378,7 @@ async fn measure(
             let payload = Value::String(payload.to_owned());
             let progress = progress_bar(load, args.json);
             let r = requester.clone();
-            let report = bench::run("requester", load, progress, move |n| {
+            let report = super::run("requester", load, progress, move |n| {
                 let call = Invocation::new(
                     targets[n as usize % targets.len()].clone(),
                     method.clone(),
@@ -400,7 +408,7 @@ async fn measure(
             let payload = Value::String(payload.to_owned());
             let progress = progress_bar(load, args.json);
             let r = requester.clone();
-            let report = bench::run("no-subscriber", load, progress, move |_| {
+            let report = super::run("no-subscriber", load, progress, move |_| {
                 let call = Invocation::new(target.clone(), method.clone(), payload.clone())
                     .timeout(timeout);
                 let r = r.clone();
@@ -454,7 +462,7 @@ impl Nodes {
     }
 }
 
-async fn nodes(args: &BenchArgs) -> Result<Nodes, String> {
+async fn nodes(args: &BenchArgs) -> Result<Nodes, BoxError> {
     let version = directcall_core::MqttVersion::parse(&args.broker.mqtt_version)
         .map_err(|e| format!("--mqtt-version: {e}"))?;
     let mut nodes = started_nodes(args).await?;
@@ -467,7 +475,7 @@ async fn nodes(args: &BenchArgs) -> Result<Nodes, String> {
     Ok(nodes)
 }
 
-async fn started_nodes(args: &BenchArgs) -> Result<Nodes, String> {
+async fn started_nodes(args: &BenchArgs) -> Result<Nodes, BoxError> {
     if args.embedded {
         if args.mqtt_version() == directcall_core::MqttVersion::V5 {
             // rumqttd serves MQTT 5 on a port of its own, and the floor
@@ -519,7 +527,7 @@ async fn requester(
     qos: Legs,
     concurrency: usize,
     args: &BenchArgs,
-) -> Result<Requester, String> {
+) -> Result<Requester, BoxError> {
     let prefix = Prefix::new(format!("bench-{:06x}", fastrand::u32(..) & 0xff_ffff))
         .map_err(|e| e.to_string())?;
     let mut options = Options::new(broker.clone())
@@ -535,7 +543,7 @@ async fn requester(
     options = options
         .request_qos(qos.request)
         .reply_qos(qos.reply_subscription);
-    Requester::connect(options).await.map_err(|e| e.to_string())
+    Ok(Requester::connect(options).await?)
 }
 
 fn error_kind(e: &directcall_cloud::Error) -> String {
@@ -569,7 +577,7 @@ async fn raw(
     payload: String,
     timeout: Duration,
     json: bool,
-) -> Result<LoadReport, String> {
+) -> Result<LoadReport, BoxError> {
     // On a cluster the echoing end sits on another node than the
     // requesting end, as a device and a gateway would.
     let pair = Arc::new(
@@ -579,7 +587,7 @@ async fn raw(
     );
     let payload = Arc::new(payload.into_bytes());
     let progress = progress_bar(load, json);
-    Ok(bench::run("raw", load, progress, move |_| {
+    Ok(super::run("raw", load, progress, move |_| {
         let (pair, payload) = (Arc::clone(&pair), Arc::clone(&payload));
         async move { Ok(pair.call(&payload, timeout).await?) }
     })
@@ -594,11 +602,11 @@ async fn raw_puback(
     payload: String,
     timeout: Duration,
     json: bool,
-) -> Result<LoadReport, String> {
+) -> Result<LoadReport, BoxError> {
     let publisher = Arc::new(RawPuback::start(broker).await.map_err(|e| e.to_string())?);
     let payload = Arc::new(payload.into_bytes());
     let progress = progress_bar(load, json);
-    Ok(bench::run("raw puback", load, progress, move |_| {
+    Ok(super::run("raw puback", load, progress, move |_| {
         let (publisher, payload) = (Arc::clone(&publisher), Arc::clone(&payload));
         async move {
             match publisher.call(&payload, timeout).await? {
@@ -618,7 +626,7 @@ async fn http(
     targets: &[Target],
     payload: &str,
     timeout: Duration,
-) -> Result<LoadReport, String> {
+) -> Result<LoadReport, BoxError> {
     // External gateways, or gateways in this process on free ports
     // (gateway k on node k).
     let mut stops = Vec::new();
@@ -632,13 +640,12 @@ async fn http(
             let mut bases = Vec::new();
             for k in 0..args.gateways.max(1) {
                 let requester = requester(&nodes.node(k), qos, load.concurrency, args).await?;
-                let service = InvokeService::new(requester, Limits::default());
                 let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                     .await
                     .map_err(|e| e.to_string())?;
                 let addr = listener.local_addr().map_err(|e| e.to_string())?;
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let app = gateway::app(GatewayConfig::new(service).console(args.console));
+                let app = Gateway::new(requester).console(args.console).app();
                 let stopped = async move {
                     let _ = stop_rx.await;
                 };
@@ -711,16 +718,18 @@ async fn read_events(base: String, headers: Vec<(String, String)>) {
 }
 
 /// The gateways' TLS, from --tls-cert and --tls-key.
-fn server_tls(args: &BenchArgs) -> Result<Option<gateway::ServerTls>, String> {
+fn server_tls(args: &BenchArgs) -> Result<Option<gateway::ServerTls>, BoxError> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    gateway::ServerTls::from_pem(&read(cert)?, &read(key)?, None).map(Some)
+    gateway::ServerTls::from_pem(&read(cert)?, &read(key)?, None)
+        .map(Some)
+        .map_err(Into::into)
 }
 
 /// What the HTTP client trusts: --tls-ca, else the platform's roots.
-fn client_tls(args: &BenchArgs) -> Result<directcall_core::TlsOptions, String> {
+fn client_tls(args: &BenchArgs) -> Result<directcall_core::TlsOptions, BoxError> {
     let mut tls = directcall_core::TlsOptions::default();
     if let Some(ca) = &args.tls_ca {
         tls.ca_pem = Some(std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?);
@@ -739,7 +748,7 @@ async fn http_load(
     progress: Option<indicatif::ProgressBar>,
     tls: &directcall_core::TlsOptions,
     headers: Vec<(String, String)>,
-) -> Result<LoadReport, String> {
+) -> Result<LoadReport, BoxError> {
     let headers = Arc::new(headers);
     let mut connections = Vec::new();
     for i in 0..load.concurrency {
@@ -753,7 +762,7 @@ async fn http_load(
     // A plain mutex: held for a pop or a push, never across an await.
     let pool = Arc::new(std::sync::Mutex::new(connections));
     let paths = Arc::new(paths);
-    Ok(bench::run(mode, load, progress, move |n| {
+    Ok(super::run(mode, load, progress, move |n| {
         let (pool, paths, headers) = (Arc::clone(&pool), Arc::clone(&paths), Arc::clone(&headers));
         async move {
             let taken = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -781,7 +790,7 @@ impl ChildGateway {
         broker: &BrokerOptions,
         args: &BenchArgs,
         max_in_flight: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BoxError> {
         let port = directcall_testkit::free_port().map_err(|e| e.to_string())?;
         let urls: Vec<String> = broker.endpoints.iter().map(|e| e.url()).collect();
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -804,8 +813,7 @@ impl ChildGateway {
         };
         let until = Instant::now() + Duration::from_secs(15);
         loop {
-            let health =
-                directcall_bins::http_client::get(&format!("{}/healthz", gateway.base), &[]).await;
+            let health = crate::http_client::get(&format!("{}/healthz", gateway.base), &[]).await;
             if health.is_ok_and(|r| r.status == 200) {
                 return Ok(gateway);
             }
@@ -825,7 +833,7 @@ impl ChildGateway {
 
     /// The gateway's own count of calls waiting for a reply.
     async fn pending(&self) -> Option<u64> {
-        let metrics = directcall_bins::http_client::get(&format!("{}/metrics", self.base), &[])
+        let metrics = crate::http_client::get(&format!("{}/metrics", self.base), &[])
             .await
             .ok()?;
         metrics.body.lines().find_map(|line| {
@@ -843,14 +851,16 @@ impl Drop for ChildGateway {
 }
 
 /// `--mode slow`: see [`Mode::Slow`].
-async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(), String> {
+async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(), BoxError> {
     let n = args.slow_calls.max(1);
     let latency = Duration::from_millis(args.slow_latency_ms.max(1));
     let qos = args.legs();
-    let mut echo = sim::SimOptions::default();
-    echo.echo = true;
-    echo.reply_qos = Some(qos.reply);
-    echo.subscription_qos = Some(qos.request_subscription);
+    let echo = sim::SimOptions {
+        echo: true,
+        reply_qos: Some(qos.reply),
+        subscription_qos: Some(qos.request_subscription),
+        ..Default::default()
+    };
     let fast_target = Target::new("Fast001").map_err(|e| e.to_string())?;
     let slow_target = Target::new("Slow001").map_err(|e| e.to_string())?;
     let mut slow_options = echo.clone();
@@ -897,7 +907,7 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
     let mut h2 = Vec::new();
     for _ in 0..args.h2_connections.max(1) {
         h2.push(
-            directcall_bins::http_client::Multiplexed::open(&gateway.base)
+            crate::http_client::Multiplexed::open(&gateway.base)
                 .await
                 .map_err(|e| e.to_string())?,
         );
@@ -935,7 +945,8 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
             "only {waiting} of {n} slow calls were waiting before the first could be answered ({} ms); \
              give a longer --slow-latency-ms",
             latency.as_millis()
-        ));
+        )
+        .into());
     }
     let rss_loaded = gateway.rss_bytes();
 
@@ -1020,11 +1031,11 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
 /// `--mode memory`: the resident memory of `n` of each piece of a pending
 /// call, measured alone (RSS growth over `n`), and the sizes of the fixed
 /// parts.
-fn memory(args: &BenchArgs, n: u64) -> Result<(), String> {
+fn memory(args: &BenchArgs, n: u64) -> Result<(), BoxError> {
     use directcall_core::{CallTopics, MessageId, PendingTable, Prefix, ReplyPayload};
     use std::collections::BTreeSet;
     let n = n.max(1);
-    let per = |before: u64| (bench::rss_bytes().saturating_sub(before)) as f64 / n as f64;
+    let per = |before: u64| (super::rss_bytes().saturating_sub(before)) as f64 / n as f64;
     let target = Target::new("nobody-answers").map_err(|e| e.to_string())?;
     let method = Method::new("bench").map_err(|e| e.to_string())?;
     let topics: Vec<CallTopics> = (0..n)
@@ -1041,12 +1052,12 @@ fn memory(args: &BenchArgs, n: u64) -> Result<(), String> {
     let at = std::time::Instant::now() + Duration::from_secs(60);
     // The table: slot (hash map) and deadline (B-tree) of each call.
     let table = PendingTable::<Box<ReplyPayload>>::default();
-    let before = bench::rss_bytes();
+    let before = super::rss_bytes();
     let held: Vec<_> = topics.iter().map(|t| table.insert(t, at).0).collect();
     let table_and_handles = per(before);
     let handle = std::mem::size_of_val(&held[0]) as f64;
     // The deadline index alone (a second one, beside the table's).
-    let before = bench::rss_bytes();
+    let before = super::rss_bytes();
     let index: BTreeSet<(std::time::Instant, MessageId)> =
         topics.iter().map(|t| (at, t.id())).collect();
     let deadline = per(before);
@@ -1060,7 +1071,7 @@ fn memory(args: &BenchArgs, n: u64) -> Result<(), String> {
         }
     };
     let padded = std::mem::size_of_val(&sized());
-    let before = bench::rss_bytes();
+    let before = super::rss_bytes();
     let driven: FuturesUnordered<_> = (0..n).map(|_| sized()).collect();
     let future_in_set = per(before);
     // Everything stays alive until here, so no step reuses another's memory.
@@ -1100,11 +1111,11 @@ async fn timeouts(
     label: &str,
     calls: u64,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), BoxError> {
     let requester = requester(broker, args.legs(), calls as usize, args).await?;
     let target = Target::new("nobody-answers").map_err(|e| e.to_string())?;
     let method = Method::new("bench").map_err(|e| e.to_string())?;
-    let rss_before = bench::rss_bytes();
+    let rss_before = super::rss_bytes();
     let started = Instant::now();
     // The calls are driven in chunks of 1000 in FuturesUnordered rather than
     // one task each, so the figure is the requester's memory, not tokio's.
@@ -1133,10 +1144,10 @@ async fn timeouts(
     }
     let all_pending_after = started.elapsed();
     let mut peak_pending = 0;
-    let mut rss_peak = bench::rss_bytes();
+    let mut rss_peak = super::rss_bytes();
     while started.elapsed() < timeout.saturating_sub(Duration::from_millis(100)) {
         peak_pending = peak_pending.max(requester.stats().pending);
-        rss_peak = rss_peak.max(bench::rss_bytes());
+        rss_peak = rss_peak.max(super::rss_bytes());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut lateness = Vec::with_capacity(calls as usize);
@@ -1152,7 +1163,7 @@ async fn timeouts(
     let stats = requester.stats();
     requester.shutdown().await;
     let fired = lateness.len();
-    let [p50, p90, p99, p999, max] = bench::percentiles(&mut lateness);
+    let [p50, p90, p99, p999, max] = super::percentiles(&mut lateness);
     let growth_mb = (rss_peak.saturating_sub(rss_before)) as f64 / 1e6;
     let out = json!({
         "mode": "timeouts",

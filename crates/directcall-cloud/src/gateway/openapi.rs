@@ -1,0 +1,199 @@
+//! The gateway's OpenAPI 3 document, derived from the handlers and body
+//! types (utoipa), with this instance's limits filled in and its paths
+//! under the base path the API is mounted at.
+
+use serde_json::json;
+use utoipa::OpenApi;
+
+use super::body::{
+    AcceptedBody, CallRecordBody, MessageBody, OfflineBody, OkBody, PostBody, TimeoutBody,
+    UnauthorizedBody,
+};
+use super::mapping::Limits;
+use super::routes::{self, HealthBody};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "directcall gateway",
+        version = "1",
+        description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
+    ),
+    paths(routes::invoke_get, routes::invoke_get_slash, routes::invoke_post, routes::call_record, routes::healthz, routes::metrics, routes::openapi),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+#[cfg(feature = "console")]
+#[derive(OpenApi)]
+#[openapi(
+    paths(super::console::devices, super::console::events),
+    components(schemas(
+        super::console::DevicesBody,
+        super::console::DeviceBody,
+        super::live::RecentTarget
+    ))
+)]
+struct ConsoleDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Required only when the gateway authenticates its callers (--api-token, --credentials, --jwks, or the host application's own).",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document of the gateway mounted at `base` (`""` or
+/// `/devices`), with `limits` filled in so a client (or a schema-driven
+/// tester) sees the bounds it will be held to, and without `/metrics` or
+/// the console's routes when the gateway serves none.
+pub(crate) fn openapi_json(
+    limits: Limits,
+    with_metrics: bool,
+    with_console: bool,
+    base: &str,
+) -> String {
+    #[allow(unused_mut)]
+    let mut api = ApiDoc::openapi();
+    #[cfg(feature = "console")]
+    if with_console {
+        api.merge(ConsoleDoc::openapi());
+    }
+    let _ = with_console;
+    let Ok(mut doc) = serde_json::to_value(api) else {
+        return String::new();
+    };
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        if !with_metrics {
+            paths.remove("/metrics");
+        }
+    }
+    let max_s = limits.max_timeout.as_secs().max(1);
+    let default_s = limits.default_timeout.as_secs().clamp(1, max_s);
+    for path in ["/invoke", "/invoke/"] {
+        if let Some(params) = doc["paths"][path]["get"]["parameters"].as_array_mut() {
+            for p in params.iter_mut().filter(|p| p["name"] == "timeout") {
+                p["schema"]["maximum"] = json!(max_s);
+                p["schema"]["default"] = json!(default_s);
+            }
+        }
+    }
+    if let Some(params) = doc["paths"]["/v1/calls/{id}"]["get"]["parameters"].as_array_mut() {
+        for p in params.iter_mut().filter(|p| p["name"] == "wait") {
+            p["schema"]["maximum"] = json!(max_s);
+        }
+    }
+    let max_ms = u64::try_from(limits.max_timeout.as_millis()).unwrap_or(u64::MAX);
+    doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"] = json!(max_ms);
+    if !base.is_empty() {
+        if let Some(paths) = doc["paths"].as_object_mut() {
+            *paths = std::mem::take(paths)
+                .into_iter()
+                .map(|(path, item)| (format!("{base}{path}"), item))
+                .collect();
+        }
+        // The links a 202 and a 504 give point under the base too.
+        let pattern = format!("^{base}/v1/calls/[0-9a-f-]{{36}}$");
+        for schema in ["TimeoutBody", "AcceptedBody"] {
+            let call = &mut doc["components"]["schemas"][schema]["properties"]["call"];
+            if call.is_object() {
+                call["pattern"] = json!(pattern);
+            }
+        }
+    }
+    doc.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_has_every_route_and_the_limits() {
+        let limits = Limits::new(2, 5).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi_json(limits, true, true, "")).unwrap();
+        let without: serde_json::Value =
+            serde_json::from_str(&openapi_json(limits, false, false, "")).unwrap();
+        assert!(without["paths"].get("/metrics").is_none());
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let paths: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut expected = vec![
+            "/invoke",
+            "/invoke/",
+            "/v1/targets/{target}/methods/{method}",
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+        ];
+        if cfg!(feature = "console") {
+            expected.extend(["/v1/devices", "/v1/events"]);
+        }
+        for p in expected {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+        for p in ["/v1/devices", "/v1/events"] {
+            assert!(without["paths"].get(p).is_none(), "{p} without a console");
+        }
+        let timeout = doc["paths"]["/invoke"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "timeout")
+            .unwrap();
+        assert_eq!(
+            (
+                timeout["schema"]["maximum"].as_u64(),
+                timeout["schema"]["default"].as_u64()
+            ),
+            (Some(5), Some(2))
+        );
+        let ms = &doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"];
+        assert_eq!(ms.as_u64(), Some(5000));
+        let responses = doc["paths"]["/invoke"]["get"]["responses"]
+            .as_object()
+            .unwrap();
+        let mut codes: Vec<&str> = responses.keys().map(String::as_str).collect();
+        codes.sort_unstable();
+        assert_eq!(
+            codes,
+            ["200", "400", "401", "403", "404", "409", "413", "429", "503", "504"]
+        );
+    }
+
+    #[test]
+    fn under_a_base_path_every_path_and_link_is_under_it() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&openapi_json(Limits::default(), false, false, "/devices"))
+                .unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(
+            paths.keys().all(|p| p.starts_with("/devices/")),
+            "{paths:?}"
+        );
+        assert!(paths.contains_key("/devices/v1/calls/{id}"));
+        let pattern = doc["components"]["schemas"]["AcceptedBody"]["properties"]["call"]["pattern"]
+            .as_str()
+            .unwrap();
+        assert!(pattern.starts_with("^/devices/v1/calls/"), "{pattern}");
+    }
+}
