@@ -1,7 +1,6 @@
 //! What the directcall binaries share: their configuration (broker,
 //! requester and access flags, logging, metrics), the device simulator, a
-//! small HTTP client, SigV4 request signing for `directcall call`, the
-//! Lambda front end (feature `lambda`) and the load tool. The libraries
+//! small HTTP client, the Lambda front end (feature `lambda`) and the load tool. The libraries
 //! do the work: the gateway is `directcall_cloud::gateway`.
 
 pub mod bench;
@@ -9,5 +8,4 @@ pub mod cli;
 pub mod http_client;
 #[cfg(feature = "lambda")]
 pub mod lambda;
-pub mod sigv4;
 pub mod sim;

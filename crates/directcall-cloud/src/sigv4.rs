@@ -185,6 +185,57 @@ pub fn presign_iot_url(
     Ok(format!("wss://{host}{path}?{}", query.join("&")))
 }
 
+/// Headers that sign `GET url` for `service` in the `Authorization` header
+/// (API Gateway's IAM auth: service `execute-api`), the session token
+/// included and signed: how a caller reaches `directcall-lambda` behind an
+/// API Gateway with `AWS_IAM` auth.
+///
+/// # Errors
+/// [`SigningError`] when the URL has no host or signing fails.
+pub fn sign_get_headers(
+    url: &str,
+    service: &str,
+    creds: &AwsSigV4,
+    time: SystemTime,
+) -> Result<Vec<(String, String)>, SigningError> {
+    let host = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or_default())
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| SigningError::new("URL", "no host"))?;
+    let identity = Credentials::new(
+        &creds.access_key_id,
+        &creds.secret_access_key,
+        creds.session_token.clone(),
+        None,
+        "directcall",
+    )
+    .into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(&creds.region)
+        .name(service)
+        .time(time)
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| SigningError::new("parameters", e))?
+        .into();
+    let signable = SignableRequest::new(
+        "GET",
+        url,
+        std::iter::once(("host", host)),
+        SignableBody::Bytes(&[]),
+    )
+    .map_err(|e| SigningError::new("request", e))?;
+    let (instructions, _signature) = sign(signable, &params)
+        .map_err(|e| SigningError::new("signing", e))?
+        .into_parts();
+    Ok(instructions
+        .headers()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +343,33 @@ mod tests {
             with,
             format!("{without}&X-Amz-Security-Token=tok%2Fen%2B%3D")
         );
+    }
+
+    #[test]
+    fn api_gateway_requests_are_signed_in_headers() {
+        let url = "https://abc123.execute-api.eu-west-1.amazonaws.com/Prod/invoke/?request=r&method=m&target=t&timeout=3";
+        let creds = AwsSigV4::new(
+            "eu-west-1",
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        )
+        .session_token("session");
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_440_938_160);
+        let headers = sign_get_headers(url, "execute-api", &creds, at).unwrap();
+        let get = |k: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.as_str())
+        };
+        let auth = get("authorization").unwrap();
+        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/eu-west-1/execute-api/aws4_request"), "{auth}");
+        assert!(
+            auth.contains("x-amz-security-token"),
+            "the token is signed: {auth}"
+        );
+        assert_eq!(get("x-amz-date"), Some("20150830T123600Z"));
+        assert_eq!(get("x-amz-security-token"), Some("session"));
+        assert!(sign_get_headers("no-host", "execute-api", &creds, at).is_err());
     }
 }

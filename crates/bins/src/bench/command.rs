@@ -907,7 +907,7 @@ async fn slow(args: &BenchArgs, nodes: &Nodes, fast: &LoadOptions) -> Result<(),
     let mut h2 = Vec::new();
     for _ in 0..args.h2_connections.max(1) {
         h2.push(
-            crate::http_client::Multiplexed::open(&gateway.base)
+            super::h2::Multiplexed::open(&gateway.base)
                 .await
                 .map_err(|e| e.to_string())?,
         );

@@ -97,7 +97,7 @@ async fn the_gateway_speaks_http2_many_calls_on_one_connection() {
     let (_gw, base) = gateway(&b.url, &["--max-in-flight-per-target", "0"]).await;
     wait_health(&base, 200).await;
     let _sim = sim(&b.url, &["--client-id", "Device001", "--latency-ms", "200"]);
-    let h2 = directcall_bins::http_client::Multiplexed::open(&base)
+    let h2 = directcall_bins::bench::h2::Multiplexed::open(&base)
         .await
         .expect("h2c connection");
     let calls = (0..300).map(|i| {
@@ -123,7 +123,7 @@ async fn the_gateway_speaks_http2_many_calls_on_one_connection() {
         );
     }
     assert!(
-        directcall_bins::http_client::Multiplexed::open("https://127.0.0.1:1")
+        directcall_bins::bench::h2::Multiplexed::open("https://127.0.0.1:1")
             .await
             .is_err(),
         "h2c only"
@@ -856,7 +856,7 @@ async fn the_call_command_signs_with_sigv4() {
     )
     .session_token("session-token");
     let expected =
-        directcall_bins::sigv4::sign_get_headers(&url, "execute-api", &creds, when).unwrap();
+        directcall_cloud::sigv4::sign_get_headers(&url, "execute-api", &creds, when).unwrap();
     let auth = expected
         .iter()
         .find(|(k, _)| k == "authorization")

@@ -368,7 +368,7 @@ fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)
             .ok_or("no --region / AWS_REGION, and no region in the host name")?,
     };
     creds.region = region;
-    directcall_bins::sigv4::sign_get_headers(
+    directcall_cloud::sigv4::sign_get_headers(
         url,
         "execute-api",
         &creds,
