@@ -30,6 +30,7 @@ pub(crate) enum StoreError {
     #[error("a call record: {0}")]
     Record(#[from] serde_json::Error),
     /// An idempotency key holds something else than a call's fingerprint.
+    #[cfg(feature = "redis")]
     #[error("{key} holds no fingerprint: {source}")]
     Fingerprint {
         /// The key's name in the store.
