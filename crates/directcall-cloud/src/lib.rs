@@ -42,12 +42,17 @@ mod error;
 #[cfg(feature = "gateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
+mod invocation;
+mod invoke;
+mod keyed;
 mod keys;
 pub mod metrics;
 mod options;
 mod presence;
 mod records;
+mod reply;
 mod requester;
+mod session;
 #[cfg(feature = "sigv4")]
 pub mod sigv4;
 mod store;
@@ -58,10 +63,14 @@ pub use directcall_core::{
     Transport,
 };
 pub use error::Error;
+pub use invocation::Invocation;
+pub use invoke::Invoke;
 pub use keys::MAX_IDEMPOTENCY_KEY_BYTES;
 pub use options::{
     Options, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_REPLY_QOS, DEFAULT_TIMEOUT,
 };
 pub use presence::DeviceState;
 pub use records::{CallRecord, CallState, RecordOptions};
-pub use requester::{Invocation, Invoke, Keyed, Reply, Requester, Stats};
+pub use reply::Reply;
+pub use requester::Requester;
+pub use session::Stats;

@@ -317,12 +317,12 @@ impl InvokeService {
             .get_started_at()
             .unwrap_or_else(tokio::time::Instant::now);
         self.metrics.in_flight.increment(1.0);
-        let keyed = self.requester.invoke_keyed(invocation).await;
+        let (result, replayed) = self.requester.invoke_replayed(invocation).await;
         self.metrics.in_flight.decrement(1.0);
         let elapsed = start.elapsed();
         let recorded = self.requester.record_options().is_some();
-        let mut reply = render(keyed.result, elapsed, recorded);
-        reply.replayed = keyed.replayed;
+        let mut reply = render(result, elapsed, recorded);
+        reply.replayed = replayed;
         if reply.status == 504 && self.requester.asks_receipts() {
             let record = reply.body["id"]
                 .as_str()

@@ -1,0 +1,630 @@
+//! What a requester shares with its connection task: the calls in flight,
+//! the checks a call passes and the publish of its request, the counters,
+//! the deadline sweeper, and the driver's callbacks (a reply, a receipt, a
+//! refused publish, a presence record).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use directcall_core::deadline::{unix_millis, whole_millis};
+use directcall_core::mqtt::{
+    ConnectionError, Driver, Link, Message, Properties, QoS, Session, Subscription,
+};
+use directcall_core::topic::{check_call_length, reply_filter};
+use directcall_core::{
+    CallTopics, Field, MessageId, MqttVersion, PendingCall, PendingTable, Prefix, Receipt,
+    ReplyPayload, RequestPayload, Unmatched,
+};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::invocation::Invocation;
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::options::Options;
+use crate::presence::{Origin, Presence};
+use crate::records::{CallRecord, CallState, Records};
+use crate::store::Store;
+
+/// Room for MQTT's fixed header, topic length and packet id around a payload.
+const PUBLISH_OVERHEAD_BYTES: usize = 16;
+
+/// Counters of a requester, read with
+/// [`Requester::stats`](crate::Requester::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Calls waiting for a reply now.
+    pub pending: usize,
+    /// Whether the connection is up and subscribed.
+    pub connected: bool,
+    /// Requests published.
+    pub published: u64,
+    /// Replies that completed a call.
+    pub completed: u64,
+    /// Calls that ended with a timeout.
+    pub timeouts: u64,
+    /// Replies dropped: the call had already ended without a reply.
+    pub dropped_late: u64,
+    /// Replies dropped: the call had already been answered.
+    pub dropped_duplicate: u64,
+    /// Replies dropped: no such call.
+    pub dropped_unknown: u64,
+    /// Replies dropped: the topic names another target or method than the
+    /// call, or the payload's id differs from the topic's.
+    pub dropped_mismatched: u64,
+    /// Replies dropped: unparsable topic or payload.
+    pub dropped_malformed: u64,
+    /// Replies dropped: larger than the packet limit.
+    pub dropped_oversized: u64,
+    /// Connections made after the first one.
+    pub reconnects: u64,
+    /// MQTT 5: requests the broker refused in its PUBACK (no device
+    /// subscribed, not authorized, ...); each ended its call at once.
+    pub refused: u64,
+    /// Delivery receipts received
+    /// ([`Options::delivery_receipts`](crate::Options::delivery_receipts)).
+    pub receipts: u64,
+}
+
+/// Why a reply was dropped, in the order of `metrics::DROP_REASONS`.
+#[derive(Debug, Clone, Copy)]
+enum Dropped {
+    Late = 0,
+    Duplicate,
+    Unknown,
+    Mismatched,
+    Malformed,
+    Oversized,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    published: AtomicU64,
+    completed: AtomicU64,
+    timeouts: AtomicU64,
+    dropped: [AtomicU64; 6],
+    refused: AtomicU64,
+    receipts: AtomicU64,
+}
+
+/// A reply as a pending call holds it: boxed, so a waiting call's slot stays
+/// small.
+pub(crate) type Slot = Box<ReplyPayload>;
+
+/// The state of one requester, shared by its clones, its calls and its
+/// connection task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) link: Link,
+    pub(crate) pending: PendingTable<Slot>,
+    /// Wakes the deadline sweeper when a call's deadline is the earliest.
+    sweep: Arc<Notify>,
+    pub(crate) sweeper_stop: watch::Sender<bool>,
+    pub(crate) prefix: Prefix,
+    qos: QoS,
+    reply_qos: QoS,
+    /// MQTT 5: requests carry expiry, response topic and correlation data.
+    v5: bool,
+    pub(crate) permits: Arc<Semaphore>,
+    counters: Counters,
+    pub(crate) metrics: Metrics,
+    pub(crate) presence: Option<Presence>,
+    /// The broker URL last reported in use, for the `broker_in_use` gauge.
+    reported_broker: Mutex<Option<String>>,
+    pub(crate) records: Option<Records>,
+    pub(crate) keys: Keys,
+    /// Requests ask for delivery receipts.
+    pub(crate) receipts: bool,
+    /// Where records and keys are shared with other requesters.
+    pub(crate) store: Option<Arc<dyn Store>>,
+    pub(crate) store_url: Option<String>,
+}
+
+/// What every clone of a [`Requester`](crate::Requester) holds: the shared
+/// state and the connection task. Dropping the last one stops both.
+#[derive(Debug)]
+pub(crate) struct Handle {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) driver: Mutex<Option<Driver>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the driver, which disconnects, and
+        // the deadline sweeper.
+        self.shared.link.stop();
+        self.shared.sweeper_stop.send_replace(true);
+    }
+}
+
+/// The records (if kept) and the shared store (if any), with the task that
+/// writes the store behind the records.
+#[allow(clippy::type_complexity)]
+fn records_and_store(
+    options: &Options,
+) -> Result<(Option<Records>, Option<Arc<dyn Store>>), Error> {
+    let records = options.records.map(Records::new);
+    let Some(url) = options.store.as_deref() else {
+        return Ok((records, None));
+    };
+    #[cfg(feature = "redis")]
+    {
+        let store: Arc<dyn Store> = Arc::new(crate::store::RedisStore::new(url).map_err(|e| {
+            Error::from(directcall_core::Error::invalid(Field::Store, e.to_string()))
+        })?);
+        let retention = options.records.unwrap_or_default().retention;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);
+        let writer = Arc::clone(&store);
+        tokio::spawn(async move {
+            // What piled up while the last write was out goes in one
+            // pipeline: one round trip for many changes, in order.
+            let mut batch = Vec::with_capacity(512);
+            while rx.recv_many(&mut batch, 512).await > 0 {
+                if let Err(e) = writer.save(&batch, retention).await {
+                    tracing::warn!(records = batch.len(), "shared store: {e}");
+                }
+                batch.clear();
+            }
+        });
+        let records =
+            records.unwrap_or_else(|| Records::new(crate::records::RecordOptions::default()));
+        Ok((Some(records.mirrored(tx)), Some(store)))
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        Err(directcall_core::Error::invalid(
+            Field::Store,
+            format!(
+                "{}: this build has no Redis support (feature \"redis\")",
+                crate::store::redacted(url)
+            ),
+        )
+        .into())
+    }
+}
+
+/// Fires the table's deadlines: sleeps until the earliest, ends the calls
+/// due, and starts over, or sooner when a call with an earlier deadline is
+/// registered. One task per requester, instead of a timer per call.
+pub(crate) async fn sweep_deadlines(
+    table: PendingTable<Slot>,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (_, next) = table.expire(Instant::now().into_std());
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return,
+            () = wake.notified() => {}
+            () = sleep => {}
+        }
+    }
+}
+
+impl Session for Shared {
+    fn subscriptions(&self) -> Vec<Subscription> {
+        let mut subscriptions = vec![Subscription::new(
+            reply_filter(&self.prefix),
+            self.reply_qos,
+        )];
+        if let Some(p) = &self.presence {
+            // QoS 0: retained records arrive all the same, and a broker
+            // that backs QoS 1 subscriptions with storage (NATS: JetStream
+            // consumers) has nothing to set up.
+            for filter in p.filters() {
+                subscriptions.push(Subscription::new(filter, QoS::AtMostOnce));
+            }
+        }
+        subscriptions
+    }
+
+    fn on_connected(&self) {
+        if self.link.connects() > 1 {
+            self.metrics.reconnects.increment(1);
+        }
+    }
+
+    fn on_ready(&self) {
+        self.metrics.connected.set(1.0);
+        let url = self.link.broker_url();
+        let mut reported = self
+            .reported_broker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if reported.as_deref() != Some(url.as_str()) {
+            if let Some(old) = reported.take() {
+                metrics::gauge!(crate::metrics::BROKER_IN_USE, "url" => old).set(0.0);
+            }
+            metrics::gauge!(crate::metrics::BROKER_IN_USE, "url" => url.clone()).set(1.0);
+            *reported = Some(url);
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, message: Message<'_>) {
+        if let Some(p) = &self.presence {
+            match p.parse(message.topic, message.payload) {
+                Some(Some((event, origin))) => {
+                    let mirror = (origin == Origin::Lifecycle)
+                        .then(|| p.mirror())
+                        .flatten()
+                        .map(|root| (root.topic(&event.target), event.online, event.timestamp_ms));
+                    if p.record(event) {
+                        if let Some((topic, Some(online), timestamp)) = mirror {
+                            let record =
+                                serde_json::json!({"online": online, "timestamp": timestamp});
+                            self.link.publish_or_queue(
+                                topic,
+                                record.to_string(),
+                                QoS::AtLeastOnce,
+                                true,
+                            );
+                        }
+                    }
+                    return;
+                }
+                // A presence topic with an unreadable payload.
+                Some(None) => return,
+                None => {}
+            }
+        }
+        self.on_reply(message.topic, message.payload);
+    }
+
+    fn on_disconnected(&self, _error: &ConnectionError) {
+        self.metrics.connected.set(0.0);
+    }
+
+    fn on_publish_refused(&self, topic: &str, reason: u8) {
+        // Only requests are tracked: the topic is a request topic of ours.
+        if let Ok(call) = CallTopics::parse_request(topic) {
+            // Counted first, so a caller reading stats after its outcome
+            // sees it (refusing wakes the caller).
+            self.counters.refused.fetch_add(1, Relaxed);
+            if self.pending.refuse(&call.id(), reason) {
+                self.metrics.refused.increment(1);
+                tracing::debug!(topic, reason, "request refused by the broker");
+            } else {
+                self.counters.refused.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    fn on_stopping(&self) {
+        self.metrics.connected.set(0.0);
+        // Calls still waiting end with `Closed`.
+        self.pending.close();
+    }
+}
+
+impl Shared {
+    /// The state of a requester with `options` on `link`, replies coming
+    /// back under `prefix`; starts its deadline sweeper (and the store's
+    /// writer, if any).
+    pub(crate) fn new(options: &Options, link: Link, prefix: Prefix) -> Result<Self, Error> {
+        let v5 = options.broker.mqtt_version == MqttVersion::V5;
+        let (records, store) = records_and_store(options)?;
+        let pending = PendingTable::new(options.recent_capacity);
+        let sweep = Arc::new(Notify::new());
+        let sweeper_stop = watch::Sender::new(false);
+        tokio::spawn(sweep_deadlines(
+            pending.clone(),
+            Arc::clone(&sweep),
+            sweeper_stop.subscribe(),
+        ));
+        Ok(Shared {
+            link,
+            pending,
+            sweep,
+            sweeper_stop,
+            prefix,
+            qos: options.request_qos.unwrap_or(if v5 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            }),
+            reply_qos: options.reply_qos,
+            v5,
+            permits: Arc::new(Semaphore::new(options.max_in_flight)),
+            counters: Counters::default(),
+            metrics: Metrics::register(),
+            presence: options
+                .presence
+                .clone()
+                .map(|source| Presence::new(source, options.mirror_presence.clone())),
+            reported_broker: Mutex::new(None),
+            records,
+            store,
+            store_url: options.store.as_deref().map(crate::store::redacted),
+            keys: Keys::new(options.records.unwrap_or_default()),
+            receipts: options.receipts,
+        })
+    }
+
+    /// Everything that refuses a call before an id is made.
+    pub(crate) fn check(&self, invocation: &Invocation) -> Result<(), Error> {
+        if invocation.timeout.is_zero() {
+            return Err(Error::Invalid {
+                field: Field::Timeout,
+                reason: "must be greater than zero".into(),
+            });
+        }
+        check_call_length(&invocation.target, &invocation.method, &self.prefix)?;
+        if let Some(t) = &invocation.traceparent {
+            directcall_core::trace::check_traceparent(t)?;
+        }
+        if self.link.refuses_dots() {
+            // Such a broker (NATS) would close the whole connection over the
+            // publish, taking every call in flight with it.
+            for (field, name) in [
+                (Field::Target, invocation.target.as_str()),
+                (Field::Method, invocation.method.as_str()),
+            ] {
+                if name.contains('.') {
+                    return Err(Error::Invalid {
+                        field,
+                        reason:
+                            "contains '.', which the connected broker refuses in topics (NATS does)"
+                                .into(),
+                    });
+                }
+            }
+        }
+        if self.link.is_stopping() {
+            return Err(Error::Closed);
+        }
+        if !self.link.is_ready() {
+            return Err(Error::Unavailable {
+                reason: "not connected to the broker".into(),
+                last_error: self.link.last_error(),
+            });
+        }
+        if self
+            .presence
+            .as_ref()
+            .is_some_and(|p| p.is_offline(&invocation.target))
+        {
+            return Err(Error::Offline {
+                target: invocation.target.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn count_timeout<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        if let Err(Error::Timeout { .. }) = &result {
+            self.counters.timeouts.fetch_add(1, Relaxed);
+            self.metrics.timeouts.increment(1);
+        }
+        result
+    }
+
+    /// Registers the call and queues its request, without waiting: the
+    /// request queue holds a slot for every call in flight.
+    pub(crate) fn send(
+        &self,
+        invocation: Invocation,
+        id: MessageId,
+        deadline: Instant,
+    ) -> Result<PendingCall<Slot>, Error> {
+        let call = CallTopics::new(
+            invocation.target,
+            invocation.method,
+            self.prefix.clone(),
+            id,
+        )?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut payload = RequestPayload::new(id.to_string(), invocation.request);
+        payload.timestamp = Some(unix_millis(std::time::SystemTime::now()));
+        payload.timeout_ms = Some(whole_millis(remaining));
+        payload.traceparent = invocation.traceparent;
+        payload.receipt = self.receipts;
+        let properties = self.v5.then(|| {
+            let mut p = Properties::default();
+            // Whole seconds, rounded up: the broker drops the request once
+            // it could no longer be answered in time.
+            p.message_expiry_secs = Some(
+                u32::try_from(remaining.as_millis().div_ceil(1000))
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+            );
+            p.response_topic = Some(call.reply_topic());
+            p.correlation_data = Some(payload.id.clone().into_bytes());
+            if let Some(t) = &payload.traceparent {
+                p.user_properties
+                    .push(("traceparent".to_owned(), t.clone()));
+            }
+            p
+        });
+        let payload = payload.to_vec();
+        let topic = call.request_topic();
+        let size = payload.len() + topic.len() + PUBLISH_OVERHEAD_BYTES;
+        let max = self.link.max_packet_bytes();
+        if size > max {
+            return Err(Error::PayloadTooLarge { size, max });
+        }
+        let (pending, earliest) = self.pending.insert(&call, deadline.into_std());
+        if earliest {
+            self.sweep.notify_one();
+        }
+        // A shutdown that began before the insert would not close this call.
+        if self.link.is_stopping() {
+            return Err(Error::Closed);
+        }
+        // Recorded before the publish: the reply may come before it returns.
+        if let Some(records) = &self.records {
+            records.sent(
+                id,
+                call.target().clone(),
+                call.method().clone(),
+                invocation.caller,
+            );
+        }
+        if let Err(e) = self
+            .link
+            .publish_with(topic, payload, self.qos, false, properties.as_ref())
+        {
+            if let Some(records) = &self.records {
+                records.update(&id, |r| r.state = CallState::Unavailable);
+            }
+            return Err(Error::Unavailable {
+                reason: format!("request {e}"),
+                last_error: None,
+            });
+        }
+        self.counters.published.fetch_add(1, Relaxed);
+        self.metrics.published.increment(1);
+        Ok(pending)
+    }
+
+    /// A snapshot of the counters.
+    pub(crate) fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let dropped = |d: Dropped| c.dropped[d as usize].load(Relaxed);
+        Stats {
+            pending: self.pending.len(),
+            connected: self.link.is_ready(),
+            published: c.published.load(Relaxed),
+            completed: c.completed.load(Relaxed),
+            timeouts: c.timeouts.load(Relaxed),
+            dropped_late: dropped(Dropped::Late),
+            dropped_duplicate: dropped(Dropped::Duplicate),
+            dropped_unknown: dropped(Dropped::Unknown),
+            dropped_mismatched: dropped(Dropped::Mismatched),
+            dropped_malformed: dropped(Dropped::Malformed),
+            dropped_oversized: dropped(Dropped::Oversized),
+            reconnects: self.link.connects().saturating_sub(1),
+            refused: c.refused.load(Relaxed),
+            receipts: c.receipts.load(Relaxed),
+        }
+    }
+
+    /// The record of call `id`, if calls are recorded and it has one here.
+    pub(crate) fn call_record(&self, id: &MessageId) -> Option<CallRecord> {
+        self.records.as_ref()?.get(id)
+    }
+
+    /// The record of call `id` here, or else in the shared store.
+    pub(crate) async fn fetch_call_record(&self, id: &MessageId) -> Option<CallRecord> {
+        if let Some(record) = self.call_record(id) {
+            return Some(record);
+        }
+        let store = self.store.as_ref()?;
+        match store.load(id).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(%id, "shared store: {e}");
+                None
+            }
+        }
+    }
+
+    /// [`Shared::fetch_call_record`], waiting up to `wait` for the call to
+    /// be final.
+    pub(crate) async fn wait_call_record(
+        &self,
+        id: &MessageId,
+        wait: Duration,
+    ) -> Option<CallRecord> {
+        let deadline = Instant::now() + wait;
+        let records = self.records.as_ref()?;
+        if records.get(id).is_some() {
+            return records.wait_final(id, deadline).await;
+        }
+        loop {
+            let record = self.fetch_call_record(id).await;
+            let done = record.as_ref().is_none_or(|r| r.state.is_final());
+            if done || Instant::now() >= deadline {
+                return record;
+            }
+            tokio::time::sleep_until((Instant::now() + Duration::from_millis(50)).min(deadline))
+                .await;
+        }
+    }
+
+    fn dropped(&self, why: Dropped) {
+        self.counters.dropped[why as usize].fetch_add(1, Relaxed);
+        self.metrics.dropped[why as usize].increment(1);
+    }
+
+    /// A delivery receipt for `call`: its record moves to `delivered`.
+    fn on_receipt(&self, call: &CallTopics, payload: &[u8]) -> bool {
+        match Receipt::from_slice(payload) {
+            Ok(r) if MessageId::parse(&r.delivered).ok() == Some(call.id()) => {
+                self.counters.receipts.fetch_add(1, Relaxed);
+                if let Some(records) = &self.records {
+                    records.delivered(&call.id());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn on_reply(&self, topic: &str, payload: &[u8]) {
+        if payload.len() > self.link.max_packet_bytes() {
+            self.dropped(Dropped::Oversized);
+            tracing::debug!(topic, bytes = payload.len(), "dropped reply: oversized");
+            return;
+        }
+        let Ok(call) = CallTopics::parse_reply(topic) else {
+            self.dropped(Dropped::Malformed);
+            tracing::debug!(topic, "dropped reply: malformed topic");
+            return;
+        };
+        if *call.prefix() != self.prefix {
+            self.dropped(Dropped::Unknown);
+            return;
+        }
+        let reply = match ReplyPayload::from_slice(payload) {
+            Ok(r) => r,
+            // Not an answer: maybe a delivery receipt (never on the hot path).
+            Err(_) if self.on_receipt(&call, payload) => return,
+            Err(e) => {
+                self.dropped(Dropped::Malformed);
+                tracing::debug!(topic, "dropped reply: {e}");
+                return;
+            }
+        };
+        if MessageId::parse(&reply.id).ok() != Some(call.id()) {
+            self.dropped(Dropped::Mismatched);
+            tracing::debug!(topic, "dropped reply: payload id differs from the topic's");
+            return;
+        }
+        // Counted first, so a caller reading stats after its reply sees it.
+        self.counters.completed.fetch_add(1, Relaxed);
+        match self.pending.complete_or_return(&call, Box::new(reply)) {
+            Ok(()) => self.metrics.completed.increment(1),
+            Err((Unmatched::Late, reply)) if self.records.is_some() => {
+                self.counters.completed.fetch_sub(1, Relaxed);
+                self.dropped(Dropped::Late);
+                let reply = *reply;
+                if let Some(records) = &self.records {
+                    if records.answered_late(&call.id(), reply.status, reply.response) {
+                        tracing::debug!(topic, "late reply kept on the call's record");
+                    }
+                }
+            }
+            Err((reason, _)) => {
+                self.counters.completed.fetch_sub(1, Relaxed);
+                self.dropped(match reason {
+                    Unmatched::Late => Dropped::Late,
+                    Unmatched::Duplicate => Dropped::Duplicate,
+                    Unmatched::Mismatched => Dropped::Mismatched,
+                    // Unmatched is another crate's non-exhaustive enum.
+                    _ => Dropped::Unknown,
+                });
+                tracing::debug!(topic, ?reason, "dropped reply");
+            }
+        }
+    }
+}
