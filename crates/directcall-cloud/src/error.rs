@@ -1,7 +1,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use directcall_core::mqtt::{ConnectionError, SetupError};
+use directcall_core::mqtt::{ConnectionError, PublishError, SetupError};
 use directcall_core::{Field, MessageId, Target};
 use serde_json::Value;
 
@@ -52,10 +52,10 @@ pub enum Error {
     #[error("the idempotency key was already used for a different call (another target, method or request)")]
     KeyConflict,
     /// No broker connection; nothing was published.
-    #[error("broker unavailable: {reason}")]
+    #[error("broker unavailable: {cause}")]
     Unavailable {
         /// What is wrong.
-        reason: String,
+        cause: Unavailable,
         /// Why the connection last failed, when it ever did.
         #[source]
         last_error: Option<ConnectionError>,
@@ -107,6 +107,26 @@ pub enum Error {
     Closed,
 }
 
+/// Why the broker is unavailable ([`Error::Unavailable`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// Not connected to the broker now (or not subscribed yet).
+    #[error("not connected to the broker")]
+    NotConnected,
+    /// Not connected and subscribed within the ready timeout
+    /// ([`Options::ready_timeout`](crate::Options::ready_timeout)).
+    #[error("not connected and subscribed within {} ms", timeout.as_millis())]
+    NotReady {
+        /// The ready timeout.
+        timeout: Duration,
+    },
+    /// The request could not be queued for the connection: the queue is
+    /// full, or the connection has ended.
+    #[error("request {0}")]
+    NotQueued(#[source] PublishError),
+}
+
 impl From<directcall_core::Error> for Error {
     fn from(e: directcall_core::Error) -> Self {
         Error::Invalid {
@@ -128,5 +148,35 @@ pub(crate) fn reason_text(code: u8) -> &'static str {
         0x97 => "quota exceeded",
         0x99 => "payload format invalid",
         _ => "unknown reason",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_broker_reads_as_it_always_has() {
+        let text = |cause| {
+            Error::Unavailable {
+                cause,
+                last_error: None,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            text(Unavailable::NotConnected),
+            "broker unavailable: not connected to the broker"
+        );
+        assert_eq!(
+            text(Unavailable::NotReady {
+                timeout: Duration::from_millis(300)
+            }),
+            "broker unavailable: not connected and subscribed within 300 ms"
+        );
+        assert_eq!(
+            text(Unavailable::NotQueued(PublishError::NotQueued)),
+            "broker unavailable: request not queued: the request queue is full or the connection has ended"
+        );
     }
 }

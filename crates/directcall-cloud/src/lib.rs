@@ -57,12 +57,12 @@ mod session;
 pub mod sigv4;
 mod store;
 
-pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
+pub use directcall_core::mqtt::{ConnectionError, PublishError, QoS, SetupError};
 pub use directcall_core::{
     BrokerOptions, Field, MessageId, Method, MqttVersion, Prefix, PresenceRoot, Target, TlsOptions,
     Transport,
 };
-pub use error::Error;
+pub use error::{Error, Unavailable};
 pub use invocation::Invocation;
 pub use invoke::Invoke;
 pub use keys::MAX_IDEMPOTENCY_KEY_BYTES;

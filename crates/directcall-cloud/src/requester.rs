@@ -6,7 +6,7 @@ use std::time::Duration;
 use directcall_core::mqtt::{Connection, ConnectionError, ConnectionOptions};
 use directcall_core::{Field, MessageId, MqttVersion, Prefix};
 
-use crate::error::Error;
+use crate::error::{Error, Unavailable};
 use crate::invocation::Invocation;
 use crate::invoke::Invoke;
 use crate::keyed;
@@ -34,8 +34,8 @@ impl Requester {
     ///
     /// # Errors
     /// [`Error::Setup`] for unusable broker settings; [`Error::Unavailable`]
-    /// when the broker cannot be reached and subscribed within the options'
-    /// ready timeout (default 10 s).
+    /// ([`Unavailable::NotReady`]) when the broker cannot be reached and
+    /// subscribed within the options' ready timeout (default 10 s).
     pub async fn connect(options: Options) -> Result<Self, Error> {
         let ready_timeout = options.ready_timeout;
         let requester = Self::start(options)?;
@@ -45,10 +45,9 @@ impl Requester {
             let last_error = requester.last_error();
             requester.shutdown().await;
             Err(Error::Unavailable {
-                reason: format!(
-                    "not connected and subscribed within {} ms",
-                    ready_timeout.as_millis()
-                ),
+                cause: Unavailable::NotReady {
+                    timeout: ready_timeout,
+                },
                 last_error,
             })
         }

@@ -19,7 +19,7 @@ use directcall_core::{
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 
-use crate::error::Error;
+use crate::error::{Error, Unavailable};
 use crate::invocation::Invocation;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
@@ -384,7 +384,7 @@ impl Shared {
         }
         if !self.link.is_ready() {
             return Err(Error::Unavailable {
-                reason: "not connected to the broker".into(),
+                cause: Unavailable::NotConnected,
                 last_error: self.link.last_error(),
             });
         }
@@ -477,7 +477,7 @@ impl Shared {
                 records.update(&id, |r| r.state = CallState::Unavailable);
             }
             return Err(Error::Unavailable {
-                reason: format!("request {e}"),
+                cause: Unavailable::NotQueued(e),
                 last_error: None,
             });
         }

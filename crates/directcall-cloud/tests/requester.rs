@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use directcall_cloud::{Error, Field, Invocation, Options, Prefix, Requester};
+use directcall_cloud::{Error, Field, Invocation, Options, Prefix, Requester, Unavailable};
 use directcall_core::{MessageId, PresenceRoot};
 use directcall_testkit::{
     both_brokers, eventually, now_ms, unique, within, Kind, Raw, Relay, TestBroker,
@@ -501,9 +501,14 @@ async fn without_a_broker_calls_are_unavailable_with_the_cause() {
     let options = Options::new(directcall_core::BrokerOptions::new("127.0.0.1", port))
         .ready_timeout(Duration::from_millis(300));
     let e = Requester::connect(options.clone()).await.unwrap_err();
-    let Error::Unavailable { last_error, .. } = &e else {
+    let Error::Unavailable {
+        cause: Unavailable::NotReady { timeout },
+        last_error,
+    } = &e
+    else {
         panic!("{e:?}")
     };
+    assert_eq!(*timeout, Duration::from_millis(300));
     let cause = last_error.as_ref().expect("the connection error is kept");
     assert!(cause.to_string().contains(&port.to_string()), "{cause}");
     assert!(std::error::Error::source(&e).is_some(), "{e}");
@@ -513,7 +518,16 @@ async fn without_a_broker_calls_are_unavailable_with_the_cause() {
         .invoke(call("car", "m", Value::Null, 1000))
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::Unavailable {
+                cause: Unavailable::NotConnected,
+                last_error: Some(_)
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 /// A seed device on a raw connection: answers every request on the reply

@@ -19,7 +19,7 @@ use directcall_core::{
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::error::Error;
+use crate::error::{Error, Unavailable};
 use crate::handler::{Answer, MethodCall, Router};
 use crate::metrics::Metrics;
 
@@ -347,25 +347,12 @@ pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
         connection_options = connection_options.url_signer(signer);
     }
     let connection = Connection::new(connection_options)?;
-    let shared = Arc::new(Shared {
-        link: connection.link(),
+    let shared = Arc::new(Shared::new(
+        &options,
+        connection.link(),
         router,
-        target: options.target.clone(),
-        skew: options.skew,
-        slots: Arc::new(Semaphore::new(options.max_concurrent)),
-        max_in_flight,
-        seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
-        running: AtomicUsize::new(0),
-        idle: Notify::new(),
-        cut: watch::Sender::new(Cut::No),
-        draining: AtomicBool::new(false),
         presence_topic,
-        any_target: options.any_target,
-        reply_qos: options.reply_qos,
-        subscription_qos: options.subscription_qos,
-        counters: Counters::default(),
-        metrics: Metrics::register(),
-    });
+    ));
     let driver = connection.run(Arc::clone(&shared));
     Ok(Device {
         shared,
@@ -396,10 +383,9 @@ pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Err
         let last_error = device.shared.link.last_error();
         device.abort().await;
         Err(Error::Unavailable {
-            reason: format!(
-                "not connected and subscribed within {} ms",
-                ready_timeout.as_millis()
-            ),
+            cause: Unavailable::NotReady {
+                timeout: ready_timeout,
+            },
             last_error,
         })
     }
@@ -532,6 +518,33 @@ impl Session for Shared {
 }
 
 impl Shared {
+    fn new(
+        options: &DeviceOptions,
+        link: Link,
+        router: Router,
+        presence_topic: Option<String>,
+    ) -> Self {
+        Shared {
+            link,
+            router,
+            target: options.target.clone(),
+            skew: options.skew,
+            slots: Arc::new(Semaphore::new(options.max_concurrent)),
+            max_in_flight: options.max_concurrent + options.max_queued,
+            seen: Mutex::new(RecentIds::new(options.dedup_capacity)),
+            running: AtomicUsize::new(0),
+            idle: Notify::new(),
+            cut: watch::Sender::new(Cut::No),
+            draining: AtomicBool::new(false),
+            presence_topic,
+            any_target: options.any_target,
+            reply_qos: options.reply_qos,
+            subscription_qos: options.subscription_qos,
+            counters: Counters::default(),
+            metrics: Metrics::register(),
+        }
+    }
+
     fn publish_presence(&self, online: bool) {
         if let Some(topic) = &self.presence_topic {
             self.link.publish_or_queue(
@@ -839,5 +852,137 @@ impl Shared {
                 skew,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The drain and the expiry rule without a broker, time on tokio's
+    //! paused clock: exact and instant. The device here has no driver:
+    //! requests are handed to it as the driver would, and its answers queue
+    //! on a connection that is never run.
+    use super::*;
+    use tokio::time::Instant;
+
+    const DRAIN: Duration = Duration::from_millis(1500);
+
+    /// A device serving `router` on target `car`, and the connection its
+    /// answers queue on (kept, so that they can).
+    fn idle_device(router: Router, drain_timeout: Duration) -> (Device, Connection) {
+        let options = DeviceOptions::new(
+            BrokerOptions::new("127.0.0.1", 1),
+            Target::new("car").unwrap(),
+        )
+        .drain_timeout(drain_timeout);
+        let connection = Connection::new(
+            ConnectionOptions::new(options.broker.clone(), "car")
+                .capacity(options.max_concurrent + options.max_queued),
+        )
+        .unwrap();
+        let shared = Arc::new(Shared::new(&options, connection.link(), router, None));
+        let device = Device {
+            shared,
+            driver: None,
+            drain_timeout,
+        };
+        (device, connection)
+    }
+
+    /// Hands the device a request for `method`, sent `age` ago with a 3 s
+    /// budget (or with neither), as the driver would.
+    fn deliver(device: &Arc<Shared>, method: &str, age: Option<Duration>) {
+        let call = CallTopics::new(
+            Target::new("car").unwrap(),
+            Method::new(method).unwrap(),
+            directcall_core::Prefix::default(),
+            MessageId::new(),
+        )
+        .unwrap();
+        let mut payload = json!({"id": call.id().to_string(), "request": null});
+        if let Some(age) = age {
+            let sent = unix_millis(SystemTime::now() - age);
+            payload["timestamp"] = json!(sent.to_string());
+            payload["timeout_ms"] = json!(3000);
+        }
+        device.on_request(&call.request_topic(), payload.to_string().as_bytes(), None);
+    }
+
+    /// (answers sent, requests refused busy, handlers run)
+    fn counts(device: &Shared) -> (u64, u64, u64) {
+        let c = &device.counters;
+        (
+            c.replied.load(Relaxed),
+            c.busy.load(Relaxed),
+            c.executed.load(Relaxed),
+        )
+    }
+
+    fn quick_and_forever() -> Router {
+        Router::new()
+            .method("quick", |_| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok("done")
+            })
+            .method("forever", |_| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok("never")
+            })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_lets_running_handlers_answer_then_answers_the_rest_at_the_drain_timeout() {
+        let (device, _connection) = idle_device(quick_and_forever(), DRAIN);
+        let shared = Arc::clone(&device.shared);
+        deliver(&shared, "quick", None);
+        deliver(&shared, "forever", None);
+        assert_eq!(counts(&shared), (0, 0, 2));
+        let started = Instant::now();
+        let stopping = tokio::spawn(device.shutdown());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Draining: a new request is answered 503 at once, and not run.
+        deliver(&shared, "quick", None);
+        assert_eq!(counts(&shared), (1, 1, 2));
+        // The quick handler finishes within the drain and is answered.
+        tokio::time::sleep_until(started + Duration::from_millis(301)).await;
+        assert_eq!(counts(&shared), (2, 1, 2));
+        // The other is answered (503) at the drain timeout, and only then
+        // does the shutdown end.
+        tokio::time::sleep_until(started + DRAIN - Duration::from_millis(1)).await;
+        assert_eq!(counts(&shared), (2, 1, 2));
+        assert!(!stopping.is_finished());
+        stopping.await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= DRAIN && took < DRAIN + CUT_TIMEOUT, "{took:?}");
+        assert_eq!(counts(&shared), (3, 1, 2));
+        assert_eq!(shared.running.load(Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_as_soon_as_the_running_handlers_are_done() {
+        let (device, _connection) = idle_device(quick_and_forever(), DEFAULT_DRAIN_TIMEOUT);
+        let shared = Arc::clone(&device.shared);
+        deliver(&shared, "quick", None);
+        let started = Instant::now();
+        device.shutdown().await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < DEFAULT_DRAIN_TIMEOUT,
+            "{took:?}"
+        );
+        assert_eq!(counts(&shared), (1, 0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_its_deadline_is_neither_run_nor_answered() {
+        let (device, _connection) = idle_device(quick_and_forever(), DRAIN);
+        let shared = Arc::clone(&device.shared);
+        // Sent 10 s ago with 3 s to go: past them and the 1 s skew. Sent
+        // 2 s ago: within.
+        deliver(&shared, "quick", Some(Duration::from_secs(10)));
+        deliver(&shared, "quick", Some(Duration::from_secs(2)));
+        let s = device.stats();
+        assert_eq!((s.received, s.expired, s.executed), (2, 1, 1));
+        device.shutdown().await;
+        assert_eq!(counts(&shared), (1, 0, 1), "only the one in time answered");
     }
 }

@@ -66,7 +66,7 @@ pub use directcall_core::{
     BrokerOptions, Field, MessageId, Method, MqttVersion, Prefix, PresenceRoot, Target, TlsOptions,
     Transport,
 };
-pub use error::Error;
+pub use error::{Error, Unavailable};
 pub use handler::{
     handler_fn, Answer, Handler, HandlerError, HandlerFn, IntoAnswer, MethodCall, Router,
 };
