@@ -2,7 +2,10 @@
 //! started for each test), with bare MQTT peers as devices: seed devices,
 //! slow ones, hostile ones. No directcall-device here.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use directcall_cloud::{Error, Field, Invocation, Options, Prefix, Requester, Unavailable};
@@ -28,6 +31,41 @@ async fn requester_with(b: &TestBroker, configure: impl FnOnce(Options) -> Optio
 
 async fn requester(b: &TestBroker) -> Requester {
     requester_with(b, |o| o).await
+}
+
+/// Polls `call` once: whether it is still pending (it then waits to be
+/// woken: for its reply, or for an in-flight slot).
+async fn still_pending<F: Future + Unpin>(call: &mut F) -> bool {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *call).poll(cx).is_pending())).await
+}
+
+/// Until `requester` has applied an AWS lifecycle event `aws` publishes for
+/// a device of its own: then every event `aws` published before it has been
+/// applied too (one publisher, one subscription: in order). Published again
+/// until it lands, as the presence subscription may not be in place yet.
+async fn presence_caught_up(requester: &Requester, aws: &Raw) {
+    let marker = unique("marker");
+    let event = json!({"clientId": marker, "timestamp": now_ms(), "eventType": "disconnected", "versionNumber": 0});
+    within(10, async {
+        loop {
+            aws.publish(
+                &format!("$aws/events/presence/disconnected/{marker}"),
+                event.to_string(),
+            )
+            .await;
+            for _ in 0..10 {
+                if requester
+                    .devices()
+                    .iter()
+                    .any(|d| d.target.as_str() == marker)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    })
+    .await;
 }
 
 /// The topic levels of a request a raw device received.
@@ -87,12 +125,18 @@ async fn a_timeout_fires_at_the_deadline(b: TestBroker) {
     let Error::Timeout { elapsed, .. } = e else {
         panic!("expected a timeout, got {e:?}")
     };
+    // Never early. How late is bounded loosely only: on a loaded machine a
+    // wake-up can be late by anything; the exact deadline is the unit
+    // tests' (invoke.rs, on tokio's paused clock).
     assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}");
     assert!(
-        elapsed < Duration::from_millis(1200),
+        elapsed < Duration::from_secs(5),
         "timeout fired late: {elapsed:?}"
     );
-    assert!(started.elapsed() < Duration::from_millis(1300));
+    assert!(
+        started.elapsed() >= elapsed,
+        "elapsed counts from the call's start"
+    );
     let s = r.stats();
     assert_eq!((s.timeouts, s.pending), (1, 0));
 }
@@ -277,21 +321,17 @@ async fn a_call_waiting_for_a_slot_when_shutdown_comes_ends_closed(b: TestBroker
         async move { r.invoke(call(&t, "m", Value::Null, 10_000)).await }
     });
     eventually(10, || r.stats().pending == 1).await;
-    let second = tokio::spawn({
-        let (r, t) = (r.clone(), nobody.clone());
-        async move { r.invoke(call(&t, "m", Value::Null, 3_000)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = Instant::now();
+    // Polled once, the second call is queued for the slot.
+    let mut second = Box::pin(r.invoke(call(&nobody, "m", Value::Null, 30_000)));
+    assert!(still_pending(&mut second).await);
+    let second = tokio::spawn(second);
     within(10, r.shutdown()).await;
     for task in [first, second] {
+        // Waiting out its 30 s deadline would fail `within`, and end as a
+        // timeout.
         let e = within(10, task).await.unwrap().unwrap_err();
         assert!(matches!(e, Error::Closed), "{e:?}");
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the waiting call must not wait out its deadline"
-    );
     assert_eq!(r.stats().timeouts, 0);
 }
 both_brokers!(a_call_waiting_for_a_slot_when_shutdown_comes_ends_closed);
@@ -324,12 +364,11 @@ async fn a_target_recorded_offline_fails_at_once(b: TestBroker) {
     };
     assert_eq!(target.as_str(), car);
     let published = r.stats().published;
-    let started = Instant::now();
+    // At once: far sooner than the call's 30 s deadline.
     assert!(matches!(
-        r.invoke(call(&car, "m", Value::Null, 5000)).await,
+        within(5, r.invoke(call(&car, "m", Value::Null, 30_000))).await,
         Err(Error::Offline { .. })
     ));
-    assert!(started.elapsed() < Duration::from_millis(100));
     assert_eq!(r.stats().published, published, "nothing is published");
     // a target with no record is tried as usual
     let e = r
@@ -388,7 +427,8 @@ async fn aws_lifecycle_events_mark_a_device_offline_on_mosquitto() {
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every late "connected" sent above has been applied (or ignored).
+    presence_caught_up(&r, &aws).await;
     assert!(matches!(
         r.invoke(call(&car, "m", Value::Null, 200)).await,
         Err(Error::Offline { .. })
@@ -572,8 +612,17 @@ async fn fan_out(b: &TestBroker, shared: bool) -> Vec<(u64, u64)> {
             assert_eq!(reply.response, json!([i, n]), "cross-talk");
         }
     }
-    // Let stray deliveries land before counting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    if shared {
+        // Each reply also reaches the two others, as unknown.
+        eventually(10, || {
+            requesters.iter().all(|r| r.stats().dropped_unknown >= 60)
+        })
+        .await;
+    } else {
+        // No reply may stray to another requester: give one the time to
+        // (an absence has no event to wait for).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     device.abort();
     requesters
         .iter()
@@ -665,7 +714,9 @@ async fn a_replica_started_late_knows_from_mirrored_records_who_is_offline() {
     // would learn from the broker's "no matching subscribers" instead).
     let _hole = b.black_hole().await;
     let blind = requester_with(&b, |o| o.aws_presence()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its presence subscription is in place, and would have brought any
+    // retained record.
+    presence_caught_up(&blind, &aws).await;
     let e = blind
         .invoke(call(&car, "m", Value::Null, 200))
         .await
