@@ -10,6 +10,12 @@
 //! a requester of its kind or a hostile peer would be. [`NatsCluster`] and [`RedisServer`]
 //! start private `nats-server` and `redis-server` processes the same way.
 //!
+//! A test that needs a program from outside (a server, a client, a
+//! browser) skips in one way, [`Program::or_skip`]: loudly when it is
+//! missing, and failing under `CI`. A test waits for what it can observe,
+//! never for a fixed time: [`eventually`] and [`wait_for`] poll a
+//! condition, [`within`] bounds an await.
+//!
 //! ```no_run
 //! use directcall_testkit::{within, Kind, Raw, TestBroker};
 //!
@@ -27,6 +33,7 @@ mod embedded;
 mod mosquitto;
 mod nats;
 mod options;
+pub mod program;
 mod raw;
 mod raw_pair;
 mod raw_puback;
@@ -37,12 +44,13 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use embedded::{free_port, BrokerError, EmbeddedBroker};
-pub use mosquitto::{mosquitto_binary, Mosquitto};
-pub use nats::{nats_binary, NatsCluster};
+pub use mosquitto::Mosquitto;
+pub use nats::NatsCluster;
+pub use program::{required, Program};
 pub use raw::Raw;
 pub use raw_pair::{Legs, RawCallError, RawPair, RawPairError};
 pub use raw_puback::RawPuback;
-pub use redis::{redis_binary, RedisServer};
+pub use redis::RedisServer;
 pub use relay::Relay;
 
 use directcall_core::broker::{BrokerOptions, MqttVersion};
@@ -70,21 +78,10 @@ pub struct TestBroker {
     options_v311: BrokerOptions,
 }
 
-/// Whether a missing server must fail the test (under `CI`) rather than
-/// skip it with a loud message.
-pub fn required() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-/// Prints the loud skip message, or panics under `CI`.
-pub fn skip(what: &str, install: &str) {
-    assert!(!required(), "{what} is required in CI ({install})");
-    eprintln!("\n*** SKIPPED: {what} is not installed; `{install}` to run this test ***\n");
-}
-
 impl TestBroker {
-    /// The broker, or `None` (loudly) when Mosquitto is not installed
-    /// outside CI. Panics when it is installed but does not start.
+    /// The broker, or `None` when Mosquitto is not installed and the test
+    /// is skipped ([`Program::or_skip`]). Panics when it is installed but
+    /// does not start, and under `CI` when it is missing.
     pub fn start(kind: Kind) -> Option<Self> {
         match kind {
             // A broker per test: one test's trouble (rumqttd closing a
@@ -102,8 +99,10 @@ impl TestBroker {
                     options_v311: b.options(),
                 })
             }
-            Kind::Mosquitto => match Mosquitto::start("").expect("mosquitto failed to start") {
-                Some(m) => Some(TestBroker {
+            Kind::Mosquitto => {
+                let m = program::MOSQUITTO
+                    .or_skip(Mosquitto::start("").expect("mosquitto failed to start"))?;
+                Some(TestBroker {
                     kind,
                     options: {
                         let mut o = m.options();
@@ -112,12 +111,8 @@ impl TestBroker {
                     },
                     options_v311: m.options(),
                     mosquitto: Some(m),
-                }),
-                None => {
-                    skip("the mosquitto binary", "apt-get install -y mosquitto");
-                    None
-                }
-            },
+                })
+            }
         }
     }
 
@@ -219,6 +214,9 @@ pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
 }
 
+/// How often [`eventually`] and [`wait_for`] look again.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Polls `check` every 10 ms until it returns true, at most `secs` seconds.
 ///
 /// # Panics
@@ -226,10 +224,48 @@ pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
 pub async fn eventually(secs: u64, mut check: impl FnMut() -> bool) {
     within(secs, async {
         while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
     })
     .await;
+}
+
+/// Runs the async `probe` until it returns `Some`, 10 ms apart, at most
+/// `secs` seconds; its value. For conditions only an await can see: an
+/// HTTP answer, a call's outcome, a server that takes connections. What a
+/// probe awaits counts towards `secs`.
+///
+/// ```no_run
+/// use directcall_testkit::wait_for;
+///
+/// # async fn run() {
+/// let stream = wait_for(10, "a listener on 8080", || async {
+///     tokio::net::TcpStream::connect("127.0.0.1:8080").await.ok()
+/// })
+/// .await;
+/// # drop(stream);
+/// # }
+/// ```
+///
+/// # Panics
+/// When `probe` has not returned `Some` within `secs` seconds; the message
+/// names `what` was awaited.
+pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let polls = async {
+        loop {
+            if let Some(value) = probe().await {
+                return value;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(secs), polls)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {secs} s"))
 }
 
 /// Milliseconds since the Unix epoch now.

@@ -21,25 +21,13 @@ pub struct Mosquitto {
     binary: PathBuf,
 }
 
-/// Where the `mosquitto` binary is: `$MOSQUITTO`, then `$PATH`, then
-/// `/usr/sbin` (where Debian puts it, often off a user's `$PATH`).
-pub fn mosquitto_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("MOSQUITTO") {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-}
-
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
 
 impl Mosquitto {
     /// Starts Mosquitto on a free port with `extra` appended to its config
     /// (the listener, `allow_anonymous true` and `set_tcp_nodelay true` are
-    /// always there). `Ok(None)` when the binary is not installed.
+    /// always there). `Ok(None)` when the binary is not installed
+    /// ([`crate::program::MOSQUITTO`]: `$MOSQUITTO`, `$PATH`, `/usr/sbin`).
     ///
     /// # Errors
     /// When it is installed but does not start listening within 5 s.
@@ -54,7 +42,7 @@ impl Mosquitto {
     /// # Errors
     /// When it is installed but does not start listening within 5 s.
     pub fn start_with(tcp_nodelay: bool, extra: &str) -> std::io::Result<Option<Self>> {
-        let Some(binary) = mosquitto_binary() else {
+        let Some(binary) = crate::program::MOSQUITTO.find() else {
             return Ok(None);
         };
         let port = free_port()?;

@@ -12,19 +12,6 @@ use std::time::{Duration, Instant};
 use crate::free_port;
 use directcall_core::broker::BrokerOptions;
 
-/// Where the `nats-server` binary is: `$NATS_SERVER`, then `$PATH`, then
-/// `/usr/sbin` (where Debian puts it).
-pub fn nats_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-}
-
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Debug)]
@@ -52,7 +39,7 @@ impl NatsCluster {
     /// # Errors
     /// When it is installed but a node does not listen within 10 s.
     pub fn start(n: usize) -> std::io::Result<Option<Self>> {
-        let Some(binary) = nats_binary() else {
+        let Some(binary) = crate::program::NATS_SERVER.find() else {
             return Ok(None);
         };
         let dir = std::env::temp_dir().join(format!(

@@ -19,18 +19,6 @@ pub struct RedisServer {
     dir: PathBuf,
 }
 
-/// Where `redis-server` is: `$REDIS_SERVER`, then `$PATH`, then `/usr/bin`.
-pub fn redis_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("REDIS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("redis-server"))
-        .find(|p| p.is_file())
-}
-
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
 
 impl RedisServer {
@@ -40,7 +28,7 @@ impl RedisServer {
     /// # Errors
     /// When it is installed but does not listen within 5 s.
     pub fn start() -> std::io::Result<Option<Self>> {
-        let Some(binary) = redis_binary() else {
+        let Some(binary) = crate::program::REDIS_SERVER.find() else {
             return Ok(None);
         };
         let port = free_port()?;

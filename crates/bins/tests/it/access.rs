@@ -177,17 +177,16 @@ async fn scopes_limits_reload_and_audit() {
     let slow = unique("slow");
     let (router, slow_runs) = counting(800);
     let _slow = device(&b, &slow, router).await;
-    let calls: Vec<_> = (0..3)
-        .map(|i| {
-            let (base, slow) = (base.clone(), slow.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(i * 100)).await;
-                call(&base, "admin-SECRET-0", &slow, "m").await
-            })
-        })
-        .collect();
+    let spawn_call = || {
+        let (base, slow) = (base.clone(), slow.clone());
+        tokio::spawn(async move { call(&base, "admin-SECRET-0", &slow, "m").await })
+    };
+    let running = [spawn_call(), spawn_call()];
+    // The third once both run on the device.
+    eventually(10, || slow_runs.load(SeqCst) == 2).await;
+    let third = spawn_call();
     let mut got = Vec::new();
-    for c in calls {
+    for c in running.into_iter().chain([third]) {
         got.push(c.await.unwrap());
     }
     let codes: Vec<u16> = got.iter().map(|(s, _)| *s).collect();
@@ -208,6 +207,7 @@ async fn scopes_limits_reload_and_audit() {
                 let mut statuses = Vec::new();
                 for _ in 0..10 {
                     statuses.push(call(&base, "ops-SECRET-1", &car, "lock").await.0);
+                    // Paced, so the reload lands among the calls.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 statuses
@@ -232,11 +232,10 @@ async fn scopes_limits_reload_and_audit() {
             "a call was dropped by the reload"
         );
     }
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while call(&base, "ops-SECRET-1", &car, "open_trunk").await.0 != 200 {
-        assert!(std::time::Instant::now() < until, "the reload never took");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(10, "the reload taking effect", || async {
+        (call(&base, "ops-SECRET-1", &car, "open_trunk").await.0 == 200).then_some(())
+    })
+    .await;
 
     // An asynchronous call (202) is audited like any other.
     let (status, accepted) = e2e::post(
@@ -252,8 +251,15 @@ async fn scopes_limits_reload_and_audit() {
     .await;
     assert_eq!(status, 202, "{accepted}");
 
-    // Audit lines: JSON, one per call, with who, what and how it ended.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Audit lines: JSON, one per call, with who, what and how it ended;
+    // the 202's, the last call's, once it is written.
+    eventually(10, || {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["outcome"] == "accepted"))
+    })
+    .await;
     let lines = logs.lock().unwrap().clone();
     let audits: Vec<Value> = lines
         .iter()
@@ -350,7 +356,7 @@ async fn a_bad_credentials_file_is_refused_and_a_bad_reload_keeps_the_old_rules(
     let car = format!("car-{}", unique("y"));
     let (router, _) = counting(0);
     let _car = device(&b, &car, router).await;
-    let (gw, base) = e2e::gateway(&b.url(), &["--credentials", &creds]).await;
+    let (gw, base, logs) = e2e::gateway_logged(&b.url(), &["--credentials", &creds]).await;
     e2e::wait_health(&base, 200).await;
     assert_eq!(call(&base, "ops-SECRET-1", &car, "unlock").await.0, 200);
     write_file(&b, "this is not toml [");
@@ -358,7 +364,13 @@ async fn a_bad_credentials_file_is_refused_and_a_bad_reload_keeps_the_old_rules(
         .args(["-HUP", &gw.child.id().to_string()])
         .status()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(10, || {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("credentials not reloaded"))
+    })
+    .await;
     assert_eq!(
         call(&base, "ops-SECRET-1", &car, "unlock").await.0,
         200,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::e2e;
 use crate::e2e::*;
-use directcall_testkit::{EmbeddedBroker, Mosquitto};
+use directcall_testkit::{program, EmbeddedBroker, Mosquitto};
 use serde_json::{json, Value};
 
 /// A broker of its own for each test: no two tests share a `Device001`.
@@ -31,22 +31,11 @@ fn embedded() -> Broker {
 }
 
 fn mosquitto() -> Option<Broker> {
-    match Mosquitto::start("").expect("mosquitto starts") {
-        Some(m) => Some(Broker {
-            url: m.url(),
-            mosquitto: Some(m),
-        }),
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "mosquitto is required in CI"
-            );
-            eprintln!(
-                "\n*** SKIPPED: mosquitto is not installed (apt-get install -y mosquitto) ***\n"
-            );
-            None
-        }
-    }
+    let m = program::MOSQUITTO.or_skip(Mosquitto::start("").expect("mosquitto starts"))?;
+    Some(Broker {
+        url: m.url(),
+        mosquitto: Some(m),
+    })
 }
 
 async fn reference_example_answers_then_times_out(b: Broker) {
@@ -67,12 +56,14 @@ async fn reference_example_answers_then_times_out(b: Broker) {
         assert!(elapsed_ms(&body) < 3000, "{body}");
         return;
     }
-    // The simulator stopped (no presence record): the caller waits out its 3 s.
+    // The simulator stopped (no presence record): the caller waits out its
+    // 3 s, not less, and not much more (seconds of slack for a loaded
+    // machine).
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["result"], "timeout");
     assert_eq!(body["id"].as_str().unwrap().len(), 36);
     let elapsed = elapsed_ms(&body);
-    assert!((3000..=3200).contains(&elapsed), "elapsed {elapsed} ms");
+    assert!((3000..5000).contains(&elapsed), "elapsed {elapsed} ms");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +344,7 @@ async fn sigterm_lets_calls_in_flight_finish_then_exits_0() {
         let url = format!("{base}{REFERENCE_QUERY}");
         async move { get(&url).await }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_pending(&base, 1).await;
     gw.terminate();
     let (status, body) = in_flight.await.unwrap();
     assert_reference_answer(status, &body);
@@ -885,7 +876,7 @@ fn chrono_like_parse(s: &str) -> std::time::SystemTime {
 /// slow calls, every one is answered, and the report has its figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slow_calls_bench_holds_them_all_and_reports() {
-    if mosquitto().is_none() {
+    if program::MOSQUITTO.require().is_none() {
         return;
     }
     let mut bench = Proc::spawn(

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::common;
-use crate::common::{call, car_router, device, device_with, requester, unique, within, TestBroker};
+use crate::common::{
+    call, car_router, device, device_with, requester, unique, wait_for, within, TestBroker,
+};
 use directcall_cloud::Error;
 use directcall_core::PresenceRoot;
 use directcall_device::Router;
@@ -103,15 +105,13 @@ async fn a_call_to_a_crashed_device_fails_offline_at_once(b: TestBroker) {
         .unwrap();
     assert_eq!(ok.status, 200);
     // The device list: online, since a moment ago.
-    let listed = within(10, async {
-        loop {
-            if let Some(d) = r.devices().into_iter().find(|d| d.target.as_str() == car) {
-                break d;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let listed = {
+        let (r, car) = (&r, car.as_str());
+        wait_for(10, "the device listed", || async move {
+            r.devices().into_iter().find(|d| d.target.as_str() == car)
+        })
+        .await
+    };
     assert!(listed.online, "{listed:?}");
     let mut changes = r.watch_devices();
     // killed without DISCONNECT: the broker publishes its will
@@ -143,13 +143,15 @@ async fn a_call_to_a_crashed_device_fails_offline_at_once(b: TestBroker) {
     let published = r.stats().published;
     let started = Instant::now();
     let e = r
-        .invoke(call(&car, "alarm_off", Value::Null, 5000))
+        .invoke(call(&car, "alarm_off", Value::Null, 10_000))
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Offline { .. }), "{e:?}");
+    // At once: far from the 10 s a call that waited would take.
     assert!(
-        started.elapsed() < Duration::from_millis(100),
-        "offline must not wait out the timeout"
+        started.elapsed() < Duration::from_secs(3),
+        "offline must not wait out the timeout: {:?}",
+        started.elapsed()
     );
     assert_eq!(
         r.stats().published,
@@ -168,15 +170,15 @@ async fn a_call_to_a_crashed_device_fails_offline_at_once(b: TestBroker) {
     }
     // the device comes back: callable again
     let _back = device_with(&b, &car, car_router(), |o| o.presence(root.clone())).await;
-    let reply = within(10, async {
-        loop {
-            if let Ok(reply) = r.invoke(call(&car, "alarm_off", Value::Null, 1000)).await {
-                break reply;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let reply = {
+        let (r, car) = (&r, car.as_str());
+        wait_for(10, "the device callable again", || async move {
+            r.invoke(call(car, "alarm_off", Value::Null, 1000))
+                .await
+                .ok()
+        })
+        .await
+    };
     assert_eq!(reply.response, json!("alarm off"));
 }
 both_brokers!(a_call_to_a_crashed_device_fails_offline_at_once);
@@ -187,11 +189,9 @@ both_brokers!(a_call_to_a_crashed_device_fails_offline_at_once);
 async fn calls_over_websockets() {
     let ws_port = directcall_testkit::free_port().unwrap();
     let extra = format!("listener {ws_port} 127.0.0.1\nprotocol websockets\n");
-    let Some(m) = directcall_testkit::Mosquitto::start(&extra).expect("mosquitto") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "mosquitto is required in CI"
-        );
+    let Some(m) = directcall_testkit::program::MOSQUITTO
+        .or_skip(directcall_testkit::Mosquitto::start(&extra).expect("mosquitto"))
+    else {
         return;
     };
     let ws = directcall_core::BrokerOptions::from_url(&format!("ws://127.0.0.1:{ws_port}/mqtt"))

@@ -5,24 +5,16 @@
 //! Skipped when chromium or chromedriver is missing, except under `CI`,
 //! where that fails (as the Mosquitto tests do).
 
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::e2e;
 use crate::e2e::{gateway, sim, Proc};
-use directcall_testkit::{free_port, Mosquitto};
+use directcall_testkit::{eventually, free_port, program, Mosquitto};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-
-const CHROMIUM: &[&str] = &["/usr/bin/chromium", "/usr/bin/chromium-browser"];
-const CHROMEDRIVER: &[&str] = &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"];
-
-fn first_present(paths: &[&str]) -> Option<String> {
-    paths
-        .iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .map(|p| (*p).to_owned())
-}
 
 /// chromedriver on a free port, and a headless chromium session through it.
 struct Browser {
@@ -56,17 +48,10 @@ mod tempdir {
 
 impl Browser {
     async fn start() -> Option<Browser> {
-        let (Some(chromium), Some(driver)) = (first_present(CHROMIUM), first_present(CHROMEDRIVER))
-        else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "chromium and chromium-driver are required in CI (apt-get install -y chromium chromium-driver)"
-            );
-            eprintln!("\n*** SKIPPED: chromium or chromedriver is not installed (apt-get install -y chromium chromium-driver) ***\n");
-            return None;
-        };
+        let chromium = program::CHROMIUM.require()?;
+        let driver = program::CHROMEDRIVER.require()?;
         let port = free_port().unwrap();
-        let driver = Proc::spawn(&driver, &[&format!("--port={port}")]);
+        let driver = Proc::spawn(driver.to_str().unwrap(), &[&format!("--port={port}")]);
         let url = format!("http://127.0.0.1:{port}");
         let until = Instant::now() + Duration::from_secs(20);
         while directcall_bins::http_client::get(&format!("{url}/status"), &[])
@@ -81,7 +66,7 @@ impl Browser {
         caps.insert(
             "goog:chromeOptions".into(),
             json!({
-                "binary": chromium,
+                "binary": chromium.to_str().unwrap(),
                 "args": [
                     "--headless=new",
                     "--no-sandbox",
@@ -170,18 +155,35 @@ impl Browser {
         self.wait_text("#result-status", |t| !t.is_empty()).await;
     }
 
-    /// Nothing is wider than the window, at `width` × `height`.
+    /// Nothing is wider than the window, at `width` × `height`, once the
+    /// page has taken the new size and laid itself out (within 20 s).
     async fn fits(&self, width: u32, height: u32) {
+        let sizes = "return [document.documentElement.scrollWidth, window.innerWidth];";
+        let inner_before = self.js(sizes).await[1].as_u64().unwrap();
         self.client.set_window_size(width, height).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let sizes = self
-            .js("return [document.documentElement.scrollWidth, window.innerWidth];")
-            .await;
-        let (scroll, inner) = (sizes[0].as_u64().unwrap(), sizes[1].as_u64().unwrap());
-        assert!(
-            scroll <= inner,
-            "at {width}x{height} the page is {scroll} px wide in a {inner} px window"
-        );
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = self.js(sizes).await;
+            let (scroll, inner) = (now[0].as_u64().unwrap(), now[1].as_u64().unwrap());
+            let resized = inner != inner_before || inner <= u64::from(width);
+            if resized && scroll <= inner {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "at {width}x{height} the page is {scroll} px wide in a {inner} px window"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for the page's next two frames: what it drew after the last
+    /// change is on screen.
+    async fn frames_drawn(&self) {
+        self.js_async(
+            "await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))); return true;",
+        )
+        .await;
     }
 }
 
@@ -190,15 +192,13 @@ async fn the_console_in_a_real_browser() {
     let Some(browser) = Browser::start().await else {
         return;
     };
-    let mosquitto = match Mosquitto::start("").expect("mosquitto starts") {
-        Some(m) => m,
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "mosquitto is required in CI"
-            );
-            return;
-        }
+    let Some(mosquitto) =
+        program::MOSQUITTO.or_skip(Mosquitto::start("").expect("mosquitto starts"))
+    else {
+        return;
+    };
+    let Some(curl_path) = program::CURL.require() else {
+        return;
     };
     let url = mosquitto.url();
     let (_open_gw, base) = gateway(&url, &["--delivery-receipts"]).await;
@@ -316,16 +316,10 @@ async fn the_console_in_a_real_browser() {
     b.click("#send").await;
     let problem = b.wait_text("#request-error", |t| !t.is_empty()).await;
     assert!(problem.contains("not valid JSON"), "{problem}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        b.js("return document.querySelectorAll('#log tbody tr').length;")
-            .await,
-        calls_before,
-        "nothing was called"
-    );
 
-    // A call from outside the page, with curl: it appears in the live log.
-    let status = Command::new("curl")
+    // A call from outside the page, with curl: it appears in the live log,
+    // the one row since the invalid request (which called nothing).
+    let status = Command::new(&curl_path)
         .args([
             "-sS",
             "-o",
@@ -341,13 +335,19 @@ async fn the_console_in_a_real_browser() {
         })
         .await;
     assert!(row.contains("ok"), "{row}");
+    assert_eq!(
+        b.js("return document.querySelectorAll('#log tbody tr').length;")
+            .await,
+        json!(calls_before.as_u64().unwrap() + 1),
+        "nothing was called for the invalid request"
+    );
 
     // Pausing holds new calls back; resuming shows them.
     b.click("#pause").await;
     let shown = b
         .js("return document.querySelectorAll('#log tbody tr').length;")
         .await;
-    let _ = Command::new("curl")
+    let _ = Command::new(&curl_path)
         .args([
             "-sS",
             "-o",
@@ -407,9 +407,15 @@ async fn the_console_in_a_real_browser() {
         .await;
     assert_eq!(points, json!(2), "two charts drawn");
 
-    // A screenshot for docs/console.md: 1280 wide, tall enough for all.
+    // A screenshot for docs/console.md: 1280 wide, tall enough for all,
+    // once the page has taken the size and drawn.
     b.client.set_window_size(1280, 1500).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while b.js("return window.innerHeight;").await.as_u64().unwrap() <= 800 {
+        assert!(Instant::now() < until, "the window never grew");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.frames_drawn().await;
     let png = b.client.screenshot().await.expect("a screenshot");
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console.png");
     std::fs::write(&shot, &png).unwrap();
@@ -478,37 +484,92 @@ async fn the_console_in_a_real_browser() {
     browser.client.close().await.unwrap();
 }
 
-/// The first `hello` event of `/v1/events`, read with curl for `secs`.
-fn hello(base: &str, token: &str, secs: u32) -> (Value, String) {
-    let out = Command::new("curl")
-        .args([
-            "-sN",
-            "--max-time",
-            &secs.to_string(),
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-            &format!("{base}/v1/events"),
-        ])
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let data = text
-        .split("\n\n")
-        .find(|e| e.starts_with("event: hello"))
-        .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
-        .unwrap_or_else(|| panic!("no hello in {text:?}"));
-    (serde_json::from_str(data).unwrap(), text)
+/// `/v1/events` read with curl, line by line, until [`Events::close`].
+struct Events {
+    curl: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Events {
+    /// The stream, as the credential of `token` (or none) sees it.
+    fn open(curl: &Path, base: &str, token: Option<&str>) -> Events {
+        let mut command = Command::new(curl);
+        command.args(["-sN", "--max-time", "60"]);
+        if let Some(token) = token {
+            command.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        let mut curl = command
+            .arg(format!("{base}/v1/events"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl runs");
+        let out = curl.stdout.take().unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let reader = std::thread::spawn({
+            let lines = Arc::clone(&lines);
+            move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            }
+        });
+        Events {
+            curl,
+            lines,
+            reader,
+        }
+    }
+
+    /// How many lines read so far are `line`.
+    fn count(&self, line: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == line)
+            .count()
+    }
+
+    /// Waits until `n` lines read are `line`, within 10 s.
+    async fn wait_count(&self, line: &str, n: usize) {
+        eventually(10, || self.count(line) >= n).await;
+    }
+
+    /// The data of the first event named `name` read so far.
+    fn data(&self, name: &str) -> Option<Value> {
+        let lines = self.lines.lock().unwrap();
+        let at = lines.iter().position(|l| *l == format!("event: {name}"))?;
+        let data = lines.get(at + 1)?.strip_prefix("data: ")?;
+        serde_json::from_str(data).ok()
+    }
+
+    /// The data of the `hello` event, once it came (within 10 s).
+    async fn hello(&self) -> Value {
+        eventually(10, || self.data("hello").is_some()).await;
+        self.data("hello").unwrap()
+    }
+
+    /// Ends the stream; everything read, as curl printed it.
+    fn close(mut self) -> String {
+        let _ = self.curl.kill();
+        let _ = self.curl.wait();
+        self.reader.join().unwrap();
+        self.lines.lock().unwrap().join("\n")
+    }
 }
 
 /// A scoped credential sees only the targets its rules name and the calls
 /// it could have made, in the device list and in the event stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_credential_sees_only_its_own_devices_and_calls() {
-    let Some(mosquitto) = Mosquitto::start("").expect("mosquitto starts") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "mosquitto is required in CI"
-        );
+    let Some(mosquitto) =
+        program::MOSQUITTO.or_skip(Mosquitto::start("").expect("mosquitto starts"))
+    else {
+        return;
+    };
+    let Some(curl) = program::CURL.require() else {
         return;
     };
     let url = mosquitto.url();
@@ -562,21 +623,23 @@ async fn a_scoped_credential_sees_only_its_own_devices_and_calls() {
 
     // Live: a call made while both streams are open reaches only the
     // credential that could have made it.
-    let streams: Vec<_> = ["fleet-secret", "cars-secret"]
-        .into_iter()
-        .map(|token| {
-            let base = base.clone();
-            std::thread::spawn(move || hello(&base, token, 4).1)
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fleet_events = Events::open(&curl, &base, Some("fleet-secret"));
+    let cars_events = Events::open(&curl, &base, Some("cars-secret"));
+    fleet_events.hello().await;
+    cars_events.hello().await;
     let (status, _) = e2e::get_with(
         &format!("{base}/invoke?request=r&method=lock&target=Device001&timeout=3"),
         &fleet,
     )
     .await;
     assert_eq!(status, 200);
-    let texts: Vec<String> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    fleet_events.wait_count("event: calls", 1).await;
+    // A stream sends a call 100 ms after it came, in its turn between the
+    // per-second events: two of those later, the cars stream would have
+    // sent it too.
+    let seconds = cars_events.count("event: seconds");
+    cars_events.wait_count("event: seconds", seconds + 2).await;
+    let texts = [fleet_events.close(), cars_events.close()];
     let live = texts[0]
         .split("\n\n")
         .find(|e| e.starts_with("event: calls"))
@@ -585,17 +648,19 @@ async fn a_scoped_credential_sees_only_its_own_devices_and_calls() {
     assert!(live.contains(r#""more":0"#), "{live}");
     assert!(!texts[1].contains("event: calls"), "{}", texts[1]);
 
-    let (mine, _) = hello(&base, "fleet-secret", 2);
+    let events = Events::open(&curl, &base, Some("fleet-secret"));
+    let mine = events.hello().await;
+    events.close();
     assert_eq!(mine["calls"][0]["method"], "unlock", "{mine}");
     assert_eq!(mine["calls"][0]["credential"], "fleet", "{mine}");
     assert_eq!(mine["devices"][0]["target"], "Device001", "{mine}");
-    let (theirs, text) = hello(&base, "cars-secret", 3);
+    let events = Events::open(&curl, &base, Some("cars-secret"));
+    let theirs = events.hello().await;
+    // The per-second totals come once a second.
+    events.wait_count("event: seconds", 1).await;
+    let text = events.close();
     assert_eq!(theirs["calls"], json!([]), "{theirs}");
     assert_eq!(theirs["devices"], json!([]), "{theirs}");
-    assert!(
-        text.contains("event: seconds"),
-        "the per-second totals come once a second: {text}"
-    );
     assert!(!text.contains("Device001"), "{text}");
     // Never a secret in the stream.
     assert!(!text.contains("secret"), "{text}");
@@ -634,24 +699,19 @@ async fn no_console_serves_none_of_it() {
 /// streams, and the gateway exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_open_event_streams() {
+    let Some(curl) = program::CURL.require() else {
+        return;
+    };
     let broker = directcall_testkit::EmbeddedBroker::start(None).unwrap();
     let (mut gw, base) = gateway(&broker.url(), &[]).await;
-    let mut reader = Command::new("curl")
-        .args(["-sN", "--max-time", "60", &format!("{base}/v1/events")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("curl runs");
-    // The stream is open once the first per-second event came.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let events = Events::open(&curl, &base, None);
+    // The stream is open once its first event came.
+    events.hello().await;
     gw.terminate();
     let status = gw.wait_exit(15);
     assert!(status.success(), "{status:?}");
-    let out = tokio::task::spawn_blocking(move || {
-        let _ = reader.kill();
-        reader.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = tokio::task::spawn_blocking(move || events.close())
+        .await
+        .unwrap();
     assert!(text.starts_with("event: hello"), "{text}");
 }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common;
-use crate::common::{call, car_router, device, requester, unique, within, Kind, TestBroker};
+use crate::common::{
+    call, car_router, device, eventually, requester, unique, wait_for, within, Kind, TestBroker,
+};
 use crate::e2e;
 use directcall_cloud::Error;
 use directcall_device::Router;
@@ -75,12 +77,18 @@ async fn the_broker_killed_under_load_loses_no_call() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answered = |after: Option<Instant>| {
+        let s = successes.lock().unwrap();
+        s.iter().filter(|t| after.is_none_or(|a| **t > a)).count()
+    };
+    eventually(10, || answered(None) >= 50).await;
     b.mosquitto.as_mut().unwrap().kill();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Down a while: the scenario. Longer than the lateness allowed below,
+    // so a call held until the broker's return would show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     b.mosquitto.as_mut().unwrap().restart().unwrap();
     let back = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    eventually(15, || answered(Some(back)) >= 50).await;
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         within(10, w).await.unwrap();
@@ -95,7 +103,7 @@ async fn the_broker_killed_under_load_loses_no_call() {
     assert_eq!(outcomes.get("other"), None, "{outcomes:?}");
     let late = *worst_late.lock().unwrap();
     assert!(
-        late < Duration::from_millis(300),
+        late < Duration::from_secs(1),
         "a call waited {late:?} past its deadline"
     );
     assert_eq!(r.stats().pending, 0);
@@ -107,8 +115,9 @@ async fn the_broker_killed_under_load_loses_no_call() {
         .find(|t| *t > back)
         .expect("calls succeed again");
     let recovery = first_after - back;
+    // Reconnects back off 500 ms at most here: seconds is far off.
     assert!(
-        recovery < Duration::from_secs(2),
+        recovery < Duration::from_secs(5),
         "first success {recovery:?} after the broker's return"
     );
     assert!(dev.is_connected() && r.is_connected());
@@ -133,12 +142,7 @@ async fn a_device_restarted_mid_call_costs_that_call_only() {
         let (r, car) = (r.clone(), car.clone());
         async move { r.invoke(call(&car, "slow", Value::Null, 2000)).await }
     });
-    within(10, async {
-        while dev.stats().executed == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    eventually(10, || dev.stats().executed == 1).await;
     dev.abort().await;
     let _again = device(&b, &car, slow()).await;
     let e = within(10, in_flight).await.unwrap().unwrap_err();
@@ -157,7 +161,7 @@ async fn a_device_slower_than_the_deadline_times_out_on_time_and_its_reply_is_dr
     };
     let car = unique("car");
     let router = Router::new().method("slow", |_| async {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         Ok(json!("too late"))
     });
     // The device trusts no clock here, so it runs the request and answers late.
@@ -169,16 +173,11 @@ async fn a_device_slower_than_the_deadline_times_out_on_time_and_its_reply_is_dr
     let Error::Timeout { elapsed, .. } = e else {
         panic!("{e:?}")
     };
-    assert!(
-        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(600),
-        "{elapsed:?}"
-    );
-    within(10, async {
-        while r.stats().dropped_late == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    // On time: not before the deadline, and before the answer that comes
+    // 1.5 s after the request (which would have completed the call).
+    assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+    assert_eq!(r.stats().dropped_late, 0, "the answer came first");
+    eventually(10, || r.stats().dropped_late == 1).await;
     assert_eq!((r.stats().dropped_late, r.stats().pending), (1, 0));
 }
 
@@ -191,20 +190,27 @@ async fn sigterm_under_load_finishes_calls_in_flight_and_refuses_new_ones() {
     // Many calls to one device at once: no per-target bound here.
     let (mut gw, base) = e2e::gateway(&url, &["--max-in-flight-per-target", "0"]).await;
     e2e::wait_health(&base, 200).await;
-    let _sim = e2e::sim(&url, &["--latency-ms", "800"]);
+    let _sim = e2e::sim(&url, &["--latency-ms", "1500"]);
     let calls: Vec<_> = (0..20)
         .map(|i| {
             let url = format!("{base}/invoke?request={i}&method=m&target=Device001&timeout=5");
             tokio::spawn(async move { e2e::get(&url).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    e2e::wait_pending(&base, 20).await;
     gw.terminate();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = directcall_bins::http_client::get(&format!("{base}/healthz"), &[]).await;
+    // New connections are refused while the calls are still in flight.
+    let healthz = format!("{base}/healthz");
+    wait_for(10, "new connections refused", || async {
+        directcall_bins::http_client::get(&healthz, &[])
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
     assert!(
-        refused.is_err(),
-        "a new connection was accepted after SIGTERM: {refused:?}"
+        calls.iter().any(|c| !c.is_finished()),
+        "refused only once every call had finished"
     );
     for c in calls {
         let (status, body) = within(10, c).await.unwrap();

@@ -14,7 +14,7 @@ use directcall_cloud::gateway::{self, Gateway};
 use directcall_cloud::{Error, Options, Prefix, PresenceRoot, Requester};
 use directcall_core::{BrokerOptions, MessageId, Target};
 use directcall_device::{serve, Device, DeviceOptions, Router};
-use directcall_testkit::{skip, Mosquitto, NatsCluster};
+use directcall_testkit::{eventually, program, wait_for, Mosquitto, NatsCluster, Raw};
 use serde_json::{json, Value};
 
 /// A gateway in this process on a free port: its base URL and requester.
@@ -81,10 +81,9 @@ async fn get_json(conn: &mut Connection, path: &str) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_and_a_device_fail_over_to_the_next_broker_and_say_so() {
     let (Some(mut first), Some(second)) = (
-        Mosquitto::start("").expect("mosquitto"),
+        program::MOSQUITTO.or_skip(Mosquitto::start("").expect("mosquitto")),
         Mosquitto::start("").expect("mosquitto"),
     ) else {
-        skip("the mosquitto binary", "apt-get install -y mosquitto");
         return;
     };
     let mut both = BrokerOptions::from_urls([first.url().as_str(), second.url().as_str()]).unwrap();
@@ -150,22 +149,16 @@ async fn a_gateway_and_a_device_fail_over_to_the_next_broker_and_say_so() {
     assert!(ledger.lock().unwrap().values().all(|n| *n == 1));
 }
 
-/// The cluster, ready for subscriptions, or `None` (loudly) without the binary.
+/// The cluster, ready for subscriptions, or `None` when the test is
+/// skipped for want of the binary.
 async fn cluster() -> Option<NatsCluster> {
-    match NatsCluster::start(3).expect("nats-server starts") {
-        Some(c) => {
-            assert!(
-                c.wait_ready(Duration::from_secs(30)).await,
-                "the NATS cluster never took subscriptions: {}",
-                c.log(0)
-            );
-            Some(c)
-        }
-        None => {
-            skip("the nats-server binary", "apt-get install -y nats-server");
-            None
-        }
-    }
+    let c = program::NATS_SERVER.or_skip(NatsCluster::start(3).expect("nats-server starts"))?;
+    assert!(
+        c.wait_ready(Duration::from_secs(30)).await,
+        "the NATS cluster never took subscriptions: {}",
+        c.log(0)
+    );
+    Some(c)
 }
 
 #[derive(Debug, Clone)]
@@ -201,9 +194,9 @@ async fn a_nats_node_killed_under_load() {
     }
     let bases: Arc<Vec<String>> = Arc::new(gateways.iter().map(|(b, _)| b.clone()).collect());
     let start = Instant::now();
-    let kill_at = Duration::from_secs(2);
-    // The load runs until gateway 1 and car-1 (on the killed node) have
-    // answered again, and 2 s more; never longer than 45 s.
+    // The load runs from before the kill until gateway 1 and car-1 (on the
+    // killed node) have answered again, and 2 s more; never longer than
+    // 45 s.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -245,18 +238,26 @@ async fn a_nats_node_killed_under_load() {
             }
         }));
     }
-    tokio::time::sleep(kill_at).await;
+    // Under load: every gateway and every device answering.
+    eventually(20, || {
+        let o = outcomes.lock().unwrap();
+        (0..3).all(|k| {
+            o.iter()
+                .any(|o| o.status == 200 && o.gateway == k && o.target == k)
+        })
+    })
+    .await;
     nats.kill(1);
     let killed = start.elapsed();
     // When the surviving nodes take new MQTT connections again: NATS's own
     // recovery (a JetStream leader on the killed node costs an election).
-    let nats_back = within(45, async {
-        while !nats.accepts_mqtt(2).await {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        start.elapsed() - killed
-    })
-    .await;
+    let nats_back = {
+        let nats = &nats;
+        wait_for(45, "a surviving node taking connections", || async move {
+            nats.accepts_mqtt(2).await.then(|| start.elapsed() - killed)
+        })
+        .await
+    };
     let back = |outcomes: &[Outcome], pick: &dyn Fn(&Outcome) -> bool| {
         outcomes
             .iter()
@@ -264,19 +265,12 @@ async fn a_nats_node_killed_under_load() {
             .map(|o| o.sent + o.took - killed)
             .min()
     };
-    within(45, async {
-        loop {
-            {
-                let o = outcomes.lock().unwrap();
-                if back(&o, &|o| o.gateway == 1).is_some() && back(&o, &|o| o.target == 1).is_some()
-                {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    eventually(45, || {
+        let o = outcomes.lock().unwrap();
+        back(&o, &|o| o.gateway == 1).is_some() && back(&o, &|o| o.target == 1).is_some()
     })
     .await;
+    // The load goes on a while after the recovery: the scenario.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
@@ -293,8 +287,10 @@ async fn a_nats_node_killed_under_load() {
             "a call ended {} ({o:?})",
             o.status
         );
+        // Seconds past it, for a loaded machine; a call held through the
+        // JetStream election (10 to 15 s) would be far beyond.
         assert!(
-            o.took <= Duration::from_millis(2500),
+            o.took < Duration::from_secs(2 + 3),
             "a call outlived its 2 s deadline: {o:?}"
         );
     }
@@ -323,15 +319,12 @@ async fn a_nats_node_killed_under_load() {
         "a request ran twice"
     );
     // Nothing left pending anywhere.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(10, || gateways.iter().all(|(_, r)| r.stats().pending == 0)).await;
     let duplicates: Vec<u64> = gateways
         .iter()
         .map(|(_, r)| r.stats().dropped_duplicate)
         .collect();
     println!("replies the broker delivered twice, dropped: {duplicates:?}");
-    for (_, r) in &gateways {
-        assert_eq!(r.stats().pending, 0);
-    }
     drop(devices);
 }
 
@@ -348,16 +341,17 @@ async fn on_nats_names_with_a_dot_are_refused_clearly_and_presence_reaches_late_
     )
     .await
     .unwrap();
-    let e = within(10, async {
-        loop {
-            // The probe's answer comes right after the connection is ready.
+    let e = {
+        let r = &r;
+        // The probe's answer comes right after the connection is ready.
+        wait_for(10, "the dotted name refused", || async move {
             match r.invoke(call("car.1", "m", Value::Null, 300)).await {
-                Err(e @ Error::Invalid { .. }) => break e,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e @ Error::Invalid { .. }) => Some(e),
+                _ => None,
             }
-        }
-    })
-    .await;
+        })
+        .await
+    };
     assert!(e.to_string().contains("contains '.'"), "{e}");
     assert!(r.is_connected(), "the connection is intact");
     // A device whose own name has a dot cannot subscribe: a clear error.
@@ -394,7 +388,21 @@ async fn on_nats_names_with_a_dot_are_refused_clearly_and_presence_reaches_late_
     .await
     .unwrap();
     crashed.abort().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Started once node 2 holds the will as the retained record: what a
+    // new subscriber there is sent first.
+    let record = root.topic(&Target::new("car-x").unwrap());
+    wait_for(20, "the will retained on node 2", || {
+        let (broker, record) = (nats.options(2), record.clone());
+        async move {
+            let mut watcher = Raw::connect(&broker, &unique("watcher")).await;
+            watcher.subscribe(&record).await;
+            let first = tokio::time::timeout(Duration::from_secs(2), watcher.next()).await;
+            first
+                .is_ok_and(|(_, retained)| retained == json!({"online": false}))
+                .then_some(())
+        }
+    })
+    .await;
     let (base, _late) = gateway(nats.options_from(2), Some(root)).await;
     let mut conn = Connection::open(&base).await.unwrap();
     let status = within(15, async {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::common;
-use crate::common::{requester, unique, within, Raw, TestBroker};
+use crate::common::{eventually, requester, unique, within, Raw, TestBroker};
 use crate::e2e;
 use crate::e2e::{gateway, get, post, wait_health};
 use directcall_cloud::Invocation;
@@ -268,14 +268,10 @@ async fn hostile_replies_are_dropped_and_counted() {
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert_eq!(reply.response, json!("alarm off"));
     }
-    within(10, async {
-        while {
-            let s = r.stats();
-            s.dropped_malformed + s.dropped_mismatched + s.dropped_unknown + s.dropped_oversized
-        } < 20 * 7
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(10, || {
+        let s = r.stats();
+        s.dropped_malformed + s.dropped_mismatched + s.dropped_unknown + s.dropped_oversized
+            >= 20 * 7
     })
     .await;
     let s = r.stats();

@@ -13,6 +13,7 @@ use crate::e2e;
 use directcall_cloud::{Error, MqttVersion};
 use directcall_core::BrokerOptions;
 use directcall_device::{DeviceOptions, Router};
+use directcall_testkit::program;
 use serde_json::{json, Value};
 
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -124,9 +125,10 @@ async fn a_publish_the_broker_refuses_ends_the_call_with_the_reason() {
         "topic read #\ntopic write Allowed/#\ntopic write +/+/+/+/ack\n",
     )
     .unwrap();
-    let Some(m) = directcall_testkit::Mosquitto::start(&format!("acl_file {}\n", acl.display()))
-        .expect("mosquitto starts")
-    else {
+    let Some(m) = program::MOSQUITTO.or_skip(
+        directcall_testkit::Mosquitto::start(&format!("acl_file {}\n", acl.display()))
+            .expect("mosquitto starts"),
+    ) else {
         return;
     };
     let mut broker = BrokerOptions::from_url(&m.url()).unwrap();
@@ -209,29 +211,41 @@ async fn an_expired_request_never_reaches_a_device_that_comes_back_late() {
         matches!(e, Error::Timeout { .. }),
         "the session keeps the subscription, so the broker accepts the request: {e:?}"
     );
+    // Away a while longer: the scenario. Mosquitto keeps expiry in whole
+    // seconds, so a 1 s expiry may take up to 2 s to pass.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let back = within(15, directcall_device::serve(router.clone(), options()))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(ran.load(SeqCst), 0, "an expired request was delivered");
-    assert_eq!(back.stats().received, 0, "an expired request was delivered");
+    // A request the broker held would be delivered on reconnecting, before
+    // anything published after it: once a fresh call is answered, the
+    // expired one would have arrived.
+    let control = within(10, r.invoke(call(&car, "unlock", json!("control"), 5000)))
+        .await
+        .unwrap();
+    assert_eq!(control.response, json!("unlocked"));
+    assert_eq!(ran.load(SeqCst), 1, "an expired request was delivered");
+    assert_eq!(back.stats().received, 1, "an expired request was delivered");
     back.abort().await;
 
     // Within the deadline: the broker delivers the queued request when the
-    // device is back, and the caller gets its answer.
+    // device is back, and the caller gets its answer. A spy sees the
+    // request once the broker has it, and so has queued it for the device.
+    let mut spy = Raw::connect(&b.options_v311(), &unique("spy")).await;
+    spy.subscribe(&format!("{car}/#")).await;
     let pending = tokio::spawn({
         let r = r.clone();
         let car = car.clone();
         async move { r.invoke(call(&car, "unlock", json!("now"), 20_000)).await }
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (topic, _) = spy.next_raw().await;
+    assert!(topic.starts_with(&format!("{car}/unlock/")), "{topic}");
     let back = within(15, directcall_device::serve(router, options()))
         .await
         .unwrap();
     let reply = within(20, pending).await.unwrap().unwrap();
     assert_eq!((reply.status, reply.response), (200, json!("unlocked")));
-    assert_eq!(ran.load(SeqCst), 1);
+    assert_eq!(ran.load(SeqCst), 2);
     back.shutdown().await;
 }
 
@@ -240,8 +254,7 @@ async fn an_expired_request_never_reaches_a_device_that_comes_back_late() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_rr_gets_an_answer_from_a_directcall_device() {
     let Some(b) = mosquitto() else { return };
-    let Some(rr) = which("mosquitto_rr") else {
-        directcall_testkit::skip("mosquitto_rr", "apt-get install -y mosquitto-clients");
+    let Some(rr) = program::MOSQUITTO_RR.require() else {
         return;
     };
     let router = Router::new().method("windows_down", |call| async move {
@@ -272,10 +285,10 @@ async fn mosquitto_rr_gets_an_answer_from_a_directcall_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_request_gets_its_correlation_data_back() {
     let Some(b) = mosquitto() else { return };
-    let Some(pub_bin) = which("mosquitto_pub") else {
+    let Some(pub_bin) = program::MOSQUITTO_PUB.require() else {
         return;
     };
-    let Some(sub_bin) = which("mosquitto_sub") else {
+    let Some(sub_bin) = program::MOSQUITTO_SUB.require() else {
         return;
     };
     let dev = device_on(
@@ -286,19 +299,19 @@ async fn a_plain_request_gets_its_correlation_data_back() {
     .await;
     let port = b.options().endpoints[0].port.to_string();
     let reply_topic = unique("replies");
-    let sub = {
-        let (port, topic) = (port.clone(), reply_topic.clone());
-        std::process::Command::new(sub_bin)
-            .args(["-V", "5", "-h", "127.0.0.1", "-p", &port, "-t", &topic])
-            .args(["-C", "1", "-W", "10", "-F", "%D %p"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let publish = |props: &[&str]| {
+    let publish = |topic: &str, props: &[&str]| {
         let mut c = std::process::Command::new(&pub_bin);
-        c.args([
+        c.args(["-V", "5", "-h", "127.0.0.1", "-p", &port, "-t", topic]);
+        for p in props {
+            c.arg(p);
+        }
+        assert!(c.status().unwrap().success());
+    };
+    // A retained marker on the reply topic: the subscriber's first line,
+    // printed once its subscription is in place.
+    publish(&reply_topic, &["-r", "-m", "subscribed"]);
+    let mut sub = std::process::Command::new(sub_bin)
+        .args([
             "-V",
             "5",
             "-h",
@@ -306,33 +319,57 @@ async fn a_plain_request_gets_its_correlation_data_back() {
             "-p",
             &port,
             "-t",
-            "VIN9/ping",
+            &reply_topic,
+        ])
+        .args(["-C", "2", "-W", "10", "-F", "%D %p"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(sub.stdout.take().unwrap());
+    let next_line = || {
+        lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("mosquitto_sub prints within 10 s")
+    };
+    assert_eq!(next_line().trim(), "subscribed");
+    // No response topic: not a request (the seed shape needs four levels).
+    publish("VIN9/ping", &["-m", "x"]);
+    eventually(5, || dev.stats().malformed == 1).await;
+    publish(
+        "VIN9/ping",
+        &[
             "-m",
             "x",
-        ]);
-        for p in props {
-            c.arg(p);
+            "-D",
+            "publish",
+            "response-topic",
+            &reply_topic,
+            "-D",
+            "publish",
+            "correlation-data",
+            "abc-123",
+        ],
+    );
+    assert_eq!(
+        next_line().trim(),
+        r#"abc-123 {"response":"pong","status":200}"#
+    );
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
+
+/// The lines `out` prints, read on a thread of their own.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        assert!(c.status().unwrap().success());
-    };
-    // No response topic: not a request (the seed shape needs four levels).
-    publish(&[]);
-    eventually(5, || dev.stats().malformed == 1).await;
-    publish(&[
-        "-D",
-        "publish",
-        "response-topic",
-        &reply_topic,
-        "-D",
-        "publish",
-        "correlation-data",
-        "abc-123",
-    ]);
-    let out = tokio::task::spawn_blocking(move || sub.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    let line = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(line.trim(), r#"abc-123 {"response":"pong","status":200}"#);
+    });
+    rx
 }
 
 /// A version 5 requester calls a device that speaks only the seed's 3.1.1
@@ -419,14 +456,6 @@ async fn a_malformed_traceparent_is_refused_by_the_library() {
     assert_eq!(r.stats().published, 0);
 }
 
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
 /// The embedded rumqttd 0.20 on its MQTT 5 listener: calls, Response Topic
 /// and user properties work; its PUBACK never says "no matching
 /// subscribers", so a call nobody serves waits out its deadline there. What
@@ -466,8 +495,9 @@ async fn on_the_embedded_broker_mqtt_5_calls_work_without_no_subscriber_pubacks(
 /// and says so, rather than waiting silently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_refuses_mqtt_5_and_the_requester_says_why() {
-    let Some(nats) = directcall_testkit::NatsCluster::start(1).expect("nats-server starts") else {
-        directcall_testkit::skip("nats-server", "apt-get install -y nats-server");
+    let Some(nats) = program::NATS_SERVER
+        .or_skip(directcall_testkit::NatsCluster::start(1).expect("nats-server starts"))
+    else {
         return;
     };
     let mut broker = nats.options(0);

@@ -95,10 +95,9 @@ both_brokers!(a_late_answer_is_kept_on_the_record);
 async fn records_expire_after_their_retention() {
     let b = TestBroker::start(Kind::Embedded).unwrap();
     let _hole = b.black_hole().await;
-    let r = requester_with(&b, |o| {
-        o.record_calls(RecordOptions::new(Duration::from_millis(800), 100))
-    })
-    .await;
+    const RETENTION: Duration = Duration::from_millis(800);
+    let r = requester_with(&b, |o| o.record_calls(RecordOptions::new(RETENTION, 100))).await;
+    let before = std::time::Instant::now();
     let Err(Error::Timeout { id, .. }) = r
         .invoke(call(&unique("nobody"), "m", Value::Null, 100))
         .await
@@ -106,8 +105,9 @@ async fn records_expire_after_their_retention() {
         panic!("expected a timeout")
     };
     assert_eq!(r.call_record(&id).unwrap().state, CallState::TimedOut);
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    assert!(r.call_record(&id).is_none(), "kept past its retention");
+    eventually(10, || r.call_record(&id).is_none()).await;
+    // Gone, and not before its retention (counted from the call's start).
+    assert!(before.elapsed() >= RETENTION, "{:?}", before.elapsed());
 }
 
 /// Through the gateway: the 504 names the record, `GET /v1/calls/{id}`
@@ -137,15 +137,11 @@ async fn the_gateway_serves_records_and_late_answers() {
     let (status, record) = e2e::get_with(&record_url, &auth).await;
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["state"], "timed_out", "{record}");
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    let record = loop {
+    let record = wait_for(10, "the late answer on the record", || async {
         let (_, record) = e2e::get_with(&record_url, &auth).await;
-        if record["state"] == "answered_late" {
-            break record;
-        }
-        assert!(std::time::Instant::now() < until, "{record}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (record["state"] == "answered_late").then_some(record)
+    })
+    .await;
     assert_eq!(record["status"], 200);
     assert_eq!(record["response"], json!("done: \"open\""));
     assert_eq!(
@@ -173,18 +169,10 @@ async fn the_gateway_serves_records_and_late_answers() {
     );
 
     // Past the 4 s retention: gone.
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _) = e2e::get_with(&record_url, &auth).await;
-        if status == 404 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "the record never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for(10, "the record expired", || async {
+        (e2e::get_with(&record_url, &auth).await.0 == 404).then_some(())
+    })
+    .await;
 }
 
 /// `Prefer: respond-async`: 202 at once with `Location`, then the record

@@ -5,20 +5,16 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 use crate::e2e;
 use directcall_device::Router;
-use directcall_testkit::{skip, RedisServer};
+use directcall_testkit::{program, RedisServer};
 use serde_json::json;
 
 fn redis() -> Option<RedisServer> {
-    let r = RedisServer::start().expect("redis-server starts");
-    if r.is_none() {
-        skip("redis-server", "apt-get install -y redis-server");
-    }
-    r
+    program::REDIS_SERVER.or_skip(RedisServer::start().expect("redis-server starts"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,15 +54,12 @@ async fn two_replicas_share_records_and_keys_through_redis() {
     let call = body["call"].as_str().unwrap().to_owned();
     let (status, record) = e2e::get(&format!("{bb}{call}?wait=5")).await;
     assert_eq!(status, 200, "{record}");
-    let until = Instant::now() + Duration::from_secs(10);
-    let record = loop {
-        let (_, record) = e2e::get(&format!("{bb}{call}")).await;
-        if record["state"] == "answered_late" {
-            break record;
-        }
-        assert!(Instant::now() < until, "{record}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let record_url = format!("{bb}{call}");
+    let record = wait_for(10, "the late answer on the record", || async {
+        let (_, record) = e2e::get(&record_url).await;
+        (record["state"] == "answered_late").then_some(record)
+    })
+    .await;
     assert_eq!(record["response"], json!({"unlocked": "late"}));
     assert_eq!(runs.load(SeqCst), 1);
 
@@ -90,7 +83,8 @@ async fn two_replicas_share_records_and_keys_through_redis() {
         }
     };
     let first = tokio::spawn(send(a.clone(), "door"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The retry goes once the first runs on the device.
+    eventually(10, || runs.load(SeqCst) == 2).await;
     let retry = send(bb.clone(), "door").await;
     let first = first.await.unwrap();
     assert_eq!(
@@ -112,15 +106,10 @@ async fn two_replicas_share_records_and_keys_through_redis() {
     assert_eq!(other.status, 409, "{}", other.body);
 
     // Records expire in Redis too (6 s retention).
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (status, _) = e2e::get(&format!("{bb}{call}")).await;
-        if status == 404 {
-            break;
-        }
-        assert!(Instant::now() < until, "the record never expired");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for(15, "the record expired", || async {
+        (e2e::get(&record_url).await.0 == 404).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 pub mod pki;
 
-pub use directcall_testkit::{eventually, now_ms, unique, within, Kind, Raw, TestBroker};
+pub use directcall_testkit::{eventually, now_ms, unique, wait_for, within, Kind, Raw, TestBroker};
 
 use directcall_cloud::{Invocation, Options, Prefix, Requester};
 use directcall_core::Target;

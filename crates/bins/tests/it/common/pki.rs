@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use directcall_testkit::unique;
+use directcall_testkit::{program, unique};
 
 /// Runs `openssl args` in `dir`; its stdout.
 ///
 /// # Panics
-/// When openssl is missing or fails.
+/// When openssl is missing or fails (see [`Pki::new`] for the check).
 pub fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl")
         .args(args)
@@ -31,7 +31,10 @@ pub struct Pki {
 }
 
 impl Pki {
-    pub fn new(name: &str) -> Pki {
+    /// A fresh CA, or `None` when the test is skipped for want of openssl
+    /// ([`directcall_testkit::Program::or_skip`]).
+    pub fn new(name: &str) -> Option<Pki> {
+        program::OPENSSL.require()?;
         let dir = std::env::temp_dir().join(unique(&format!("directcall-pki-{name}")));
         std::fs::create_dir_all(&dir).unwrap();
         openssl(
@@ -54,7 +57,7 @@ impl Pki {
                 &format!("/CN={name}-ca"),
             ],
         );
-        Pki { dir }
+        Some(Pki { dir })
     }
 
     /// A certificate for `cn`; servers get the SANs rustls insists on.

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use directcall_bins::http_client::{self, HttpResponse};
-use directcall_testkit::free_port;
+use directcall_testkit::{free_port, wait_for};
 use serde_json::Value;
 
 pub const DIRECTCALL: &str = env!("CARGO_BIN_EXE_directcall");
@@ -141,28 +141,40 @@ pub async fn gateway_logged(
 
 /// Waits until the gateway at `base` answers HTTP at all, within 20 s.
 async fn wait_listening(base: &str) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while http_client::get(&format!("{base}/openapi.json"), &[])
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < until, "gateway did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let url = format!("{base}/openapi.json");
+    wait_for(20, "the gateway listening", || async {
+        http_client::get(&url, &[]).await.ok().map(drop)
+    })
+    .await;
 }
 
-/// Waits until `/healthz` answers `status`.
+/// Waits until `/healthz` answers `status`, within 20 s.
 pub async fn wait_health(base: &str, status: u16) {
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = http_client::get(&format!("{base}/healthz"), &[]).await {
-            if r.status == status {
-                return;
-            }
-        }
-        assert!(Instant::now() < until, "/healthz never answered {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let url = format!("{base}/healthz");
+    wait_for(20, &format!("/healthz answering {status}"), || async {
+        let r = http_client::get(&url, &[]).await.ok()?;
+        (r.status == status).then_some(())
+    })
+    .await;
+}
+
+/// Waits until the gateway at `base` has at least `n` calls published and
+/// waiting for their answers (its `directcall_pending_calls` gauge), within
+/// 20 s.
+pub async fn wait_pending(base: &str, n: u64) {
+    let url = format!("{base}/metrics");
+    wait_for(20, &format!("{n} calls pending"), || async {
+        let text = http_client::get(&url, &[]).await.ok()?.body;
+        let pending: f64 = text.lines().find_map(|l| {
+            l.strip_prefix(directcall_cloud::metrics::PENDING_CALLS)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })?;
+        (pending >= n as f64).then_some(())
+    })
+    .await;
 }
 
 /// `directcall-sim` with `args`, once it says it is waiting for commands.
