@@ -173,3 +173,38 @@ impl Program {
 pub fn required() -> bool {
     std::env::var_os("CI").is_some()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SH: Program = Program {
+        name: "sh",
+        install: "(always there)",
+        env: None,
+        candidates: &["no-such-directcall-program", "sh"],
+    };
+
+    const NOWHERE: Program = Program {
+        name: "nowhere",
+        install: "(never there)",
+        env: Some("DIRECTCALL_TEST_NO_SUCH_VARIABLE"),
+        candidates: &["no-such-directcall-program", "/no/such/directcall/program"],
+    };
+
+    #[test]
+    fn a_program_is_found_by_its_first_candidate_present() {
+        let sh = SH.find().expect("sh is installed");
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
+        assert_eq!(SH.require(), Some(sh));
+        assert_eq!(NOWHERE.find(), None);
+    }
+
+    #[test]
+    fn what_was_found_passes_through() {
+        assert_eq!(NOWHERE.or_skip(Some(7)), Some(7));
+        if !required() {
+            assert_eq!(NOWHERE.or_skip(None::<u8>), None);
+        }
+    }
+}
