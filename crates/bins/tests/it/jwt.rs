@@ -178,3 +178,37 @@ async fn jwts_are_verified_and_scoped() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A JWKS URL whose server accepts the connection and never answers (a
+/// stalled identity provider) stops the start within the fetch's timeout,
+/// with a message that names the flag and shows no credential of the URL.
+#[test]
+fn a_jwks_url_that_never_answers_stops_the_start_within_its_timeout() {
+    // Connections land in the listener's backlog; nothing ever reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://idp:s3cret@{}/jwks.json?token=t0ken",
+        silent.local_addr().unwrap()
+    );
+    let started = std::time::Instant::now();
+    let err = e2e::refused(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--broker",
+        "mqtt://127.0.0.1:9",
+        "--jwks",
+        &url,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+    ]);
+    assert!(
+        err.contains("--jwks") && err.contains("no answer within 10 s"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret") && !err.contains("t0ken"), "{err}");
+    // Its own bound, not the test's: a generous ceiling far above 10 s.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}

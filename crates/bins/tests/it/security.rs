@@ -355,3 +355,33 @@ async fn secure_websockets_verify_the_server() {
         "{reason}"
     );
 }
+
+/// `--help` shows where a secret comes from, never its value: the store's
+/// URL (with its Redis password), the API tokens and the MQTT password set
+/// in the environment do not appear, and a bad store URL's error leaves
+/// its password out too.
+#[test]
+fn help_and_flag_errors_never_show_a_secret() {
+    let help = Command::new(crate::e2e::DIRECTCALL)
+        .args(["serve", "--help"])
+        .env("DIRECTCALL_STORE", "redis://:st0re-secret@127.0.0.1:6390/0")
+        .env("DIRECTCALL_API_TOKENS", "t0ken-secret")
+        .env("DIRECTCALL_USERNAME", "user")
+        .env("DIRECTCALL_PASSWORD", "mqtt-secret")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("DIRECTCALL_STORE"), "{text}");
+    for secret in ["st0re-secret", "t0ken-secret", "mqtt-secret"] {
+        assert!(!text.contains(secret), "{secret} in --help");
+    }
+    let err = crate::e2e::refused(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        "memcached://:st0re-secret@127.0.0.1:11211",
+    ]);
+    assert!(err.contains("--store memcached://127.0.0.1:11211"), "{err}");
+    assert!(!err.contains("st0re-secret"), "{err}");
+}
