@@ -21,7 +21,7 @@ struct Cli {
     /// The device's name (its MQTT client id), when --devices is 1.
     #[arg(long, env = "DIRECTCALL_SIM_CLIENT_ID", default_value = "Device001")]
     client_id: String,
-    /// Number of devices, each on its own connection: <id-prefix>001, <id-prefix>002, ...
+    /// Number of devices, each on its own connection: ID_PREFIX001, ID_PREFIX002, ...
     #[arg(long, env = "DIRECTCALL_SIM_DEVICES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     devices: u32,
     /// Name prefix of the devices when --devices is more than 1.
