@@ -17,11 +17,14 @@ use crate::reply::Reply;
 use crate::session::{Shared, Slot};
 
 /// The future of one call, returned by
-/// [`Requester::invoke`](crate::Requester::invoke). It owns what it needs
-/// (no borrow of the requester), and while it waits it holds only the
-/// call's slot, its in-flight permit, its start and its id: everything
-/// else (validation, encoding, the publish) was done when it was made.
-#[must_use = "a call does nothing unless awaited; dropping it abandons the call"]
+/// [`Requester::invoke`](crate::Requester::invoke).
+///
+/// Lazy, as Rust futures are: nothing is checked or published until it is
+/// first polled (awaited, or spawned), and one dropped before that
+/// publishes nothing. From its first poll it owns what it needs (no borrow
+/// of the requester); while it waits it holds only the call's slot, its
+/// in-flight permit, its start and its id.
+#[must_use = "nothing is published until the call is awaited (or spawned); dropped unpolled, it publishes nothing"]
 pub struct Invoke {
     state: InvokeState,
     /// The call's id, once it has one.
@@ -31,6 +34,7 @@ pub struct Invoke {
 impl std::fmt::Debug for Invoke {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
+            InvokeState::Unpolled(_) => "not started",
             InvokeState::Failed(_) => "failed",
             InvokeState::Waiting(_) => "waiting",
             InvokeState::Slow(_) => "waiting for an in-flight slot",
@@ -41,6 +45,9 @@ impl std::fmt::Debug for Invoke {
 }
 
 enum InvokeState {
+    /// Not polled yet: nothing checked, nothing published. Boxed, so a
+    /// waiting call's future stays as small as it was.
+    Unpolled(Box<(Arc<Shared>, Invocation)>),
     /// Refused before anything was published.
     Failed(Option<Box<Error>>),
     Waiting(Waiting),
@@ -66,10 +73,18 @@ impl Drop for Waiting {
 }
 
 impl Invoke {
+    /// The call of `invocation`, started on its first poll.
+    pub(crate) fn new(shared: Arc<Shared>, invocation: Invocation) -> Self {
+        Invoke {
+            state: InvokeState::Unpolled(Box::new((shared, invocation))),
+            id: None,
+        }
+    }
+
     /// Checks `invocation`, takes an in-flight slot and publishes its
-    /// request (or, when every slot is taken, returns a call that waits for
-    /// one first).
-    pub(crate) fn start(shared: Arc<Shared>, invocation: Invocation) -> Self {
+    /// request (or, when every slot is taken, goes on to wait for one
+    /// first): what the first poll does.
+    fn start(shared: Arc<Shared>, invocation: Invocation) -> Self {
         let start = invocation.start.unwrap_or_else(Instant::now);
         if let Err(e) = shared.check(&invocation) {
             return Invoke::failed(e);
@@ -111,7 +126,8 @@ impl Invoke {
         }
     }
 
-    /// The call's id, if it has one yet (none for a call refused at once).
+    /// The call's id, once its first poll gave it one (none for a call
+    /// refused at once, or not polled yet).
     pub(crate) fn id(&self) -> Option<MessageId> {
         self.id
     }
@@ -149,6 +165,15 @@ impl Future for Invoke {
     type Output = Result<Reply, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The first poll starts the call: check, slot, publish.
+        if matches!(self.state, InvokeState::Unpolled(_)) {
+            if let InvokeState::Unpolled(unpolled) =
+                std::mem::replace(&mut self.state, InvokeState::Done)
+            {
+                let (shared, invocation) = *unpolled;
+                *self = Invoke::start(shared, invocation);
+            }
+        }
         match &mut self.state {
             InvokeState::Failed(e) => {
                 let e = e.take().map_or(Error::Closed, |e| *e);
@@ -172,7 +197,10 @@ impl Future for Invoke {
                 self.state = InvokeState::Done;
                 Poll::Ready(result)
             }
-            InvokeState::Done => panic!("Invoke polled after it completed"),
+            // Started above; a finished call polled again.
+            InvokeState::Unpolled(_) | InvokeState::Done => {
+                panic!("Invoke polled after it completed")
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ pub(crate) async fn invoke(
 ) -> (Result<Reply, Error>, bool) {
     let Some(key) = invocation.idempotency_key.take() else {
         return (
-            Invoke::start(Arc::clone(&handle.shared), invocation).await,
+            Invoke::new(Arc::clone(&handle.shared), invocation).await,
             false,
         );
     };
@@ -96,7 +96,7 @@ pub(crate) async fn invoke(
             // (its connection) until then.
             let runner = Arc::clone(&handle);
             tokio::spawn(async move {
-                let result = Invoke::start(Arc::clone(&runner.shared), invocation).await;
+                let result = Invoke::new(Arc::clone(&runner.shared), invocation).await;
                 tx.send_replace(Some(result));
             });
             (rx, false)
@@ -218,7 +218,7 @@ fn scoped_key(invocation: &Invocation, key: &str) -> String {
 }
 
 /// Polls `f` once: its output if it is ready at once.
-async fn poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+pub(crate) async fn poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
     std::future::poll_fn(|cx| match Pin::new(&mut f).poll(cx) {
         Poll::Ready(v) => Poll::Ready(Some(v)),
         Poll::Pending => Poll::Ready(None),

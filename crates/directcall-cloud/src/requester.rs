@@ -137,6 +137,12 @@ impl Requester {
     /// Calls `invocation`'s method on its target and waits for the device's
     /// reply, never past the call's deadline.
     ///
+    /// The call is a lazy future, as async-nats' `request` is: nothing is
+    /// checked or published until it is first polled (awaited, or given to
+    /// `tokio::spawn`), and a call dropped before that publishes nothing.
+    /// [`Requester::submit`] starts a call at once and tracks it without
+    /// waiting.
+    ///
     /// A reply with a non-2xx `status` (404 unknown method, 500 handler
     /// failed, ...) is still `Ok`: the device answered
     /// ([`Reply::into_result`](crate::Reply::into_result) turns it into an
@@ -160,7 +166,7 @@ impl Requester {
             let handle = Arc::clone(&self.handle);
             return Invoke::from_future(async move { keyed::invoke(handle, invocation).await.0 });
         }
-        Invoke::start(Arc::clone(&self.handle.shared), invocation)
+        Invoke::new(Arc::clone(&self.handle.shared), invocation)
     }
 
     /// [`Requester::invoke`], saying also whether the outcome is a stored
@@ -232,13 +238,19 @@ impl Requester {
             let id = keyed::id(&invocation, key)?;
             return keyed::submit(Arc::clone(&self.handle), invocation, id).await;
         }
-        let invoke = self.invoke(invocation);
-        match invoke.id() {
-            Some(id) => {
-                tokio::spawn(invoke);
-                Ok(id)
-            }
-            None => invoke.await.map(|r| r.id),
+        // Published on its first poll, here; then it goes on in a task of
+        // its own.
+        let mut invoke = self.invoke(invocation);
+        match keyed::poll_once(&mut invoke).await {
+            // Refused (or, impossibly soon, answered) at once.
+            Some(result) => result.map(|r| r.id),
+            None => match invoke.id() {
+                Some(id) => {
+                    tokio::spawn(invoke);
+                    Ok(id)
+                }
+                None => invoke.await.map(|r| r.id),
+            },
         }
     }
 

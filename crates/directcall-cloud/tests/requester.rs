@@ -723,3 +723,28 @@ async fn a_replica_started_late_knows_from_mirrored_records_who_is_offline() {
         .unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
 }
+
+/// A call is lazy: nothing is checked or published until its future is
+/// first polled, so one dropped unpolled publishes nothing. Shown with a
+/// bare MQTT spy on the target's topics: the first request it sees is the
+/// call made after the dropped one, and only one was published.
+async fn a_call_dropped_before_its_first_poll_publishes_nothing(b: TestBroker) {
+    let mut spy = Raw::connect(&b.options_v311(), &unique("spy")).await;
+    let r = requester(&b).await;
+    let target = unique("car");
+    spy.subscribe(&format!("{target}/#")).await;
+    let unlock = r.invoke(call(&target, "unlock", json!("never"), 2000));
+    drop(unlock);
+    // A marker call, made after it: it publishes on its first poll.
+    let marker = r.invoke(call(&target, "marker", json!("after"), 2000));
+    let marker = tokio::spawn(marker);
+    let (topic, request) = within(10, spy.next()).await;
+    assert!(
+        topic.starts_with(&format!("{target}/marker/")),
+        "the first request published is the marker's, not the dropped call's: {topic} {request}"
+    );
+    assert_eq!(r.stats().published, 1);
+    assert!(matches!(marker.await.unwrap(), Err(Error::Timeout { .. })));
+    assert_eq!(r.stats().published, 1);
+}
+both_brokers!(a_call_dropped_before_its_first_poll_publishes_nothing);
