@@ -19,9 +19,10 @@ use directcall_core::{
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 
+use crate::call::MethodCall;
 use crate::error::{Error, Unavailable};
-use crate::handler::{Answer, MethodCall, Router};
 use crate::metrics::Metrics;
+use crate::router::{Answer, Router};
 
 /// Default number of handlers running at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
@@ -47,6 +48,20 @@ pub const DEFAULT_REQUEST_SUBSCRIPTION_QOS: QoS = QoS::AtLeastOnce;
 
 /// How a device connects and serves: a builder whose setters consume and
 /// return it, each stating its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use directcall_device::{BrokerOptions, DeviceOptions, PresenceRoot, Target};
+///
+/// # fn main() -> Result<(), directcall_device::Error> {
+/// let broker = BrokerOptions::from_url("mqtt://127.0.0.1:1883")?;
+/// let options = DeviceOptions::new(broker, Target::new("VIN123")?)
+///     .presence(PresenceRoot::default()) // retained online record, last will offline
+///     .max_concurrent(8) // handlers at once; more wait, up to max_queued
+///     .drain_timeout(Duration::from_secs(2)); // what shutdown lets running handlers take
+/// # let _ = options;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
     broker: BrokerOptions,
@@ -319,7 +334,7 @@ impl std::fmt::Debug for Device {
 /// [`Error::Setup`] when the broker settings cannot be used (TLS material,
 /// a transport whose feature is not compiled in). Never for an unreachable
 /// broker.
-pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
+pub fn start<S>(router: Router<S>, options: DeviceOptions) -> Result<Device, Error> {
     let client_id = options
         .client_id
         .clone()
@@ -350,7 +365,7 @@ pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
     let shared = Arc::new(Shared::new(
         &options,
         connection.link(),
-        router,
+        router.into_stateless(),
         presence_topic,
     ));
     let driver = connection.run(Arc::clone(&shared));
@@ -370,11 +385,24 @@ pub fn start(router: Router, options: DeviceOptions) -> Result<Device, Error> {
 /// its deadline (PROTOCOL.md: `now > timestamp + timeout_ms + skew`) is
 /// neither run nor answered, and one delivered twice runs once.
 ///
+/// ```no_run
+/// use directcall_device::{serve, BrokerOptions, DeviceOptions, Router, Target};
+///
+/// # async fn run() -> Result<(), directcall_device::Error> {
+/// let router = Router::new().method("ping", |_| async { Ok("pong") });
+/// let broker = BrokerOptions::from_url("mqtt://127.0.0.1:1883")?;
+/// let device = serve(router, DeviceOptions::new(broker, Target::new("VIN123")?)).await?;
+/// assert!(device.is_connected());
+/// // ... answers calls until it is shut down (or dropped):
+/// device.shutdown().await;
+/// # Ok(()) }
+/// ```
+///
 /// # Errors
 /// [`Error::Setup`] for unusable broker settings; [`Error::Unavailable`]
 /// when not connected and subscribed within the ready timeout (default
 /// 10 s). A device that must boot while the broker is away uses [`start`].
-pub async fn serve(router: Router, options: DeviceOptions) -> Result<Device, Error> {
+pub async fn serve<S>(router: Router<S>, options: DeviceOptions) -> Result<Device, Error> {
     let ready_timeout = options.ready_timeout;
     let device = start(router, options)?;
     if device.wait_ready(ready_timeout).await {

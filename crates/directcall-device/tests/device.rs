@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use directcall_core::{MessageId, PresenceRoot, Target};
 use directcall_device::{serve, start, Device, DeviceOptions, HandlerError, Router};
 use directcall_testkit::{both_brokers, eventually, now_ms, unique, within, Kind, Raw, TestBroker};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-async fn device_with(
+async fn device_with<S>(
     b: &TestBroker,
     target: &str,
-    router: Router,
+    router: Router<S>,
     configure: impl FnOnce(DeviceOptions) -> DeviceOptions,
 ) -> Device {
     let options = configure(DeviceOptions::new(
@@ -28,7 +29,7 @@ async fn device_with(
         .expect("device connects")
 }
 
-async fn device(b: &TestBroker, target: &str, router: Router) -> Device {
+async fn device<S>(b: &TestBroker, target: &str, router: Router<S>) -> Device {
     device_with(b, target, router, |o| o).await
 }
 
@@ -74,13 +75,10 @@ impl Caller {
     }
 }
 
-fn counting(count: Arc<AtomicUsize>) -> Router {
-    Router::new().method("honk", move |_| {
-        let count = Arc::clone(&count);
-        async move {
-            count.fetch_add(1, Ordering::SeqCst);
-            Ok("honked")
-        }
+fn counting(count: Arc<AtomicUsize>) -> Router<Arc<AtomicUsize>> {
+    Router::with_state(count).method_with_state("honk", |_, count| async move {
+        count.fetch_add(1, Ordering::SeqCst);
+        Ok("honked")
     })
 }
 
@@ -152,6 +150,70 @@ async fn unknown_methods_errors_and_panics_are_answered(b: TestBroker) {
     assert_eq!(dev.stats().unknown_method, 1);
 }
 both_brokers!(unknown_methods_errors_and_panics_are_answered);
+
+async fn typed_requests_json_errors_and_state_reach_the_wire(b: TestBroker) {
+    #[derive(Deserialize)]
+    struct WindowsDown {
+        percent: u8,
+    }
+    let car = unique("car");
+    let moves = Arc::new(AtomicUsize::new(0));
+    let router = Router::with_state(Arc::clone(&moves))
+        .method_with_state("windows_down", |call, moves| async move {
+            let WindowsDown { percent } = call.json()?;
+            let moves = moves.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(json!({"windows": "down", "percent": percent, "moves": moves}))
+        })
+        .method("unlock", |_| async {
+            Err::<Value, _>(HandlerError::json(
+                409,
+                json!({"code": "door_open", "door": "rear_left"}),
+            ))
+        });
+    let _dev = device(&b, &car, router).await;
+    let mut caller = Caller::new(&b).await;
+    for (method, request, status, response) in [
+        (
+            "windows_down",
+            json!({"percent": 50}),
+            200,
+            json!({"windows": "down", "percent": 50, "moves": 1}),
+        ),
+        (
+            "windows_down",
+            json!({"percent": "half"}),
+            400,
+            json!("invalid request: invalid type: string \"half\", expected u8"),
+        ),
+        (
+            "windows_down",
+            json!({}),
+            400,
+            json!("invalid request: missing field `percent`"),
+        ),
+        (
+            "windows_down",
+            json!({"percent": 20}),
+            200,
+            json!({"windows": "down", "percent": 20, "moves": 2}),
+        ),
+        (
+            "unlock",
+            Value::Null,
+            409,
+            json!({"code": "door_open", "door": "rear_left"}),
+        ),
+    ] {
+        let id = caller.send(&car, method, request.clone()).await;
+        assert_eq!(
+            caller.reply().await,
+            (id, status, response),
+            "{method} {request}"
+        );
+    }
+    assert_eq!(moves.load(Ordering::SeqCst), 2, "the 400s ran no further");
+}
+both_brokers!(typed_requests_json_errors_and_state_reach_the_wire);
 
 async fn a_request_delivered_twice_runs_once(b: TestBroker) {
     let car = unique("car");
