@@ -35,6 +35,8 @@ pub enum Field {
     IdempotencyKey,
     /// Where call records are shared (a Redis URL).
     Store,
+    /// A reply's `status`.
+    Status,
 }
 
 impl Field {
@@ -54,6 +56,7 @@ impl Field {
             Field::Traceparent => "traceparent",
             Field::IdempotencyKey => "Idempotency-Key",
             Field::Store => "store",
+            Field::Status => "status",
         }
     }
 }

@@ -50,4 +50,4 @@ pub use broker::{BrokerOptions, Endpoint, MqttVersion, TlsOptions, Transport};
 pub use error::{Error, Field};
 pub use pending::{Outcome, PendingCall, PendingTable, Unmatched};
 pub use topic::{CallTopics, MessageId, Method, Prefix, PresenceRoot, Target};
-pub use wire::{Receipt, ReplyPayload, RequestPayload};
+pub use wire::{Receipt, ReplyError, ReplyPayload, RequestPayload};

@@ -4,6 +4,12 @@
 //! are always present; the extensions (`timeout_ms`, `status`) are optional,
 //! and unknown fields are ignored, so the AWS sample's devices and directcall devices
 //! interoperate in both directions.
+//!
+//! A reply's `status`, when present, is a JSON integer from 0 to 65535
+//! (absent means 200). [`ReplyPayload::decode`] tells a payload that is no
+//! reply at all (no string `id`) from a reply whose `status` breaks that
+//! rule: the second still names its call, so a requester can end that call
+//! at once with an error naming the field instead of letting it time out.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -78,20 +84,160 @@ impl Receipt {
 
 /// What a device publishes on a reply (ack) topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "WireReply")]
 #[non_exhaustive]
 pub struct ReplyPayload {
     /// The request's id.
     pub id: String,
-    /// The device's answer, any JSON or `null`.
-    #[serde(default)]
+    /// The device's answer, any JSON or `null`; `null` when absent.
     pub response: Value,
-    /// *Extension*: the device's verdict, HTTP-like; 200 when absent.
-    #[serde(default = "default_status")]
+    /// *Extension*: the device's verdict, HTTP-like: a JSON integer from 0
+    /// to 65535; 200 when absent.
     pub status: u16,
 }
 
-fn default_status() -> u16 {
-    STATUS_OK
+/// Why a payload on a reply topic is not a reply ([`ReplyPayload::decode`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplyError {
+    /// Not a reply at all: not a JSON object with a string `id` (a delivery
+    /// receipt, garbage). Names [`Field::Payload`].
+    #[error(transparent)]
+    Malformed(Error),
+    /// A reply to call `id` (its payload's `id`, as written) whose field
+    /// breaks the protocol's rules: `status` not an integer from 0 to
+    /// 65535. The error names the field.
+    #[error("reply {id}: {error}")]
+    Invalid {
+        /// The payload's `id`.
+        id: String,
+        /// The field at fault, and why.
+        error: Error,
+    },
+}
+
+impl ReplyError {
+    /// The field at fault, and why.
+    pub fn error(&self) -> &Error {
+        match self {
+            ReplyError::Malformed(e) | ReplyError::Invalid { error: e, .. } => e,
+        }
+    }
+}
+
+/// A reply as written on the wire: `status` read as whatever it is, so
+/// that a bad one can be named without losing the `id`.
+#[derive(Deserialize)]
+struct WireReply {
+    id: String,
+    #[serde(default)]
+    response: Value,
+    #[serde(default)]
+    status: WireStatus,
+}
+
+/// A reply's `status` field as found.
+#[derive(Default)]
+enum WireStatus {
+    #[default]
+    Absent,
+    Valid(u16),
+    /// What was there instead, in words.
+    Invalid(String),
+}
+
+impl<'de> Deserialize<'de> for WireStatus {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// Visits any JSON value in place: the hot path (an integer) has
+        /// nothing to buffer.
+        struct Status;
+
+        impl<'de> serde::de::Visitor<'de> for Status {
+            type Value = WireStatus;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<WireStatus, E> {
+                Ok(u16::try_from(n)
+                    .map_or_else(|_| WireStatus::Invalid(n.to_string()), WireStatus::Valid))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<WireStatus, E> {
+                Ok(u16::try_from(n)
+                    .map_or_else(|_| WireStatus::Invalid(n.to_string()), WireStatus::Valid))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<WireStatus, E> {
+                Ok(WireStatus::Invalid(format!("{n:?}")))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<WireStatus, E> {
+                Ok(WireStatus::Invalid(format!("the string {s:?}")))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<WireStatus, E> {
+                Ok(WireStatus::Invalid(b.to_string()))
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<WireStatus, E> {
+                Ok(WireStatus::Invalid("null".to_owned()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<WireStatus, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(WireStatus::Invalid("an array".to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<WireStatus, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(WireStatus::Invalid("an object".to_owned()))
+            }
+        }
+
+        d.deserialize_any(Status)
+    }
+}
+
+impl WireReply {
+    fn check(self) -> Result<ReplyPayload, ReplyError> {
+        let status = match self.status {
+            WireStatus::Absent => STATUS_OK,
+            WireStatus::Valid(status) => status,
+            WireStatus::Invalid(got) => {
+                return Err(ReplyError::Invalid {
+                    id: self.id,
+                    error: Error::invalid(
+                        Field::Status,
+                        format!("must be an integer from 0 to 65535 (absent means 200), got {got}"),
+                    ),
+                })
+            }
+        };
+        Ok(ReplyPayload {
+            id: self.id,
+            response: self.response,
+            status,
+        })
+    }
+}
+
+impl TryFrom<WireReply> for ReplyPayload {
+    type Error = Error;
+
+    fn try_from(wire: WireReply) -> Result<Self, Error> {
+        wire.check().map_err(|e| e.error().clone())
+    }
 }
 
 impl RequestPayload {
@@ -143,9 +289,36 @@ impl ReplyPayload {
     ///
     /// # Errors
     /// [`Error::Invalid`] for [`Field::Payload`] when `bytes` is not a JSON
-    /// object with a string `id`, or `status` is not an integer 0–65535.
+    /// object with a string `id`, for [`Field::Status`] when `status` is
+    /// there and not an integer from 0 to 65535.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
-        serde_json::from_slice(bytes).map_err(|e| Error::invalid(Field::Payload, e.to_string()))
+        Self::decode(bytes).map_err(|e| e.error().clone())
+    }
+
+    /// Decodes JSON bytes, keeping the `id` of a reply whose other fields
+    /// break the rules.
+    ///
+    /// ```
+    /// use directcall_core::wire::{ReplyError, ReplyPayload};
+    /// use directcall_core::Field;
+    ///
+    /// let seed = ReplyPayload::decode(br#"{"id":"x","response":"hi"}"#)?;
+    /// assert_eq!(seed.status, 200);
+    /// let Err(ReplyError::Invalid { id, error }) = ReplyPayload::decode(br#"{"id":"x","status":"201"}"#) else {
+    ///     panic!()
+    /// };
+    /// assert_eq!((id.as_str(), error.field()), ("x", Field::Status));
+    /// # Ok::<(), ReplyError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ReplyError::Malformed`] when `bytes` is not a JSON object with a
+    /// string `id`; [`ReplyError::Invalid`], with the `id`, when `status`
+    /// is there and not an integer from 0 to 65535.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ReplyError> {
+        serde_json::from_slice::<WireReply>(bytes)
+            .map_err(|e| ReplyError::Malformed(Error::invalid(Field::Payload, e.to_string())))?
+            .check()
     }
 }
 
@@ -278,11 +451,53 @@ mod tests {
             b"[]",
             b"{}",
             b"{\"id\":5}",
-            b"{\"id\":\"x\",\"status\":-1}",
+            b"{\"id\":5,\"status\":\"201\"}",
+            b"{\"delivered\":\"x\"}",
             b"\xff\xfe",
         ] {
             let e = ReplyPayload::from_slice(bad).unwrap_err();
             assert_eq!(e.field(), Field::Payload);
+            assert!(matches!(
+                ReplyPayload::decode(bad),
+                Err(ReplyError::Malformed(_))
+            ));
         }
+    }
+
+    #[test]
+    fn a_bad_status_names_the_field_and_keeps_the_id() {
+        for (bad, got) in [
+            (json!("201"), "got the string \"201\""),
+            (json!(70000), "got 70000"),
+            (json!(-1), "got -1"),
+            (json!(200.5), "got 200.5"),
+            (json!(200.0), "got 200.0"),
+            (json!(null), "got null"),
+            (json!(true), "got true"),
+            (json!([200]), "got an array"),
+            (json!({"code": 200}), "got an object"),
+        ] {
+            let payload = json!({"id": "x", "response": 1, "status": bad}).to_string();
+            let Err(ReplyError::Invalid { id, error }) = ReplyPayload::decode(payload.as_bytes())
+            else {
+                panic!("{payload} is not refused as an invalid reply")
+            };
+            assert_eq!(id, "x");
+            assert_eq!(error.field(), Field::Status, "{payload}");
+            assert!(error.reason().ends_with(got), "{payload}: {error}");
+            let e = ReplyPayload::from_slice(payload.as_bytes()).unwrap_err();
+            assert_eq!(e.field(), Field::Status);
+        }
+        for (good, status) in [(json!(0), 0), (json!(201), 201), (json!(65535), 65535)] {
+            let payload = json!({"id": "x", "status": good}).to_string();
+            assert_eq!(
+                ReplyPayload::decode(payload.as_bytes()).unwrap().status,
+                status
+            );
+        }
+        // serde_json on its own (another crate decoding replies) agrees.
+        assert!(serde_json::from_str::<ReplyPayload>(r#"{"id":"x","status":"201"}"#).is_err());
+        let r: ReplyPayload = serde_json::from_str(r#"{"id":"x","status":404}"#).unwrap();
+        assert_eq!(r.status, 404);
     }
 }
