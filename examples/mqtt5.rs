@@ -24,15 +24,17 @@ use serde_json::json;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (_embedded, mut broker) = match std::env::args().nth(1) {
+    let (_embedded, broker) = match std::env::args().nth(1) {
         Some(url) => (None, BrokerOptions::from_url(&url)?),
         None => {
             let embedded = EmbeddedBroker::start(None)?;
+            // rumqttd speaks version 5 on a listener of its own.
             let options = embedded.options_v5();
             (Some(embedded), options)
         }
     };
-    broker.mqtt_version = MqttVersion::V5;
+    // Both sides speak MQTT 5 with these settings.
+    let broker = broker.mqtt_version(MqttVersion::V5);
     println!("broker {} (MQTT {})", broker.url(), broker.mqtt_version);
 
     let car = Router::new().method("windows_down", |call| async move {

@@ -201,7 +201,8 @@ pub struct BrokerOptions {
     /// taken at once. Leave it off where ACLs are keyed on the client id
     /// (EMQX `${clientid}`, AWS `${iot:ClientId}`). Default: off.
     pub fresh_client_id_on_failover: bool,
-    /// The MQTT protocol version spoken (default 3.1.1).
+    /// The MQTT protocol version spoken (default 3.1.1); set it with
+    /// [`BrokerOptions::mqtt_version`](BrokerOptions::mqtt_version()).
     pub mqtt_version: MqttVersion,
 }
 
@@ -299,6 +300,22 @@ impl BrokerOptions {
             return Err(Error::invalid(Field::Broker, "no broker URL given"));
         }
         Ok(Self::with_endpoints(endpoints))
+    }
+
+    /// Speak MQTT `version` (default [`MqttVersion::V311`]); the one way
+    /// to choose MQTT 5, for a requester and a device alike:
+    ///
+    /// ```
+    /// use directcall_core::{BrokerOptions, MqttVersion};
+    ///
+    /// let broker = BrokerOptions::from_url("mqtt://127.0.0.1:1883")?.mqtt_version(MqttVersion::V5);
+    /// assert_eq!(broker.mqtt_version, MqttVersion::V5);
+    /// # Ok::<(), directcall_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn mqtt_version(mut self, version: MqttVersion) -> Self {
+        self.mqtt_version = version;
+        self
     }
 
     /// The first endpoint, the one tried first.
