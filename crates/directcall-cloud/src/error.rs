@@ -7,8 +7,10 @@ use serde_json::Value;
 
 /// Why a call did not return the device's reply.
 ///
-/// Every variant but [`Error::Timeout`] means nothing reached the device
-/// (or, for [`Error::Rejected`] and [`Error::Decode`], that it answered).
+/// Two questions a caller asks of any of them: which call was it
+/// ([`Error::id`], for its record or a log line), and may the device have
+/// run the method ([`Error::may_have_run`]: then a retry must carry the
+/// same idempotency key).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -26,6 +28,29 @@ pub enum Error {
     Offline {
         /// The offline target.
         target: Target,
+    },
+    /// Strict presence ([`Options::strict_presence`](crate::Options::strict_presence)):
+    /// the target has no presence record, so no device of that name was
+    /// ever seen (or its record was cleared); nothing was published.
+    /// Distinct from [`Error::Offline`]: a device known to be away.
+    #[error("target {target} is unknown: it has no presence record (strict presence)")]
+    UnknownTarget {
+        /// The unknown target.
+        target: Target,
+    },
+    /// The device answered with a reply that breaks the protocol's rules
+    /// (PROTOCOL.md, "Reply"): a `status` that is not an integer from 0 to
+    /// 65535. The call ended at once, without an answer to give; the device
+    /// may have run the method. Only a reply on the call's own topic whose
+    /// payload `id` is the call's can end a call this way.
+    #[error("the device's reply is malformed: invalid {field}: {reason}")]
+    BadReply {
+        /// The call's id.
+        id: MessageId,
+        /// The reply's field at fault (`status`).
+        field: Field,
+        /// Why it was refused, with what was there.
+        reason: String,
     },
     /// MQTT 5: the broker answered the request's publish with "no matching
     /// subscribers" (PUBACK reason code 0x10): no device is listening for
@@ -72,6 +97,16 @@ pub enum Error {
     /// feature is not compiled in).
     #[error("unusable broker settings: {0}")]
     Setup(#[from] SetupError),
+    /// The requester's [`Options`](crate::Options) cannot do what was
+    /// asked: `option` names the setting to change. Nothing was published.
+    #[error("{option}: {reason}")]
+    Config {
+        /// The setting at fault, as its builder method is spelled
+        /// (`Options::record_calls`).
+        option: &'static str,
+        /// Why, and what would do.
+        reason: String,
+    },
     /// The encoded request is larger than the connection's packet limit.
     #[error("request is {size} bytes, the limit is {max} bytes")]
     PayloadTooLarge {
@@ -102,9 +137,100 @@ pub enum Error {
         #[source]
         source: Arc<serde_json::Error>,
     },
-    /// The requester was shut down.
+    /// The requester was shut down: before the call was made, or while it
+    /// waited for its answer (its request was then out).
     #[error("requester closed")]
     Closed,
+}
+
+impl Error {
+    /// The id of the call this error ended, when it had one: it was
+    /// published ([`Error::Timeout`], [`Error::NoSubscriber`],
+    /// [`Error::Refused`], [`Error::BadReply`]) or answered
+    /// ([`Error::Rejected`], [`Error::Decode`]). Its record, if calls are
+    /// recorded, is [`Requester::call_record`](crate::Requester::call_record)
+    /// of it. `None` for a call refused before it was published.
+    ///
+    /// ```no_run
+    /// # async fn f(requester: directcall_cloud::Requester, call: directcall_cloud::Invocation) {
+    /// if let Err(e) = requester.invoke(call).await {
+    ///     tracing::warn!(id = ?e.id(), "call failed: {e}");
+    /// }
+    /// # }
+    /// ```
+    pub fn id(&self) -> Option<MessageId> {
+        match self {
+            Error::Timeout { id, .. }
+            | Error::NoSubscriber { id }
+            | Error::Refused { id, .. }
+            | Error::BadReply { id, .. }
+            | Error::Rejected { id, .. }
+            | Error::Decode { id, .. } => Some(*id),
+            Error::Offline { .. }
+            | Error::UnknownTarget { .. }
+            | Error::KeyConflict
+            | Error::Unavailable { .. }
+            | Error::Invalid { .. }
+            | Error::Setup(_)
+            | Error::Config { .. }
+            | Error::PayloadTooLarge { .. }
+            | Error::Closed => None,
+        }
+    }
+
+    /// Whether the device may have run the method: **when to retry with
+    /// the same idempotency key** ([`Invocation::idempotency_key`](crate::Invocation::idempotency_key)),
+    /// so that the retry can never run it twice (it joins the first call,
+    /// or gets its stored outcome, a late answer included).
+    ///
+    /// True when the request may have reached the device: a
+    /// [`Timeout`](Error::Timeout) (no answer came, so nobody knows), a
+    /// [`BadReply`](Error::BadReply) (it answered, unreadably), a
+    /// [`Rejected`](Error::Rejected) or [`Decode`](Error::Decode) answer
+    /// (it answered: its status says what it did), and
+    /// [`Closed`](Error::Closed), which a call waiting for its answer
+    /// also ends with when the requester shuts down (the error does not
+    /// say which, so the answer is the safe one).
+    ///
+    /// False when nothing reached a device, so that any retry is safe:
+    /// refused before publishing ([`Invalid`](Error::Invalid),
+    /// [`PayloadTooLarge`](Error::PayloadTooLarge),
+    /// [`Offline`](Error::Offline), [`UnknownTarget`](Error::UnknownTarget),
+    /// [`Unavailable`](Error::Unavailable), [`KeyConflict`](Error::KeyConflict),
+    /// [`Setup`](Error::Setup), [`Config`](Error::Config)), or refused by
+    /// the broker ([`NoSubscriber`](Error::NoSubscriber),
+    /// [`Refused`](Error::Refused): MQTT 5 says it was not delivered).
+    ///
+    /// ```no_run
+    /// # async fn f(requester: directcall_cloud::Requester) -> Result<(), directcall_cloud::Error> {
+    /// use directcall_cloud::Invocation;
+    /// let unlock = || Invocation::parse("VIN123", "unlock", "now").map(|c| c.idempotency_key("order-4711"));
+    /// let reply = match requester.invoke(unlock()?).await {
+    ///     // Never runs twice: the retry joins the first call, or gets its outcome.
+    ///     Err(e) if e.may_have_run() => requester.invoke(unlock()?).await?,
+    ///     other => other?,
+    /// };
+    /// # Ok(()) }
+    /// ```
+    pub fn may_have_run(&self) -> bool {
+        match self {
+            Error::Timeout { .. }
+            | Error::BadReply { .. }
+            | Error::Rejected { .. }
+            | Error::Decode { .. }
+            | Error::Closed => true,
+            Error::Offline { .. }
+            | Error::UnknownTarget { .. }
+            | Error::NoSubscriber { .. }
+            | Error::Refused { .. }
+            | Error::KeyConflict
+            | Error::Unavailable { .. }
+            | Error::Invalid { .. }
+            | Error::Setup(_)
+            | Error::Config { .. }
+            | Error::PayloadTooLarge { .. } => false,
+        }
+    }
 }
 
 /// Why the broker is unavailable ([`Error::Unavailable`]).
@@ -154,6 +280,108 @@ pub(crate) fn reason_text(code: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One of each variant, with whether it has an id and whether the
+    /// device may have run the method.
+    fn every_error() -> Vec<(Error, bool, bool)> {
+        let id = MessageId::new();
+        let target = Target::new("car").unwrap();
+        let decode = serde_json::from_str::<u8>("x").unwrap_err();
+        vec![
+            (
+                Error::Timeout {
+                    elapsed: Duration::from_secs(1),
+                    id,
+                },
+                true,
+                true,
+            ),
+            (
+                Error::Offline {
+                    target: target.clone(),
+                },
+                false,
+                false,
+            ),
+            (Error::UnknownTarget { target }, false, false),
+            (
+                Error::BadReply {
+                    id,
+                    field: Field::Status,
+                    reason: "must be an integer".into(),
+                },
+                true,
+                true,
+            ),
+            (Error::NoSubscriber { id }, true, false),
+            (Error::Refused { id, code: 0x87 }, true, false),
+            (Error::KeyConflict, false, false),
+            (
+                Error::Unavailable {
+                    cause: Unavailable::NotQueued(PublishError::NotQueued),
+                    last_error: None,
+                },
+                false,
+                false,
+            ),
+            (
+                Error::Invalid {
+                    field: Field::Target,
+                    reason: "x".into(),
+                },
+                false,
+                false,
+            ),
+            (Error::Setup(SetupError::NoEndpoint), false, false),
+            (
+                Error::Config {
+                    option: "Options::record_calls",
+                    reason: "x".into(),
+                },
+                false,
+                false,
+            ),
+            (Error::PayloadTooLarge { size: 2, max: 1 }, false, false),
+            (
+                Error::Rejected {
+                    id,
+                    status: 500,
+                    response: Value::Null,
+                },
+                true,
+                true,
+            ),
+            (
+                Error::Decode {
+                    id,
+                    source: Arc::new(decode),
+                },
+                true,
+                true,
+            ),
+            (Error::Closed, false, true),
+        ]
+    }
+
+    #[test]
+    fn every_error_says_its_call_and_whether_it_may_have_run() {
+        for (e, has_id, may_have_run) in every_error() {
+            assert_eq!(e.id().is_some(), has_id, "{e:?}");
+            assert_eq!(e.may_have_run(), may_have_run, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn configuration_errors_name_the_option() {
+        let e = Error::Config {
+            option: "Options::record_calls",
+            reason: "an asynchronous call needs call records".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Options::record_calls: an asynchronous call needs call records"
+        );
+    }
 
     #[test]
     fn an_unavailable_broker_reads_as_it_always_has() {
