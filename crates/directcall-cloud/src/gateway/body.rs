@@ -37,6 +37,12 @@ pub enum Outcome {
     Timeout,
     /// The target is known offline (404).
     Offline,
+    /// Strict presence: the target has no presence record, no device of
+    /// that name was ever seen (404).
+    UnknownDevice,
+    /// The device's reply broke the protocol's rules (a `status` that is
+    /// not an integer from 0 to 65535): the call ended at once (502).
+    BadReply,
     /// A bad parameter (400).
     #[serde(rename = "invalid_parameters")]
     Invalid,
@@ -64,10 +70,12 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in a fixed order.
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 15] = [
         Outcome::Ok,
         Outcome::Timeout,
         Outcome::Offline,
+        Outcome::UnknownDevice,
+        Outcome::BadReply,
         Outcome::Invalid,
         Outcome::TooLarge,
         Outcome::Unavailable,
@@ -86,6 +94,8 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Timeout => "timeout",
             Outcome::Offline => "offline",
+            Outcome::UnknownDevice => "unknown_device",
+            Outcome::BadReply => "bad_reply",
             Outcome::Invalid => "invalid_parameters",
             Outcome::TooLarge => "payload_too_large",
             Outcome::Unavailable => "unavailable",
@@ -104,7 +114,8 @@ impl Outcome {
         match self {
             Outcome::Ok => 200,
             Outcome::Timeout => 504,
-            Outcome::Offline | Outcome::NotFound => 404,
+            Outcome::Offline | Outcome::UnknownDevice | Outcome::NotFound => 404,
+            Outcome::BadReply => 502,
             Outcome::Invalid => 400,
             Outcome::TooLarge => 413,
             Outcome::Unavailable => 503,
@@ -122,16 +133,18 @@ impl Outcome {
             Outcome::Ok => 0,
             Outcome::Timeout => 1,
             Outcome::Offline => 2,
-            Outcome::Invalid => 3,
-            Outcome::TooLarge => 4,
-            Outcome::Unavailable => 5,
-            Outcome::Unauthorized => 6,
-            Outcome::NotFound => 7,
-            Outcome::MethodNotAllowed => 8,
-            Outcome::Conflict => 9,
-            Outcome::Accepted => 10,
-            Outcome::Forbidden => 11,
-            Outcome::Limited => 12,
+            Outcome::UnknownDevice => 3,
+            Outcome::BadReply => 4,
+            Outcome::Invalid => 5,
+            Outcome::TooLarge => 6,
+            Outcome::Unavailable => 7,
+            Outcome::Unauthorized => 8,
+            Outcome::NotFound => 9,
+            Outcome::MethodNotAllowed => 10,
+            Outcome::Conflict => 11,
+            Outcome::Accepted => 12,
+            Outcome::Forbidden => 13,
+            Outcome::Limited => 14,
         }
     }
 }
@@ -179,6 +192,27 @@ pub struct TimeoutBody {
     /// deadline`, or `no sign of delivery`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<String>,
+}
+
+/// 502: the device answered with a reply that breaks the protocol's rules
+/// (PROTOCOL.md, "Reply"), so there is no answer to give; the call ended
+/// at once. The device may have run the method.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[non_exhaustive]
+pub struct BadReplyBody {
+    /// Always `bad_reply`.
+    #[schema(value_type = String, pattern = "^bad_reply$")]
+    pub result: Outcome,
+    /// Whole milliseconds since the request arrived.
+    #[schema(pattern = "^[0-9]+$")]
+    pub elapsed: String,
+    /// The call's id.
+    #[schema(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+    pub id: String,
+    /// The reply's field at fault: `status`.
+    pub field: String,
+    /// What was wrong with it, in words.
+    pub response: String,
 }
 
 /// 202: the call was published and goes on; its record says how it ends.
@@ -242,18 +276,22 @@ pub struct CallRecordBody {
     pub caller: Option<String>,
 }
 
-/// 404: the target is known to be offline; nothing was published.
+/// 404: the target is known to be offline (`offline`), or, with strict
+/// presence, was never seen (`unknown_device`); nothing reached a device.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[non_exhaustive]
 pub struct OfflineBody {
-    /// Always `offline`.
-    #[schema(value_type = String, pattern = "^offline$")]
+    /// `offline`: a device known to be away (its presence record, or on
+    /// MQTT 5 the broker found none subscribed); `unknown_device`: strict
+    /// presence, and the target has no presence record at all.
+    #[schema(value_type = String, pattern = "^(offline|unknown_device)$")]
     pub result: Outcome,
     /// Whole milliseconds since the request arrived.
     #[schema(pattern = "^[0-9]+$")]
     pub elapsed: String,
-    /// Why it is known offline, when not from a presence record (MQTT 5: no
-    /// device is subscribed to the target's requests).
+    /// Why, when not from a presence record saying offline (MQTT 5: no
+    /// device is subscribed to the target's requests; strict presence: no
+    /// record).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response: Option<String>,
     /// The call's id, when a request was published (and refused by the

@@ -11,7 +11,8 @@ use metrics::{Counter, Gauge, Histogram};
 use serde_json::Value;
 
 use super::body::{
-    body, AcceptedBody, HttpReply, OfflineBody, OkBody, Outcome, PostBody, TimeoutBody,
+    body, AcceptedBody, BadReplyBody, HttpReply, OfflineBody, OkBody, Outcome, PostBody,
+    TimeoutBody,
 };
 use crate::{Invocation, Requester};
 
@@ -100,7 +101,7 @@ impl Default for Limits {
 
 #[derive(Debug)]
 struct Metrics {
-    calls: [Counter; 13],
+    calls: [Counter; Outcome::ALL.len()],
     duration: Histogram,
     in_flight: Gauge,
 }
@@ -479,6 +480,25 @@ fn render(
                 id: None,
             }),
         ),
+        Err(e @ Error::UnknownTarget { .. }) => (
+            404,
+            body(&OfflineBody {
+                result: Outcome::UnknownDevice,
+                elapsed: ms(elapsed),
+                response: Some(e.to_string()),
+                id: None,
+            }),
+        ),
+        Err(Error::BadReply { id, field, reason }) => (
+            502,
+            body(&BadReplyBody {
+                result: Outcome::BadReply,
+                elapsed: ms(elapsed),
+                id: id.to_string(),
+                field: field.to_string(),
+                response: Error::BadReply { id, field, reason }.to_string(),
+            }),
+        ),
         Err(Error::NoSubscriber { id }) => (
             404,
             body(&OfflineBody {
@@ -641,6 +661,50 @@ mod tests {
                 .unwrap_err()
                 .status,
             413
+        );
+    }
+
+    #[test]
+    fn a_bad_reply_is_502_naming_the_field_and_an_unknown_device_is_not_offline() {
+        let id = MessageId::new();
+        let r = render(
+            Err(crate::Error::BadReply {
+                id,
+                field: directcall_core::Field::Status,
+                reason:
+                    "must be an integer from 0 to 65535 (absent means 200), got the string \"201\""
+                        .into(),
+            }),
+            Duration::from_millis(12),
+            true,
+        );
+        assert_eq!(r.status, 502);
+        assert_eq!(
+            r.body,
+            json!({
+                "result": "bad_reply",
+                "elapsed": "12",
+                "id": id.to_string(),
+                "field": "status",
+                "response": "the device's reply is malformed: invalid status: must be an integer from 0 to 65535 (absent means 200), got the string \"201\"",
+            })
+        );
+        assert_eq!(r.outcome(), Some(Outcome::BadReply));
+        let target = Target::new("car").unwrap();
+        let unknown = render(
+            Err(crate::Error::UnknownTarget {
+                target: target.clone(),
+            }),
+            Duration::ZERO,
+            true,
+        );
+        let offline = render(Err(crate::Error::Offline { target }), Duration::ZERO, true);
+        assert_eq!((unknown.status, offline.status), (404, 404));
+        assert_eq!(unknown.body["result"], "unknown_device");
+        assert_eq!(offline.body["result"], "offline");
+        assert_eq!(
+            unknown.body["response"],
+            "target car is unknown: it has no presence record (strict presence)"
         );
     }
 

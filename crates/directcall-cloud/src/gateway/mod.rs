@@ -59,8 +59,8 @@ use axum::Router;
 pub use access::{Access, AccessError, CredentialProblem, Credentials, MAX_TOKEN_BYTES};
 pub use auth::{Authenticate, Caller, Refusal, Unauthorized};
 pub use body::{
-    AcceptedBody, CallRecordBody, HttpReply, InvokeQuery, MessageBody, OfflineBody, OkBody,
-    Outcome, PostBody, TimeoutBody, UnauthorizedBody,
+    AcceptedBody, BadReplyBody, CallRecordBody, HttpReply, InvokeQuery, MessageBody, OfflineBody,
+    OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody,
 };
 #[cfg(feature = "console")]
 pub use console::CSP as CONSOLE_CSP;

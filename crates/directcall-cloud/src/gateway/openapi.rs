@@ -6,8 +6,8 @@ use serde_json::json;
 use utoipa::OpenApi;
 
 use super::body::{
-    AcceptedBody, CallRecordBody, MessageBody, OfflineBody, OkBody, PostBody, TimeoutBody,
-    UnauthorizedBody,
+    AcceptedBody, BadReplyBody, CallRecordBody, MessageBody, OfflineBody, OkBody, PostBody,
+    TimeoutBody, UnauthorizedBody,
 };
 use super::mapping::Limits;
 use super::routes::{self, HealthBody};
@@ -20,7 +20,7 @@ use super::routes::{self, HealthBody};
         description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
     ),
     paths(routes::invoke_get, routes::invoke_get_slash, routes::invoke_post, routes::call_record, routes::healthz, routes::metrics, routes::openapi),
-    components(schemas(OkBody, TimeoutBody, OfflineBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody)),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, BadReplyBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -176,7 +176,7 @@ mod tests {
         codes.sort_unstable();
         assert_eq!(
             codes,
-            ["200", "400", "401", "403", "404", "409", "413", "429", "503", "504"]
+            ["200", "400", "401", "403", "404", "409", "413", "429", "502", "503", "504"]
         );
     }
 

@@ -15,8 +15,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::body::{
-    AcceptedBody, CallRecordBody, HttpReply, InvokeQuery, MessageBody, OfflineBody, OkBody,
-    Outcome, PostBody, TimeoutBody, UnauthorizedBody,
+    AcceptedBody, BadReplyBody, CallRecordBody, HttpReply, InvokeQuery, MessageBody, OfflineBody,
+    OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody,
 };
 use super::mapping::{MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES};
 use super::state::{respond, Authed, CallBudget, GatewayState};
@@ -85,13 +85,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, HttpReply> {
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-        (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 404, description = "`offline`: the target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); `unknown_device`: with strict presence, the target has no presence record, no device of that name was ever seen. Nothing reached a device.", body = OfflineBody),
         (status = 403, description = "The credential may not call this target or method; nothing was published.", body = MessageBody),
         (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
         (status = 429, description = "Over the credential's rate or the target's calls in flight; nothing was published. `Retry-After` says when to try again.", body = MessageBody,
             headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 502, description = "The device answered with a reply that breaks the protocol's rules (`field` names the part: a `status` that is not an integer from 0 to 65535); the call ended at once. The device may have run the method.", body = BadReplyBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
     )
 )]
@@ -141,13 +142,14 @@ pub(crate) async fn invoke_get(
         (status = 200, description = "The device answered (its own verdict is `status`).", body = OkBody),
         (status = 400, description = "A parameter is missing or invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-        (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 404, description = "`offline`: the target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); `unknown_device`: with strict presence, the target has no presence record, no device of that name was ever seen. Nothing reached a device.", body = OfflineBody),
         (status = 403, description = "The credential may not call this target or method; nothing was published.", body = MessageBody),
         (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
         (status = 429, description = "Over the credential's rate or the target's calls in flight; nothing was published. `Retry-After` says when to try again.", body = MessageBody,
             headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 502, description = "The device answered with a reply that breaks the protocol's rules (`field` names the part: a `status` that is not an integer from 0 to 65535); the call ended at once. The device may have run the method.", body = BadReplyBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
     )
 )]
@@ -179,13 +181,14 @@ pub(crate) async fn invoke_get_slash(
             headers(("Location" = String, description = "The call's record, /v1/calls/{id}."))),
         (status = 400, description = "A parameter or the body is invalid; nothing was published.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
-        (status = 404, description = "The target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); nothing reached a device.", body = OfflineBody),
+        (status = 404, description = "`offline`: the target is known to be offline (a presence record says so, or on MQTT 5 the broker found no device subscribed); `unknown_device`: with strict presence, the target has no presence record, no device of that name was ever seen. Nothing reached a device.", body = OfflineBody),
         (status = 403, description = "The credential may not call this target or method; nothing was published.", body = MessageBody),
         (status = 409, description = "The Idempotency-Key was used for a different call; nothing was published.", body = MessageBody),
         (status = 429, description = "Over the credential's rate or the target's calls in flight; nothing was published. `Retry-After` says when to try again.", body = MessageBody,
             headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The body is over 128 KiB.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 502, description = "The device answered with a reply that breaks the protocol's rules (`field` names the part: a `status` that is not an integer from 0 to 65535); the call ended at once. The device may have run the method.", body = BadReplyBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
     )
 )]
