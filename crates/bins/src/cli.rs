@@ -342,6 +342,14 @@ pub struct RequesterArgs {
     /// knows who is offline (needs publish and subscribe rights there).
     #[arg(long, env = "DIRECTCALL_PRESENCE_MIRROR")]
     pub presence_mirror: bool,
+    /// A call to a target with no presence record (a device never seen)
+    /// fails at once with 404 `unknown_device` instead of waiting out its
+    /// timeout; for fleets whose every device keeps a record. Strict once
+    /// each connection's retained records are all in (the requester
+    /// publishes a marker under --presence-root to learn when, so it needs
+    /// publish rights there); with --presence aws it needs --presence-mirror.
+    #[arg(long, env = "DIRECTCALL_STRICT_PRESENCE")]
+    pub strict_presence: bool,
     /// Seconds to keep each call's record (`GET /v1/calls/{id}`, a late
     /// answer after a 504); 0 keeps none.
     #[arg(long, env = "DIRECTCALL_RECORD_RETENTION", default_value_t = 600)]
@@ -402,6 +410,19 @@ impl RequesterArgs {
             PresenceMode::Aws => options.aws_presence(),
             PresenceMode::Off => options,
         };
+        if self.strict_presence {
+            let records = match self.presence {
+                PresenceMode::Directcall => true,
+                PresenceMode::Aws => self.presence_mirror,
+                PresenceMode::Off => false,
+            };
+            if !records {
+                return Err(ConfigError::Conflict(
+                    "--strict-presence (DIRECTCALL_STRICT_PRESENCE) needs presence records to read: --presence directcall, or --presence aws with --presence-mirror".into(),
+                ));
+            }
+            options = options.strict_presence(true);
+        }
         if let Err(e) = options.get_reply_prefix() {
             return Err(invalid("--prefix", e));
         }
@@ -723,6 +744,37 @@ mod tests {
         let broker = flags.broker.resolve().unwrap();
         let e = flags.requester.options(&broker).unwrap_err();
         assert!(e.to_string().starts_with("--prefix: invalid prefix"), "{e}");
+    }
+
+    #[test]
+    fn strict_presence_needs_records_to_read() {
+        let options = |args: &[&str]| {
+            let flags = parse(args);
+            let broker = flags.broker.resolve().unwrap();
+            flags.requester.options(&broker)
+        };
+        assert!(options(&["--strict-presence"])
+            .unwrap()
+            .get_strict_presence());
+        assert!(options(&[
+            "--strict-presence",
+            "--presence",
+            "aws",
+            "--presence-mirror"
+        ])
+        .unwrap()
+        .get_strict_presence());
+        assert!(!options(&[]).unwrap().get_strict_presence());
+        for args in [
+            &["--strict-presence", "--presence", "off"][..],
+            &["--strict-presence", "--presence", "aws"],
+        ] {
+            let e = options(args).unwrap_err();
+            assert!(
+                e.to_string().starts_with("--strict-presence"),
+                "{args:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub struct Options {
     pub(crate) recent_capacity: usize,
     pub(crate) presence: Option<PresenceSource>,
     pub(crate) mirror_presence: Option<PresenceRoot>,
+    pub(crate) strict_presence: bool,
     pub(crate) records: Option<crate::RecordOptions>,
     pub(crate) receipts: bool,
     pub(crate) store: Option<String>,
@@ -72,6 +73,7 @@ impl Options {
             recent_capacity: DEFAULT_RECENT_CAPACITY,
             presence: None,
             mirror_presence: None,
+            strict_presence: false,
             records: None,
             receipts: false,
             store: None,
@@ -216,7 +218,9 @@ impl Options {
     /// Track device presence under `root` (PROTOCOL.md, "Presence"): a call
     /// to a target whose last record says `{"online": false}` fails at once
     /// with [`Error::Offline`](crate::Error::Offline); a target with no record
-    /// is tried as usual. Default: off.
+    /// is tried as usual (unless [`Options::strict_presence`]). The last
+    /// record to arrive wins, whatever its `timestamp`: a record is its
+    /// topic's retained state. Default: off.
     pub fn presence(mut self, root: PresenceRoot) -> Self {
         self.presence = Some(PresenceSource::Directcall(root));
         self
@@ -225,7 +229,9 @@ impl Options {
     /// Track presence through AWS IoT Core's lifecycle events instead
     /// (`$aws/events/presence/connected/+` and `disconnected/+`; the
     /// requester's policy must allow subscribing to them). Events that arrive
-    /// out of order are ignored by their timestamps. Default: off.
+    /// out of order are ignored by their timestamps (the broker's clock), and
+    /// so are records mirrored from them ([`Options::mirror_presence`]).
+    /// Default: off.
     pub fn aws_presence(mut self) -> Self {
         self.presence = Some(PresenceSource::AwsLifecycle);
         self
@@ -241,6 +247,38 @@ impl Options {
     pub fn mirror_presence(mut self, root: PresenceRoot) -> Self {
         self.mirror_presence = Some(root);
         self
+    }
+
+    /// Strict presence: a call to a target with **no** presence record
+    /// fails at once with [`Error::UnknownTarget`](crate::Error::UnknownTarget)
+    /// (HTTP 404 `unknown_device`), nothing published, instead of waiting
+    /// out its deadline for a device that was never seen. For fleets whose
+    /// every device keeps a record (a directcall device with
+    /// `DeviceOptions::presence`, or a retained `{"online": true}` and a
+    /// last will of its own). Needs records to read: [`Options::presence`],
+    /// or [`Options::aws_presence`] with [`Options::mirror_presence`]
+    /// (lifecycle events alone are not retained, so a device connected
+    /// before the requester started would look unknown); else
+    /// [`Requester::start`](crate::Requester::start) fails with
+    /// [`Error::Config`](crate::Error::Config).
+    ///
+    /// The retained records arrive shortly after each connection, so the
+    /// requester is strict only once it has them all: after every
+    /// connection it publishes a marker (`{"snapshot": "<prefix>"}`, not
+    /// retained) to `{root}/{reply prefix}` and waits for it to come back,
+    /// which the broker sends after every retained record of the
+    /// subscription. Until then an unknown target is tried as usual, and
+    /// [`Stats::presence_snapshot`](crate::Stats::presence_snapshot) is
+    /// false. So the requester needs publish rights on `{root}/+` (the ACL
+    /// and policies in `deploy/` give them). Default: off.
+    pub fn strict_presence(mut self, strict: bool) -> Self {
+        self.strict_presence = strict;
+        self
+    }
+
+    /// Whether presence is strict.
+    pub fn get_strict_presence(&self) -> bool {
+        self.strict_presence
     }
 
     /// Sign the WebSocket URL with `signer` on every connection attempt

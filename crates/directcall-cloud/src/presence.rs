@@ -1,13 +1,22 @@
 //! What the requester knows of device presence.
+//!
+//! Which record wins: a directcall record is the retained state of its
+//! topic, so the last one to arrive is the truth, whatever timestamp it
+//! carries (a last will is written when the device connects, so a device
+//! that puts its connect time into it still goes offline when it dies).
+//! AWS IoT lifecycle events, and the records mirrored from them, are
+//! ordered by their timestamps, the broker's clock, as AWS documents:
+//! they may arrive out of order.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 use tokio::sync::broadcast;
 
 use directcall_core::presence::{
-    parse_aws_lifecycle, parse_directcall, PresenceEvent, AWS_PRESENCE_FILTER,
+    is_snapshot_marker, parse_aws_lifecycle, parse_directcall, PresenceEvent, AWS_PRESENCE_FILTER,
 };
 use directcall_core::{PresenceRoot, Target};
 
@@ -41,7 +50,7 @@ const CHANGES_BUFFER: usize = 1024;
 
 /// What is known of one target.
 #[derive(Debug, Clone, Copy)]
-struct Known {
+struct Record {
     online: bool,
     /// The record's own timestamp, if it had one.
     timestamp_ms: Option<u64>,
@@ -56,8 +65,74 @@ pub(crate) struct Presence {
     /// With AWS lifecycle events: where they are mirrored as retained
     /// records, and read back from (replicas started later learn from them).
     mirror: Option<PresenceRoot>,
-    online: RwLock<HashMap<Target, Known>>,
+    online: RwLock<HashMap<Target, Record>>,
     changes: broadcast::Sender<DeviceState>,
+    /// Strict presence: how far the snapshot of the retained records is.
+    pub(crate) snapshot: Arc<Snapshot>,
+}
+
+/// What a target's presence says about calling it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Known {
+    Online,
+    Offline,
+    /// No record.
+    Unknown,
+}
+
+/// Strict presence: whether the retained records of the current
+/// connection are all in, learnt from a marker the requester publishes to
+/// its own presence subscription ([`directcall_core::presence::snapshot_marker`]).
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    /// The connection (by [`Link::connects`](directcall_core::mqtt::Link::connects))
+    /// whose records are all in; 0 for none.
+    complete: AtomicU64,
+    /// The connection a marker was last published on.
+    marker_on: AtomicU64,
+    /// Connections lost in a row while a marker of theirs was out.
+    losses: AtomicU32,
+    /// Markers given up for good: the broker closed the connection over
+    /// them too often (AWS IoT Core does over a publish its policy denies).
+    given_up: AtomicBool,
+}
+
+/// Connections in a row that may be lost while a snapshot marker is out
+/// before markers are given up for the life of the requester.
+pub(crate) const MARKER_GIVE_UP_AFTER: u32 = 3;
+
+impl Snapshot {
+    /// The records of `connection` are all in.
+    pub(crate) fn completed(&self, connection: u64) {
+        self.complete.store(connection, Relaxed);
+        self.losses.store(0, Relaxed);
+    }
+
+    /// Whether the records of `connection` are all in.
+    pub(crate) fn is_complete(&self, connection: u64) -> bool {
+        connection > 0 && self.complete.load(Relaxed) == connection
+    }
+
+    /// A marker goes out on `connection`; false when markers were given up.
+    pub(crate) fn marker_sent(&self, connection: u64) -> bool {
+        self.marker_on.store(connection, Relaxed);
+        !self.given_up.load(Relaxed)
+    }
+
+    /// `connection` was lost; true when that gives markers up for good
+    /// (it happened with a marker out too many times in a row).
+    pub(crate) fn lost(&self, connection: u64) -> bool {
+        let out = self.marker_on.load(Relaxed) == connection && !self.is_complete(connection);
+        if !out || self.given_up.load(Relaxed) {
+            return false;
+        }
+        let losses = self.losses.fetch_add(1, Relaxed) + 1;
+        if losses >= MARKER_GIVE_UP_AFTER {
+            self.given_up.store(true, Relaxed);
+            return true;
+        }
+        false
+    }
 }
 
 /// Where a presence event came from.
@@ -80,7 +155,25 @@ impl Presence {
             mirror,
             online: RwLock::new(HashMap::new()),
             changes: broadcast::channel(CHANGES_BUFFER).0,
+            snapshot: Arc::default(),
         }
+    }
+
+    /// Where retained records are read: the directcall root, or the mirror
+    /// of AWS lifecycle events. `None` for lifecycle events alone.
+    pub(crate) fn record_root(&self) -> Option<&PresenceRoot> {
+        match &self.source {
+            PresenceSource::Directcall(root) => Some(root),
+            PresenceSource::AwsLifecycle => self.mirror.as_ref(),
+        }
+    }
+
+    /// Whether `payload` on `topic` is a snapshot marker on the record root.
+    pub(crate) fn is_marker(&self, topic: &str, payload: &[u8]) -> bool {
+        is_snapshot_marker(payload)
+            && self
+                .record_root()
+                .is_some_and(|root| root.parse(topic).is_some())
     }
 
     /// The filters to subscribe to.
@@ -120,18 +213,21 @@ impl Presence {
         }
     }
 
-    /// Applies `event` unless an event with a later timestamp is known;
-    /// returns whether it was applied.
+    /// Applies `event`: always, for a directcall record (the last to
+    /// arrive is the topic's retained state); for an AWS lifecycle event or
+    /// a record mirrored from one, unless one with a later timestamp is
+    /// known. Returns whether it was applied.
     pub(crate) fn record(&self, event: PresenceEvent) -> bool {
         let mut online = self.online.write().unwrap_or_else(|e| e.into_inner());
+        let by_timestamp = self.source == PresenceSource::AwsLifecycle;
         let older = match (online.get(&event.target), event.timestamp_ms) {
             (
-                Some(Known {
+                Some(Record {
                     timestamp_ms: Some(known),
                     ..
                 }),
                 Some(ts),
-            ) => ts < *known,
+            ) => by_timestamp && ts < *known,
             _ => false,
         };
         if older {
@@ -150,7 +246,7 @@ impl Presence {
                 };
                 online.insert(
                     event.target.clone(),
-                    Known {
+                    Record {
                         online: up,
                         timestamp_ms: event.timestamp_ms,
                         since_ms,
@@ -172,9 +268,14 @@ impl Presence {
         true
     }
 
-    pub(crate) fn is_offline(&self, target: &Target) -> bool {
+    /// What the last record of `target` says.
+    pub(crate) fn known(&self, target: &Target) -> Known {
         let online = self.online.read().unwrap_or_else(|e| e.into_inner());
-        online.get(target).is_some_and(|k| !k.online)
+        match online.get(target) {
+            Some(r) if r.online => Known::Online,
+            Some(_) => Known::Offline,
+            None => Known::Unknown,
+        }
     }
 
     /// Every target with a record, by name.
@@ -195,5 +296,68 @@ impl Presence {
     /// Changes from now on.
     pub(crate) fn watch(&self) -> broadcast::Receiver<DeviceState> {
         self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(target: &str, online: bool, timestamp_ms: u64) -> PresenceEvent {
+        let root = PresenceRoot::default();
+        let target = Target::new(target).unwrap();
+        let record = serde_json::json!({"online": online, "timestamp": timestamp_ms});
+        parse_directcall(&root, &root.topic(&target), record.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_will_written_at_connect_time_still_marks_the_device_offline() {
+        // The device's will carries its connect time; its online record,
+        // published a moment later, a later one. The will comes last.
+        let p = Presence::new(PresenceSource::Directcall(PresenceRoot::default()), None);
+        let car = Target::new("car").unwrap();
+        assert!(p.record(event("car", true, 1_005)));
+        assert_eq!(p.known(&car), Known::Online);
+        assert!(p.record(event("car", false, 1_000)));
+        assert_eq!(p.known(&car), Known::Offline);
+        // Back online, with whatever clock: the last record wins.
+        assert!(p.record(event("car", true, 900)));
+        assert_eq!(p.known(&car), Known::Online);
+        assert_eq!(p.known(&Target::new("other").unwrap()), Known::Unknown);
+    }
+
+    #[test]
+    fn aws_lifecycle_events_are_ordered_by_their_timestamps() {
+        let p = Presence::new(PresenceSource::AwsLifecycle, Some(PresenceRoot::default()));
+        let car = Target::new("car").unwrap();
+        assert!(p.record(event("car", false, 2_000)));
+        // An older "connected" arriving late does not undo it.
+        assert!(!p.record(event("car", true, 1_000)));
+        assert_eq!(p.known(&car), Known::Offline);
+        assert!(p.record(event("car", true, 3_000)));
+        assert_eq!(p.known(&car), Known::Online);
+    }
+
+    #[test]
+    fn markers_are_given_up_after_connections_lost_while_one_was_out() {
+        let s = Snapshot::default();
+        assert!(!s.is_complete(0) && !s.is_complete(1));
+        // Lost with no marker out: not counted.
+        assert!(!s.lost(1));
+        for connection in 2..2 + u64::from(MARKER_GIVE_UP_AFTER) - 1 {
+            assert!(s.marker_sent(connection));
+            assert!(!s.lost(connection));
+        }
+        // Completed: the count starts over.
+        assert!(s.marker_sent(10));
+        s.completed(10);
+        assert!(s.is_complete(10) && !s.is_complete(11));
+        assert!(!s.lost(10));
+        for connection in 11..11 + u64::from(MARKER_GIVE_UP_AFTER) {
+            assert!(s.marker_sent(connection));
+            let gave_up = s.lost(connection);
+            assert_eq!(gave_up, connection == 10 + u64::from(MARKER_GIVE_UP_AFTER));
+        }
+        assert!(!s.marker_sent(20), "given up for good");
     }
 }

@@ -14,7 +14,7 @@ use directcall_core::mqtt::{
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
     CallTopics, Field, MessageId, MqttVersion, PendingCall, PendingTable, Prefix, Receipt,
-    ReplyPayload, RequestPayload, Unmatched,
+    ReplyError, ReplyPayload, RequestPayload, Target, Unmatched,
 };
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
@@ -24,7 +24,7 @@ use crate::invocation::Invocation;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::options::Options;
-use crate::presence::{Origin, Presence};
+use crate::presence::{Known, Origin, Presence, Snapshot};
 use crate::records::{CallRecord, CallState, Records};
 use crate::store::Store;
 
@@ -67,6 +67,11 @@ pub struct Stats {
     /// Delivery receipts received
     /// ([`Options::delivery_receipts`](crate::Options::delivery_receipts)).
     pub receipts: u64,
+    /// Strict presence ([`Options::strict_presence`](crate::Options::strict_presence)):
+    /// whether this connection's presence snapshot is in (every retained
+    /// record has arrived), so that a target with no record is refused.
+    /// Always false without strict presence.
+    pub presence_snapshot: bool,
 }
 
 /// Why a reply was dropped, in the order of `metrics::DROP_REASONS`.
@@ -112,6 +117,8 @@ pub(crate) struct Shared {
     counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) presence: Option<Presence>,
+    /// Strict presence: the snapshot marker's topic and payload.
+    strict: Option<(String, Vec<u8>)>,
     /// The broker URL last reported in use, for the `broker_in_use` gauge.
     reported_broker: Mutex<Option<String>>,
     pub(crate) records: Option<Records>,
@@ -152,9 +159,13 @@ fn records_and_store(
     };
     #[cfg(feature = "redis")]
     {
-        let store: Arc<dyn Store> = Arc::new(crate::store::RedisStore::new(url).map_err(|e| {
-            Error::from(directcall_core::Error::invalid(Field::Store, e.to_string()))
-        })?);
+        let store: Arc<dyn Store> =
+            Arc::new(
+                crate::store::RedisStore::new(url).map_err(|e| Error::Config {
+                    option: "Options::redis_store",
+                    reason: e.to_string(),
+                })?,
+            );
         let retention = options.records.unwrap_or_default().retention;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);
         let writer = Arc::clone(&store);
@@ -175,14 +186,13 @@ fn records_and_store(
     }
     #[cfg(not(feature = "redis"))]
     {
-        Err(directcall_core::Error::invalid(
-            Field::Store,
-            format!(
+        Err(Error::Config {
+            option: "Options::redis_store",
+            reason: format!(
                 "{}: this build has no Redis support (feature \"redis\")",
                 crate::store::redacted(url)
             ),
-        )
-        .into())
+        })
     }
 }
 
@@ -208,6 +218,34 @@ pub(crate) async fn sweep_deadlines(
             () = wake.notified() => {}
             () = sleep => {}
         }
+    }
+}
+
+/// Strict presence: publishes the snapshot marker on connection
+/// `link.connects()` until it comes back (the first may go out before the
+/// presence subscription does), the connection changes, or markers are
+/// given up.
+async fn ask_snapshot(link: Link, snapshot: Arc<Snapshot>, topic: String, marker: Vec<u8>) {
+    const ATTEMPTS: u32 = 12;
+    let connection = link.connects();
+    let mut wait = Duration::from_millis(20);
+    for _ in 0..ATTEMPTS {
+        tokio::time::sleep(wait).await;
+        if link.is_stopping() || link.connects() != connection || !link.is_ready() {
+            return;
+        }
+        if snapshot.is_complete(connection) || !snapshot.marker_sent(connection) {
+            return;
+        }
+        link.publish_or_queue(topic.clone(), marker.clone(), QoS::AtMostOnce, false);
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+    tokio::time::sleep(wait).await;
+    if link.connects() == connection && !snapshot.is_complete(connection) && !link.is_stopping() {
+        tracing::warn!(
+            topic,
+            "the presence snapshot marker never came back (may the requester publish and subscribe there?): presence is not strict on this connection"
+        );
     }
 }
 
@@ -248,10 +286,29 @@ impl Session for Shared {
             metrics::gauge!(crate::metrics::BROKER_IN_USE, "url" => url.clone()).set(1.0);
             *reported = Some(url);
         }
+        drop(reported);
+        if let (Some((topic, marker)), Some(p)) = (&self.strict, &self.presence) {
+            // The presence subscription is asked for once this returns.
+            tokio::spawn(ask_snapshot(
+                self.link.clone(),
+                Arc::clone(&p.snapshot),
+                topic.clone(),
+                marker.clone(),
+            ));
+        }
     }
 
     fn on_message(self: &Arc<Self>, message: Message<'_>) {
         if let Some(p) = &self.presence {
+            if p.is_marker(message.topic, message.payload) {
+                // Published after the subscription was made: every retained
+                // record of it came before.
+                if self.strict.is_some() && !p.snapshot.is_complete(self.link.connects()) {
+                    tracing::debug!("presence snapshot complete");
+                    p.snapshot.completed(self.link.connects());
+                }
+                return;
+            }
             match p.parse(message.topic, message.payload) {
                 Some(Some((event, origin))) => {
                     let mirror = (origin == Origin::Lifecycle)
@@ -282,6 +339,15 @@ impl Session for Shared {
 
     fn on_disconnected(&self, _error: &ConnectionError) {
         self.metrics.connected.set(0.0);
+        if let (Some((topic, _)), Some(p)) = (&self.strict, &self.presence) {
+            if p.snapshot.lost(self.link.connects()) {
+                tracing::error!(
+                    topic,
+                    "the connection was lost {} times in a row while a presence snapshot marker was out (a broker that closes the connection over a denied publish does this): no more markers, so presence is not strict",
+                    crate::presence::MARKER_GIVE_UP_AFTER
+                );
+            }
+        }
     }
 
     fn on_publish_refused(&self, topic: &str, reason: u8) {
@@ -312,6 +378,32 @@ impl Shared {
     /// writer, if any).
     pub(crate) fn new(options: &Options, link: Link, prefix: Prefix) -> Result<Self, Error> {
         let v5 = options.broker.mqtt_version == MqttVersion::V5;
+        let presence = options
+            .presence
+            .clone()
+            .map(|source| Presence::new(source, options.mirror_presence.clone()));
+        let strict = match (options.strict_presence, &presence) {
+            (false, _) => None,
+            (true, Some(p)) => match p.record_root() {
+                Some(root) => {
+                    let marker_level = Target::new(prefix.as_str())?;
+                    Some((
+                        root.topic(&marker_level),
+                        directcall_core::presence::snapshot_marker(&prefix),
+                    ))
+                }
+                None => return Err(Error::Config {
+                    option: "Options::strict_presence",
+                    reason: "AWS lifecycle events are not retained, so a device connected before the requester started would look unknown: add Options::mirror_presence".into(),
+                }),
+            },
+            (true, None) => {
+                return Err(Error::Config {
+                    option: "Options::strict_presence",
+                    reason: "needs presence records to read: Options::presence, or Options::aws_presence with Options::mirror_presence".into(),
+                })
+            }
+        };
         let (records, store) = records_and_store(options)?;
         let pending = PendingTable::new(options.recent_capacity);
         let sweep = Arc::new(Notify::new());
@@ -337,10 +429,8 @@ impl Shared {
             permits: Arc::new(Semaphore::new(options.max_in_flight)),
             counters: Counters::default(),
             metrics: Metrics::register(),
-            presence: options
-                .presence
-                .clone()
-                .map(|source| Presence::new(source, options.mirror_presence.clone())),
+            presence,
+            strict,
             reported_broker: Mutex::new(None),
             records,
             store,
@@ -388,14 +478,25 @@ impl Shared {
                 last_error: self.link.last_error(),
             });
         }
-        if self
-            .presence
-            .as_ref()
-            .is_some_and(|p| p.is_offline(&invocation.target))
-        {
-            return Err(Error::Offline {
-                target: invocation.target.clone(),
-            });
+        if let Some(p) = &self.presence {
+            match p.known(&invocation.target) {
+                Known::Online => {}
+                Known::Offline => {
+                    return Err(Error::Offline {
+                        target: invocation.target.clone(),
+                    })
+                }
+                // Strict only once every retained record is in: until then
+                // a device with a record may just not have been heard of yet.
+                Known::Unknown
+                    if self.strict.is_some() && p.snapshot.is_complete(self.link.connects()) =>
+                {
+                    return Err(Error::UnknownTarget {
+                        target: invocation.target.clone(),
+                    })
+                }
+                Known::Unknown => {}
+            }
         }
         Ok(())
     }
@@ -505,6 +606,11 @@ impl Shared {
             reconnects: self.link.connects().saturating_sub(1),
             refused: c.refused.load(Relaxed),
             receipts: c.receipts.load(Relaxed),
+            presence_snapshot: self.strict.is_some()
+                && self
+                    .presence
+                    .as_ref()
+                    .is_some_and(|p| p.snapshot.is_complete(self.link.connects())),
         }
     }
 
@@ -585,10 +691,10 @@ impl Shared {
             self.dropped(Dropped::Unknown);
             return;
         }
-        let reply = match ReplyPayload::from_slice(payload) {
+        let reply = match ReplyPayload::decode(payload) {
             Ok(r) => r,
             // Not an answer: maybe a delivery receipt (never on the hot path).
-            Err(_) if self.on_receipt(&call, payload) => return,
+            Err(ReplyError::Malformed(_)) if self.on_receipt(&call, payload) => return,
             Err(e) => {
                 self.dropped(Dropped::Malformed);
                 tracing::debug!(topic, "dropped reply: {e}");

@@ -9,7 +9,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use directcall_cloud::{Error, Field, Invocation, Options, Prefix, Requester, Unavailable};
-use directcall_core::{MessageId, PresenceRoot};
+use directcall_core::{MessageId, PresenceRoot, Target};
 use directcall_testkit::{
     both_brokers, eventually, now_ms, unique, within, Kind, Raw, Relay, TestBroker,
 };
@@ -748,3 +748,202 @@ async fn a_call_dropped_before_its_first_poll_publishes_nothing(b: TestBroker) {
     assert_eq!(r.stats().published, 1);
 }
 both_brokers!(a_call_dropped_before_its_first_poll_publishes_nothing);
+
+/// A retained presence record of `target` under `root`, as a device (or the
+/// broker, for its will) writes it.
+async fn presence_record(record: &Raw, root: &PresenceRoot, target: &str, body: Value) {
+    record
+        .publish_with(
+            &root.topic(&Target::new(target).unwrap()),
+            body.to_string(),
+            1,
+            true,
+        )
+        .await;
+}
+
+async fn strict_presence_refuses_a_device_never_seen_at_once(b: TestBroker) {
+    let root = PresenceRoot::new(unique("presence")).unwrap();
+    let (known, ghost) = (unique("car"), unique("ghost"));
+    // A device that was online before the requester started: its record
+    // reaches the requester only as a retained message after it connects.
+    let record = Raw::connect(&b.options_v311(), &unique("record")).await;
+    presence_record(&record, &root, &known, json!({"online": true})).await;
+    let _device = seed_device(&b, &known).await;
+    let r = requester_with(&b, |o| o.presence(root.clone()).strict_presence(true)).await;
+    eventually(10, || r.stats().presence_snapshot).await;
+    let reply = within(10, r.invoke(call(&known, "m", json!("hi"), 5000)))
+        .await
+        .unwrap();
+    assert_eq!(reply.response, json!("hi"));
+    // Never seen: refused at once, far sooner than its 30 s deadline, and
+    // not as offline.
+    let published = r.stats().published;
+    let started = Instant::now();
+    let e = within(5, r.invoke(call(&ghost, "m", Value::Null, 30_000)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::UnknownTarget { target } if target.as_str() == ghost),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{e:?}");
+    assert!(!e.may_have_run() && e.id().is_none(), "{e:?}");
+    assert_eq!(r.stats().published, published, "nothing is published");
+    // Once it has a record, it is called as usual.
+    presence_record(&record, &root, &ghost, json!({"online": true})).await;
+    let _ghost = seed_device(&b, &ghost).await;
+    let reply = within(10, async {
+        loop {
+            match r.invoke(call(&ghost, "m", json!("boo"), 2000)).await {
+                Err(Error::UnknownTarget { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => break other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply.response, json!("boo"));
+    // A new connection takes a new snapshot before it refuses anyone.
+    r.reconnect();
+    eventually(10, || {
+        let s = r.stats();
+        s.reconnects == 1 && s.presence_snapshot
+    })
+    .await;
+    let e = within(
+        5,
+        r.invoke(call(&unique("ghost"), "m", Value::Null, 30_000)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::UnknownTarget { .. }), "{e:?}");
+    let reply = within(10, r.invoke(call(&known, "m", json!("again"), 5000)))
+        .await
+        .unwrap();
+    assert_eq!(reply.response, json!("again"));
+}
+both_brokers!(strict_presence_refuses_a_device_never_seen_at_once);
+
+#[tokio::test]
+async fn strict_presence_needs_records_to_read() {
+    let broker = || directcall_core::BrokerOptions::new("127.0.0.1", 9);
+    for (options, why) in [
+        (
+            Options::new(broker()).strict_presence(true),
+            "Options::presence",
+        ),
+        (
+            Options::new(broker()).aws_presence().strict_presence(true),
+            "Options::mirror_presence",
+        ),
+    ] {
+        let e = Requester::start(options).unwrap_err();
+        let Error::Config { option, reason } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(*option, "Options::strict_presence");
+        assert!(reason.contains(why), "{e}");
+    }
+    let root = PresenceRoot::default();
+    for options in [
+        Options::new(broker()).presence(root.clone()),
+        Options::new(broker())
+            .aws_presence()
+            .mirror_presence(root.clone()),
+    ] {
+        let r = Requester::start(options.strict_presence(true)).unwrap();
+        assert!(!r.stats().presence_snapshot);
+        r.shutdown().await;
+    }
+}
+
+async fn a_will_stamped_with_the_connect_time_marks_the_device_offline(b: TestBroker) {
+    // A device of another make writes its connect time into its last will
+    // (a will is fixed when the device connects) and a later time into the
+    // online record it publishes once connected. When it dies, the will
+    // arrives last with the older timestamp: the device is offline.
+    let root = PresenceRoot::new(unique("presence")).unwrap();
+    let car = unique("car");
+    let r = requester_with(&b, |o| o.presence(root.clone())).await;
+    let record = Raw::connect(&b.options_v311(), &unique("record")).await;
+    let connected_at = now_ms();
+    presence_record(
+        &record,
+        &root,
+        &car,
+        json!({"online": true, "timestamp": connected_at + 5}),
+    )
+    .await;
+    eventually(10, || {
+        r.devices()
+            .iter()
+            .any(|d| d.target.as_str() == car && d.online)
+    })
+    .await;
+    presence_record(
+        &record,
+        &root,
+        &car,
+        json!({"online": false, "timestamp": connected_at}),
+    )
+    .await;
+    let e = within(10, async {
+        loop {
+            match r.invoke(call(&car, "m", Value::Null, 100)).await {
+                Err(e @ Error::Offline { .. }) => break e,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    assert!(!e.may_have_run(), "{e:?}");
+    let listed = r.devices().into_iter().find(|d| d.target.as_str() == car);
+    assert_eq!(listed.map(|d| d.online), Some(false));
+}
+both_brokers!(a_will_stamped_with_the_connect_time_marks_the_device_offline);
+
+async fn the_presence_snapshot_is_in_only_once_every_retained_record_is(b: TestBroker) {
+    // rumqttd sends a new subscription at most as many retained messages
+    // as it has outgoing slots (1,024 in the test kit) and drops the rest.
+    let devices = match b.kind {
+        Kind::Embedded => 1000,
+        _ => 5000,
+    };
+    let root = PresenceRoot::new(unique("presence")).unwrap();
+    let fleet = unique("fleet");
+    let record = Raw::connect(&b.options_v311(), &unique("record")).await;
+    for i in 0..devices {
+        presence_record(
+            &record,
+            &root,
+            &format!("{fleet}-{i}"),
+            json!({"online": true}),
+        )
+        .await;
+    }
+    // The broker holds them all before the requester starts: it stores one
+    // client's publishes in order, and a last one is there.
+    let last = format!("{fleet}-last");
+    presence_record(&record, &root, &last, json!({"online": true})).await;
+    let mut reader = Raw::connect(&b.options_v311(), &unique("reader")).await;
+    reader
+        .subscribe(&root.topic(&Target::new(&last).unwrap()))
+        .await;
+    within(10, reader.next_raw()).await;
+    let r = requester_with(&b, |o| o.presence(root.clone()).strict_presence(true)).await;
+    // Read as soon as the snapshot is in: every record is known by then.
+    let known = within(10, async {
+        loop {
+            if r.stats().presence_snapshot {
+                break r.devices().len();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(known, devices + 1);
+}
+both_brokers!(the_presence_snapshot_is_in_only_once_every_retained_record_is);

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::topic::{PresenceRoot, Target};
+use crate::topic::{Prefix, PresenceRoot, Target};
 
 /// The filter of AWS IoT Core's lifecycle events:
 /// `$aws/events/presence/{connected|disconnected}/{clientId}`.
@@ -23,11 +23,33 @@ pub struct PresenceEvent {
     pub timestamp_ms: Option<u64>,
 }
 
+/// *Extension*: the marker a requester with strict presence publishes, not
+/// retained, on `{root}/{its reply prefix}` after each connection:
+/// `{"snapshot":"<prefix>"}`. A broker sends a new subscription's retained
+/// records before any message published after it, so when a marker comes
+/// back, every record the broker held has arrived. Not a presence record:
+/// [`parse_directcall`] and every reader ignore it.
+pub fn snapshot_marker(prefix: &Prefix) -> Vec<u8> {
+    serde_json::json!({ "snapshot": prefix.as_str() })
+        .to_string()
+        .into_bytes()
+}
+
+/// Whether `payload` is a [`snapshot_marker`] (anyone's: any message that
+/// was published after the subscription proves the same).
+pub fn is_snapshot_marker(payload: &[u8]) -> bool {
+    payload.starts_with(br#"{"snapshot":"#)
+}
+
 /// Reads a directcall presence message on `topic` under `root`
 /// (`{"online": bool}`, with an optional `"timestamp"` in ms since the Unix
-/// epoch); `None` when the topic is not a presence topic of `root`.
+/// epoch); `None` when the topic is not a presence topic of `root`, or the
+/// payload is a [`snapshot_marker`].
 pub fn parse_directcall(root: &PresenceRoot, topic: &str, payload: &[u8]) -> Option<PresenceEvent> {
     let target = root.parse(topic)?;
+    if is_snapshot_marker(payload) {
+        return None;
+    }
     let record = serde_json::from_slice::<serde_json::Value>(payload).ok();
     let online = record.as_ref().and_then(|v| v.get("online")?.as_bool());
     // Records mirrored from AWS IoT lifecycle events carry the event's time.
@@ -89,6 +111,20 @@ mod tests {
         let e = parse_directcall(&root, "directcall/presence/car", b"").unwrap();
         assert_eq!(e.online, None);
         assert!(parse_directcall(&root, "other/car", br#"{"online":true}"#).is_none());
+        // A snapshot marker is no record (it would otherwise clear one).
+        let marker = snapshot_marker(&Prefix::new("invocation_client-0a1b2c3d4e5f").unwrap());
+        assert_eq!(
+            marker,
+            br#"{"snapshot":"invocation_client-0a1b2c3d4e5f"}"#.to_vec()
+        );
+        assert!(is_snapshot_marker(&marker));
+        assert!(!is_snapshot_marker(br#"{"online":true}"#));
+        assert!(parse_directcall(
+            &root,
+            "directcall/presence/invocation_client-0a1b2c3d4e5f",
+            &marker
+        )
+        .is_none());
     }
 
     #[test]

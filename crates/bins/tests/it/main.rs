@@ -27,6 +27,7 @@ mod idempotency;
 mod jwt;
 mod lambda;
 mod mqtt5;
+mod presence;
 mod records;
 mod restart;
 mod security;
