@@ -23,6 +23,8 @@ pub struct Invocation {
     pub(crate) traceparent: Option<String>,
     pub(crate) idempotency_key: Option<String>,
     pub(crate) caller: Option<String>,
+    /// Ask for a delivery receipt; `None`: as the requester does.
+    pub(crate) receipt: Option<bool>,
     /// The id to publish under, when it is not a fresh one (a keyed call).
     pub(crate) id: Option<MessageId>,
 }
@@ -40,6 +42,7 @@ impl Invocation {
             traceparent: None,
             idempotency_key: None,
             caller: None,
+            receipt: None,
             id: None,
         }
     }
@@ -135,6 +138,22 @@ impl Invocation {
     /// Who makes the call, if set.
     pub fn get_caller(&self) -> Option<&str> {
         self.caller.as_deref()
+    }
+
+    /// Whether this call asks the device for a delivery receipt (PROTOCOL.md,
+    /// "Delivery receipts"): its record then moves to `delivered` once the
+    /// device has the request, so a timeout tells "delivered, no answer"
+    /// from "no sign of delivery". Default: as the requester does
+    /// ([`Options::delivery_receipts`](crate::Options::delivery_receipts)).
+    pub fn receipt(mut self, ask: bool) -> Self {
+        self.receipt = Some(ask);
+        self
+    }
+
+    /// Whether this call asks for a delivery receipt, if it says
+    /// (`None`: as the requester does).
+    pub fn get_receipt(&self) -> Option<bool> {
+        self.receipt
     }
 
     /// The device.

@@ -260,13 +260,17 @@ fn record_outcome(records: &Records, id: MessageId, result: &Result<Reply, Error
 /// What a call's outcome means to its caller.
 fn reply_of(outcome: Outcome<Slot>, start: Instant, id: MessageId) -> Result<Reply, Error> {
     match outcome {
-        Outcome::Answered(reply) => Ok(Reply {
-            id,
-            status: reply.status,
-            response: reply.response,
-            elapsed: start.elapsed(),
-            replayed: false,
-        }),
+        Outcome::Answered(answer) => match *answer {
+            Ok(reply) => Ok(Reply {
+                id,
+                status: reply.status,
+                response: reply.response,
+                elapsed: start.elapsed(),
+                replayed: false,
+            }),
+            // A reply on the call's topic, with its id, that breaks the rules.
+            Err(bad) => Err(bad),
+        },
         Outcome::TimedOut => Err(Error::Timeout {
             elapsed: start.elapsed(),
             id,
@@ -339,7 +343,7 @@ mod tests {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(999)).await;
             let reply = ReplyPayload::new(id.to_string(), 200, Value::from("done"));
-            t.complete(&topics(id), Box::new(reply)).unwrap();
+            t.complete(&topics(id), Box::new(Ok(reply))).unwrap();
         });
         let reply = reply_of(call.await, start, id).unwrap();
         assert_eq!(reply.elapsed, Duration::from_millis(999));

@@ -198,6 +198,17 @@ fn result_of_record(record: CallRecord, start: Instant) -> Result<Reply, Error> 
             replayed: false,
         }),
         CallState::Offline => Err(Error::NoSubscriber { id }),
+        // The record keeps why; `status` is the one field that can be bad.
+        CallState::BadReply => Err(Error::BadReply {
+            id,
+            field: directcall_core::Field::Status,
+            reason: record
+                .response
+                .as_ref()
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+        }),
         CallState::Unavailable => Err(Error::Refused {
             id,
             code: record.reason_code.unwrap_or(0x80),

@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use directcall_core::{MessageId, Method, Target};
+use directcall_core::{CallTopics, MessageId, Method, Target};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -33,6 +33,10 @@ pub enum CallState {
     Unavailable,
     /// MQTT 5: no device was subscribed to the target's requests.
     Offline,
+    /// The device answered with a reply that breaks the protocol's rules
+    /// (a `status` that is not an integer from 0 to 65535); `response` says
+    /// what was wrong. In time or late: the call ended on it, or would have.
+    BadReply,
 }
 
 impl CallState {
@@ -221,6 +225,25 @@ impl Records {
         inner.prune(now, &self.options, true);
         inner.by_id.insert(id, (now, record));
         inner.order.push_back((now, id));
+    }
+
+    /// The device answered `call` with a reply that breaks the rules,
+    /// `why`: its record says so, unless it holds an answer already, or
+    /// the reply's topic names another target or method than the record.
+    pub(crate) fn bad_reply(&self, call: &CallTopics, why: String) {
+        self.update(&call.id(), |r| {
+            let own = r.target == *call.target() && r.method == *call.method();
+            if own
+                && matches!(
+                    r.state,
+                    CallState::Sent | CallState::Delivered | CallState::TimedOut
+                )
+            {
+                r.state = CallState::BadReply;
+                r.answered_at_ms = Some(now_ms());
+                r.response = Some(Value::String(why));
+            }
+        });
     }
 
     /// Changes the record of `id`, if it is still kept.

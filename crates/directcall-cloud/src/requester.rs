@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use directcall_core::mqtt::{Connection, ConnectionError, ConnectionOptions};
-use directcall_core::{Field, MessageId, MqttVersion, Prefix};
+use directcall_core::{MessageId, MqttVersion, Prefix};
 
 use crate::error::{Error, Unavailable};
 use crate::invocation::Invocation;
@@ -225,14 +225,14 @@ impl Requester {
     /// # Errors
     /// What [`Requester::invoke`] would refuse before publishing (invalid
     /// names, no broker, a conflicting idempotency key...), and
-    /// `Error::Invalid` naming `request` when calls are not recorded.
+    /// [`Error::Config`] naming `Options::record_calls` when calls are not
+    /// recorded.
     pub async fn submit(&self, invocation: Invocation) -> Result<MessageId, Error> {
         if self.shared().records.is_none() {
-            return Err(directcall_core::Error::invalid(
-                Field::Request,
-                "an asynchronous call needs call records (Options::record_calls)",
-            )
-            .into());
+            return Err(Error::Config {
+                option: "Options::record_calls",
+                reason: "an asynchronous call needs call records, to hold its outcome".into(),
+            });
         }
         if let Some(key) = invocation.idempotency_key.as_deref() {
             let id = keyed::id(&invocation, key)?;

@@ -95,9 +95,10 @@ struct Counters {
     receipts: AtomicU64,
 }
 
-/// A reply as a pending call holds it: boxed, so a waiting call's slot stays
-/// small.
-pub(crate) type Slot = Box<ReplyPayload>;
+/// What ends a waiting call: the device's reply, or one of its replies that
+/// breaks the rules ([`Error::BadReply`]); boxed, so a waiting call's slot
+/// stays small.
+pub(crate) type Slot = Box<Result<ReplyPayload, Error>>;
 
 /// The state of one requester, shared by its clones, its calls and its
 /// connection task.
@@ -528,7 +529,7 @@ impl Shared {
         payload.timestamp = Some(unix_millis(std::time::SystemTime::now()));
         payload.timeout_ms = Some(whole_millis(remaining));
         payload.traceparent = invocation.traceparent;
-        payload.receipt = self.receipts;
+        payload.receipt = invocation.receipt.unwrap_or(self.receipts);
         let properties = self.v5.then(|| {
             let mut p = Properties::default();
             // Whole seconds, rounded up: the broker drops the request once
@@ -691,33 +692,55 @@ impl Shared {
             self.dropped(Dropped::Unknown);
             return;
         }
-        let reply = match ReplyPayload::decode(payload) {
-            Ok(r) => r,
+        let (reply_id, answer) = match ReplyPayload::decode(payload) {
+            Ok(r) => (MessageId::parse(&r.id).ok(), Ok(r)),
             // Not an answer: maybe a delivery receipt (never on the hot path).
             Err(ReplyError::Malformed(_)) if self.on_receipt(&call, payload) => return,
+            Err(ReplyError::Invalid { id, error }) => (
+                MessageId::parse(&id).ok(),
+                Err(Error::BadReply {
+                    id: call.id(),
+                    field: error.field(),
+                    reason: error.reason().to_owned(),
+                }),
+            ),
             Err(e) => {
                 self.dropped(Dropped::Malformed);
                 tracing::debug!(topic, "dropped reply: {e}");
                 return;
             }
         };
-        if MessageId::parse(&reply.id).ok() != Some(call.id()) {
+        // Only the call's own topic and id can end it, with an answer or
+        // with a bad reply: no stranger ends another's call.
+        if reply_id != Some(call.id()) {
             self.dropped(Dropped::Mismatched);
             tracing::debug!(topic, "dropped reply: payload id differs from the topic's");
             return;
         }
+        let bad = answer.as_ref().err().map(ToString::to_string);
+        if let Some(bad) = &bad {
+            tracing::debug!(topic, "{bad}");
+        }
         // Counted first, so a caller reading stats after its reply sees it.
         self.counters.completed.fetch_add(1, Relaxed);
-        match self.pending.complete_or_return(&call, Box::new(reply)) {
-            Ok(()) => self.metrics.completed.increment(1),
+        match self.pending.complete_or_return(&call, Box::new(answer)) {
+            Ok(()) => {
+                self.metrics.completed.increment(1);
+                if let (Some(bad), Some(records)) = (bad, &self.records) {
+                    records.bad_reply(&call, bad);
+                }
+            }
             Err((Unmatched::Late, reply)) if self.records.is_some() => {
                 self.counters.completed.fetch_sub(1, Relaxed);
                 self.dropped(Dropped::Late);
-                let reply = *reply;
-                if let Some(records) = &self.records {
-                    if records.answered_late(&call.id(), reply.status, reply.response) {
-                        tracing::debug!(topic, "late reply kept on the call's record");
+                match (*reply, &self.records) {
+                    (Ok(reply), Some(records)) => {
+                        if records.answered_late(&call.id(), reply.status, reply.response) {
+                            tracing::debug!(topic, "late reply kept on the call's record");
+                        }
                     }
+                    (Err(bad), Some(records)) => records.bad_reply(&call, bad.to_string()),
+                    (_, None) => {}
                 }
             }
             Err((reason, _)) => {

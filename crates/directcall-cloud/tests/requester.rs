@@ -947,3 +947,97 @@ async fn the_presence_snapshot_is_in_only_once_every_retained_record_is(b: TestB
     assert_eq!(known, devices + 1);
 }
 both_brokers!(the_presence_snapshot_is_in_only_once_every_retained_record_is);
+
+async fn a_reply_with_a_bad_status_ends_its_call_at_once(b: TestBroker) {
+    let car = unique("car");
+    let mut fake = Raw::connect(&b.options_v311(), &unique("fake")).await;
+    fake.subscribe(&format!("{car}/#")).await;
+    let r = requester_with(&b, |o| {
+        o.record_calls(directcall_cloud::RecordOptions::default())
+    })
+    .await;
+    for (n, bad) in [json!("201"), json!(70000), json!(-1)]
+        .into_iter()
+        .enumerate()
+    {
+        let pending = tokio::spawn({
+            let (r, car) = (r.clone(), car.clone());
+            async move { r.invoke(call(&car, "unlock", Value::Null, 30_000)).await }
+        });
+        let (topic, _) = fake.next().await;
+        let l = levels(&topic);
+        let (prefix, id) = (&l[2], &l[3]);
+        // A stranger cannot end the call with a bad reply: not on another
+        // device's topic, nor with another id in the payload.
+        fake.publish(
+            &format!("{prefix}/{id}/{}/unlock/ack", unique("other")),
+            json!({"id": id, "status": bad}).to_string(),
+        )
+        .await;
+        fake.publish(
+            &format!("{prefix}/{id}/{car}/unlock/ack"),
+            json!({"id": MessageId::new().to_string(), "status": bad}).to_string(),
+        )
+        .await;
+        eventually(10, || r.stats().dropped_mismatched == 2 * (n as u64 + 1)).await;
+        let mut pending = pending;
+        assert!(still_pending(&mut pending).await, "ended by a stranger");
+        // The device's own bad reply ends it at once, naming the field.
+        let started = Instant::now();
+        fake.publish(
+            &format!("{prefix}/{id}/{car}/unlock/ack"),
+            json!({"id": id, "response": "done", "status": bad}).to_string(),
+        )
+        .await;
+        let e = within(10, pending).await.unwrap().unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{e:?}");
+        let Error::BadReply {
+            id: failed,
+            field,
+            reason,
+        } = &e
+        else {
+            panic!("expected a bad reply, got {e:?}")
+        };
+        assert_eq!(failed.to_string(), *id);
+        assert_eq!(*field, Field::Status);
+        assert!(reason.contains(&bad.to_string()), "{e}");
+        assert_eq!(e.id(), Some(*failed));
+        assert!(e.may_have_run());
+        let record = r.call_record(failed).expect("a record");
+        assert_eq!(record.state, directcall_cloud::CallState::BadReply);
+        assert!(
+            record
+                .response
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .contains("status"),
+            "the record says why"
+        );
+    }
+    assert_eq!((r.stats().pending, r.stats().timeouts), (0, 0));
+}
+both_brokers!(a_reply_with_a_bad_status_ends_its_call_at_once);
+
+#[tokio::test]
+async fn submit_without_records_names_the_option() {
+    let b = TestBroker::start(Kind::Embedded).unwrap();
+    let r = requester(&b).await;
+    let e = r
+        .submit(call(&unique("car"), "m", Value::Null, 1000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::Config {
+                option: "Options::record_calls",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!e.may_have_run() && e.id().is_none());
+    assert_eq!(r.stats().published, 0);
+}

@@ -531,6 +531,24 @@ async fn the_openapi_document_matches_the_gateway() {
     let _device = sim(&b.url, &[]);
     let mut gone = sim(&b.url, &["--client-id", "Gone", "--presence"]);
     gone.kill();
+    // A device whose status is a string: every call to it is a 502.
+    let mut odd = directcall_testkit::Raw::connect(
+        &directcall_core::BrokerOptions::from_url(&b.url).unwrap(),
+        "odd-device",
+    )
+    .await;
+    odd.subscribe("Odd001/#").await;
+    let _odd = tokio::spawn(async move {
+        loop {
+            let (topic, request) = odd.next().await;
+            let l: Vec<&str> = topic.split('/').collect();
+            odd.publish(
+                &format!("{}/{}/{}/{}/ack", l[2], l[3], l[0], l[1]),
+                serde_json::json!({"id": request["id"], "status": "201"}).to_string(),
+            )
+            .await;
+        }
+    });
     let (_, doc) = get(&format!("{base}/openapi.json")).await;
     let mut documented = BTreeSet::new();
     for (path, ops) in doc["paths"].as_object().unwrap() {
@@ -567,6 +585,7 @@ async fn the_openapi_document_matches_the_gateway() {
             ("request=r&method=m&target=a/b", &auth[..]),
             ("request=r&method=m&target=Gone&timeout=1", &auth[..]),
             ("request=r&method=m&target=Nobody&timeout=1", &auth[..]),
+            ("request=r&method=m&target=Odd001&timeout=3", &auth[..]),
         ] {
             let (status, _) = get_with(&format!("{base}{route}?{query}"), headers).await;
             note(route, "get", status);
@@ -594,6 +613,7 @@ async fn the_openapi_document_matches_the_gateway() {
         ("Device001", &json_auth[..], b"[".to_vec()),
         ("Gone", &json_auth[..], br#"{"timeout_ms":1000}"#.to_vec()),
         ("Nobody", &json_auth[..], br#"{"timeout_ms":1000}"#.to_vec()),
+        ("Odd001", &json_auth[..], br#"{"timeout_ms":3000}"#.to_vec()),
         ("Device001", &json_auth[..], vec![b' '; 129 * 1024]),
     ] {
         let (status, _) = post(

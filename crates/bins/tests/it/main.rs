@@ -29,6 +29,7 @@ mod lambda;
 mod mqtt5;
 mod presence;
 mod records;
+mod replies;
 mod restart;
 mod security;
 mod store;

@@ -188,8 +188,9 @@ pub struct TimeoutBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^/v1/calls/[0-9a-f-]{36}$")]
     pub call: Option<String>,
-    /// With delivery receipts on: `delivered at +N ms, no answer by the
-    /// deadline`, or `no sign of delivery`.
+    /// When the call asked for a delivery receipt (`receipt`, or the
+    /// gateway's `--delivery-receipts`): `delivered at +N ms, no answer by
+    /// the deadline`, or `no sign of delivery`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<String>,
 }
@@ -248,8 +249,11 @@ pub struct CallRecordBody {
     /// answer yet), `answered`, `timed_out` (no answer by the deadline, so
     /// far), `answered_late` (the answer came after the deadline and is
     /// here), `offline` (MQTT 5: no device subscribed), `unavailable` (MQTT
-    /// 5: the broker refused the request).
-    #[schema(pattern = "^(sent|delivered|answered|timed_out|answered_late|offline|unavailable)$")]
+    /// 5: the broker refused the request), `bad_reply` (the device answered
+    /// with a reply that breaks the rules: `response` says what was wrong).
+    #[schema(
+        pattern = "^(sent|delivered|answered|timed_out|answered_late|offline|unavailable|bad_reply)$"
+    )]
     pub state: String,
     /// When the request was published, in milliseconds since the Unix epoch.
     pub sent_at_ms: u64,
@@ -342,9 +346,14 @@ pub struct InvokeQuery {
     /// Whole seconds to wait, 1 to the gateway's maximum.
     #[param(minimum = 1, maximum = 60, default = 10)]
     timeout: Option<u64>,
+    /// `true` asks the device for a delivery receipt for this call
+    /// (PROTOCOL.md, "Delivery receipts"), `false` asks for none; absent:
+    /// as the gateway does (`--delivery-receipts`).
+    receipt: Option<bool>,
 }
 
-/// The JSON form's body: `{"request": <any JSON>, "timeout_ms": <int>}`.
+/// The JSON form's body: `{"request": <any JSON>, "timeout_ms": <int>,
+/// "receipt": <bool>}`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -356,6 +365,13 @@ pub struct PostBody {
     #[serde(default)]
     #[schema(value_type = u64, required = false, minimum = 100, maximum = 60000)]
     pub timeout_ms: Option<Value>,
+    /// `true` asks the device for a delivery receipt for this call
+    /// (PROTOCOL.md, "Delivery receipts"): its record moves to `delivered`
+    /// once the device has it, and a 504 says whether it was delivered.
+    /// `false` asks for none. Default: as the gateway does
+    /// (`--delivery-receipts`).
+    #[serde(default)]
+    pub receipt: Option<bool>,
 }
 
 pub(crate) fn body(value: &impl Serialize) -> Value {

@@ -175,9 +175,10 @@ impl InvokeService {
         self.limits
     }
 
-    /// The AWS sample's GET form: `request`, `method`, `target` and `timeout`
-    /// (whole seconds) as decoded query pairs. Unknown parameters are ignored;
-    /// a repeated one is refused.
+    /// The AWS sample's GET form: `request`, `method`, `target`, `timeout`
+    /// (whole seconds) and `receipt` (`true` or `false`: a delivery receipt
+    /// for this call) as decoded query pairs. Unknown parameters are
+    /// ignored; a repeated one is refused.
     ///
     /// # Errors
     /// A 400 [`HttpReply`] naming the first bad or missing parameter.
@@ -192,7 +193,7 @@ impl InvokeService {
     {
         let mut params: HashMap<&'static str, String> = HashMap::new();
         for (key, value) in pairs {
-            let Some(name) = ["request", "method", "target", "timeout"]
+            let Some(name) = ["request", "method", "target", "timeout", "receipt"]
                 .into_iter()
                 .find(|n| *n == key.as_ref())
             else {
@@ -211,13 +212,25 @@ impl InvokeService {
             None => self.limits.default_timeout,
             Some(t) => self.timeout_secs(t)?,
         };
-        Ok(Invocation::new(target, method, Value::String(request))
+        let invocation = Invocation::new(target, method, Value::String(request))
             .timeout(timeout)
-            .started_at(start))
+            .started_at(start);
+        Ok(match params.get("receipt").map(String::as_str) {
+            None => invocation,
+            Some("true") => invocation.receipt(true),
+            Some("false") => invocation.receipt(false),
+            Some(other) => {
+                return Err(HttpReply::invalid(
+                    "receipt",
+                    format!("must be true or false, got {other:?}"),
+                ))
+            }
+        })
     }
 
     /// The JSON form: `POST /v1/targets/{target}/methods/{method}` with
-    /// `{"request": <any JSON>, "timeout_ms": <int>}`. `content_type`, when
+    /// `{"request": <any JSON>, "timeout_ms": <int>, "receipt": <bool>}`
+    /// (`receipt`: a delivery receipt for this call). `content_type`, when
     /// given, must be `application/json`.
     ///
     /// # Errors
@@ -248,7 +261,8 @@ impl InvokeService {
                 ));
             }
         }
-        const SHAPE: &str = "expected {\"request\": <any JSON>, \"timeout_ms\": <integer>}";
+        const SHAPE: &str =
+            "expected {\"request\": <any JSON>, \"timeout_ms\": <integer>, \"receipt\": <boolean>}";
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| HttpReply::invalid("body", format!("{e}; {SHAPE}")))?;
         if !value.is_object() {
@@ -259,15 +273,25 @@ impl InvokeService {
         }
         // Present but null is a wrong type, not an absent field.
         let timeout_given = value.get("timeout_ms").cloned();
+        if let Some(receipt) = value.get("receipt").filter(|r| !r.is_boolean()) {
+            return Err(HttpReply::invalid(
+                "receipt",
+                format!("must be true or false, got {receipt}"),
+            ));
+        }
         let parsed: PostBody = serde_json::from_value(value)
             .map_err(|e| HttpReply::invalid("body", format!("{e}; {SHAPE}")))?;
         let timeout = match timeout_given.or(parsed.timeout_ms) {
             None => self.limits.default_timeout,
             Some(v) => self.timeout_ms(&v)?,
         };
-        Ok(Invocation::new(target, method, parsed.request)
+        let invocation = Invocation::new(target, method, parsed.request)
             .timeout(timeout)
-            .started_at(start))
+            .started_at(start);
+        Ok(match parsed.receipt {
+            Some(ask) => invocation.receipt(ask),
+            None => invocation,
+        })
     }
 
     fn timeout_secs(&self, value: &str) -> Result<Duration, HttpReply> {
@@ -317,6 +341,9 @@ impl InvokeService {
         let start = invocation
             .get_started_at()
             .unwrap_or_else(tokio::time::Instant::now);
+        let receipt = invocation
+            .get_receipt()
+            .unwrap_or_else(|| self.requester.asks_receipts());
         self.metrics.in_flight.increment(1.0);
         let (result, replayed) = self.requester.invoke_replayed(invocation).await;
         self.metrics.in_flight.decrement(1.0);
@@ -324,7 +351,7 @@ impl InvokeService {
         let recorded = self.requester.record_options().is_some();
         let mut reply = render(result, elapsed, recorded);
         reply.replayed = replayed;
-        if reply.status == 504 && self.requester.asks_receipts() {
+        if reply.status == 504 && receipt {
             let record = reply.body["id"]
                 .as_str()
                 .and_then(|id| MessageId::parse(id).ok())
@@ -599,6 +626,38 @@ mod tests {
         ] {
             let m = message(query(&s, q).unwrap_err());
             assert!(m.starts_with(&format!("invalid {field}: ")), "{q}: {m}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_may_ask_for_its_own_receipt() {
+        let s = service();
+        let now = Instant::now();
+        let q = |extra: &str| query(&s, &format!("target=t&method=m&request=r{extra}"));
+        assert_eq!(q("").unwrap().get_receipt(), None);
+        assert_eq!(q("&receipt=true").unwrap().get_receipt(), Some(true));
+        assert_eq!(q("&receipt=false").unwrap().get_receipt(), Some(false));
+        for bad in ["&receipt=1", "&receipt=", "&receipt=true&receipt=true"] {
+            let m = message(q(bad).unwrap_err());
+            assert!(m.starts_with("invalid receipt: "), "{bad}: {m}");
+        }
+        let post = |body: &str| s.post_invocation("car", "m", None, body.as_bytes(), now);
+        assert_eq!(post("{}").unwrap().get_receipt(), None);
+        assert_eq!(
+            post(r#"{"receipt":true}"#).unwrap().get_receipt(),
+            Some(true)
+        );
+        assert_eq!(
+            post(r#"{"receipt":false}"#).unwrap().get_receipt(),
+            Some(false)
+        );
+        for bad in [
+            r#"{"receipt":"true"}"#,
+            r#"{"receipt":null}"#,
+            r#"{"receipt":1}"#,
+        ] {
+            let m = message(post(bad).unwrap_err());
+            assert!(m.starts_with("invalid receipt: "), "{bad}: {m}");
         }
     }
 

@@ -15,8 +15,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::body::{
-    AcceptedBody, CallRecordBody, HttpReply, InvokeQuery, MessageBody, OfflineBody, OkBody,
-    Outcome, PostBody, TimeoutBody, UnauthorizedBody,
+    AcceptedBody, BadReplyBody, CallRecordBody, HttpReply, InvokeQuery, MessageBody, OfflineBody,
+    OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody,
 };
 use super::mapping::{MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES};
 use super::state::{respond, Authed, CallBudget, GatewayState};
@@ -92,6 +92,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, HttpReply> {
             headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 502, description = "The device answered with a reply that breaks the protocol's rules (`field` names the part: a `status` that is not an integer from 0 to 65535); the call ended at once. The device may have run the method.", body = BadReplyBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
     )
 )]
@@ -148,6 +149,7 @@ pub(crate) async fn invoke_get(
             headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The query string is too large.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 502, description = "The device answered with a reply that breaks the protocol's rules (`field` names the part: a `status` that is not an integer from 0 to 65535); the call ended at once. The device may have run the method.", body = BadReplyBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
     )
 )]
@@ -186,6 +188,7 @@ pub(crate) async fn invoke_get_slash(
             headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 413, description = "The body is over 128 KiB.", body = MessageBody),
         (status = 503, description = "No broker connection; nothing was published.", body = MessageBody),
+        (status = 502, description = "The device answered with a reply that breaks the protocol's rules (`field` names the part: a `status` that is not an integer from 0 to 65535); the call ended at once. The device may have run the method.", body = BadReplyBody),
         (status = 504, description = "No answer before the deadline.", body = TimeoutBody),
     )
 )]
