@@ -32,8 +32,8 @@ enum Command {
     /// Make one call over MQTT and print the JSON the gateway would answer.
     ///
     /// Exit codes: 0 the device answered with a 2xx status, 2 invalid input,
-    /// 3 timeout, 4 target offline, 5 broker unavailable, 6 the device
-    /// answered with another status.
+    /// 3 timeout, 4 target offline or unknown, 5 broker unavailable, 6 the
+    /// device answered with another status or a malformed reply.
     Invoke(InvokeArgs),
     /// Make one GET over HTTP(S) and print the status and body.
     ///
@@ -254,6 +254,7 @@ async fn reload_on_sighup(access: Arc<Access>) {
 async fn invoke(mut args: InvokeArgs) -> ExitCode {
     // A one-shot connection calls before retained presence records arrive.
     args.requester.presence = directcall_bins::cli::PresenceMode::Off;
+    args.requester.strict_presence = false;
     let options = match args
         .broker
         .resolve()
@@ -300,6 +301,8 @@ fn invoke_exit_code(reply: &HttpReply) -> u8 {
             _ => 6,
         },
         400 | 413 => 2,
+        // The device answered, with a reply that breaks the protocol.
+        502 => 6,
         504 => 3,
         404 => 4,
         _ => 5,
