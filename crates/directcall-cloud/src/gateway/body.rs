@@ -369,8 +369,10 @@ pub struct PostBody {
     /// (PROTOCOL.md, "Delivery receipts"): its record moves to `delivered`
     /// once the device has it, and a 504 says whether it was delivered.
     /// `false` asks for none. Default: as the gateway does
-    /// (`--delivery-receipts`).
+    /// (`--delivery-receipts`). `null` is refused as a wrong type, so the
+    /// schema does not allow it.
     #[serde(default)]
+    #[schema(value_type = bool, required = false)]
     pub receipt: Option<bool>,
 }
 
