@@ -314,9 +314,9 @@ pub struct RequesterArgs {
     /// reply (for policies that allow exactly one prefix).
     #[arg(long, env = "DIRECTCALL_SHARED_PREFIX")]
     pub shared_prefix: bool,
-    /// QoS of request publishes: 0 (never queued) or 1 [default: 0 on MQTT
-    /// 3.1.1; 1 on MQTT 5, whose PUBACK tells at once that no device is
-    /// subscribed].
+    /// QoS of every request publish: 0 (never queued) or 1 [default: 0 on
+    /// MQTT 3.1.1; on MQTT 5, 1 (whose PUBACK tells at once that no device
+    /// is subscribed) but 0 to a target that answered within 10 s].
     #[arg(long, env = "DIRECTCALL_QOS", value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: Option<u8>,
     /// QoS of the reply subscription: 0 or 1 (replies are delivered at the

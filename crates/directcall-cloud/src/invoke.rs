@@ -239,6 +239,7 @@ fn record_outcome(records: &Records, id: MessageId, result: &Result<Reply, Error
             Ok(reply) => {
                 r.state = CallState::Answered;
                 r.answered_at_ms = Some(records::now_ms());
+                r.delivered_by_answer();
                 r.status = Some(reply.status);
                 r.response = Some(reply.response.clone());
             }

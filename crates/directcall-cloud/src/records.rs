@@ -69,7 +69,9 @@ pub struct CallRecord {
     /// When it was published, in milliseconds since the Unix epoch.
     pub sent_at_ms: u64,
     /// When the device's delivery receipt arrived, in milliseconds since
-    /// the Unix epoch.
+    /// the Unix epoch; for a call that asked for one and was answered
+    /// before the device sent it (a device answering within its
+    /// `RECEIPT_AFTER`, 10 ms, sends none), when the answer did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivered_at_ms: Option<u64>,
     /// When its answer arrived (in time or late), in milliseconds since the
@@ -89,6 +91,19 @@ pub struct CallRecord {
     /// if it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// The request asked for a delivery receipt.
+    #[serde(skip)]
+    pub(crate) receipt: bool,
+}
+
+impl CallRecord {
+    /// An answer to a call that asked for a receipt and got none is its
+    /// delivery too.
+    pub(crate) fn delivered_by_answer(&mut self) {
+        if self.receipt && self.delivered_at_ms.is_none() {
+            self.delivered_at_ms = self.answered_at_ms;
+        }
+    }
 }
 
 fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -205,6 +220,7 @@ impl Records {
         target: Target,
         method: Method,
         caller: Option<String>,
+        receipt: bool,
     ) {
         let now = Instant::now();
         let record = CallRecord {
@@ -219,6 +235,7 @@ impl Records {
             response: None,
             reason_code: None,
             caller,
+            receipt,
         };
         self.mirror(&record);
         let mut inner = self.lock();
@@ -287,6 +304,7 @@ impl Records {
             ) {
                 r.state = CallState::AnsweredLate;
                 r.answered_at_ms = Some(now_ms());
+                r.delivered_by_answer();
                 r.status = Some(status);
                 r.response = Some(response);
                 taken = true;
@@ -351,7 +369,7 @@ mod tests {
         let records = Records::new(RecordOptions::new(Duration::from_secs(10), 100));
         let id = MessageId::new();
         let (t, m) = names();
-        records.sent(id, t, m, None);
+        records.sent(id, t, m, None, false);
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(records.get(&id).unwrap().state, CallState::Sent);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -365,7 +383,7 @@ mod tests {
         let ids: Vec<_> = (0..5).map(|_| MessageId::new()).collect();
         for id in &ids {
             let (t, m) = names();
-            records.sent(*id, t, m, None);
+            records.sent(*id, t, m, None, false);
         }
         assert_eq!(records.len(), 3);
         assert!(records.get(&ids[0]).is_none() && records.get(&ids[1]).is_none());
@@ -378,7 +396,7 @@ mod tests {
         let (late, answered) = (MessageId::new(), MessageId::new());
         for id in [late, answered] {
             let (t, m) = names();
-            records.sent(id, t, m, None);
+            records.sent(id, t, m, None, false);
         }
         records.update(&late, |r| r.state = CallState::TimedOut);
         records.update(&answered, |r| r.state = CallState::Answered);

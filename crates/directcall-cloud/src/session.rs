@@ -111,6 +111,9 @@ pub(crate) struct Shared {
     pub(crate) sweeper_stop: watch::Sender<bool>,
     pub(crate) prefix: Prefix,
     qos: QoS,
+    /// MQTT 5 with the default request QoS: the targets that answered
+    /// lately, whose requests skip the PUBACK round (`known_subscribed`).
+    answered_lately: Option<Mutex<AnsweredLately>>,
     reply_qos: QoS,
     /// MQTT 5: requests carry expiry, response topic and correlation data.
     v5: bool,
@@ -373,7 +376,71 @@ impl Session for Shared {
     }
 }
 
+/// How long a target that answered counts as subscribed: its requests then
+/// go at QoS 0 on MQTT 5, without the PUBACK round that could only say
+/// "no matching subscribers" (PROTOCOL.md, "MQTT 5").
+pub(crate) const KNOWN_SUBSCRIBED: Duration = Duration::from_secs(10);
+
+/// When each target last answered, pruned as it grows.
+#[derive(Debug, Default)]
+pub(crate) struct AnsweredLately {
+    at: std::collections::HashMap<String, std::time::Instant>,
+    /// Its size after the last pruning.
+    kept: usize,
+}
+
+impl AnsweredLately {
+    fn answered(&mut self, target: &str, now: std::time::Instant) {
+        match self.at.get_mut(target) {
+            Some(at) => *at = now,
+            None => {
+                if self.at.len() >= (2 * self.kept).max(1024) {
+                    self.at
+                        .retain(|_, at| now.duration_since(*at) < KNOWN_SUBSCRIBED);
+                    self.kept = self.at.len();
+                }
+                self.at.insert(target.to_owned(), now);
+            }
+        }
+    }
+
+    fn lately(&self, target: &str, now: std::time::Instant) -> bool {
+        self.at
+            .get(target)
+            .is_some_and(|at| now.duration_since(*at) < KNOWN_SUBSCRIBED)
+    }
+}
+
 impl Shared {
+    /// The QoS of a request to `target`: the configured one, or on MQTT 5
+    /// by default, 1 unless the target answered within `KNOWN_SUBSCRIBED`.
+    fn request_qos_for(&self, target: &Target) -> QoS {
+        match &self.answered_lately {
+            Some(lately) => {
+                let known = lately
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .lately(target.as_str(), std::time::Instant::now());
+                if known {
+                    QoS::AtMostOnce
+                } else {
+                    self.qos
+                }
+            }
+            None => self.qos,
+        }
+    }
+
+    /// `target` answered a call: it has a subscriber now.
+    fn heard_from(&self, target: &Target) {
+        if let Some(lately) = &self.answered_lately {
+            lately
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .answered(target.as_str(), std::time::Instant::now());
+        }
+    }
+
     /// The state of a requester with `options` on `link`, replies coming
     /// back under `prefix`; starts its deadline sweeper (and the store's
     /// writer, if any).
@@ -425,6 +492,8 @@ impl Shared {
             } else {
                 QoS::AtMostOnce
             }),
+            answered_lately: (v5 && options.request_qos.is_none())
+                .then(|| Mutex::new(AnsweredLately::default())),
             reply_qos: options.reply_qos,
             v5,
             permits: Arc::new(Semaphore::new(options.max_in_flight)),
@@ -530,6 +599,8 @@ impl Shared {
         payload.timeout_ms = Some(whole_millis(remaining));
         payload.traceparent = invocation.traceparent;
         payload.receipt = invocation.receipt.unwrap_or(self.receipts);
+        let receipt = payload.receipt;
+        let qos = self.request_qos_for(call.target());
         let properties = self.v5.then(|| {
             let mut p = Properties::default();
             // Whole seconds, rounded up: the broker drops the request once
@@ -569,11 +640,12 @@ impl Shared {
                 call.target().clone(),
                 call.method().clone(),
                 invocation.caller,
+                receipt,
             );
         }
         if let Err(e) = self
             .link
-            .publish_with(topic, payload, self.qos, false, properties.as_ref())
+            .publish_with(topic, payload, qos, false, properties.as_ref())
         {
             if let Some(records) = &self.records {
                 records.update(&id, |r| r.state = CallState::Unavailable);
@@ -723,9 +795,13 @@ impl Shared {
         }
         // Counted first, so a caller reading stats after its reply sees it.
         self.counters.completed.fetch_add(1, Relaxed);
+        let answered = answer.is_ok();
         match self.pending.complete_or_return(&call, Box::new(answer)) {
             Ok(()) => {
                 self.metrics.completed.increment(1);
+                if answered {
+                    self.heard_from(call.target());
+                }
                 if let (Some(bad), Some(records)) = (bad, &self.records) {
                     records.bad_reply(&call, bad);
                 }

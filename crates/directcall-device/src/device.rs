@@ -26,6 +26,11 @@ use crate::router::{Answer, Router};
 
 /// Default number of handlers running at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
+/// How long a request that asked for a delivery receipt may take to be
+/// answered before the receipt goes out: an answer within it says it was
+/// delivered, and needs no receipt before it (PROTOCOL.md, "Delivery
+/// receipts").
+pub const RECEIPT_AFTER: Duration = Duration::from_millis(10);
 /// Default number of requests waiting for a handler slot; beyond it, 503.
 pub const DEFAULT_MAX_QUEUED: usize = 1024;
 /// Default number of recent request ids remembered to run each once.
@@ -688,17 +693,6 @@ impl Shared {
             tracing::debug!(topic, "dropped: past its deadline");
             return;
         }
-        if request.receipt {
-            // Delivered, before anything runs: on the reply topic, in a
-            // shape no answer has (PROTOCOL.md, "Delivery receipts").
-            self.link.publish_or_queue_with(
-                to.topic.clone(),
-                Receipt::new(call.id().to_string()).to_vec(),
-                self.reply_qos,
-                false,
-                None,
-            );
-        }
         let method_call = MethodCall {
             id: call.id(),
             target: call.target().clone(),
@@ -710,7 +704,7 @@ impl Shared {
             reply_to: response_topic.map(str::to_owned),
             traceparent: traceparent.or(request.traceparent),
         };
-        self.dispatch(to, method_call);
+        self.dispatch(to, method_call, request.receipt);
     }
 
     /// A plain MQTT 5 request: `{target}/{method}` with a Response Topic,
@@ -760,11 +754,27 @@ impl Shared {
             reply_to: Some(to.topic.clone()),
             traceparent,
         };
-        self.dispatch(to, method_call);
+        self.dispatch(to, method_call, false);
     }
 
-    /// Runs a request that passed its checks, and answers it at `to`.
-    fn dispatch(self: &Arc<Self>, to: ReplyTo, method_call: MethodCall) {
+    /// The delivery receipt of call `id`: on the reply topic, in a shape no
+    /// answer has (PROTOCOL.md, "Delivery receipts").
+    fn receipt(&self, to: &ReplyTo, id: MessageId) {
+        self.link.publish_or_queue_with(
+            to.topic.clone(),
+            Receipt::new(id.to_string()).to_vec(),
+            self.reply_qos,
+            false,
+            None,
+        );
+    }
+
+    /// Runs a request that passed its checks, and answers it at `to`. When
+    /// it asked for a delivery receipt (`receipt`), one goes out only if
+    /// the answer has not within [`RECEIPT_AFTER`]: an answer says it was
+    /// delivered, and a receipt right before it would cost the broker a
+    /// second message for nothing.
+    fn dispatch(self: &Arc<Self>, to: ReplyTo, method_call: MethodCall, receipt: bool) {
         let (c, m) = (&self.counters, &self.metrics);
         if !self.router.knows(&method_call.method) {
             self.count(&c.unknown_method, &m.unknown_method);
@@ -784,6 +794,7 @@ impl Shared {
             return;
         }
         let running = RunningGuard(Arc::clone(self));
+        let receipt = receipt.then_some(method_call.id);
         let (timestamp, timeout_ms) = (method_call.timestamp, method_call.timeout_ms);
         let shared = Arc::clone(self);
         let free_slot = Arc::clone(&self.slots).try_acquire_owned().ok();
@@ -835,6 +846,21 @@ impl Shared {
                 let mut cut = shared.cut.subscribe();
                 let seen = cut.wait_for(|c| *c != Cut::No).await.map(|c| *c);
                 seen.unwrap_or(Cut::Abandon)
+            };
+            // Not answered at once: a receipt, unless the answer comes
+            // within RECEIPT_AFTER.
+            let work = async {
+                let Some(id) = receipt else {
+                    return work.await;
+                };
+                tokio::select! {
+                    biased;
+                    answer = &mut work => answer,
+                    () = tokio::time::sleep(RECEIPT_AFTER) => {
+                        shared.receipt(&to, id);
+                        work.await
+                    }
+                }
             };
             let answer = tokio::select! {
                 biased;

@@ -146,7 +146,7 @@ pub use call::MethodCall;
 pub use device::{
     serve, start, Device, DeviceOptions, DeviceStats, DEFAULT_DEDUP_CAPACITY,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, DEFAULT_READY_TIMEOUT,
-    DEFAULT_REPLY_QOS, DEFAULT_REQUEST_SUBSCRIPTION_QOS,
+    DEFAULT_REPLY_QOS, DEFAULT_REQUEST_SUBSCRIPTION_QOS, RECEIPT_AFTER,
 };
 pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
 pub use directcall_core::{

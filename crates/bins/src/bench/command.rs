@@ -540,9 +540,12 @@ async fn requester(
     if let Some(url) = &args.store {
         options = options.redis_store(url.clone());
     }
-    options = options
-        .request_qos(qos.request)
-        .reply_qos(qos.reply_subscription);
+    // The library's own default unless --qos says (on MQTT 5 it is 1 but
+    // to targets that answered lately, as a user's requester does).
+    if args.qos.is_some() {
+        options = options.request_qos(qos.request);
+    }
+    options = options.reply_qos(qos.reply_subscription);
     Ok(Requester::connect(options).await?)
 }
 

@@ -47,15 +47,9 @@ async fn reference_example_answers_then_times_out(b: Broker) {
 
     sim.kill();
     let (status, body) = get(&format!("{base}{REFERENCE_QUERY}")).await;
-    if b.mosquitto.is_some() && e2e::v5() {
-        // On MQTT 5, Mosquitto answers the request's publish with "no
-        // matching subscribers": offline at once, with no presence record.
-        assert_eq!(status, 404, "{body}");
-        assert_eq!(body["result"], "offline");
-        assert_eq!(body["id"].as_str().unwrap().len(), 36);
-        assert!(elapsed_ms(&body) < 3000, "{body}");
-        return;
-    }
+    // On MQTT 5 too: the target answered within 10 s, so its request goes
+    // at QoS 0 and no PUBACK says "no matching subscribers" (PROTOCOL.md,
+    // "MQTT 5"; mqtt5.rs tests both sides of that trade-off).
     // The simulator stopped (no presence record): the caller waits out its
     // 3 s, not less, and not much more (seconds of slack for a loaded
     // machine).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use crate::e2e;
-use directcall_cloud::{Error, MqttVersion};
+use directcall_cloud::{Error, MqttVersion, QoS};
 use directcall_core::BrokerOptions;
 use directcall_device::{DeviceOptions, Router};
 use directcall_testkit::program;
@@ -29,8 +29,15 @@ fn v5(b: &TestBroker) -> BrokerOptions {
 }
 
 async fn requester_v5(b: &TestBroker) -> directcall_cloud::Requester {
+    requester_v5_with(b, |o| o).await
+}
+
+async fn requester_v5_with(
+    b: &TestBroker,
+    f: impl FnOnce(directcall_cloud::Options) -> directcall_cloud::Options,
+) -> directcall_cloud::Requester {
     let prefix = directcall_cloud::Prefix::new(unique("v5")).unwrap();
-    let options = directcall_cloud::Options::new(v5(b)).prefix(prefix);
+    let options = f(directcall_cloud::Options::new(v5(b)).prefix(prefix));
     within(15, directcall_cloud::Requester::connect(options))
         .await
         .expect("requester connects")
@@ -85,6 +92,50 @@ async fn a_call_nobody_is_subscribed_to_ends_as_offline_at_once() {
         .await
         .unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+}
+
+/// The trade-off of the default request QoS on MQTT 5: a target that
+/// answered within the last 10 s gets its requests at QoS 0, with no PUBACK
+/// round, so if it has gone since, the call waits out its deadline (or
+/// presence says offline) instead of ending at once as `NoSubscriber`;
+/// `request_qos(1)` keeps the PUBACK round for every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_answered_lately_gets_its_requests_without_the_puback_round() {
+    let Some(b) = mosquitto() else { return };
+    let car = unique("car");
+    let device = device_on(
+        v5(&b),
+        &car,
+        Router::new().method("ping", |_| async { Ok("pong") }),
+    )
+    .await;
+    let default = requester_v5(&b).await;
+    let every = requester_v5_with(&b, |o| o.request_qos(QoS::AtLeastOnce)).await;
+    for r in [&default, &every] {
+        let reply = within(10, r.invoke(call(&car, "ping", Value::Null, 5000)))
+            .await
+            .unwrap();
+        assert_eq!(reply.response, json!("pong"));
+    }
+    device.abort().await;
+    // Once the broker has dropped the device's subscription, QoS 1 says so.
+    let e = wait_for(10, "the broker to drop the device's subscription", || {
+        let every = every.clone();
+        let car = car.clone();
+        async move {
+            match every.invoke(call(&car, "ping", Value::Null, 500)).await {
+                Err(e @ Error::NoSubscriber { .. }) => Some(e),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(matches!(e, Error::NoSubscriber { .. }), "{e:?}");
+    let e = within(5, default.invoke(call(&car, "ping", Value::Null, 500)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert_eq!(default.stats().pending, 0);
 }
 
 /// Through the gateway: 404 `offline`, with the reason and the call's id.
@@ -195,7 +246,9 @@ async fn an_expired_request_never_reaches_a_device_that_comes_back_late() {
             .persistent_session(Duration::from_secs(60))
             .client_id(car.clone())
     };
-    let r = requester_v5(&b).await;
+    // Every request at QoS 1, so the broker queues it for the away
+    // session (by default a target that answered lately gets QoS 0).
+    let r = requester_v5_with(&b, |o| o.request_qos(QoS::AtLeastOnce)).await;
 
     // Late: the call's 1 s deadline passes while the device is away.
     within(15, directcall_device::serve(router.clone(), options()))

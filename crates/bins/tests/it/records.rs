@@ -299,17 +299,29 @@ async fn delivered_comes_before_answered(b: TestBroker) {
         "a receipt is not a malformed reply"
     );
 
-    // The seed's device ignores the extension: sent, then answered.
+    // The seed's device ignores the extension and sends no receipt: its
+    // answer is its delivery.
     let seed_car = unique("seedcar");
     let seed = late_seed_device(&b, &seed_car, 0).await;
     let reply = within(10, r.invoke(call(&seed_car, "unlock", json!("x"), 5000)))
         .await
         .unwrap();
     let record = r.call_record(&reply.id).unwrap();
-    assert_eq!(
-        (record.state, record.delivered_at_ms),
-        (CallState::Answered, None)
-    );
+    assert_eq!(record.state, CallState::Answered);
+    assert!(record.answered_at_ms.is_some());
+    assert_eq!(record.delivered_at_ms, record.answered_at_ms);
+    assert_eq!(r.stats().receipts, 1, "the seed's device sent no receipt");
+
+    // Ours answering within RECEIPT_AFTER sends none either.
+    let quick_car = unique("quickcar");
+    let quick = directcall_device::Router::new().method("unlock", |_| async { Ok("unlocked") });
+    let _quick = device(&b, &quick_car, quick).await;
+    let reply = within(10, r.invoke(call(&quick_car, "unlock", Value::Null, 5000)))
+        .await
+        .unwrap();
+    let record = r.call_record(&reply.id).unwrap();
+    assert_eq!(record.delivered_at_ms, record.answered_at_ms);
+    assert_eq!(r.stats().receipts, 1, "an answer at once needs no receipt");
     seed.abort();
 }
 both_brokers!(delivered_comes_before_answered);
