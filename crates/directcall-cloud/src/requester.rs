@@ -32,6 +32,19 @@ pub struct Requester {
 impl Requester {
     /// Connects and waits until the reply subscription is acknowledged.
     ///
+    /// ```no_run
+    /// use directcall_cloud::{BrokerOptions, Options, Requester};
+    ///
+    /// # async fn run() -> Result<(), directcall_cloud::Error> {
+    /// let broker = BrokerOptions::from_url("mqtt://127.0.0.1:1883")?;
+    /// let requester = Requester::connect(Options::new(broker)).await?;
+    /// // Clone it into every task that makes calls: one connection carries them all.
+    /// let for_a_task = requester.clone();
+    /// # drop(for_a_task);
+    /// requester.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`Error::Setup`] for unusable broker settings; [`Error::Unavailable`]
     /// ([`Unavailable::NotReady`]) when the broker cannot be reached and
@@ -151,16 +164,45 @@ impl Requester {
     /// outcome of another call with the key instead of publishing: a reply
     /// then says [`replayed`](crate::Reply::replayed).
     ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use directcall_cloud::{Error, Invocation, Requester};
+    ///
+    /// # async fn run(requester: Requester) -> Result<(), Error> {
+    /// let call = Invocation::parse("VIN123", "unlock", "now")?.timeout(Duration::from_secs(3));
+    /// match requester.invoke(call).await {
+    ///     Ok(reply) if reply.status == 200 => println!("unlocked: {}", reply.response),
+    ///     Ok(reply) => println!("the car said no: {} {}", reply.status, reply.response),
+    ///     Err(e @ (Error::Offline { .. } | Error::NoSubscriber { .. })) => println!("not there: {e}"),
+    ///     Err(e) if e.may_have_run() => println!("call {:?} may have run: {e}", e.id()),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
+    /// Nothing was published for these:
     /// - [`Error::Invalid`] for a zero timeout or topics over 256 bytes;
     /// - [`Error::PayloadTooLarge`] when the request exceeds the packet limit;
     /// - [`Error::Offline`] when presence tracking knows the target is offline;
-    /// - [`Error::Unavailable`] when not connected (nothing was published);
+    /// - [`Error::UnknownTarget`] when presence is strict and the target has
+    ///   no presence record;
+    /// - [`Error::Unavailable`] when not connected;
     /// - [`Error::KeyConflict`] when the idempotency key was used for
     ///   another call;
+    ///
+    /// and these come after publishing:
+    /// - [`Error::NoSubscriber`] (MQTT 5) when the broker's PUBACK says no
+    ///   device is subscribed;
+    /// - [`Error::Refused`] (MQTT 5) when the broker refused the request
+    ///   with another reason code;
+    /// - [`Error::BadReply`] when the device's reply broke the rules (a
+    ///   `status` that is not an integer from 0 to 65535);
     /// - [`Error::Timeout`] when no reply came before the deadline;
     /// - [`Error::Closed`] after [`Requester::shutdown`], also for a call
     ///   that was waiting when it came.
+    ///
+    /// [`Error::may_have_run`] says which leave the command maybe run.
     pub fn invoke(&self, invocation: Invocation) -> Invoke {
         if invocation.idempotency_key.is_some() {
             let handle = Arc::clone(&self.handle);
@@ -221,6 +263,25 @@ impl Requester {
     /// lands on its record ([`Requester::call_record`],
     /// [`Requester::wait_call_record`]), so calls must be recorded
     /// ([`Options::record_calls`]).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use directcall_cloud::{BrokerOptions, CallState, Invocation, Options, RecordOptions, Requester};
+    ///
+    /// # async fn run() -> Result<(), directcall_cloud::Error> {
+    /// let options = Options::new(BrokerOptions::from_url("mqtt://127.0.0.1:1883")?)
+    ///     .record_calls(RecordOptions::default());
+    /// let requester = Requester::connect(options).await?;
+    /// let call = Invocation::parse("VIN123", "update_firmware", "v2")?.timeout(Duration::from_secs(30));
+    /// let id = requester.submit(call).await?;
+    /// // Later, or from another request handler:
+    /// if let Some(record) = requester.wait_call_record(&id, Duration::from_secs(30)).await {
+    ///     if record.state == CallState::Answered {
+    ///         println!("{:?} {:?}", record.status, record.response);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// What [`Requester::invoke`] would refuse before publishing (invalid

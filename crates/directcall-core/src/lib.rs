@@ -34,10 +34,13 @@
 //! # Ok::<(), directcall_core::Error>(())
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod broker;
 pub mod deadline;
 pub mod error;
 #[cfg(feature = "mqtt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
 pub mod mqtt;
 pub mod pending;
 pub mod presence;
