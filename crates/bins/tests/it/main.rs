@@ -28,6 +28,7 @@ mod jwt;
 mod lambda;
 mod mqtt5;
 mod presence;
+mod python_device;
 mod records;
 mod replies;
 mod restart;
