@@ -60,15 +60,23 @@ impl NatsCluster {
             let store = dir.join(format!("n{i}"));
             fs::create_dir_all(&store)?;
             let config = dir.join(format!("n{i}.conf"));
+            // One node is a plain server: a cluster of one never elects a
+            // JetStream leader, so it would never take MQTT subscriptions.
+            let cluster = if n > 1 {
+                format!(
+                    "cluster {{ name: directcall, listen: 127.0.0.1:{cluster}, routes: [{}] }}\n",
+                    routes.join(", ")
+                )
+            } else {
+                String::new()
+            };
             fs::write(
                 &config,
                 format!(
                     "server_name: n{i}\nlisten: 127.0.0.1:{client}\n\
                      jetstream {{ store_dir: \"{}\" }}\n\
-                     cluster {{ name: directcall, listen: 127.0.0.1:{cluster}, routes: [{}] }}\n\
-                     mqtt {{ listen: 127.0.0.1:{mqtt} }}\n",
+                     {cluster}mqtt {{ listen: 127.0.0.1:{mqtt} }}\n",
                     store.display(),
-                    routes.join(", ")
                 ),
             )?;
             nodes.push(Node {
