@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'directcall-token';
 const LOG_ROWS = 300;
 const HISTORY = 300;
-const FINAL_STATES = new Set(['answered', 'answered_late', 'offline', 'unavailable']);
+const FINAL_STATES = new Set(['answered', 'answered_late', 'bad_reply', 'offline', 'unavailable']);
 
 let token = sessionStorage.getItem(TOKEN_KEY);
 let stream = null;
@@ -42,7 +42,7 @@ function clock(ms) {
 function outcomeClass(outcome) {
   if (outcome === 'ok') return 'o-ok';
   if (outcome === 'timeout') return 'o-timeout';
-  if (outcome === 'offline') return 'o-offline';
+  if (outcome === 'offline' || outcome === 'unknown_device') return 'o-offline';
   if (outcome === 'accepted') return 'o-accepted';
   return 'o-error';
 }
@@ -248,10 +248,12 @@ const RATE_SERIES = [
   ['refused', '#cf222e'],
 ];
 // Outcomes other than these four are refusals and errors (4xx, 503).
+// A device never seen (strict presence) counts as offline.
 const rateOf = (calls, name) => {
+  if (name === 'offline') return (calls.offline || 0) + (calls.unknown_device || 0);
   if (name !== 'refused') return calls[name] || 0;
   return Object.entries(calls)
-    .filter(([k]) => !['ok', 'timeout', 'offline', 'accepted'].includes(k))
+    .filter(([k]) => !['ok', 'timeout', 'offline', 'unknown_device', 'accepted'].includes(k))
     .reduce((sum, [, n]) => sum + n, 0);
 };
 
@@ -532,6 +534,7 @@ function renderRecord(r) {
     $('late').hidden = false;
     $('late-response').textContent = typeof r.response === 'string' ? r.response : JSON.stringify(r.response, null, 2);
   }
+  if (r.state === 'bad_reply') items.push(el('li', `bad reply +${r.answered_at_ms - r.sent_at_ms} ms: ${r.response}`, 'o-error'));
   if (r.state === 'offline') items.push(el('li', 'offline: not delivered', 'o-offline'));
   if (r.state === 'unavailable') items.push(el('li', 'no broker connection', 'o-error'));
   if (r.state === 'sent' || r.state === 'delivered') items.push(el('li', 'waiting for the answer…'));

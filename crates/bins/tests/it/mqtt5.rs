@@ -23,9 +23,7 @@ fn mosquitto() -> Option<TestBroker> {
 }
 
 fn v5(b: &TestBroker) -> BrokerOptions {
-    let mut o = b.options();
-    o.mqtt_version = MqttVersion::V5;
-    o
+    b.options().mqtt_version(MqttVersion::V5)
 }
 
 async fn requester_v5(b: &TestBroker) -> directcall_cloud::Requester {
@@ -182,8 +180,9 @@ async fn a_publish_the_broker_refuses_ends_the_call_with_the_reason() {
     ) else {
         return;
     };
-    let mut broker = BrokerOptions::from_url(&m.url()).unwrap();
-    broker.mqtt_version = MqttVersion::V5;
+    let broker = BrokerOptions::from_url(&m.url())
+        .unwrap()
+        .mqtt_version(MqttVersion::V5);
     let r = within(
         15,
         directcall_cloud::Requester::connect(
@@ -473,8 +472,9 @@ async fn traceparent_reaches_the_handler_on_both_versions() {
             })
         };
         let car = unique("traced");
-        let mut broker = b.options();
-        broker.mqtt_version = MqttVersion::parse(version).unwrap();
+        let broker = b
+            .options()
+            .mqtt_version(MqttVersion::parse(version).unwrap());
         let _dev = device_on(broker, &car, router).await;
         let (_gw, base) = e2e::gateway(&b.url(), &["--mqtt-version", version]).await;
         e2e::wait_health(&base, 200).await;
@@ -553,8 +553,7 @@ async fn nats_refuses_mqtt_5_and_the_requester_says_why() {
     else {
         return;
     };
-    let mut broker = nats.options(0);
-    broker.mqtt_version = MqttVersion::V5;
+    let mut broker = nats.options(0).mqtt_version(MqttVersion::V5);
     broker.connect_timeout = Duration::from_secs(2);
     let options = directcall_cloud::Options::new(broker).ready_timeout(Duration::from_secs(3));
     let e = within(15, directcall_cloud::Requester::connect(options))
