@@ -143,6 +143,18 @@ pub struct BrokerArgs {
     /// MQTT keepalive, in seconds.
     #[arg(long, env = "DIRECTCALL_KEEP_ALIVE", default_value_t = 30)]
     pub keep_alive: u64,
+    /// How long a PINGREQ may wait for its PINGRESP, in milliseconds,
+    /// before the broker is taken for hung and the next one of the list is
+    /// tried (a hung broker is noticed within keepalive + ping timeout; a
+    /// requester with calls waiting pings after 500 ms of silence).
+    #[arg(
+        long = "ping-timeout",
+        value_name = "MS",
+        env = "DIRECTCALL_PING_TIMEOUT_MS",
+        default_value_t = 1500,
+        value_parser = clap::value_parser!(u64).range(100..=60_000)
+    )]
+    pub ping_timeout_ms: u64,
     /// When moving on to another broker of the list, connect there with a
     /// fresh client id (CLIENT_ID-fN): NATS hands a client id to another
     /// node only after giving up on the dead node's session. Not with
@@ -212,6 +224,7 @@ impl BrokerArgs {
             }
         };
         options.keep_alive = Duration::from_secs(self.keep_alive.max(1));
+        options.ping_timeout = Duration::from_millis(self.ping_timeout_ms);
         options.fresh_client_id_on_failover = self.failover_fresh_client_id;
         options.mqtt_version =
             MqttVersion::parse(&self.mqtt_version).map_err(|e| invalid("--mqtt-version", e))?;

@@ -80,7 +80,10 @@ impl Requester {
         #[allow(unused_mut)]
         let mut connection_options = ConnectionOptions::new(options.broker.clone(), client_id)
             .capacity(options.max_in_flight)
-            .probe_dots();
+            .probe_dots()
+            // A call's request expects an answer: silence after it is a
+            // reason to ask whether the broker is still there.
+            .ping_after_silence();
         if options.broker.mqtt_version == MqttVersion::V5 {
             // A PUBACK that says "no matching subscribers" ends its call.
             connection_options = connection_options.track_acks();

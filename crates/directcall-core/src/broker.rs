@@ -11,6 +11,12 @@ pub const DEFAULT_MQTT_PORT: u16 = 1883;
 pub const DEFAULT_MAX_PACKET_BYTES: usize = 128 * 1024;
 /// Default keepalive.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Default ping timeout: how long a PINGREQ may wait for its PINGRESP
+/// before the connection counts as lost.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a requester's connection may stay silent after a request
+/// before it pings the broker to learn whether it is still there.
+pub const SILENCE_BEFORE_PING: Duration = Duration::from_millis(500);
 /// Default first reconnect delay.
 pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Default longest reconnect delay.
@@ -183,6 +189,15 @@ pub struct BrokerOptions {
     pub credentials: Option<(String, String)>,
     /// MQTT keepalive (default 30 s).
     pub keep_alive: Duration,
+    /// How long a PINGREQ may wait for an answer (default 1.5 s): a broker
+    /// that stays silent longer is taken for hung, and the connection for
+    /// lost, so it moves on to the next endpoint. A side pings at its
+    /// keepalive when it has sent nothing else, so a hung broker is noticed
+    /// at most `keep_alive + ping_timeout` after it hangs; a requester also
+    /// pings when a request has had nothing back for
+    /// [`SILENCE_BEFORE_PING`], and so notices within about 2 s while calls
+    /// are waiting (docs/RELIABILITY.md).
+    pub ping_timeout: Duration,
     /// Largest MQTT packet sent or accepted (default 128 KiB).
     pub max_packet_bytes: usize,
     /// How long connecting may take, from the TCP connect to the broker's
@@ -264,6 +279,7 @@ impl BrokerOptions {
             tls: TlsOptions::default(),
             credentials: None,
             keep_alive: DEFAULT_KEEP_ALIVE,
+            ping_timeout: DEFAULT_PING_TIMEOUT,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             connect_timeout: Duration::from_secs(5),
             backoff_min: DEFAULT_BACKOFF_MIN,
@@ -364,6 +380,7 @@ impl std::fmt::Debug for BrokerOptions {
             .field("tls", &self.tls)
             .field("username", &self.credentials.as_ref().map(|(u, _)| u))
             .field("keep_alive", &self.keep_alive)
+            .field("ping_timeout", &self.ping_timeout)
             .field("max_packet_bytes", &self.max_packet_bytes)
             .finish_non_exhaustive()
     }

@@ -130,6 +130,28 @@ impl Mosquitto {
         fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
+    /// Freezes it with SIGSTOP: its sockets stay open and nothing is
+    /// answered, as a hung broker does. [`Mosquitto::thaw`] resumes it
+    /// (dropping a frozen Mosquitto kills it all the same).
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes it after [`Mosquitto::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
+
     /// Kills it with SIGKILL, as a crash would: no client is told.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

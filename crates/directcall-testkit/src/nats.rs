@@ -175,6 +175,27 @@ impl NatsCluster {
         format!("mqtt://127.0.0.1:{}", self.nodes[i].mqtt_port)
     }
 
+    /// Freezes node `i` with SIGSTOP: its sockets stay open and nothing is
+    /// answered, as a hung node does; [`NatsCluster::thaw`] resumes it.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// Resumes node `i` after [`NatsCluster::freeze`] (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Some(child) = &self.nodes[i].child {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
+
     /// SIGKILLs node `i`, as a crash would.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {

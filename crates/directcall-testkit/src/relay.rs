@@ -3,8 +3,9 @@
 //! iptables (neither is on these machines).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +22,11 @@ struct Faults {
     /// of the next connection; 0 means never.
     cut_at_subscribe: AtomicUsize,
     connections: AtomicUsize,
+    /// Swallow every byte both ways, sockets left open: a hung broker or a
+    /// black-holed link.
+    black_hole: AtomicBool,
+    /// Delay every byte this many milliseconds each way.
+    latency_ms: AtomicU64,
 }
 
 /// A relay on a free port of 127.0.0.1 to `upstream`.
@@ -82,6 +88,19 @@ impl Relay {
         self.faults.cut_at_subscribe.store(n, SeqCst);
     }
 
+    /// From now on, swallows every byte both ways with the sockets left
+    /// open (`true`), as a hung broker or a black-holed link does; or
+    /// forwards again (`false`; what was swallowed is lost).
+    pub fn black_hole(&self, on: bool) {
+        self.faults.black_hole.store(on, SeqCst);
+    }
+
+    /// Delays every byte by `latency` each way from now on (zero: none).
+    pub fn latency(&self, latency: Duration) {
+        let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        self.faults.latency_ms.store(ms, SeqCst);
+    }
+
     /// Cuts every open connection now.
     pub fn cut_all(&self) {
         self.cut.send_modify(|n| *n += 1);
@@ -114,8 +133,10 @@ async fn relay(
     faults.connections.fetch_add(1, SeqCst);
     let cut_at = faults.cut_at_subscribe.swap(0, SeqCst);
     cut.borrow_and_update();
-    let (mut client_rd, mut client_wr) = client.split();
-    let (mut broker_rd, mut broker_wr) = broker.split();
+    let (mut client_rd, client_wr) = client.split();
+    let (mut broker_rd, broker_wr) = broker.split();
+    let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
     let upward = async {
         let mut pending = Vec::new();
         let mut subscribes = 0;
@@ -124,6 +145,9 @@ async fn relay(
             let n = client_rd.read(&mut buf).await.unwrap_or(0);
             if n == 0 {
                 return;
+            }
+            if faults.black_hole.load(SeqCst) {
+                continue;
             }
             pending.extend_from_slice(&buf[..n]);
             // Forward whole packets only, so a cut falls between packets.
@@ -134,7 +158,8 @@ async fn relay(
                         return;
                     }
                 }
-                if broker_wr.write_all(&pending[..len]).await.is_err() {
+                let due = due(&faults);
+                if up_tx.send((due, pending[..len].to_vec())).is_err() {
                     return;
                 }
                 pending.drain(..len);
@@ -142,13 +167,46 @@ async fn relay(
         }
     };
     let downward = async {
-        let _ = tokio::io::copy(&mut broker_rd, &mut client_wr).await;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = broker_rd.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            if faults.black_hole.load(SeqCst) {
+                continue;
+            }
+            if down_tx.send((due(&faults), buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
     };
     tokio::select! {
         () = upward => {}
         () = downward => {}
+        () = deliver(up_rx, broker_wr) => {}
+        () = deliver(down_rx, client_wr) => {}
         _ = cut.changed() => {}
     }
+}
+
+/// When bytes read now may go on.
+fn due(faults: &Faults) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(faults.latency_ms.load(SeqCst))
+}
+
+/// Writes each chunk at its due time, in order; returns when the writer fails.
+async fn deliver(
+    mut chunks: tokio::sync::mpsc::UnboundedReceiver<(tokio::time::Instant, Vec<u8>)>,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+) {
+    while let Some((due, bytes)) = chunks.recv().await {
+        tokio::time::sleep_until(due).await;
+        if to.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// The length of the first whole MQTT packet in `buf`, if it is all there.

@@ -33,4 +33,5 @@ mod records;
 mod replies;
 mod restart;
 mod security;
+mod silent;
 mod store;

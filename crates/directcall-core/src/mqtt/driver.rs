@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::transport::{closed_by_a_3_1_1_broker, Endpoints, Ev, Events};
 
-use super::error::{NoMqtt5, SubscriptionRefused};
+use super::error::{NoMqtt5, PingTimeout, SubscriptionRefused};
 use super::{ConnectionError, Control, Link, Message, QoS, Session, Subscription};
 use crate::broker::Backoff;
 
@@ -266,6 +267,81 @@ impl Acks {
     }
 }
 
+/// Whether the broker is still there: a PINGREQ must be answered within
+/// the ping timeout, and, when `silence` is set (a requester), a publish
+/// that has had no packet back for that long is followed by a PINGREQ of
+/// its own. Pure bookkeeping, unit-tested below.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    ping_timeout: Duration,
+    silence: Option<Duration>,
+    /// When the first publish went out since the broker was last heard.
+    sent_since: Option<Instant>,
+    /// When the PINGREQ out must have been answered.
+    answer_by: Option<Instant>,
+}
+
+/// What the liveness timer says.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Check {
+    Fine,
+    /// Ping the broker now.
+    Ping,
+    /// The broker did not answer in time: the connection is lost.
+    Lost,
+}
+
+impl Liveness {
+    pub(crate) fn new(ping_timeout: Duration, silence: Option<Duration>) -> Self {
+        Liveness {
+            ping_timeout,
+            silence,
+            sent_since: None,
+            answer_by: None,
+        }
+    }
+
+    /// A packet came from the broker.
+    pub(crate) fn heard(&mut self) {
+        self.sent_since = None;
+        self.answer_by = None;
+    }
+
+    /// A publish went out.
+    pub(crate) fn sent(&mut self, now: Instant) {
+        self.sent_since.get_or_insert(now);
+    }
+
+    /// A PINGREQ went out (or was queued).
+    pub(crate) fn pinged(&mut self, now: Instant) {
+        self.answer_by.get_or_insert(now + self.ping_timeout);
+    }
+
+    /// A connection ended or began: nothing is awaited.
+    pub(crate) fn reset(&mut self) {
+        self.sent_since = None;
+        self.answer_by = None;
+    }
+
+    /// When to check next, if anything is awaited.
+    pub(crate) fn next_check(&self) -> Option<Instant> {
+        self.answer_by
+            .or_else(|| Some(self.sent_since? + self.silence?))
+    }
+
+    pub(crate) fn check(&mut self, now: Instant) -> Check {
+        match (self.answer_by, self.sent_since, self.silence) {
+            (Some(by), _, _) if now >= by => Check::Lost,
+            (Some(_), _, _) => Check::Fine,
+            (None, Some(since), Some(silence)) if now >= since + silence => {
+                self.pinged(now);
+                Check::Ping
+            }
+            _ => Check::Fine,
+        }
+    }
+}
+
 /// Whether `asked`, or a request queued behind it, is a stop (a closed
 /// channel is one too); takes every queued request.
 fn stop_asked(asked: Option<Control>, control: &mut mpsc::UnboundedReceiver<Control>) -> bool {
@@ -284,6 +360,7 @@ pub(crate) struct Parts {
     pub(crate) backoff: Backoff,
     pub(crate) probe_dots: bool,
     pub(crate) fresh_client_id_on_failover: bool,
+    pub(crate) liveness: Liveness,
 }
 
 /// Drives the connection until a stop is asked for: polls the event loop,
@@ -298,6 +375,7 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
         mut backoff,
         probe_dots,
         fresh_client_id_on_failover,
+        mut liveness,
     } = parts;
     let mut failovers = 0u64;
     let mut acks = Acks::default();
@@ -324,6 +402,12 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 None => std::future::pending().await,
             }
         };
+        let alive_check = async {
+            match liveness.next_check() {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let event = tokio::select! {
             biased;
             asked = control.recv() => {
@@ -332,6 +416,7 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                     break;
                 }
                 tracing::info!("making the broker connection anew, as asked");
+                liveness.reset();
                 plan.on_error();
                 link.set_ready(false);
                 // The next poll connects afresh.
@@ -346,8 +431,30 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 }
                 continue;
             }
+            () = alive_check => match liveness.check(Instant::now()) {
+                Check::Fine => continue,
+                Check::Ping => {
+                    tracing::debug!("a request had nothing back for a while: pinging the broker");
+                    eventloop.ping();
+                    continue;
+                }
+                Check::Lost => {
+                    // The next poll connects afresh; this one fails over.
+                    eventloop.clean();
+                    Err(Arc::new(PingTimeout {
+                        timeout: liveness.ping_timeout,
+                    }) as super::transport::PollError)
+                }
+            },
             event = eventloop.poll() => event,
         };
+        match &event {
+            Ok(ev) if ev.is_from_broker() => liveness.heard(),
+            Ok(Ev::Published { .. }) => liveness.sent(Instant::now()),
+            Ok(Ev::PingSent) => liveness.pinged(Instant::now()),
+            Ok(_) => {}
+            Err(_) => liveness.reset(),
+        }
         match event {
             Ok(Ev::Message {
                 topic,
@@ -608,6 +715,52 @@ mod tests {
         let mut p = SubscriptionPlan::new(vec![sub("car/#")]);
         p.on_connack();
         assert_eq!(p.on_suback(|_| true), Step::Ready(None));
+    }
+
+    const PING: Duration = Duration::from_millis(1500);
+    const SILENCE: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn a_requester_pings_after_silence_and_is_lost_without_an_answer() {
+        let t = Instant::now();
+        let mut l = Liveness::new(PING, Some(SILENCE));
+        assert_eq!(l.next_check(), None, "nothing sent, nothing awaited");
+        l.sent(t);
+        l.sent(t + Duration::from_millis(100)); // the first one counts
+        assert_eq!(l.next_check(), Some(t + SILENCE));
+        assert_eq!(l.check(t + Duration::from_millis(499)), Check::Fine);
+        assert_eq!(l.check(t + SILENCE), Check::Ping);
+        assert_eq!(l.next_check(), Some(t + SILENCE + PING));
+        assert_eq!(
+            l.check(t + SILENCE + Duration::from_millis(1499)),
+            Check::Fine
+        );
+        assert_eq!(l.check(t + SILENCE + PING), Check::Lost);
+    }
+
+    #[test]
+    fn anything_from_the_broker_answers() {
+        let t = Instant::now();
+        let mut l = Liveness::new(PING, Some(SILENCE));
+        l.sent(t);
+        assert_eq!(l.check(t + SILENCE), Check::Ping);
+        l.heard(); // a reply, or the PINGRESP
+        assert_eq!(l.next_check(), None);
+        assert_eq!(l.check(t + SILENCE + PING), Check::Fine);
+    }
+
+    #[test]
+    fn a_device_waits_for_its_keepalive_ping_only() {
+        let t = Instant::now();
+        let mut l = Liveness::new(PING, None);
+        l.sent(t); // an answer: nothing comes back for it
+        assert_eq!(l.next_check(), None);
+        assert_eq!(l.check(t + Duration::from_secs(60)), Check::Fine);
+        l.pinged(t + Duration::from_secs(30)); // the keepalive's PINGREQ
+        assert_eq!(l.check(t + Duration::from_millis(31_499)), Check::Fine);
+        assert_eq!(l.check(t + Duration::from_millis(31_500)), Check::Lost);
+        l.reset();
+        assert_eq!(l.next_check(), None);
     }
 
     #[test]

@@ -92,6 +92,14 @@ pub(crate) struct NoMqtt5 {
     pub(crate) source: Arc<dyn StdError + Send + Sync>,
 }
 
+/// The broker did not answer a PINGREQ in time: taken for hung (a stopped
+/// process, a black-holed link), so the connection is dropped.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no answer to a PINGREQ within {} ms (ping timeout): the broker is taken for hung", timeout.as_millis())]
+pub(crate) struct PingTimeout {
+    pub(crate) timeout: std::time::Duration,
+}
+
 /// The broker refused a subscription a side cannot work without.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the broker refused the subscription to {filter}{}", dot_hint(filter))]

@@ -271,6 +271,12 @@ pub struct ConnectionOptions {
     /// MQTT 5: match each PUBACK to the QoS 1 publish it acknowledges and
     /// report refusals to [`Session::on_publish_refused`]. Default: off.
     pub track_acks: bool,
+    /// Ping the broker when a publish has had no packet back for
+    /// [`SILENCE_BEFORE_PING`](crate::broker::SILENCE_BEFORE_PING), and take
+    /// the connection for lost without an answer within the broker's
+    /// `ping_timeout`: for a side that expects an answer to what it
+    /// publishes (a requester). Default: off (pings at the keepalive only).
+    pub ping_after_silence: bool,
 }
 
 impl std::fmt::Debug for ConnectionOptions {
@@ -284,6 +290,7 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("probe_dots", &self.probe_dots)
             .field("session_expiry", &self.session_expiry)
             .field("track_acks", &self.track_acks)
+            .field("ping_after_silence", &self.ping_after_silence)
             .finish()
     }
 }
@@ -301,6 +308,7 @@ impl ConnectionOptions {
             probe_dots: false,
             session_expiry: None,
             track_acks: false,
+            ping_after_silence: false,
         }
     }
 
@@ -340,6 +348,13 @@ impl ConnectionOptions {
     /// off); see [`ConnectionOptions::probe_dots`].
     pub fn probe_dots(mut self) -> Self {
         self.probe_dots = true;
+        self
+    }
+
+    /// Ping the broker when a publish has had nothing back for a while
+    /// (default: off); see [`ConnectionOptions::ping_after_silence`].
+    pub fn ping_after_silence(mut self) -> Self {
+        self.ping_after_silence = true;
         self
     }
 }
@@ -397,6 +412,8 @@ pub struct Connection {
     backoff: crate::broker::Backoff,
     probe_dots: bool,
     fresh_client_id_on_failover: bool,
+    ping_timeout: std::time::Duration,
+    ping_after_silence: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -440,6 +457,8 @@ impl Connection {
             backoff: crate::broker::Backoff::new(broker.backoff_min, broker.backoff_max),
             probe_dots: options.probe_dots,
             fresh_client_id_on_failover: broker.fresh_client_id_on_failover,
+            ping_timeout: broker.ping_timeout,
+            ping_after_silence: options.ping_after_silence,
             state: Arc::new(LinkState {
                 ready: watch::Sender::new(false),
                 control: control_tx,
@@ -478,6 +497,11 @@ impl Connection {
                 backoff: self.backoff,
                 probe_dots: self.probe_dots,
                 fresh_client_id_on_failover: self.fresh_client_id_on_failover,
+                liveness: driver::Liveness::new(
+                    self.ping_timeout,
+                    self.ping_after_silence
+                        .then_some(crate::broker::SILENCE_BEFORE_PING),
+                ),
             },
             link.clone(),
         ));

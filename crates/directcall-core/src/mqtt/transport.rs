@@ -201,7 +201,21 @@ pub(crate) enum Ev {
     },
     /// The DISCONNECT was written.
     Disconnected,
+    /// A PINGREQ was written (the keepalive's, or one asked for).
+    PingSent,
+    /// Another packet came from the broker (a PINGRESP, say).
+    Heard,
     Other,
+}
+
+impl Ev {
+    /// Whether the broker sent this: proof that it is alive.
+    pub(crate) fn is_from_broker(&self) -> bool {
+        matches!(
+            self,
+            Ev::Message { .. } | Ev::ConnAck | Ev::SubAck(_) | Ev::PubAck { .. } | Ev::Heard
+        )
+    }
 }
 
 /// The event loop of a connection, either version.
@@ -239,6 +253,8 @@ impl Events {
                     },
                     Event::Outgoing(Outgoing::Publish(pkid)) => Ev::Published { pkid },
                     Event::Outgoing(Outgoing::Disconnect) => Ev::Disconnected,
+                    Event::Outgoing(Outgoing::PingReq) => Ev::PingSent,
+                    Event::Incoming(_) => Ev::Heard,
                     _ => Ev::Other,
                 })
             }
@@ -265,8 +281,28 @@ impl Events {
                     },
                     Event::Outgoing(Outgoing::Publish(pkid)) => Ev::Published { pkid },
                     Event::Outgoing(Outgoing::Disconnect) => Ev::Disconnected,
+                    Event::Outgoing(Outgoing::PingReq) => Ev::PingSent,
+                    Event::Incoming(_) => Ev::Heard,
                     _ => Ev::Other,
                 })
+            }
+        }
+    }
+
+    /// Queues a PINGREQ ahead of the requests, unless one is already
+    /// waiting for its PINGRESP (a second would end the connection).
+    pub(crate) fn ping(&mut self) {
+        match self {
+            Events::V4(e) => {
+                if !e.state.await_pingresp {
+                    e.pending
+                        .push_front(rumqttc::Request::PingReq(rumqttc::PingReq));
+                }
+            }
+            Events::V5(e) => {
+                if !e.state.await_pingresp {
+                    e.pending.push_front(rumqttc::v5::Request::PingReq);
+                }
             }
         }
     }
