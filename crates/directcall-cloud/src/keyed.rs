@@ -51,7 +51,14 @@ pub(crate) async fn invoke(
             // Another requester may hold the key: ask the shared store.
             let claim = match &shared.store {
                 Some(store) => store
-                    .claim(&key, fingerprint, shared.keys.retention())
+                    .claim(
+                        &key,
+                        fingerprint,
+                        shared.keys.retention(),
+                        crate::store::Bounded::wait_for(
+                            deadline.saturating_duration_since(Instant::now()),
+                        ),
+                    )
                     .await
                     .unwrap_or_else(|e| {
                         // Without the store, go on here: a device still

@@ -25,6 +25,10 @@ pub const BROKER_CONNECTED: &str = "directcall_broker_connected";
 /// 1 for the broker endpoint in use, by `url`; 0 for one used before.
 pub const BROKER_IN_USE: &str = "directcall_broker_in_use";
 
+/// Shared store (Redis) operations that failed or timed out, by `op`
+/// (`save`, `load`, `claim`): the calls went on without the store.
+pub const STORE_ERRORS: &str = "directcall_store_errors_total";
+
 /// Why a reply completed no call, as the `reason` label spells it.
 pub(crate) const DROP_REASONS: [&str; 6] = [
     "late",

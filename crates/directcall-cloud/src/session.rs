@@ -130,7 +130,7 @@ pub(crate) struct Shared {
     /// Requests ask for delivery receipts.
     pub(crate) receipts: bool,
     /// Where records and keys are shared with other requesters.
-    pub(crate) store: Option<Arc<dyn Store>>,
+    pub(crate) store: Option<crate::store::Bounded>,
     pub(crate) store_url: Option<String>,
 }
 
@@ -156,23 +156,24 @@ impl Drop for Handle {
 #[allow(clippy::type_complexity)]
 fn records_and_store(
     options: &Options,
-) -> Result<(Option<Records>, Option<Arc<dyn Store>>), Error> {
+) -> Result<(Option<Records>, Option<crate::store::Bounded>), Error> {
     let records = options.records.map(Records::new);
     let Some(url) = options.store.as_deref() else {
         return Ok((records, None));
     };
     #[cfg(feature = "redis")]
     {
-        let store: Arc<dyn Store> =
+        let redis: Arc<dyn Store> =
             Arc::new(
                 crate::store::RedisStore::new(url).map_err(|e| Error::Config {
                     option: "Options::redis_store",
                     reason: e.to_string(),
                 })?,
             );
+        let store = crate::store::Bounded::new(redis);
         let retention = options.records.unwrap_or_default().retention;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);
-        let writer = Arc::clone(&store);
+        let writer = store.clone();
         tokio::spawn(async move {
             // What piled up while the last write was out goes in one
             // pipeline: one round trip for many changes, in order.
@@ -698,7 +699,7 @@ impl Shared {
             return Some(record);
         }
         let store = self.store.as_ref()?;
-        match store.load(id).await {
+        match store.load(id, crate::store::STORE_WAIT).await {
             Ok(record) => record,
             Err(e) => {
                 tracing::warn!(%id, "shared store: {e}");

@@ -29,6 +29,20 @@ pub(crate) enum StoreError {
     /// A record did not encode, or a stored one did not decode.
     #[error("a call record: {0}")]
     Record(#[from] serde_json::Error),
+    /// Not asked: it failed less than `STORE_PAUSE` ago.
+    #[error("not asked: it failed {} ms ago", ago.as_millis())]
+    Paused {
+        /// How long ago it last failed.
+        ago: Duration,
+    },
+    /// The store did not answer in time (a frozen or unreachable store).
+    #[error("no answer to {op} within {} ms", after.as_millis())]
+    TimedOut {
+        /// Which operation.
+        op: &'static str,
+        /// How long it was given.
+        after: Duration,
+    },
     /// An idempotency key holds something else than a call's fingerprint.
     #[cfg(feature = "redis")]
     #[error("{key} holds no fingerprint: {source}")]
@@ -76,6 +90,115 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
         fingerprint: Uuid,
         ttl: Duration,
     ) -> Result<Option<Uuid>, StoreError>;
+}
+
+/// Longest a call waits on the store, however long it has left: a frozen
+/// or unreachable store costs a call at most this (or half its remaining
+/// time, when that is less), then the call goes on without the store.
+pub(crate) const STORE_WAIT: Duration = Duration::from_millis(500);
+/// Longest the background writer waits for one batch.
+pub(crate) const STORE_WRITE_WAIT: Duration = Duration::from_secs(2);
+/// After a failure, calls go on without the store for this long before one
+/// asks it again: an outage costs a call at most one `STORE_WAIT` a second,
+/// not one per call.
+pub(crate) const STORE_PAUSE: Duration = Duration::from_secs(1);
+
+/// The shared store with every operation bounded in time and every failure
+/// counted (`directcall_store_errors_total`, by `op`).
+#[derive(Debug, Clone)]
+pub(crate) struct Bounded {
+    inner: std::sync::Arc<dyn Store>,
+    errors: [metrics::Counter; 3],
+    /// When a call's operation last failed.
+    failed_at: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl Bounded {
+    pub(crate) fn new(inner: std::sync::Arc<dyn Store>) -> Self {
+        metrics::describe_counter!(
+            crate::metrics::STORE_ERRORS,
+            "Shared store operations that failed or timed out, by op."
+        );
+        Bounded {
+            inner,
+            errors: ["save", "load", "claim"]
+                .map(|op| metrics::counter!(crate::metrics::STORE_ERRORS, "op" => op)),
+            failed_at: std::sync::Arc::default(),
+        }
+    }
+
+    fn failed_at(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        self.failed_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A call's operation, unless the store failed within `STORE_PAUSE`.
+    async fn for_a_call<T>(
+        &self,
+        op: &'static str,
+        counter: usize,
+        after: Duration,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let last = *self.failed_at();
+        if let Some(ago) = last.map(|at| at.elapsed()).filter(|ago| *ago < STORE_PAUSE) {
+            return Err(StoreError::Paused { ago });
+        }
+        let result = self.bounded(op, counter, after, work).await;
+        *self.failed_at() = result.is_err().then(tokio::time::Instant::now);
+        result
+    }
+
+    /// How long a call with `left` of its deadline may wait on the store.
+    pub(crate) fn wait_for(left: Duration) -> Duration {
+        (left / 2).min(STORE_WAIT)
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        counter: usize,
+        after: Duration,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(after, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::TimedOut { op, after }),
+        };
+        if result.is_err() {
+            self.errors[counter].increment(1);
+        }
+        result
+    }
+
+    pub(crate) async fn save(
+        &self,
+        records: &[CallRecord],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.bounded("save", 0, STORE_WRITE_WAIT, self.inner.save(records, ttl))
+            .await
+    }
+
+    pub(crate) async fn load(
+        &self,
+        id: &MessageId,
+        within: Duration,
+    ) -> Result<Option<CallRecord>, StoreError> {
+        self.for_a_call("load", 1, within, self.inner.load(id))
+            .await
+    }
+
+    pub(crate) async fn claim(
+        &self,
+        key: &str,
+        fingerprint: Uuid,
+        ttl: Duration,
+        within: Duration,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.for_a_call("claim", 2, within, self.inner.claim(key, fingerprint, ttl))
+            .await
+    }
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -133,9 +256,14 @@ impl RedisStore {
     async fn conn(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
         self.conn
             .get_or_try_init(|| async {
+                // One quick retry, not the client's default six with delays
+                // doubling to 6.4 s: a store that is down is skipped by the
+                // callers (Bounded), and asked again on the next operation.
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Duration::from_secs(2))
-                    .set_response_timeout(Duration::from_secs(2));
+                    .set_response_timeout(Duration::from_secs(2))
+                    .set_number_of_retries(1)
+                    .set_max_delay(200);
                 redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
             })
             .await

@@ -14,7 +14,8 @@ use crate::free_port;
 /// A `redis-server` process owned by this one.
 #[derive(Debug)]
 pub struct RedisServer {
-    child: Child,
+    child: Option<Child>,
+    binary: PathBuf,
     port: u16,
     dir: PathBuf,
 }
@@ -38,39 +39,89 @@ impl RedisServer {
             INSTANCE.fetch_add(1, Ordering::Relaxed)
         ));
         fs::create_dir_all(&dir)?;
-        let child = Command::new(binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let server = RedisServer { child, port, dir };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut server = RedisServer {
+            child: None,
+            binary,
+            port,
+            dir,
+        };
+        server.spawn()?;
+        Ok(Some(server))
+    }
+
+    fn spawn(&mut self) -> std::io::Result<()> {
+        self.child = Some(
+            Command::new(&self.binary)
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let until = Instant::now() + Duration::from_secs(5);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
             if Instant::now() > until {
                 return Err(std::io::Error::other(format!(
-                    "redis-server did not listen on {port} within 5 s"
+                    "redis-server did not listen on {} within 5 s",
+                    self.port
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Some(server))
+        Ok(())
     }
 
     /// Its URL, `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// Kills it with SIGKILL (what it held is lost: no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    ///
+    /// # Errors
+    /// When it does not listen again within 5 s.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Freezes it with SIGSTOP: connections stay open, nothing is
+    /// answered; [`RedisServer::thaw`] resumes it.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes it after [`RedisServer::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -128,3 +128,144 @@ async fn a_bad_store_is_refused_at_start() {
     ]);
     assert!(err.contains("--store postgres://x"), "{err}");
 }
+
+/// A device that counts its runs of `unlock` by call id.
+fn counting_router(runs: &Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>) -> Router {
+    let runs = Arc::clone(runs);
+    Router::new().method("unlock", move |call| {
+        let runs = Arc::clone(&runs);
+        async move {
+            *runs.lock().unwrap().entry(call.id.to_string()).or_default() += 1;
+            Ok(json!("unlocked"))
+        }
+    })
+}
+
+/// Redis killed under load, then started again (empty) on its port: calls
+/// keep being answered, each replica serves its own records from memory, a
+/// keyed retry on the same replica joins the first call instead of running
+/// again, and once Redis is back the replicas share records again with no
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_costs_no_call_and_writes_resume() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(mut redis) = redis() else { return };
+    let car = unique("car");
+    let runs = Arc::default();
+    let _device = device(&b, &car, counting_router(&runs)).await;
+    let url = redis.url();
+    let a = requester_with(&b, |o| o.redis_store(url.clone())).await;
+    let bb = requester_with(&b, |o| o.redis_store(url.clone())).await;
+    let keyed = |key: &str| call(&car, "unlock", json!(key), 2000).idempotency_key(key);
+
+    let before = within(10, a.invoke(keyed("before"))).await.unwrap();
+    wait_for(10, "B reading A's record through Redis", || async {
+        bb.fetch_call_record(&before.id).await
+    })
+    .await;
+
+    redis.kill();
+    let outage = std::time::Instant::now();
+    for i in 0..40 {
+        let key = format!("outage-{i}");
+        // Ok means answered within its 2 s deadline: the requester ends a
+        // call at its deadline whatever it waits on.
+        let reply = within(10, a.invoke(keyed(&key))).await;
+        let reply = reply.unwrap_or_else(|e| panic!("call {i} while Redis is down: {e}"));
+        assert_eq!(reply.response, json!("unlocked"));
+        // A's own record, from memory.
+        assert!(a.fetch_call_record(&reply.id).await.is_some());
+        // The same key again on A: the stored outcome, not a second run.
+        let again = within(10, a.invoke(keyed(&key))).await.unwrap();
+        assert!(again.replayed);
+        assert_eq!(runs.lock().unwrap()[&reply.id.to_string()], 1);
+        // Unkeyed calls through B go on too.
+        within(10, bb.invoke(call(&car, "unlock", json!(i), 2000)))
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "redis down: 120 calls answered in {} ms",
+        outage.elapsed().as_millis()
+    );
+
+    redis.restart().unwrap();
+    let back = std::time::Instant::now();
+    let after = wait_for(20, "a call through A readable through B again", || async {
+        let reply = a.invoke(keyed(&unique("after"))).await.ok()?;
+        let id = reply.id;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        bb.fetch_call_record(&id).await
+    })
+    .await;
+    assert_eq!(after.response, Some(json!("unlocked")));
+    eprintln!(
+        "redis restarted: shared again {} ms later",
+        back.elapsed().as_millis()
+    );
+}
+
+/// Redis frozen (SIGSTOP: connections open, nothing answered): no keyed
+/// call waits on it past its own deadline; each goes on without the store
+/// after at most half its time (500 ms at most) and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_never_holds_a_call_past_its_deadline() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(redis) = redis() else { return };
+    let car = unique("car");
+    let runs = Arc::default();
+    let _device = device(&b, &car, counting_router(&runs)).await;
+    let url = redis.url();
+    let a = requester_with(&b, |o| o.redis_store(url.clone())).await;
+    within(
+        10,
+        a.invoke(call(&car, "unlock", json!(0), 1000).idempotency_key("warm")),
+    )
+    .await
+    .unwrap();
+
+    redis.freeze();
+    for i in 0..5 {
+        // Ok: answered within its 1 s deadline, after waiting at most
+        // 500 ms on the store (before, it waited on Redis for minutes).
+        let reply = within(
+            10,
+            a.invoke(call(&car, "unlock", json!(i), 1000).idempotency_key(format!("frozen-{i}"))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("call {i} with Redis frozen: {e}"));
+        assert_eq!(reply.response, json!("unlocked"));
+        // A record of another replica's call cannot be read now: the read
+        // gives up after 500 ms instead of holding its caller.
+        let missing = within(5, a.fetch_call_record(&directcall_core::MessageId::new())).await;
+        assert!(missing.is_none());
+    }
+    redis.thaw();
+}
+
+/// Redis unreachable from the start (nothing listens on its port): a keyed
+/// call with a 1 s deadline is answered, not held for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_never_answered_costs_a_keyed_call_nothing() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let port = directcall_testkit::free_port().unwrap();
+    let url = format!("redis://127.0.0.1:{port}");
+    let car = unique("car");
+    let runs = Arc::default();
+    let _device = device(&b, &car, counting_router(&runs)).await;
+    let a = requester_with(&b, |o| o.redis_store(url.clone())).await;
+    // Ok: answered within its 1 s deadline (the issue measured 473 s).
+    let reply = within(
+        10,
+        a.invoke(call(&car, "unlock", json!("x"), 1000).idempotency_key("first-use")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.response, json!("unlocked"));
+}
