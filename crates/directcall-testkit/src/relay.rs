@@ -27,6 +27,25 @@ struct Faults {
     black_hole: AtomicBool,
     /// Delay every byte this many milliseconds each way.
     latency_ms: AtomicU64,
+    /// At most this many bytes a second each way (0: no limit).
+    bytes_per_s: AtomicU64,
+    /// Deliver one byte at a time, this many milliseconds apart (0: off).
+    drip_ms: AtomicU64,
+    /// Close the broker-to-client direction of every open connection (a
+    /// FIN to the client) and forward the other way only: half-open.
+    half_open: AtomicBool,
+    /// Reset open connections (RST) halfway through the next packet each
+    /// sends to its client.
+    reset_mid_packet: AtomicBool,
+}
+
+/// What the delivering half of a connection does with a chunk.
+enum Delivered {
+    Ok,
+    /// The writer failed: the connection is over.
+    Failed,
+    /// Reset the connection now.
+    Reset,
 }
 
 /// A relay on a free port of 127.0.0.1 to `upstream`.
@@ -99,6 +118,44 @@ impl Relay {
     pub fn latency(&self, latency: Duration) {
         let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
         self.faults.latency_ms.store(ms, SeqCst);
+    }
+
+    /// Limits each direction to `bytes_per_s` (0: no limit) from now on.
+    pub fn bandwidth(&self, bytes_per_s: u64) {
+        self.faults.bytes_per_s.store(bytes_per_s, SeqCst);
+    }
+
+    /// Delivers one byte at a time, `gap` apart, from now on: packets
+    /// arrive in slow partial pieces (zero: off).
+    pub fn drip(&self, gap: Duration) {
+        let ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+        self.faults.drip_ms.store(ms, SeqCst);
+    }
+
+    /// Half-opens the connections: what the broker sends no longer reaches
+    /// the client, which gets a FIN, while what the client sends still
+    /// reaches the broker (`true`); new connections are whole again with
+    /// `false`.
+    pub fn half_open(&self, on: bool) {
+        self.faults.half_open.store(on, SeqCst);
+        self.cut.send_modify(|_| {});
+    }
+
+    /// Resets (RST) each open connection halfway through the next packet
+    /// it sends its client; connections made after that are left alone.
+    pub fn reset_mid_packet(&self) {
+        self.faults.reset_mid_packet.store(true, SeqCst);
+    }
+
+    /// Every fault off (what was swallowed or cut stays so).
+    pub fn heal(&self) {
+        let f = &self.faults;
+        f.black_hole.store(false, SeqCst);
+        f.latency_ms.store(0, SeqCst);
+        f.bytes_per_s.store(0, SeqCst);
+        f.drip_ms.store(0, SeqCst);
+        f.half_open.store(false, SeqCst);
+        f.reset_mid_packet.store(false, SeqCst);
     }
 
     /// Cuts every open connection now.
@@ -181,12 +238,26 @@ async fn relay(
             }
         }
     };
-    tokio::select! {
-        () = upward => {}
-        () = downward => {}
-        () = deliver(up_rx, broker_wr) => {}
-        () = deliver(down_rx, client_wr) => {}
-        _ = cut.changed() => {}
+    // A cut ends the connection; a change to `half_open` is not a cut.
+    let cut_seen = cut.borrow_and_update().to_owned();
+    let cuts = async {
+        loop {
+            if cut.changed().await.is_err() || *cut.borrow_and_update() != cut_seen {
+                return;
+            }
+        }
+    };
+    let reset = tokio::select! {
+        () = upward => false,
+        () = downward => false,
+        r = deliver(up_rx, broker_wr, &faults, false) => matches!(r, Delivered::Reset),
+        r = deliver(down_rx, client_wr, &faults, true) => matches!(r, Delivered::Reset),
+        () = cuts => false,
+    };
+    if reset {
+        // SO_LINGER 0: closing sends RST, not FIN.
+        let _ = client.set_zero_linger();
+        let _ = broker.set_zero_linger();
     }
 }
 
@@ -195,18 +266,78 @@ fn due(faults: &Faults) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_millis(faults.latency_ms.load(SeqCst))
 }
 
-/// Writes each chunk at its due time, in order; returns when the writer fails.
+/// Writes each chunk at its due time, in order, as the faults say; returns
+/// when the writer fails or the connection is to be reset. `to_client`:
+/// this is the broker-to-client direction.
 async fn deliver(
     mut chunks: tokio::sync::mpsc::UnboundedReceiver<(tokio::time::Instant, Vec<u8>)>,
     mut to: impl tokio::io::AsyncWrite + Unpin,
-) {
-    while let Some((due, bytes)) = chunks.recv().await {
+    faults: &Faults,
+    to_client: bool,
+) -> Delivered {
+    let mut closed = false;
+    loop {
+        if to_client && !closed && faults.half_open.load(SeqCst) {
+            // A FIN to the client; what the broker sends goes nowhere now.
+            let _ = to.shutdown().await;
+            closed = true;
+        }
+        let next = if to_client && !closed {
+            // Wake for a half-open switched on while idle, too.
+            match tokio::time::timeout(Duration::from_millis(20), chunks.recv()).await {
+                Ok(next) => next,
+                Err(_) => continue,
+            }
+        } else {
+            chunks.recv().await
+        };
+        let Some((due, bytes)) = next else {
+            std::future::pending::<()>().await;
+            return Delivered::Ok;
+        };
+        if closed {
+            continue;
+        }
         tokio::time::sleep_until(due).await;
-        if to.write_all(&bytes).await.is_err() {
-            return;
+        let written = if to_client && bytes.len() >= 2 && faults.reset_mid_packet.load(SeqCst) {
+            let _ = to.write_all(&bytes[..bytes.len() / 2]).await;
+            let _ = to.flush().await;
+            return Delivered::Reset;
+        } else {
+            write_paced(&mut to, &bytes, faults).await
+        };
+        if !written {
+            return Delivered::Failed;
         }
     }
-    std::future::pending::<()>().await;
+}
+
+/// Writes `bytes` within the bandwidth limit, or one at a time when
+/// dripping; whether it all went.
+async fn write_paced(
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &[u8],
+    faults: &Faults,
+) -> bool {
+    let drip = faults.drip_ms.load(SeqCst);
+    if drip > 0 {
+        for b in bytes {
+            if to.write_all(std::slice::from_ref(b)).await.is_err() || to.flush().await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(drip)).await;
+        }
+        return true;
+    }
+    if to.write_all(bytes).await.is_err() {
+        return false;
+    }
+    let rate = faults.bytes_per_s.load(SeqCst);
+    if rate > 0 {
+        let secs = bytes.len() as f64 / rate as f64;
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    }
+    true
 }
 
 /// The length of the first whole MQTT packet in `buf`, if it is all there.

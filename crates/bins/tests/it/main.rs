@@ -27,6 +27,7 @@ mod idempotency;
 mod jwt;
 mod lambda;
 mod mqtt5;
+mod network;
 mod presence;
 mod python_device;
 mod records;
