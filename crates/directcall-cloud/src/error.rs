@@ -71,6 +71,19 @@ pub enum Error {
         /// The PUBACK reason code.
         code: u8,
     },
+    /// The broker stopped answering (no PINGRESP within the ping timeout,
+    /// [`BrokerOptions::ping_timeout`](crate::BrokerOptions::ping_timeout))
+    /// while this call's request was out: the connection was dropped and the
+    /// call ended at once, without waiting out its deadline. The request may
+    /// have reached the device before the broker hung, or may still reach it
+    /// if the broker resumes: the device may have run the method.
+    #[error("the broker stopped answering while the request was out (ping timeout); the device may or may not have run the method")]
+    BrokerHung {
+        /// Time from the call's start to giving up.
+        elapsed: Duration,
+        /// The call's id, as published.
+        id: MessageId,
+    },
     /// The call's idempotency key was used for another call (another
     /// target, method or request) within the retention window; nothing was
     /// published.
@@ -161,6 +174,7 @@ impl Error {
     pub fn id(&self) -> Option<MessageId> {
         match self {
             Error::Timeout { id, .. }
+            | Error::BrokerHung { id, .. }
             | Error::NoSubscriber { id }
             | Error::Refused { id, .. }
             | Error::BadReply { id, .. }
@@ -215,6 +229,7 @@ impl Error {
     pub fn may_have_run(&self) -> bool {
         match self {
             Error::Timeout { .. }
+            | Error::BrokerHung { .. }
             | Error::BadReply { .. }
             | Error::Rejected { .. }
             | Error::Decode { .. }
@@ -291,6 +306,14 @@ mod tests {
             (
                 Error::Timeout {
                     elapsed: Duration::from_secs(1),
+                    id,
+                },
+                true,
+                true,
+            ),
+            (
+                Error::BrokerHung {
+                    elapsed: Duration::from_secs(2),
                     id,
                 },
                 true,

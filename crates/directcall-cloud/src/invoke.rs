@@ -243,7 +243,10 @@ fn record_outcome(records: &Records, id: MessageId, result: &Result<Reply, Error
                 r.status = Some(reply.status);
                 r.response = Some(reply.response.clone());
             }
-            Err(Error::Timeout { .. }) => r.state = CallState::TimedOut,
+            // No answer, and one may still come late.
+            Err(Error::Timeout { .. } | Error::BrokerHung { .. }) => {
+                r.state = CallState::TimedOut;
+            }
             Err(Error::NoSubscriber { .. }) => {
                 r.state = CallState::Offline;
                 r.reason_code = Some(0x10);
@@ -278,6 +281,10 @@ fn reply_of(outcome: Outcome<Slot>, start: Instant, id: MessageId) -> Result<Rep
         }),
         Outcome::Refused(0x10) => Err(Error::NoSubscriber { id }),
         Outcome::Refused(code) => Err(Error::Refused { id, code }),
+        Outcome::Lost => Err(Error::BrokerHung {
+            elapsed: start.elapsed(),
+            id,
+        }),
         // Closed, and what a later version of the table may add.
         _ => Err(Error::Closed),
     }

@@ -342,8 +342,20 @@ impl Session for Shared {
         self.on_reply(message.topic, message.payload);
     }
 
-    fn on_disconnected(&self, _error: &ConnectionError) {
+    fn on_disconnected(&self, error: &ConnectionError) {
         self.metrics.connected.set(0.0);
+        if error.is_hung() {
+            // The broker stopped answering: the calls out on it end now as
+            // may-have-run, instead of holding their callers (and the
+            // gateway's per-target slots) to their deadlines.
+            let lost = self.pending.lose_all();
+            if lost > 0 {
+                tracing::warn!(
+                    calls = lost,
+                    "the broker stopped answering: calls out on it ended as may-have-run"
+                );
+            }
+        }
         if let (Some((topic, _)), Some(p)) = (&self.strict, &self.presence) {
             if p.snapshot.lost(self.link.connects()) {
                 tracing::error!(

@@ -60,6 +60,9 @@ pub enum Outcome<R> {
     /// The broker refused the request with this MQTT 5 PUBACK reason code
     /// (`0x10`: no subscriber).
     Refused(u8),
+    /// The connection the request went out on was dropped because the
+    /// broker stopped answering: the request may have been delivered.
+    Lost,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +113,9 @@ impl<R> Inner<R> {
         let waker = waker.take();
         let ended = match outcome {
             Outcome::Answered(_) => Ended::Completed,
-            Outcome::TimedOut | Outcome::Closed | Outcome::Refused(_) => Ended::Abandoned,
+            Outcome::TimedOut | Outcome::Closed | Outcome::Refused(_) | Outcome::Lost => {
+                Ended::Abandoned
+            }
         };
         slot.state = State::Done(outcome);
         let deadline = slot.deadline;
@@ -308,6 +313,23 @@ impl<R> PendingTable<R> {
     /// Whether no call is pending.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Ends every waiting call with [`Outcome::Lost`] (the connection their
+    /// requests went out on is gone, the broker having stopped answering);
+    /// later calls are taken as usual. Returns how many were waiting.
+    pub fn lose_all(&self) -> usize {
+        let mut inner = lock(&self.inner);
+        let ids: Vec<MessageId> = inner.deadlines.iter().map(|(_, id)| *id).collect();
+        let wakers: Vec<Waker> = ids
+            .iter()
+            .filter_map(|id| inner.finish(id, Outcome::Lost).flatten())
+            .collect();
+        drop(inner);
+        for w in wakers {
+            w.wake();
+        }
+        ids.len()
     }
 
     /// Ends every waiting call with [`Outcome::Closed`] and every later one
@@ -521,6 +543,20 @@ mod tests {
         let (mut late, _) = t.insert(&call("car", "m"), later(1000));
         assert_eq!(poll_once(&mut late), Poll::Ready(Outcome::Closed));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn lose_all_ends_the_waiting_calls_and_takes_later_ones() {
+        let t = PendingTable::<u8>::default();
+        let c = call("car", "m");
+        let (mut lost, _) = t.insert(&c, later(1000));
+        assert_eq!(t.lose_all(), 1);
+        assert_eq!(poll_once(&mut lost), Poll::Ready(Outcome::Lost));
+        // Its answer, if it comes, is late.
+        assert_eq!(t.complete(&c, 1), Err(Unmatched::Late));
+        let (mut next, _) = t.insert(&call("car", "m"), later(1000));
+        assert_eq!(poll_once(&mut next), Poll::Pending);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -86,6 +86,13 @@ async fn a_hung_broker_is_left_within_seconds_by_both_sides() {
     assert_eq!(reply.response, json!("pong"));
 
     a.freeze();
+    // A call out when the broker hangs ends once the ping timeout says
+    // so, as may-have-run, not at its 10 s deadline.
+    let e = within(8, r.invoke(call(&car, "ping", Value::Null, 10_000)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::BrokerHung { .. }), "{e:?}");
+    assert!(e.may_have_run() && e.id().is_some());
     let took = until_answered(&r, &car, 20).await;
     eprintln!(
         "hung broker: answered through B {} ms after A froze",

@@ -541,8 +541,8 @@ fn render(
             return HttpReply::message(Outcome::TooLarge, e.to_string())
         }
         // Unavailable, Refused (the broker refused the publish), Closed,
-        // and what a later version may add: not the caller's doing, and
-        // nothing was delivered.
+        // BrokerHung (its text says it may have run), and what a later
+        // version may add: not the caller's doing.
         Err(e) => return HttpReply::message(Outcome::Unavailable, e.to_string()),
     };
     HttpReply {

@@ -69,6 +69,13 @@ impl ConnectionError {
     pub fn broker(&self) -> &str {
         &self.broker
     }
+
+    /// Whether the connection was dropped because the broker stopped
+    /// answering (no PINGRESP within the ping timeout): it is hung, not
+    /// gone, and what was sent to it may still be delivered.
+    pub fn is_hung(&self) -> bool {
+        self.source.downcast_ref::<PingTimeout>().is_some()
+    }
 }
 
 impl fmt::Display for ConnectionError {
