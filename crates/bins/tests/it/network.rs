@@ -44,6 +44,7 @@ fn kind(r: &Result<directcall_cloud::Reply, Error>) -> &'static str {
         Ok(reply) if reply.response == json!("pong") => "ok",
         Ok(_) => "bad answer",
         Err(Error::Timeout { .. }) => "timeout",
+        Err(Error::BrokerHung { .. }) => "broker_hung",
         Err(Error::Unavailable { .. }) => "unavailable",
         Err(_) => "other",
     }
@@ -155,7 +156,7 @@ async fn under_load(name: &str, side: Side, fault: impl FnOnce(&Relay)) {
     );
     for k in counts.keys() {
         assert!(
-            ["ok", "timeout", "unavailable"].contains(k),
+            ["ok", "timeout", "broker_hung", "unavailable"].contains(k),
             "an undocumented outcome: {counts:?}"
         );
     }
