@@ -319,28 +319,24 @@ impl<R> PendingTable<R> {
     /// requests went out on is gone, the broker having stopped answering);
     /// later calls are taken as usual. Returns how many were waiting.
     pub fn lose_all(&self) -> usize {
-        let mut inner = lock(&self.inner);
-        let ids: Vec<MessageId> = inner.deadlines.iter().map(|(_, id)| *id).collect();
-        let wakers: Vec<Waker> = ids
-            .iter()
-            .filter_map(|id| inner.finish(id, Outcome::Lost).flatten())
-            .collect();
-        drop(inner);
-        for w in wakers {
-            w.wake();
-        }
-        ids.len()
+        self.end_all(false, || Outcome::Lost)
     }
 
     /// Ends every waiting call with [`Outcome::Closed`] and every later one
     /// at once (for shutdown); returns how many were waiting.
     pub fn close(&self) -> usize {
+        self.end_all(true, || Outcome::Closed)
+    }
+
+    /// Ends every waiting call with `outcome()`, and closes the table too
+    /// when `close`; returns how many were waiting.
+    fn end_all(&self, close: bool, outcome: impl Fn() -> Outcome<R>) -> usize {
         let mut inner = lock(&self.inner);
-        inner.closed = true;
+        inner.closed |= close;
         let ids: Vec<MessageId> = inner.deadlines.iter().map(|(_, id)| *id).collect();
         let wakers: Vec<Waker> = ids
             .iter()
-            .filter_map(|id| inner.finish(id, Outcome::Closed).flatten())
+            .filter_map(|id| inner.finish(id, outcome()).flatten())
             .collect();
         drop(inner);
         for w in wakers {

@@ -33,6 +33,7 @@ mod embedded;
 mod mosquitto;
 mod nats;
 mod options;
+mod process;
 pub mod program;
 mod raw;
 mod raw_pair;

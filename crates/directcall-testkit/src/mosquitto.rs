@@ -143,21 +143,12 @@ impl Mosquitto {
     }
 
     fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let status = std::process::Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(status.success(), "kill {signal} failed");
-        }
+        crate::process::signal(self.child.as_ref(), signal);
     }
 
     /// Kills it with SIGKILL, as a crash would: no client is told.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::process::kill(&mut self.child);
     }
 
     /// Starts it again on the same port with the same config.

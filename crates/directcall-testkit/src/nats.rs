@@ -187,21 +187,12 @@ impl NatsCluster {
     }
 
     fn signal(&self, i: usize, signal: &str) {
-        if let Some(child) = &self.nodes[i].child {
-            let status = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(status.success(), "kill {signal} failed");
-        }
+        crate::process::signal(self.nodes[i].child.as_ref(), signal);
     }
 
     /// SIGKILLs node `i`, as a crash would.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.nodes[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::process::kill(&mut self.nodes[i].child);
     }
 
     /// Starts node `i` again with its config and store.

@@ -82,10 +82,7 @@ impl RedisServer {
 
     /// Kills it with SIGKILL (what it held is lost: no persistence).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::process::kill(&mut self.child);
     }
 
     /// Starts it again, empty, on the same port.
@@ -109,13 +106,7 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let status = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(status.success(), "kill {signal} failed");
-        }
+        crate::process::signal(self.child.as_ref(), signal);
     }
 }
 
