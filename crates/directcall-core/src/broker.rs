@@ -136,6 +136,13 @@ impl Endpoint {
                 ))
             }
         };
+        if authority.contains('@') {
+            // Never echo the URL: it holds a password.
+            return Err(Error::invalid(
+                Field::Broker,
+                "a user or password in the URL is not taken (it would end up in logs); give them as BrokerOptions::credentials (--username, --password)",
+            ));
+        }
         let (host, port) = match authority.rsplit_once(':') {
             // "[::1]" alone has its colons inside the brackets: no port there.
             Some((h, p)) if !h.starts_with('[') || h.ends_with(']') => {
@@ -421,6 +428,21 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_in_a_broker_url_is_refused_without_being_shown() {
+        for url in [
+            "mqtt://user:s3cret@127.0.0.1:1883",
+            "mqtts://:s3cret@broker.example",
+            "wss://user:s3cret@broker.example/mqtt",
+            "mqtt://a,mqtt://user:s3cret@b",
+        ] {
+            let e = BrokerOptions::from_url(url).unwrap_err();
+            assert_eq!(e.field(), Field::Broker);
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+            assert!(e.to_string().contains("--password"), "{e}");
+        }
+    }
 
     #[test]
     fn parses_broker_urls() {

@@ -384,4 +384,15 @@ fn help_and_flag_errors_never_show_a_secret() {
     ]);
     assert!(err.contains("--store memcached://127.0.0.1:11211"), "{err}");
     assert!(!err.contains("st0re-secret"), "{err}");
+    // A password in --broker is refused, not taken for a host name (and
+    // shown in logs and /healthz).
+    let err = crate::e2e::refused(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--broker",
+        "mqtt://user:br0ker-secret@127.0.0.1:1883",
+    ]);
+    assert!(err.contains("--password"), "{err}");
+    assert!(!err.contains("br0ker-secret"), "{err}");
 }
