@@ -47,7 +47,7 @@ pub(crate) enum PresenceSource {
 /// # drop(requester);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     pub(crate) broker: BrokerOptions,
     pub(crate) client_id: Option<String>,
@@ -71,6 +71,33 @@ pub struct Options {
     pub(crate) store: Option<String>,
     #[cfg(feature = "websocket")]
     pub(crate) url_signer: Option<std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Options");
+        d.field("broker", &self.broker)
+            .field("client_id", &self.client_id)
+            .field("client_id_prefix", &self.client_id_prefix)
+            .field("prefix", &self.prefix)
+            .field("shared_prefix", &self.shared_prefix)
+            .field("instance", &self.instance)
+            .field("request_qos", &self.request_qos)
+            .field("reply_qos", &self.reply_qos)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("ready_timeout", &self.ready_timeout)
+            .field("recent_capacity", &self.recent_capacity)
+            .field("presence", &self.presence)
+            .field("mirror_presence", &self.mirror_presence)
+            .field("strict_presence", &self.strict_presence)
+            .field("records", &self.records)
+            .field("receipts", &self.receipts)
+            // Never the password a store URL may carry.
+            .field("store", &self.store.as_deref().map(crate::store::redacted));
+        #[cfg(feature = "websocket")]
+        d.field("url_signer", &self.url_signer.is_some());
+        d.finish()
+    }
 }
 
 impl Options {
@@ -347,5 +374,19 @@ impl Options {
             // connection with the same id would push the first off.
             (None, None) => format!("{}-{}", self.prefix, self.instance),
         }
+    }
+}
+
+#[cfg(all(test, feature = "redis"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_store_password() {
+        let options = Options::new(BrokerOptions::new("127.0.0.1", 1883))
+            .redis_store("redis://:st0re-secret@cache:6379/0");
+        let shown = format!("{options:?}");
+        assert!(shown.contains("redis://cache:6379/0"), "{shown}");
+        assert!(!shown.contains("st0re-secret"), "{shown}");
     }
 }

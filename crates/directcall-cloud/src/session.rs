@@ -26,7 +26,6 @@ use crate::metrics::Metrics;
 use crate::options::Options;
 use crate::presence::{Known, Origin, Presence, Snapshot};
 use crate::records::{CallRecord, CallState, Records};
-use crate::store::Store;
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
 const PUBLISH_OVERHEAD_BYTES: usize = 16;
@@ -163,13 +162,12 @@ fn records_and_store(
     };
     #[cfg(feature = "redis")]
     {
-        let redis: Arc<dyn Store> =
-            Arc::new(
-                crate::store::RedisStore::new(url).map_err(|e| Error::Config {
-                    option: "Options::redis_store",
-                    reason: e.to_string(),
-                })?,
-            );
+        let redis: Arc<dyn crate::store::Store> = Arc::new(
+            crate::store::RedisStore::new(url).map_err(|e| Error::Config {
+                option: "Options::redis_store",
+                reason: e.to_string(),
+            })?,
+        );
         let store = crate::store::Bounded::new(redis);
         let retention = options.records.unwrap_or_default().retention;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);

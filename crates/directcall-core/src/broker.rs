@@ -393,7 +393,8 @@ impl std::fmt::Debug for BrokerOptions {
     }
 }
 
-/// Capped exponential backoff with jitter.
+/// Capped exponential backoff with jitter (the connection layer's).
+#[cfg(feature = "mqtt")]
 #[derive(Debug, Clone)]
 pub(crate) struct Backoff {
     min: Duration,
@@ -401,6 +402,7 @@ pub(crate) struct Backoff {
     next: Duration,
 }
 
+#[cfg(feature = "mqtt")]
 impl Backoff {
     /// Starts at `min`, doubles up to `max`.
     pub(crate) fn new(min: Duration, max: Duration) -> Self {
@@ -510,6 +512,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "mqtt")]
     fn backoff_doubles_caps_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
         let d: Vec<_> = (0..5).map(|_| b.next_delay(1.0).as_millis()).collect();
