@@ -140,6 +140,15 @@ pub struct BrokerArgs {
         requires = "username"
     )]
     pub password: Option<String>,
+    /// A file holding the MQTT password (a mounted secret; a trailing
+    /// newline is dropped), instead of --password.
+    #[arg(
+        long,
+        env = "DIRECTCALL_PASSWORD_FILE",
+        requires = "username",
+        conflicts_with = "password"
+    )]
+    pub password_file: Option<PathBuf>,
     /// MQTT keepalive, in seconds.
     #[arg(long, env = "DIRECTCALL_KEEP_ALIVE", default_value_t = 30)]
     pub keep_alive: u64,
@@ -229,7 +238,11 @@ impl BrokerArgs {
         options.mqtt_version =
             MqttVersion::parse(&self.mqtt_version).map_err(|e| invalid("--mqtt-version", e))?;
         if let Some(user) = &self.username {
-            options.credentials = Some((user.clone(), self.password.clone().unwrap_or_default()));
+            let password = match &self.password_file {
+                Some(path) => secret_file(path, "--password-file")?,
+                None => self.password.clone().unwrap_or_default(),
+            };
+            options.credentials = Some((user.clone(), password));
         }
         let wants_tls = self.ca.is_some() || self.cert.is_some() || self.alpn.is_some();
         match options.tls_mut() {
@@ -264,6 +277,19 @@ impl BrokerArgs {
         }
         Ok(Broker { options, signer })
     }
+}
+
+/// A secret kept in a file (a Kubernetes Secret or a Docker secret
+/// mounted as one): its text without the trailing newline. Errors name the
+/// flag and the path, never the content.
+fn secret_file(path: &Path, flag: &'static str) -> Result<String, ConfigError> {
+    let bytes = read(path, flag)?;
+    let text = String::from_utf8(bytes).map_err(|_| ConfigError::File {
+        flag,
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 fn read(path: &Path, flag: &'static str) -> Result<Vec<u8>, ConfigError> {
@@ -385,6 +411,10 @@ pub struct RequesterArgs {
         hide_env_values = true
     )]
     pub store: String,
+    /// A file holding the --store URL (it may carry a password), instead of
+    /// --store.
+    #[arg(long, env = "DIRECTCALL_STORE_FILE")]
+    pub store_file: Option<PathBuf>,
 }
 
 impl RequesterArgs {
@@ -446,7 +476,11 @@ impl RequesterArgs {
                 usize::try_from(self.max_records).unwrap_or(usize::MAX),
             ));
         }
-        match self.store.as_str() {
+        let store = match &self.store_file {
+            Some(path) => secret_file(path, "--store-file")?,
+            None => self.store.clone(),
+        };
+        match store.as_str() {
             "memory" => {}
             url if url.starts_with("redis://") || url.starts_with("rediss://") => {
                 if self.record_retention == 0 {
@@ -460,7 +494,7 @@ impl RequesterArgs {
             _ => {
                 return Err(ConfigError::Conflict(format!(
                     "--store {}: give `memory` or a redis:// URL",
-                    redact_url(&self.store)
+                    redact_url(&store)
                 )))
             }
         }
@@ -578,6 +612,10 @@ pub struct AccessArgs {
         hide_env_values = true
     )]
     pub api_tokens: Vec<String>,
+    /// A file of API tokens, one a line (or comma-separated), added to
+    /// --api-token: for tokens kept in a mounted secret.
+    #[arg(long, env = "DIRECTCALL_API_TOKENS_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// A credentials file (TOML: names, secrets, the targets and methods each
     /// may call, rates; docs/SECURITY.md), reloaded on SIGHUP by `serve`.
     #[arg(long, env = "DIRECTCALL_CREDENTIALS")]
@@ -616,8 +654,18 @@ impl AccessArgs {
     /// # Errors
     /// A credentials file or JWKS that cannot be read or used, naming the flag.
     pub async fn access(&self) -> Result<Access, ConfigError> {
-        let mut access = Access::new(self.api_tokens.clone(), self.credentials.clone())
-            .map_err(ConfigError::Credentials)?;
+        let mut tokens = self.api_tokens.clone();
+        if let Some(path) = &self.api_token_file {
+            let text = secret_file(path, "--api-token-file")?;
+            tokens.extend(
+                text.split(['\n', ','])
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+        let mut access =
+            Access::new(tokens, self.credentials.clone()).map_err(ConfigError::Credentials)?;
         if let (Some(jwks), Some(iss), Some(aud)) =
             (&self.jwks, &self.jwt_issuer, &self.jwt_audience)
         {
@@ -725,6 +773,33 @@ mod tests {
 
     fn parse(args: &[&str]) -> Flags {
         Flags::try_parse_from(std::iter::once("test").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_password_can_come_from_a_file_without_its_newline() {
+        let path = std::env::temp_dir().join(format!("directcall-pw-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let path_text = path.to_str().unwrap();
+        let flags = parse(&["--username", "gw", "--password-file", path_text]);
+        let broker = flags.broker.resolve().unwrap();
+        assert_eq!(
+            broker.options.credentials,
+            Some(("gw".to_owned(), "s3cret".to_owned()))
+        );
+        std::fs::remove_file(&path).unwrap();
+        // Both forms at once are refused by clap.
+        let e = Flags::try_parse_from([
+            "test",
+            "--username",
+            "gw",
+            "--password",
+            "x",
+            "--password-file",
+            path_text,
+        ])
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("--password-file"), "{e}");
     }
 
     #[test]

@@ -396,3 +396,54 @@ fn help_and_flag_errors_never_show_a_secret() {
     assert!(err.contains("--password"), "{err}");
     assert!(!err.contains("br0ker-secret"), "{err}");
 }
+
+/// Secrets from files, as a mounted Kubernetes or Docker secret gives them:
+/// API tokens from `--api-token-file` guard calls; a secret file that
+/// cannot be read is refused naming the flag and the path; a `--store-file`
+/// URL is shown only without its password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_come_from_files_and_are_never_shown() {
+    let Some(b) = crate::common::TestBroker::start(crate::common::Kind::Mosquitto) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(unique("secrets"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "t0ken-one\nt0ken-two\n").unwrap();
+    let tokens_path = tokens.to_str().unwrap();
+    let (_gw, base) = crate::e2e::gateway(&b.url(), &["--api-token-file", tokens_path]).await;
+    crate::e2e::wait_health(&base, 200).await;
+    let url = format!("{base}/invoke?request=x&method=m&target=NoSuchCar&timeout=1");
+    let (status, body) = crate::e2e::get(&url).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = crate::e2e::get_with(&url, &[("Authorization", "Bearer t0ken-two")]).await;
+    assert_eq!(status, 504, "the second token of the file is taken: {body}");
+
+    let store = dir.join("store");
+    std::fs::write(&store, "memcached://:st0re-secret@127.0.0.1:11211\n").unwrap();
+    let err = crate::e2e::refused(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store-file",
+        store.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--store memcached://127.0.0.1:11211"), "{err}");
+    assert!(!err.contains("st0re-secret"), "{err}");
+
+    let missing = dir.join("no-such-password");
+    let err = crate::e2e::refused(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--username",
+        "gateway",
+        "--password-file",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("--password-file") && err.contains("no-such-password"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
