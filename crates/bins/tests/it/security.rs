@@ -417,7 +417,12 @@ async fn secrets_come_from_files_and_are_never_shown() {
     let (status, body) = crate::e2e::get(&url).await;
     assert_eq!(status, 401, "{body}");
     let (status, body) = crate::e2e::get_with(&url, &[("Authorization", "Bearer t0ken-two")]).await;
-    assert_eq!(status, 504, "the second token of the file is taken: {body}");
+    // Past authentication: no device answers (504; on MQTT 5, 404 from the
+    // broker's "no matching subscribers").
+    assert!(
+        matches!(status, 404 | 504),
+        "the second token of the file is taken: {status} {body}"
+    );
 
     let store = dir.join("store");
     std::fs::write(&store, "memcached://:st0re-secret@127.0.0.1:11211\n").unwrap();
