@@ -307,9 +307,13 @@ impl Liveness {
         self.answer_by = None;
     }
 
-    /// A publish went out.
-    pub(crate) fn sent(&mut self, now: Instant) {
-        self.sent_since.get_or_insert(now);
+    /// A publish went out. The clock is read only when the time matters:
+    /// the first publish since the broker was last heard, on a side that
+    /// pings after silence (this runs for every publish).
+    pub(crate) fn sent(&mut self, now: impl FnOnce() -> Instant) {
+        if self.silence.is_some() && self.sent_since.is_none() {
+            self.sent_since = Some(now());
+        }
     }
 
     /// A PINGREQ went out (or was queued).
@@ -450,7 +454,7 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
         };
         match &event {
             Ok(ev) if ev.is_from_broker() => liveness.heard(),
-            Ok(Ev::Published { .. }) => liveness.sent(Instant::now()),
+            Ok(Ev::Published { .. }) => liveness.sent(Instant::now),
             Ok(Ev::PingSent) => liveness.pinged(Instant::now()),
             Ok(_) => {}
             Err(_) => liveness.reset(),
@@ -725,8 +729,8 @@ mod tests {
         let t = Instant::now();
         let mut l = Liveness::new(PING, Some(SILENCE));
         assert_eq!(l.next_check(), None, "nothing sent, nothing awaited");
-        l.sent(t);
-        l.sent(t + Duration::from_millis(100)); // the first one counts
+        l.sent(|| t);
+        l.sent(|| t + Duration::from_millis(100)); // the first one counts
         assert_eq!(l.next_check(), Some(t + SILENCE));
         assert_eq!(l.check(t + Duration::from_millis(499)), Check::Fine);
         assert_eq!(l.check(t + SILENCE), Check::Ping);
@@ -742,7 +746,7 @@ mod tests {
     fn anything_from_the_broker_answers() {
         let t = Instant::now();
         let mut l = Liveness::new(PING, Some(SILENCE));
-        l.sent(t);
+        l.sent(|| t);
         assert_eq!(l.check(t + SILENCE), Check::Ping);
         l.heard(); // a reply, or the PINGRESP
         assert_eq!(l.next_check(), None);
@@ -753,7 +757,7 @@ mod tests {
     fn a_device_waits_for_its_keepalive_ping_only() {
         let t = Instant::now();
         let mut l = Liveness::new(PING, None);
-        l.sent(t); // an answer: nothing comes back for it
+        l.sent(|| t); // an answer: nothing comes back for it
         assert_eq!(l.next_check(), None);
         assert_eq!(l.check(t + Duration::from_secs(60)), Check::Fine);
         l.pinged(t + Duration::from_secs(30)); // the keepalive's PINGREQ
