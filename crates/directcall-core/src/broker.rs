@@ -204,6 +204,17 @@ pub struct BrokerOptions {
     /// pings when a request has had nothing back for
     /// [`SILENCE_BEFORE_PING`], and so notices within about 2 s while calls
     /// are waiting (docs/RELIABILITY.md).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use directcall_core::BrokerOptions;
+    ///
+    /// // A device that must notice a hung broker within about 6.5 s.
+    /// let mut broker = BrokerOptions::from_url("mqtt://a:1883,mqtt://b:1883")?;
+    /// broker.keep_alive = Duration::from_secs(5);
+    /// broker.ping_timeout = Duration::from_millis(1500);
+    /// # Ok::<(), directcall_core::Error>(())
+    /// ```
     pub ping_timeout: Duration,
     /// Largest MQTT packet sent or accepted (default 128 KiB).
     pub max_packet_bytes: usize,

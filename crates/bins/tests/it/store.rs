@@ -221,6 +221,7 @@ async fn a_frozen_redis_never_holds_a_call_past_its_deadline() {
     let _device = device(&b, &car, counting_router(&runs)).await;
     let url = redis.url();
     let a = requester_with(&b, |o| o.redis_store(url.clone())).await;
+    let bb = requester_with(&b, |o| o.redis_store(url.clone())).await;
     within(
         10,
         a.invoke(call(&car, "unlock", json!(0), 1000).idempotency_key("warm")),
@@ -244,7 +245,26 @@ async fn a_frozen_redis_never_holds_a_call_past_its_deadline() {
         let missing = within(5, a.fetch_call_record(&directcall_core::MessageId::new())).await;
         assert!(missing.is_none());
     }
+    // Thawed: the replicas share records again, with no restart.
     redis.thaw();
+    let thawed = std::time::Instant::now();
+    wait_for(
+        20,
+        "a call through A readable through B after the thaw",
+        || async {
+            let reply = a
+                .invoke(call(&car, "unlock", json!("after"), 1000).idempotency_key(unique("after")))
+                .await
+                .ok()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            bb.fetch_call_record(&reply.id).await
+        },
+    )
+    .await;
+    eprintln!(
+        "redis thawed: shared again {} ms later",
+        thawed.elapsed().as_millis()
+    );
 }
 
 /// Redis unreachable from the start (nothing listens on its port): a keyed
