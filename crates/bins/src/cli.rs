@@ -755,7 +755,7 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    tracing::info!("shutting down: no new requests, letting calls in flight finish");
+    tracing::info!("shutting down: not ready from now on");
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ pub use options::{
     Options, DEFAULT_MAX_IN_FLIGHT, DEFAULT_READY_TIMEOUT, DEFAULT_REPLY_QOS, DEFAULT_TIMEOUT,
 };
 pub use presence::DeviceState;
-pub use records::{CallRecord, CallState, RecordOptions};
+pub use records::{CallRecord, CallState, RecordOptions, SHUT_DOWN_REASON};
 pub use reply::Reply;
 pub use requester::Requester;
-pub use session::Stats;
+pub use session::{PresenceState, Stats};

@@ -95,6 +95,8 @@ pub(crate) struct Snapshot {
     /// Markers given up for good: the broker closed the connection over
     /// them too often (AWS IoT Core does over a publish its policy denies).
     given_up: AtomicBool,
+    /// The last connection whose marker never came back.
+    abandoned: AtomicU64,
 }
 
 /// Connections in a row that may be lost while a snapshot marker is out
@@ -111,6 +113,20 @@ impl Snapshot {
     /// Whether the records of `connection` are all in.
     pub(crate) fn is_complete(&self, connection: u64) -> bool {
         connection > 0 && self.complete.load(Relaxed) == connection
+    }
+
+    /// The marker of `connection` never came back: presence is not strict
+    /// on it.
+    pub(crate) fn abandon(&self, connection: u64) {
+        self.abandoned.store(connection, Relaxed);
+    }
+
+    /// Whether nothing more is awaited on `connection`: its records are
+    /// all in, or its marker (or every marker) was given up.
+    pub(crate) fn is_settled(&self, connection: u64) -> bool {
+        self.is_complete(connection)
+            || self.given_up.load(Relaxed)
+            || (connection > 0 && self.abandoned.load(Relaxed) == connection)
     }
 
     /// A marker goes out on `connection`; false when markers were given up.

@@ -91,6 +91,10 @@ pub struct CallRecord {
     /// if it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// Why the call is `unavailable` when the broker did not say: the
+    /// gateway that made it shut down before it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The request asked for a delivery receipt.
     #[serde(skip)]
     pub(crate) receipt: bool,
@@ -162,10 +166,22 @@ pub(crate) struct Records {
     options: RecordOptions,
     inner: Mutex<Inner>,
     /// Every change, for the shared store's writer (when there is a store).
-    mirror: Option<tokio::sync::mpsc::Sender<CallRecord>>,
+    mirror: Option<tokio::sync::mpsc::Sender<Mirrored>>,
     /// Woken whenever a record changes state.
     changed: tokio::sync::Notify,
 }
+
+/// What the shared store's writer is sent.
+#[derive(Debug)]
+pub(crate) enum Mirrored {
+    /// A record as it now stands.
+    Record(CallRecord),
+    /// Answer once everything sent before is written (or failed).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The reason on the record of a call its gateway did not see end.
+pub const SHUT_DOWN_REASON: &str = "the gateway shut down before the call ended";
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -192,14 +208,14 @@ impl Records {
 
     /// Sends every change of a record to `mirror` too.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn mirrored(mut self, mirror: tokio::sync::mpsc::Sender<CallRecord>) -> Self {
+    pub(crate) fn mirrored(mut self, mirror: tokio::sync::mpsc::Sender<Mirrored>) -> Self {
         self.mirror = Some(mirror);
         self
     }
 
     fn mirror(&self, record: &CallRecord) {
         if let Some(m) = &self.mirror {
-            if m.try_send(record.clone()).is_err() {
+            if m.try_send(Mirrored::Record(record.clone())).is_err() {
                 tracing::warn!(id = %record.id, "the shared store is behind: a record change was not written");
             }
         }
@@ -235,6 +251,7 @@ impl Records {
             response: None,
             reason_code: None,
             caller,
+            reason: None,
             receipt,
         };
         self.mirror(&record);
@@ -323,6 +340,39 @@ impl Records {
                 r.state = CallState::Delivered;
             }
         });
+    }
+
+    /// Ends every call still open (`sent`, `delivered`) as `unavailable`
+    /// with `reason`, for a requester that stops before they end. Returns
+    /// how many.
+    pub(crate) fn abandon_open(&self, reason: &str) -> usize {
+        let mut changed = Vec::new();
+        for (_, r) in self.lock().by_id.values_mut() {
+            if matches!(r.state, CallState::Sent | CallState::Delivered) {
+                r.state = CallState::Unavailable;
+                r.reason = Some(reason.to_owned());
+                changed.push(r.clone());
+            }
+        }
+        for r in &changed {
+            self.mirror(r);
+        }
+        self.changed.notify_waiters();
+        changed.len()
+    }
+
+    /// Waits (at most `within`) until every change so far is in the
+    /// shared store; at once without one. Returns whether it got there.
+    pub(crate) async fn flush(&self, within: std::time::Duration) -> bool {
+        let Some(m) = &self.mirror else {
+            return true;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::time::timeout(within, async {
+            m.send(Mirrored::Flush(tx)).await.is_ok() && rx.await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The record of `id`, unless it expired.

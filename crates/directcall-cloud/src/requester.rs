@@ -335,6 +335,12 @@ impl Requester {
         self.shared().records.as_ref().map(Records::options)
     }
 
+    /// How far the presence table is: whether a gateway may call itself
+    /// ready (`/readyz` waits for [`PresenceState::Loading`] to end).
+    pub fn presence_state(&self) -> crate::PresenceState {
+        self.shared().presence_state()
+    }
+
     /// Whether the requester tracks presence ([`Options::presence`],
     /// [`Options::aws_presence`]).
     pub fn tracks_presence(&self) -> bool {
@@ -359,6 +365,12 @@ impl Requester {
             .unwrap_or_default()
     }
 
+    /// The presence table, when presence is tracked (the console pages it).
+    #[cfg(feature = "console")]
+    pub(crate) fn presence(&self) -> Option<&Presence> {
+        self.shared().presence.as_ref()
+    }
+
     /// The presence changes from now on: a target going online or offline.
     /// A watcher more than 1,024 changes behind gets
     /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged)
@@ -380,6 +392,35 @@ impl Requester {
         }
     }
 
+    /// Waits, at most `within`, for the calls in flight (those answered
+    /// 202 among them) to end; returns how many are still open. Calls made
+    /// meanwhile are taken as usual: stop taking new ones first (the
+    /// gateway's `Server` stops accepting before). Then [`shutdown`](Self::shutdown) records the rest as
+    /// `unavailable`.
+    ///
+    /// ```no_run
+    /// # async fn run(requester: directcall_cloud::Requester) {
+    /// use std::time::Duration;
+    /// let open = requester.drain(Duration::from_secs(10)).await;
+    /// if open > 0 {
+    ///     eprintln!("{open} calls did not end in time; their records say so");
+    /// }
+    /// requester.shutdown().await;
+    /// # }
+    /// ```
+    pub async fn drain(&self, within: Duration) -> usize {
+        let shared = self.shared();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let open = shared.pending.len();
+            let now = tokio::time::Instant::now();
+            if open == 0 || now >= deadline {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(deadline - now)).await;
+        }
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.shared().stats()
@@ -388,10 +429,29 @@ impl Requester {
     /// Stops intake, ends every call in flight with [`Error::Closed`] (those
     /// waiting for a slot too), disconnects cleanly and waits for the
     /// connection task to finish. Every clone is closed.
+    ///
+    /// A call still open then (an asynchronous one, answered 202) ends on
+    /// its record as `unavailable`, with [`CallRecord::reason`] saying the
+    /// gateway shut down, and the shared store gets that change (within
+    /// 2 s) before the connection closes: never lost in silence. Give
+    /// open calls time to end first with [`drain`](Self::drain).
     pub async fn shutdown(&self) {
         let shared = self.shared();
         shared.permits.close();
         shared.pending.close();
+        if let Some(records) = &shared.records {
+            let abandoned = records.abandon_open(crate::records::SHUT_DOWN_REASON);
+            if abandoned > 0 {
+                tracing::warn!(
+                    calls = abandoned,
+                    "shutting down with calls still open: their records say unavailable ({})",
+                    crate::records::SHUT_DOWN_REASON
+                );
+            }
+            if !records.flush(Duration::from_secs(2)).await {
+                tracing::warn!("shutting down: the shared store did not take the last record changes within 2 s");
+            }
+        }
         shared.link.stop();
         shared.sweeper_stop.send_replace(true);
         let driver = self

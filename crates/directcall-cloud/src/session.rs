@@ -25,6 +25,8 @@ use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::options::Options;
 use crate::presence::{Known, Origin, Presence, Snapshot};
+#[cfg(feature = "redis")]
+use crate::records::Mirrored;
 use crate::records::{CallRecord, CallState, Records};
 
 /// Room for MQTT's fixed header, topic length and packet id around a payload.
@@ -71,6 +73,36 @@ pub struct Stats {
     /// record has arrived), so that a target with no record is refused.
     /// Always false without strict presence.
     pub presence_snapshot: bool,
+}
+
+/// How far the requester's presence table is
+/// ([`Requester::presence_state`](crate::Requester::presence_state)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PresenceState {
+    /// No presence tracking.
+    Off,
+    /// Presence records are read as they come, without knowing when every
+    /// retained one is in (no strict presence, or its snapshot marker was
+    /// given up on this connection).
+    BestEffort,
+    /// Strict presence: the snapshot of this connection's retained records
+    /// is not complete yet.
+    Loading,
+    /// Strict presence: every retained record of this connection is in.
+    Loaded,
+}
+
+impl PresenceState {
+    /// `off`, `best_effort`, `loading` or `loaded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceState::Off => "off",
+            PresenceState::BestEffort => "best_effort",
+            PresenceState::Loading => "loading",
+            PresenceState::Loaded => "loaded",
+        }
+    }
 }
 
 /// Why a reply was dropped, in the order of `metrics::DROP_REASONS`.
@@ -170,17 +202,30 @@ fn records_and_store(
         );
         let store = crate::store::Bounded::new(redis);
         let retention = options.records.unwrap_or_default().retention;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<CallRecord>(65_536);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Mirrored>(65_536);
         let writer = store.clone();
         tokio::spawn(async move {
             // What piled up while the last write was out goes in one
             // pipeline: one round trip for many changes, in order.
+            let mut received = Vec::with_capacity(512);
             let mut batch = Vec::with_capacity(512);
-            while rx.recv_many(&mut batch, 512).await > 0 {
-                if let Err(e) = writer.save(&batch, retention).await {
-                    tracing::warn!(records = batch.len(), "shared store: {e}");
+            let mut flushed = Vec::new();
+            while rx.recv_many(&mut received, 512).await > 0 {
+                for m in received.drain(..) {
+                    match m {
+                        Mirrored::Record(r) => batch.push(r),
+                        Mirrored::Flush(done) => flushed.push(done),
+                    }
                 }
-                batch.clear();
+                if !batch.is_empty() {
+                    if let Err(e) = writer.save(&batch, retention).await {
+                        tracing::warn!(records = batch.len(), "shared store: {e}");
+                    }
+                    batch.clear();
+                }
+                for done in flushed.drain(..) {
+                    let _ = done.send(());
+                }
             }
         });
         let records =
@@ -245,6 +290,7 @@ async fn ask_snapshot(link: Link, snapshot: Arc<Snapshot>, topic: String, marker
     }
     tokio::time::sleep(wait).await;
     if link.connects() == connection && !snapshot.is_complete(connection) && !link.is_stopping() {
+        snapshot.abandon(connection);
         tracing::warn!(
             topic,
             "the presence snapshot marker never came back (may the requester publish and subscribe there?): presence is not strict on this connection"
@@ -669,6 +715,23 @@ impl Shared {
         self.counters.published.fetch_add(1, Relaxed);
         self.metrics.published.increment(1);
         Ok(pending)
+    }
+
+    pub(crate) fn presence_state(&self) -> PresenceState {
+        match (&self.presence, &self.strict) {
+            (None, _) => PresenceState::Off,
+            (Some(_), None) => PresenceState::BestEffort,
+            (Some(p), Some(_)) => {
+                let connection = self.link.connects();
+                if p.snapshot.is_complete(connection) {
+                    PresenceState::Loaded
+                } else if p.snapshot.is_settled(connection) {
+                    PresenceState::BestEffort
+                } else {
+                    PresenceState::Loading
+                }
+            }
+        }
     }
 
     /// A snapshot of the counters.

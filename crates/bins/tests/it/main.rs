@@ -26,6 +26,7 @@ mod https;
 mod idempotency;
 mod jwt;
 mod lambda;
+mod lifecycle;
 mod mqtt5;
 mod network;
 mod presence;

@@ -249,7 +249,8 @@ pub struct CallRecordBody {
     /// answer yet), `answered`, `timed_out` (no answer by the deadline, so
     /// far), `answered_late` (the answer came after the deadline and is
     /// here), `offline` (MQTT 5: no device subscribed), `unavailable` (MQTT
-    /// 5: the broker refused the request), `bad_reply` (the device answered
+    /// 5: the broker refused the request, or, with a `reason`, the gateway
+    /// shut down first), `bad_reply` (the device answered
     /// with a reply that breaks the rules: `response` says what was wrong).
     #[schema(
         pattern = "^(sent|delivered|answered|timed_out|answered_late|offline|unavailable|bad_reply)$"
@@ -278,6 +279,10 @@ pub struct CallRecordBody {
     /// authentication named): only that caller may read the record.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// Why the call is `unavailable` when no broker said so: the gateway
+    /// that made it shut down before it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// 404: the target is known to be offline (`offline`), or, with strict

@@ -72,7 +72,7 @@ pub use mapping::{
     CALL_DURATION_BUCKETS, DEFAULT_HTTP_TIMEOUT, DEFAULT_MAX_HTTP_TIMEOUT, MAX_HTTP_REQUEST_BYTES,
     MAX_QUERY_BYTES, MIN_TIMEOUT_MS,
 };
-pub use serve::{serve, serve_tls};
+pub use serve::{serve, serve_tls, Server, Stopped, DEFAULT_SHUTDOWN_TIMEOUT};
 pub use state::CallBudget;
 pub use tls::{PemError, ServerTls, TlsError};
 
@@ -146,7 +146,8 @@ impl Gateway {
         self
     }
 
-    /// Who may call what: every route but `/healthz` and `/openapi.json`
+    /// Who may call what: every route but the probes (`/healthz`,
+    /// `/livez`, `/readyz`) and `/openapi.json`
     /// asks `auth` for the request's [`Caller`], and answers 401 when it
     /// finds none. A `Caller` already in the request's extensions (put
     /// there by a host middleware) is taken as it is. Default: open.
@@ -261,6 +262,8 @@ impl Gateway {
             )
             .route("/v1/calls/{id}", get(routes::call_record))
             .route("/healthz", get(routes::healthz))
+            .route("/livez", get(routes::livez))
+            .route("/readyz", get(routes::readyz))
             .route("/openapi.json", get(routes::openapi));
         if state.metrics.is_some() {
             router = router.route("/metrics", get(routes::metrics));

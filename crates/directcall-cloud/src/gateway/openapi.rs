@@ -10,7 +10,7 @@ use super::body::{
     TimeoutBody, UnauthorizedBody,
 };
 use super::mapping::Limits;
-use super::routes::{self, HealthBody};
+use super::routes::{self, HealthBody, LiveBody, ReadyBody};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,8 +19,8 @@ use super::routes::{self, HealthBody};
         version = "1",
         description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
     ),
-    paths(routes::invoke_get, routes::invoke_get_slash, routes::invoke_post, routes::call_record, routes::healthz, routes::metrics, routes::openapi),
-    components(schemas(OkBody, TimeoutBody, OfflineBody, BadReplyBody, MessageBody, UnauthorizedBody, HealthBody, PostBody, CallRecordBody, AcceptedBody)),
+    paths(routes::invoke_get, routes::invoke_get_slash, routes::invoke_post, routes::call_record, routes::healthz, routes::livez, routes::readyz, routes::metrics, routes::openapi),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, BadReplyBody, MessageBody, UnauthorizedBody, HealthBody, LiveBody, ReadyBody, PostBody, CallRecordBody, AcceptedBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -142,6 +142,8 @@ mod tests {
             "/invoke/",
             "/v1/targets/{target}/methods/{method}",
             "/healthz",
+            "/livez",
+            "/readyz",
             "/metrics",
             "/openapi.json",
         ];

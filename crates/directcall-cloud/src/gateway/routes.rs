@@ -19,7 +19,7 @@ use super::body::{
     OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody,
 };
 use super::mapping::{MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES};
-use super::state::{respond, Authed, CallBudget, GatewayState};
+use super::state::{respond, Authed, CallBudget, Closing, Draining, GatewayState};
 use crate::Invocation;
 
 /// `{"status": "ok"|"unavailable", "broker": "connected"|"disconnected"}`.
@@ -303,6 +303,83 @@ pub(crate) async fn healthz(State(gw): State<GatewayState>) -> Response {
     ))
 }
 
+/// `{"status": "ok"}`: the process is alive and serving.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LiveBody {
+    /// Always `ok`.
+    #[schema(pattern = "^ok$")]
+    status: &'static str,
+}
+
+/// Whether the process is alive (a liveness probe): 200 while it serves
+/// HTTP, whatever the broker does. A broker outage is not a reason to
+/// restart the gateway.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    responses((status = 200, description = "Alive.", body = LiveBody))
+)]
+pub(crate) async fn livez() -> Response {
+    respond(HttpReply::new(
+        200,
+        serde_json::to_value(LiveBody { status: "ok" }).unwrap_or_default(),
+    ))
+}
+
+/// Whether this gateway should be sent calls now, and if not, why.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ReadyBody {
+    /// `ready` when every check passes, else `unavailable`.
+    #[schema(pattern = "^(ready|unavailable)$")]
+    status: &'static str,
+    /// `connected` or `disconnected`.
+    #[schema(pattern = "^(connected|disconnected)$")]
+    broker: &'static str,
+    /// `loaded` (strict presence: every retained record is in), `loading`
+    /// (strict presence, not yet), `best_effort` (presence without
+    /// `--strict-presence`: records arrive as they come) or `off`.
+    #[schema(pattern = "^(loaded|loading|best_effort|off)$")]
+    presence: &'static str,
+    /// Whether shutdown has begun.
+    draining: bool,
+}
+
+/// Whether to send this gateway calls (a readiness probe): 200 when the
+/// broker is connected, the presence snapshot is loaded (strict presence)
+/// and shutdown has not begun; 503 otherwise, saying which.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses(
+        (status = 200, description = "Ready for calls.", body = ReadyBody),
+        (status = 503, description = "Not ready: see which check failed.", body = ReadyBody),
+    )
+)]
+pub(crate) async fn readyz(
+    State(gw): State<GatewayState>,
+    draining: Option<Extension<Draining>>,
+) -> Response {
+    let requester = gw.service.requester();
+    let connected = requester.is_connected();
+    let presence = requester.presence_state();
+    let draining = draining.is_some_and(|Extension(Draining(d))| *d.borrow());
+    let ready = connected && presence != crate::PresenceState::Loading && !draining;
+    let body = ReadyBody {
+        status: if ready { "ready" } else { "unavailable" },
+        broker: if connected {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        presence: presence.as_str(),
+        draining,
+    };
+    respond(HttpReply::new(
+        if ready { 200 } else { 503 },
+        serde_json::to_value(body).unwrap_or_default(),
+    ))
+}
+
 /// Prometheus metrics (text exposition format 0.0.4).
 #[utoipa::path(
     get,
@@ -366,6 +443,7 @@ pub(crate) async fn call_record(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     budget: Option<Extension<CallBudget>>,
+    closing: Option<Extension<Closing>>,
 ) -> Response {
     let Ok(Path(id)) = path else {
         return gw.refuse(HttpReply::invalid("id", "not valid in a path"));
@@ -389,7 +467,15 @@ pub(crate) async fn call_record(
     if let Some(Extension(CallBudget(b))) = budget {
         wait = wait.min(b);
     }
-    let reply = gw.service.wait_call_record(&id, wait).await;
+    // A long poll ends when the server stops accepting: the record as it
+    // stands then, rather than a drain held up for `wait`.
+    let reply = match closing {
+        Some(Extension(Closing(mut closing))) => tokio::select! {
+            reply = gw.service.wait_call_record(&id, wait) => reply,
+            () = async { drop(closing.wait_for(|c| *c).await) } => gw.service.call_record(&id).await,
+        },
+        None => gw.service.wait_call_record(&id, wait).await,
+    };
     // A record of a call outside the caller's scope is not its to read.
     if let (Some(c), Some(t), Some(m)) = (
         &who.caller,

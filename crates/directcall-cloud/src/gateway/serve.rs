@@ -1,34 +1,156 @@
-//! Serving the gateway: [`serve`] over plain HTTP, [`serve_tls`] over
-//! HTTPS, each stopping gracefully when a shutdown future resolves.
+//! Serving the gateway: [`Server`], over plain HTTP or HTTPS, with the
+//! shutdown sequence an orchestrator expects (not ready, a delay, then a
+//! bounded drain); [`serve`] and [`serve_tls`] are its short forms.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::{Extension, Router};
+use tokio::time::Instant;
 
-use super::state::Closing;
+use super::state::{Closing, Draining};
 use super::tls::ServerTls;
 
-/// `app` with a [`Closing`] signal, and the future that fires it after
-/// `shutdown`.
-fn with_closing(
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> (Router, impl Future<Output = ()> + Send + 'static) {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let shutdown = async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    };
-    (app.layer(Extension(Closing(rx))), shutdown)
+/// The drain's default bound ([`Server::shutdown_timeout`]).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A listener and how it shuts down.
+///
+/// When the shutdown future resolves, `/readyz` answers 503 at once and
+/// the server goes on serving for [`shutdown_delay`](Self::shutdown_delay)
+/// (a load balancer or Kubernetes' endpoints take that long to stop
+/// sending new requests); then it stops accepting, ends the console's event
+/// streams and `?wait` long polls, and waits for the requests in flight for
+/// at most [`shutdown_timeout`](Self::shutdown_timeout), the same over
+/// HTTP and HTTPS. [`Server::run`] returns then, with what is left of the
+/// bound, for the requester's own drain
+/// ([`Requester::drain`](crate::Requester::drain)).
+///
+/// ```no_run
+/// # async fn run(app: axum::Router, requester: directcall_cloud::Requester) -> std::io::Result<()> {
+/// use std::time::Duration;
+/// use directcall_cloud::gateway::Server;
+///
+/// let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+/// let stopped = Server::new(listener)
+///     .shutdown_delay(Duration::from_secs(5))
+///     .shutdown_timeout(Duration::from_secs(20))
+///     .run(app, async { let _ = tokio::signal::ctrl_c().await; })
+///     .await?;
+/// // Calls answered 202 get what is left of the 20 s; the rest are
+/// // recorded as `unavailable` (the gateway shut down).
+/// requester.drain(stopped.time_left).await;
+/// requester.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[must_use = "a server does nothing until it is run"]
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    tls: Option<ServerTls>,
+    delay: Duration,
+    timeout: Duration,
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting
-/// and lets requests in flight finish (each ends by its own deadline) before
-/// returning.
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listener", &self.listener.local_addr().ok())
+            .field("tls", &self.tls.is_some())
+            .field("delay", &self.delay)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// How a [`Server`] stopped.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Stopped {
+    /// What is left of the shutdown timeout after the HTTP requests in
+    /// flight ended (zero when they did not end in time and were cut).
+    pub time_left: Duration,
+    /// Whether every request in flight ended on its own.
+    pub drained: bool,
+}
+
+impl Server {
+    /// Plain HTTP on `listener`; no delay before the drain, a drain of at
+    /// most [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    pub fn new(listener: tokio::net::TcpListener) -> Self {
+        Server {
+            listener,
+            tls: None,
+            delay: Duration::ZERO,
+            timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN).
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// How long to go on serving, not ready, once shutdown begins.
+    /// Default: none.
+    pub fn shutdown_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// The longest wait for requests in flight once the server stops
+    /// accepting. Default: [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Serves `app` until `shutdown` resolves, then runs the shutdown
+    /// sequence.
+    ///
+    /// # Errors
+    /// When the listener fails.
+    pub async fn run(
+        self,
+        app: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<Stopped> {
+        let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
+        let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+        let app = app
+            .layer(Extension(Draining(draining_rx)))
+            .layer(Extension(Closing(closing_rx)));
+        let delay = self.delay;
+        // Resolves when the server must stop accepting; the drain's clock
+        // starts then.
+        let stop_accepting = async move {
+            shutdown.await;
+            let _ = draining_tx.send(true);
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_s = delay.as_secs_f64(),
+                    "shutting down: not ready, still serving while load balancers catch up"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            tracing::info!("shutting down: no new requests, letting calls in flight finish");
+            let _ = closing_tx.send(true);
+        };
+        match self.tls {
+            Some(tls) => {
+                serve_tls_inner(self.listener, app, tls, stop_accepting, self.timeout).await
+            }
+            None => serve_plain(self.listener, app, stop_accepting, self.timeout).await,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops
+/// accepting and lets requests in flight finish for at most
+/// [`DEFAULT_SHUTDOWN_TIMEOUT`]. [`Server`] sets a delay and the bound.
 ///
 /// # Errors
 /// When the listener fails.
@@ -37,23 +159,11 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Small JSON answers: do not let Nagle hold them back.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let (app, shutdown) = with_closing(app, shutdown);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    Server::new(listener).run(app, shutdown).await.map(|_| ())
 }
 
 /// [`serve`] over TLS: HTTP/1.1 and HTTP/2 (ALPN) on each accepted
-/// connection. On `shutdown` it stops accepting and lets the connections
-/// finish their requests in flight (at most 30 s).
+/// connection.
 ///
 /// # Errors
 /// When the listener fails.
@@ -63,15 +173,84 @@ pub async fn serve_tls(
     tls: ServerTls,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    Server::new(listener)
+        .tls(tls)
+        .run(app, shutdown)
+        .await
+        .map(|_| ())
+}
+
+/// After `stop` has resolved: how the drain went, given its start.
+fn stopped(started: Option<Instant>, timeout: Duration, drained: bool) -> Stopped {
+    let used = started.map_or(Duration::ZERO, |s| s.elapsed());
+    Stopped {
+        time_left: if drained {
+            timeout.saturating_sub(used)
+        } else {
+            Duration::ZERO
+        },
+        drained,
+    }
+}
+
+async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+    timeout: Duration,
+) -> std::io::Result<Stopped> {
+    use axum::serve::ListenerExt;
+    // Small JSON answers: do not let Nagle hold them back.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let (started_tx, mut started_rx) = tokio::sync::watch::channel(None::<Instant>);
+    let stop = async move {
+        stop.await;
+        let _ = started_tx.send(Some(Instant::now()));
+    };
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .into_future();
+    tokio::pin!(server);
+    // Serve until the drain starts, then give it `timeout`.
+    let result = tokio::select! {
+        result = &mut server => return result.map(|()| stopped(None, timeout, true)),
+        () = async { drop(started_rx.wait_for(Option::is_some).await) } => {
+            tokio::time::timeout(timeout, &mut server).await
+        }
+    };
+    let started = *started_rx.borrow();
+    match result {
+        Ok(served) => served.map(|()| stopped(started, timeout, true)),
+        Err(_) => {
+            tracing::warn!(
+                timeout_s = timeout.as_secs_f64(),
+                "shutting down: requests still in flight after the shutdown timeout were cut"
+            );
+            Ok(stopped(started, timeout, false))
+        }
+    }
+}
+
+async fn serve_tls_inner(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: ServerTls,
+    stop: impl Future<Output = ()> + Send + 'static,
+    timeout: Duration,
+) -> std::io::Result<Stopped> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tower::ServiceExt;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
-    let (app, shutdown) = with_closing(app, shutdown);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
+    tokio::pin!(stop);
     loop {
         let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -102,6 +281,16 @@ pub async fn serve_tls(
             let _ = watcher.watch(connection.into_owned()).await;
         });
     }
-    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
-    Ok(())
+    drop(listener);
+    let started = Instant::now();
+    let drained = tokio::time::timeout(timeout, graceful.shutdown())
+        .await
+        .is_ok();
+    if !drained {
+        tracing::warn!(
+            timeout_s = timeout.as_secs_f64(),
+            "shutting down: requests still in flight after the shutdown timeout were cut"
+        );
+    }
+    Ok(stopped(Some(started), timeout, drained))
 }

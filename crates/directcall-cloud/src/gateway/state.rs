@@ -67,6 +67,11 @@ impl std::ops::Deref for GatewayState {
 #[cfg_attr(not(feature = "console"), allow(dead_code))]
 pub(crate) struct Closing(pub(crate) tokio::sync::watch::Receiver<bool>);
 
+/// Fires when shutdown begins, before the server stops accepting:
+/// `/readyz` answers 503 from then on.
+#[derive(Clone)]
+pub(crate) struct Draining(pub(crate) tokio::sync::watch::Receiver<bool>);
+
 /// Who sent a request: its caller (none on an open gateway) and address
 /// (none behind API Gateway), and where the API is mounted.
 pub(crate) struct Authed {

@@ -81,6 +81,40 @@ struct ServeArgs {
     /// Serve no web console (no `/`, `/v1/devices` or `/v1/events`).
     #[arg(long, env = "DIRECTCALL_NO_CONSOLE")]
     no_console: bool,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
+}
+
+/// How `serve` stops on SIGTERM or Ctrl-C.
+#[derive(Debug, Args)]
+struct ShutdownArgs {
+    /// On SIGTERM, keep serving this long (seconds) with /readyz answering
+    /// 503, while load balancers and Kubernetes' endpoints stop sending.
+    #[arg(long, env = "DIRECTCALL_SHUTDOWN_DELAY", default_value_t = 5.0, value_parser = seconds)]
+    shutdown_delay: f64,
+    /// Then stop accepting and wait at most this long (seconds) for the
+    /// requests and calls in flight, those answered 202 included; calls
+    /// still open after it are recorded as `unavailable`.
+    #[arg(long, env = "DIRECTCALL_SHUTDOWN_TIMEOUT", default_value_t = 20.0, value_parser = seconds)]
+    shutdown_timeout: f64,
+}
+
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0 to 3600"
+        )),
+    }
+}
+
+impl ShutdownArgs {
+    fn delay(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.shutdown_delay)
+    }
+    fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.shutdown_timeout)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -169,7 +203,7 @@ async fn run_gateway(
     requester: Requester,
     app: axum::Router,
     listen: SocketAddr,
-    tls: Option<gateway::ServerTls>,
+    server: impl FnOnce(tokio::net::TcpListener) -> gateway::Server,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), BoxError> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -177,13 +211,14 @@ async fn run_gateway(
         .map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr()?;
     ready(addr);
-    match tls {
-        Some(tls) => gateway::serve_tls(listener, app, tls, shutdown_signal()).await,
-        None => gateway::serve(listener, app, shutdown_signal()).await,
-    }
-    .map_err(|e| format!("HTTP server: {e}"))?;
+    let stopped = server(listener)
+        .run(app, shutdown_signal())
+        .await
+        .map_err(|e| format!("HTTP server: {e}"))?;
+    // Calls answered 202 have no request in flight: they get what is left.
+    let open = requester.drain(stopped.time_left).await;
     requester.shutdown().await;
-    tracing::info!("stopped");
+    tracing::info!(calls_cut = open, "stopped");
     Ok(())
 }
 
@@ -229,7 +264,17 @@ async fn serve(args: ServeArgs) -> Result<(), BoxError> {
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let broker_url = broker.options.url();
-    run_gateway(requester, app, args.listen, tls, |addr| {
+    let shutdown = args.shutdown;
+    let server = move |listener| {
+        let server = gateway::Server::new(listener)
+            .shutdown_delay(shutdown.delay())
+            .shutdown_timeout(shutdown.timeout());
+        match tls {
+            Some(tls) => server.tls(tls),
+            None => server,
+        }
+    };
+    run_gateway(requester, app, args.listen, server, |addr| {
         tracing::info!(%addr, scheme, broker = %broker_url, auth, "gateway listening");
     })
     .await
@@ -404,7 +449,7 @@ async fn demo(args: DemoArgs) -> Result<(), BoxError> {
         .console(!args.no_console)
         .app();
     let broker_url = broker.url();
-    run_gateway(requester, app, args.listen, None, |addr| {
+    run_gateway(requester, app, args.listen, gateway::Server::new, |addr| {
         println!("directcall demo");
         println!("  broker   {broker_url} (embedded rumqttd)");
         println!("  device   {device} (simulated, answers every method)");

@@ -24,6 +24,8 @@ impl Proc {
         let mut child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "warn")
+            // No wait before the drain, unless a test asks (--shutdown-delay).
+            .env("DIRECTCALL_SHUTDOWN_DELAY", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -111,6 +113,7 @@ pub async fn gateway_logged(
     let mut child = Command::new(DIRECTCALL)
         .args(&args)
         .env("RUST_LOG", "info")
+        .env("DIRECTCALL_SHUTDOWN_DELAY", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,198 @@
+//! The gateway as an orchestrator runs it: the liveness and readiness
+//! probes, and the SIGTERM sequence (not ready, a delay while still
+//! serving, a bounded drain, calls answered 202 kept on their records)
+//! against the real `directcall` binary, a Mosquitto and a Redis of the
+//! test's own.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::e2e;
+use directcall_device::Router;
+use directcall_testkit::{program, RedisServer};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn livez_is_the_process_and_readyz_is_the_broker_and_presence() {
+    let Some(mut b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let (_gw, base) =
+        e2e::gateway(&b.url(), &["--presence", "directcall", "--strict-presence"]).await;
+    let ready = format!("{base}/readyz");
+    let body = wait_for(20, "ready", || async {
+        let (status, body) = e2e::get(&ready).await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        body,
+        json!({"status": "ready", "broker": "connected", "presence": "loaded", "draining": false})
+    );
+    assert_eq!(
+        e2e::get(&format!("{base}/livez")).await,
+        (200, json!({"status": "ok"}))
+    );
+
+    // The broker goes away: not ready, still alive (a restart would not
+    // bring the broker back).
+    b.mosquitto.as_mut().unwrap().kill();
+    let body = wait_for(20, "not ready without the broker", || async {
+        let (status, body) = e2e::get(&ready).await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert_eq!(body["broker"], "disconnected", "{body}");
+    assert_eq!(body["draining"], false, "{body}");
+    assert_eq!(e2e::get(&format!("{base}/livez")).await.0, 200);
+
+    // Back: ready again, the snapshot loaded on the new connection.
+    b.mosquitto.as_mut().unwrap().restart().unwrap();
+    let body = wait_for(30, "ready again", || async {
+        let (status, body) = e2e::get(&ready).await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(body["presence"], "loaded", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_best_effort_presence_and_never_needs_a_token() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let (_gw, base) = e2e::gateway(&b.url(), &["--api-token", "tok"]).await;
+    let ready = format!("{base}/readyz");
+    let body = wait_for(20, "ready", || async {
+        let (status, body) = e2e::get(&ready).await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    // Presence records are read by default, without strict presence: the
+    // gateway cannot know when all are in, and does not wait for them.
+    assert_eq!(body["presence"], "best_effort", "{body}");
+    // The API itself still wants the token.
+    let (status, _) = e2e::get(&format!(
+        "{base}/invoke?request=r&method=m&target=Device001&timeout=1"
+    ))
+    .await;
+    assert_eq!(status, 401);
+}
+
+async fn submit(base: &str, target: &str, timeout_ms: u64) -> String {
+    let (status, body) = e2e::post(
+        base,
+        &format!("/v1/targets/{target}/methods/unlock"),
+        &[
+            ("content-type", "application/json"),
+            ("prefer", "respond-async"),
+        ],
+        format!(r#"{{"request":"r","timeout_ms":{timeout_ms}}}"#).into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_not_ready_serves_through_the_delay_then_drains_within_the_bound() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(redis) = program::REDIS_SERVER.or_skip(RedisServer::start().expect("redis-server"))
+    else {
+        return;
+    };
+    let store = redis.url();
+    // A device that answers in 2.5 s (after the delay: the drain waits
+    // for it), and a target that never answers
+    // (subscribed, so that MQTT 5 does not call it offline at once).
+    let car = unique("car");
+    let router = Router::new().method("unlock", |_call| async {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        Ok(json!("unlocked"))
+    });
+    let _device = device(&b, &car, router).await;
+    let _hole = b.black_hole().await;
+    let silent = unique("silent");
+
+    let flags = [
+        "--store",
+        store.as_str(),
+        "--max-timeout",
+        "60",
+        "--shutdown-delay",
+        "1.5",
+        "--shutdown-timeout",
+        "3",
+    ];
+    let (mut a, base_a, logs) = e2e::gateway_logged(&b.url(), &flags).await;
+    let (_b, base_b) = e2e::gateway(&b.url(), &["--store", store.as_str()]).await;
+    e2e::wait_health(&base_a, 200).await;
+    e2e::wait_health(&base_b, 200).await;
+
+    // Two calls answered 202: one ends within the drain, one cannot.
+    let answers = submit(&base_a, &car, 10_000).await;
+    let never = submit(&base_a, &silent, 50_000).await;
+    // A long poll on the call that never ends.
+    let poll = tokio::spawn({
+        let url = format!("{base_a}/v1/calls/{never}?wait=50");
+        async move {
+            let started = Instant::now();
+            let (status, body) = e2e::get(&url).await;
+            (status, body, started.elapsed())
+        }
+    });
+
+    let term = Instant::now();
+    a.terminate();
+    // Not ready, and still serving (it answered) while alive.
+    let ready = format!("{base_a}/readyz");
+    let body = wait_for(5, "not ready after SIGTERM", || async {
+        let (status, body) = e2e::get(&ready).await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert_eq!(body["draining"], true, "{body}");
+    assert_eq!(body["broker"], "connected", "{body}");
+    assert_eq!(e2e::get(&format!("{base_a}/livez")).await.0, 200);
+
+    // The long poll ends when the server stops accepting, not at 50 s.
+    let (status, record, waited) = poll.await.unwrap();
+    assert_eq!(status, 200, "{record}");
+    assert!(waited < Duration::from_secs(15), "{waited:?}");
+    assert!(
+        matches!(record["state"].as_str(), Some("sent" | "delivered")),
+        "{record}"
+    );
+
+    // The process ends within delay + timeout (+ the store's flush and
+    // slack for a loaded machine), with exit code 0.
+    let exit = tokio::task::spawn_blocking(move || a.wait_exit(20))
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+    let took = term.elapsed();
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+
+    // Through the other replica: the call that could end did, and the one
+    // that could not says why.
+    let record = |id: String| {
+        let url = format!("{base_b}/v1/calls/{id}");
+        async move {
+            let (status, body) = e2e::get(&url).await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let ended: Value = record(answers).await;
+    assert_eq!(ended["state"], "answered", "{ended}");
+    assert_eq!(ended["response"], json!("unlocked"), "{ended}");
+    let cut: Value = record(never).await;
+    assert_eq!(cut["state"], "unavailable", "{cut}");
+    assert_eq!(cut["reason"], directcall_cloud::SHUT_DOWN_REASON, "{cut}");
+    let logs = logs.lock().unwrap().join("\n");
+    assert!(logs.contains("calls still open"), "{logs}");
+}
