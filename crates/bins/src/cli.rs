@@ -48,15 +48,6 @@ pub enum ConfigError {
     /// The credentials file cannot be used.
     #[error("--credentials {0}")]
     Credentials(#[source] AccessError),
-    /// The JWKS cannot be read or used.
-    #[error("--jwks {what}: {source}")]
-    Jwks {
-        /// The file or URL, without credentials or query.
-        what: String,
-        /// Why.
-        #[source]
-        source: JwksError,
-    },
 }
 
 /// Why a JWKS cannot be had.
@@ -75,9 +66,6 @@ pub enum JwksError {
     /// The URL answered with another status than 200.
     #[error("HTTP {0}")]
     Status(u16),
-    /// It is not a usable JWKS.
-    #[error(transparent)]
-    Invalid(#[from] directcall_cloud::gateway::JwtError),
 }
 
 /// How to authenticate to AWS IoT Core when `--iot-endpoint` is given.
@@ -617,14 +605,20 @@ pub struct AccessArgs {
     #[arg(long, env = "DIRECTCALL_API_TOKENS_FILE")]
     pub api_token_file: Option<PathBuf>,
     /// A credentials file (TOML: names, secrets, the targets and methods each
-    /// may call, rates; docs/SECURITY.md), reloaded on SIGHUP by `serve`.
+    /// may call, rates; docs/SECURITY.md), read again by `serve` when its
+    /// content changes (and on SIGHUP).
     #[arg(long, env = "DIRECTCALL_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
     /// Accept bearer JWTs signed by a key of this JWKS (a file, or an
-    /// http(s):// URL read once at start, within 10 s); needs --jwt-issuer
-    /// and --jwt-audience.
+    /// http(s):// URL, each fetch within 10 s), read at start and every
+    /// --jwks-refresh; needs --jwt-issuer and --jwt-audience. While it
+    /// cannot be had, JWTs get 401 and it is tried again (1 s, doubling to
+    /// 60 s): the gateway never exits for it.
     #[arg(long, env = "DIRECTCALL_JWKS", requires_all = ["jwt_issuer", "jwt_audience"])]
     pub jwks: Option<String>,
+    /// Seconds between two reads of the JWKS.
+    #[arg(long, env = "DIRECTCALL_JWKS_REFRESH", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub jwks_refresh: u64,
     /// The `iss` a JWT must carry.
     #[arg(long, env = "DIRECTCALL_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -669,25 +663,22 @@ impl AccessArgs {
         if let (Some(jwks), Some(iss), Some(aud)) =
             (&self.jwks, &self.jwt_issuer, &self.jwt_audience)
         {
-            let failed = |source: JwksError| ConfigError::Jwks {
-                what: redact_url(jwks),
-                source,
-            };
-            let text = if jwks.starts_with("http://") || jwks.starts_with("https://") {
-                let fetched =
-                    tokio::time::timeout(JWKS_FETCH_TIMEOUT, crate::http_client::get(jwks, &[]))
-                        .await
-                        .map_err(|_| failed(JwksError::Timeout))?
-                        .map_err(|e| failed(e.into()))?;
-                if fetched.status != 200 {
-                    return Err(failed(JwksError::Status(fetched.status)));
-                }
-                fetched.body
-            } else {
-                std::fs::read_to_string(jwks).map_err(|e| failed(e.into()))?
-            };
-            let verifier = JwtVerifier::new(&text, iss, aud, &self.jwt_scope_claim)
-                .map_err(|e| failed(e.into()))?;
+            let verifier = Arc::new(JwtVerifier::without_keys(
+                iss.as_str(),
+                aud.as_str(),
+                self.jwt_scope_claim.as_str(),
+            ));
+            let source = jwks.clone();
+            crate::reload::refresh_jwks(
+                Arc::clone(&verifier),
+                redact_url(jwks),
+                Duration::from_secs(self.jwks_refresh),
+                move || {
+                    let source = source.clone();
+                    async move { fetch_jwks(&source).await.map_err(|e| e.to_string()) }
+                },
+            )
+            .await;
             access = access.with_jwt(verifier);
         }
         for caller in access.current().callers() {
@@ -716,6 +707,23 @@ impl AccessArgs {
             (n, false) => format!("{n} credentials"),
             (n, true) => format!("{n} credentials and JWTs"),
         }
+    }
+}
+
+/// The JWKS document at `source`: a file, or an http(s) URL fetched within
+/// [`JWKS_FETCH_TIMEOUT`].
+async fn fetch_jwks(source: &str) -> Result<String, JwksError> {
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let fetched =
+            tokio::time::timeout(JWKS_FETCH_TIMEOUT, crate::http_client::get(source, &[]))
+                .await
+                .map_err(|_| JwksError::Timeout)??;
+        if fetched.status != 200 {
+            return Err(JwksError::Status(fetched.status));
+        }
+        Ok(fetched.body)
+    } else {
+        Ok(std::fs::read_to_string(source)?)
     }
 }
 

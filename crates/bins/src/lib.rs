@@ -8,4 +8,5 @@ pub mod cli;
 pub mod http_client;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+pub mod reload;
 pub mod sim;

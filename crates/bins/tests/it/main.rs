@@ -32,6 +32,7 @@ mod network;
 mod presence;
 mod python_device;
 mod records;
+mod reload;
 mod replies;
 mod restart;
 mod security;

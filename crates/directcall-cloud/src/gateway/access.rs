@@ -89,6 +89,37 @@ impl AccessError {
     }
 }
 
+/// A TOML or serde message without the values it quotes (a token put
+/// where a list or number belongs would be shown): `"…"` for every
+/// quoted string, and for a number or a string in backticks after
+/// `integer`, `floating point` or `string`.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(['"', '`']) {
+        let quote = rest.as_bytes()[i] as char;
+        let before = &rest[..i];
+        let value = quote == '"'
+            || ["integer ", "floating point ", "string "]
+                .iter()
+                .any(|w| before.ends_with(w));
+        out.push_str(before);
+        let after = &rest[i + 1..];
+        let Some(end) = after.find(quote) else {
+            // An unclosed quote: nothing after it is shown.
+            out.push(quote);
+            out.push('…');
+            return out;
+        };
+        out.push(quote);
+        out.push_str(if value { "…" } else { &after[..end] });
+        out.push(quote);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -179,7 +210,7 @@ impl Credentials {
             line: e.span().map_or(1, |s| {
                 text[..s.start.min(text.len())].lines().count().max(1)
             }),
-            message: e.message().to_owned(),
+            message: without_values(e.message()),
         })?;
         let mut list: Vec<Credential> = Vec::new();
         for e in file.credentials {
@@ -275,7 +306,7 @@ pub struct Access {
     current: RwLock<Arc<Credentials>>,
     file: Option<PathBuf>,
     tokens: Vec<String>,
-    jwt: Option<JwtVerifier>,
+    jwt: Option<Arc<JwtVerifier>>,
 }
 
 impl Access {
@@ -312,9 +343,15 @@ impl Access {
 
     /// Accepts bearer JWTs verified by `verifier` as well.
     #[must_use]
-    pub fn with_jwt(mut self, verifier: JwtVerifier) -> Self {
-        self.jwt = Some(verifier);
+    pub fn with_jwt(mut self, verifier: impl Into<Arc<JwtVerifier>>) -> Self {
+        self.jwt = Some(verifier.into());
         self
+    }
+
+    /// The JWT verifier, if JWTs are accepted: a handle to give it a new
+    /// JWKS ([`JwtVerifier::set_jwks`]).
+    pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
+        self.jwt.as_ref()
     }
 
     /// Whether JWTs are accepted.
@@ -371,6 +408,29 @@ impl Authenticate for Access {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_toml_error_names_the_line_never_the_value() {
+        for (text, line) in [
+            ("[[credentials]]\nname = \"a\"\ntoken = \"tok-1\"\ntargets = \"S3CRET-IN-TARGETS\"\n", 4),
+            ("[[credentials]]\nname = \"a\"\ntoken = \"tok-1\"\nrate_per_second = \"S3CRET-IN-RATE\"\n", 4),
+            ("[[credentials]]\nname = \"a\"\ntoken = 7356128849\n", 3),
+            ("[[credentials]]\nname = \"a\"\ntoken = \"S3CRET-UNCLOSED\n", 3),
+            ("[[credentials]]\nname = \"a\"\nS3CRET-AS-KEY\n", 3),
+        ] {
+            let e = Credentials::from_toml(text).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("line {line}: ")), "{e}");
+            assert!(!e.contains("S3CRET") && !e.contains("7356128849"), "{e}");
+        }
+        assert_eq!(
+            without_values("unknown field `tokn`, expected one of `name`, `token`"),
+            "unknown field `tokn`, expected one of `name`, `token`"
+        );
+        assert_eq!(
+            without_values("invalid type: string \"x\", expected a sequence"),
+            "invalid type: string \"…\", expected a sequence"
+        );
+    }
 
     const FILE: &str = r#"
 [[credentials]]

@@ -36,6 +36,9 @@ pub enum JwtError {
     /// The JWKS holds no keys.
     #[error("JWKS: no keys")]
     NoKeys,
+    /// No JWKS has been loaded yet (it could not be fetched so far).
+    #[error("no JWKS loaded yet: JWTs cannot be verified for now")]
+    NoKeysYet,
     /// The token is not a JWT.
     #[error("malformed token: {0}")]
     Malformed(#[source] jsonwebtoken::errors::Error),
@@ -73,9 +76,12 @@ pub enum JwtError {
     Refused(#[source] jsonwebtoken::errors::Error),
 }
 
-/// Verifies bearer JWTs.
+type Keys = HashMap<String, (DecodingKey, Algorithm)>;
+
+/// Verifies bearer JWTs, with the keys of a JWKS that can be replaced
+/// while it is in use ([`set_jwks`](Self::set_jwks)).
 pub struct JwtVerifier {
-    keys: HashMap<String, (DecodingKey, Algorithm)>,
+    keys: std::sync::RwLock<std::sync::Arc<Keys>>,
     issuer: String,
     audience: String,
     scope_claim: String,
@@ -84,7 +90,7 @@ pub struct JwtVerifier {
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtVerifier")
-            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .field("kids", &self.keys().keys().cloned().collect::<Vec<_>>())
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("scope_claim", &self.scope_claim)
@@ -108,38 +114,47 @@ impl JwtVerifier {
         audience: impl Into<String>,
         scope_claim: impl Into<String>,
     ) -> Result<Self, JwtError> {
-        let set: JwkSet = serde_json::from_str(jwks_json).map_err(JwtError::Jwks)?;
-        let mut keys = HashMap::new();
-        for jwk in &set.keys {
-            let kid = jwk.common.key_id.clone().ok_or(JwtError::KeyWithoutId)?;
-            let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
-                (Some(a), _) => {
-                    a.to_string()
-                        .parse::<Algorithm>()
-                        .map_err(|source| JwtError::Key {
-                            kid: kid.clone(),
-                            source,
-                        })?
-                }
-                (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
-                (None, AlgorithmParameters::EllipticCurve(_)) => Algorithm::ES256,
-                (None, _) => return Err(JwtError::KeyWithoutAlgorithm(kid)),
-            };
-            let key = DecodingKey::from_jwk(jwk).map_err(|source| JwtError::Key {
-                kid: kid.clone(),
-                source,
-            })?;
-            keys.insert(kid, (key, alg));
-        }
-        if keys.is_empty() {
-            return Err(JwtError::NoKeys);
-        }
-        Ok(JwtVerifier {
-            keys,
+        let verifier = Self::without_keys(issuer, audience, scope_claim);
+        verifier.set_jwks(jwks_json)?;
+        Ok(verifier)
+    }
+
+    /// A verifier with no key yet: every token is refused
+    /// ([`JwtError::NoKeysYet`]) until [`set_jwks`](Self::set_jwks) gives
+    /// it some. For a gateway that starts while its JWKS cannot be had.
+    pub fn without_keys(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        scope_claim: impl Into<String>,
+    ) -> Self {
+        JwtVerifier {
+            keys: std::sync::RwLock::default(),
             issuer: issuer.into(),
             audience: audience.into(),
             scope_claim: scope_claim.into(),
-        })
+        }
+    }
+
+    /// Takes the keys of `jwks_json` in place of the ones in use, and
+    /// returns how many there are; on an error the keys in use stay.
+    ///
+    /// # Errors
+    /// [`JwtError`] for a JWKS that does not parse, or a key that cannot
+    /// be used.
+    pub fn set_jwks(&self, jwks_json: &str) -> Result<usize, JwtError> {
+        let keys = parse_jwks(jwks_json)?;
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(keys);
+        Ok(n)
+    }
+
+    /// Whether it has keys (a JWKS was loaded).
+    pub fn has_keys(&self) -> bool {
+        !self.keys().is_empty()
+    }
+
+    fn keys(&self) -> std::sync::Arc<Keys> {
+        std::sync::Arc::clone(&self.keys.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The caller a token stands for: named `jwt:{sub}`, allowed the
@@ -151,8 +166,11 @@ impl JwtVerifier {
     pub fn verify(&self, token: &str) -> Result<Caller, JwtError> {
         let header = decode_header(token).map_err(JwtError::Malformed)?;
         let kid = header.kid.ok_or(JwtError::NoKeyId)?;
-        let (key, alg) = self
-            .keys
+        let keys = self.keys();
+        if keys.is_empty() {
+            return Err(JwtError::NoKeysYet);
+        }
+        let (key, alg) = keys
             .get(&kid)
             .ok_or_else(|| JwtError::UnknownKey(kid.clone()))?;
         if header.alg != *alg {
@@ -194,4 +212,34 @@ impl JwtVerifier {
         let rules: Vec<(&str, &str)> = scopes.iter().filter_map(|s| s.split_once('/')).collect();
         Ok(Caller::new(format!("jwt:{sub}")).scope(rules))
     }
+}
+
+/// The usable keys of a JWKS document, by `kid`.
+fn parse_jwks(jwks_json: &str) -> Result<Keys, JwtError> {
+    let set: JwkSet = serde_json::from_str(jwks_json).map_err(JwtError::Jwks)?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let kid = jwk.common.key_id.clone().ok_or(JwtError::KeyWithoutId)?;
+        let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+            (Some(a), _) => a
+                .to_string()
+                .parse::<Algorithm>()
+                .map_err(|source| JwtError::Key {
+                    kid: kid.clone(),
+                    source,
+                })?,
+            (None, AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+            (None, AlgorithmParameters::EllipticCurve(_)) => Algorithm::ES256,
+            (None, _) => return Err(JwtError::KeyWithoutAlgorithm(kid)),
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|source| JwtError::Key {
+            kid: kid.clone(),
+            source,
+        })?;
+        keys.insert(kid, (key, alg));
+    }
+    if keys.is_empty() {
+        return Err(JwtError::NoKeys);
+    }
+    Ok(keys)
 }

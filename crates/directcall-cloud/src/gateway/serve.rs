@@ -245,7 +245,6 @@ async fn serve_tls_inner(
 ) -> std::io::Result<Stopped> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tower::ServiceExt;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -260,7 +259,10 @@ async fn serve_tls_inner(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, app) = (acceptor.clone(), app.clone());
+        // The configuration in use now: a replaced certificate serves
+        // the next connection.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let app = app.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {

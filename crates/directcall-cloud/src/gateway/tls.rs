@@ -5,9 +5,13 @@ use std::sync::Arc;
 
 /// TLS for the gateway's listener: its certificate chain and key (PEM),
 /// and, to require client certificates, the CA they must chain to.
+///
+/// Clones share one configuration, which [`replace`](Self::replace)
+/// changes for every connection accepted after (a renewed certificate),
+/// while the server runs.
 #[derive(Clone)]
 pub struct ServerTls {
-    config: Arc<rustls::ServerConfig>,
+    config: Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -89,12 +93,28 @@ impl ServerTls {
             .map_err(TlsError::Config)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(ServerTls {
-            config: Arc::new(config),
+            config: Arc::new(std::sync::RwLock::new(Arc::new(config))),
         })
     }
 
-    /// The rustls configuration.
+    /// Takes `new`'s certificate, key and client CA for the connections
+    /// accepted from now on (and for every clone of this one); the
+    /// connections open keep theirs.
+    ///
+    /// ```no_run
+    /// # fn run(tls: directcall_cloud::gateway::ServerTls) -> Result<(), Box<dyn std::error::Error>> {
+    /// use directcall_cloud::gateway::ServerTls;
+    /// let renewed = ServerTls::from_pem(&std::fs::read("tls.crt")?, &std::fs::read("tls.key")?, None)?;
+    /// tls.replace(&renewed);
+    /// # Ok(()) }
+    /// ```
+    pub fn replace(&self, new: &ServerTls) {
+        let config = new.config();
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    /// The rustls configuration in use now.
     pub(crate) fn config(&self) -> Arc<rustls::ServerConfig> {
-        Arc::clone(&self.config)
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
     }
 }

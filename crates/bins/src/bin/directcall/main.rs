@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use directcall_bins::bench::command as bench;
 use directcall_bins::cli::{shutdown_signal, AccessArgs, BoxError, BrokerArgs, RequesterArgs};
-use directcall_bins::{http_client, sim};
+use directcall_bins::{http_client, reload, sim};
 use directcall_cloud::gateway::{self, Access, Gateway, HttpReply, InvokeService, Limits};
 use directcall_cloud::{Options, PresenceRoot, Requester};
 use directcall_core::Target;
@@ -83,6 +83,11 @@ struct ServeArgs {
     no_console: bool,
     #[command(flatten)]
     shutdown: ShutdownArgs,
+    /// Seconds between two looks at the credentials file and the TLS
+    /// certificate and key: a change (a mounted Secret updated) is loaded
+    /// without a restart or a signal.
+    #[arg(long, env = "DIRECTCALL_RELOAD_INTERVAL", default_value_t = 5.0, value_parser = seconds)]
+    reload_interval: f64,
 }
 
 /// How `serve` stops on SIGTERM or Ctrl-C.
@@ -241,24 +246,33 @@ async fn serve(args: ServeArgs) -> Result<(), BoxError> {
             Arc::clone(&access),
         )
         .app();
-    if args.access.credentials.is_some() {
-        tokio::spawn(reload_on_sighup(access));
+    let every = std::time::Duration::from_secs_f64(args.reload_interval.max(0.1));
+    if let Some(file) = &args.access.credentials {
+        tokio::spawn(reload_on_sighup(Arc::clone(&access)));
+        let access = Arc::clone(&access);
+        reload::watch_files("credentials", vec![file.clone()], every, move || {
+            access
+                .reload()
+                .map(|n| format!("{n} credentials"))
+                .map_err(|e| e.to_string())
+        });
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
-            let read = |flag: &str, p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
             };
-            let cert_pem = read("--tls-cert", cert)?;
-            let key_pem = read("--tls-key", key)?;
-            let ca = match &args.tls_client_ca {
-                Some(p) => Some(read("--tls-client-ca", p)?),
-                None => None,
-            };
-            Some(
-                gateway::ServerTls::from_pem(&cert_pem, &key_pem, ca.as_deref())
-                    .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?,
-            )
+            let tls = files.load()?;
+            let (reloaded, mut paths) = (tls.clone(), vec![cert.clone(), key.clone()]);
+            paths.extend(args.tls_client_ca.clone());
+            reload::watch_files("tls", paths, every, move || {
+                let new = files.load()?;
+                reloaded.replace(&new);
+                Ok("the certificate and key in use for new connections".to_owned())
+            });
+            Some(tls)
         }
         _ => None,
     };
@@ -280,6 +294,30 @@ async fn serve(args: ServeArgs) -> Result<(), BoxError> {
     .await
 }
 
+/// The files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
+struct TlsFiles {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    client_ca: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads and checks them; errors name the flag and path, never a key.
+    fn load(&self) -> Result<gateway::ServerTls, String> {
+        let read = |flag: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+        };
+        let cert = read("--tls-cert", &self.cert)?;
+        let key = read("--tls-key", &self.key)?;
+        let ca = match &self.client_ca {
+            Some(p) => Some(read("--tls-client-ca", p)?),
+            None => None,
+        };
+        gateway::ServerTls::from_pem(&cert, &key, ca.as_deref())
+            .map_err(|e| format!("--tls-cert/--tls-key: {e}"))
+    }
+}
+
 /// Reads the credentials file again on every SIGHUP; calls in flight keep
 /// the credential they started with, and a bad file leaves the old rules.
 async fn reload_on_sighup(access: Arc<Access>) {
@@ -290,8 +328,14 @@ async fn reload_on_sighup(access: Arc<Access>) {
     };
     while hangups.recv().await.is_some() {
         match access.reload() {
-            Ok(n) => tracing::info!(credentials = n, "credentials reloaded"),
-            Err(e) => tracing::error!("credentials not reloaded, the old ones stay: {e}"),
+            Ok(n) => {
+                reload::count("credentials", true);
+                tracing::info!(credentials = n, "credentials reloaded");
+            }
+            Err(e) => {
+                reload::count("credentials", false);
+                tracing::error!("credentials not reloaded, the old ones stay: {e}");
+            }
         }
     }
 }
