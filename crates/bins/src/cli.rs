@@ -565,9 +565,29 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed: /metrics stays empty");
             }
+            metrics::describe_gauge!(BUILD_INFO, "Always 1; the version in its label.");
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            process_collector().describe();
             handle
         })
         .clone()
+}
+
+/// `directcall_build_info{version="…"} 1`.
+pub const BUILD_INFO: &str = "directcall_build_info";
+
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// The Prometheus text of [`metrics_handle`]'s recorder, the process's
+/// own metrics (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+/// `process_open_fds`, ... read now) included.
+pub fn render_metrics() -> String {
+    let handle = metrics_handle();
+    process_collector().collect();
+    handle.render()
 }
 
 /// The timeouts a caller may ask for, from `--default-timeout` and

@@ -99,7 +99,7 @@ pub enum LambdaError {
 pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
     // Before anything records a metric: handles bind to the recorder
     // installed when they are made.
-    let metrics = crate::cli::metrics_handle();
+    crate::cli::metrics_handle();
     let broker = args.broker.resolve()?;
     let options = args.requester.options(&broker)?;
     let limits = crate::cli::limits(args.default_timeout, args.max_timeout)?;
@@ -119,7 +119,7 @@ pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
     let gateway = args.access.apply(
         Gateway::new(requester)
             .limits(limits)
-            .metrics(move || metrics.render())
+            .metrics(crate::cli::render_metrics)
             .wait_for_broker(true),
         Arc::new(access),
     );

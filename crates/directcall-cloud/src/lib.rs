@@ -56,6 +56,7 @@ mod session;
 #[cfg(feature = "sigv4")]
 pub mod sigv4;
 mod store;
+pub use store::STORE_KEY_PREFIX;
 
 pub use directcall_core::mqtt::{ConnectionError, PublishError, QoS, SetupError};
 pub use directcall_core::{

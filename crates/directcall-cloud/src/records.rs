@@ -173,6 +173,7 @@ pub(crate) struct Records {
 
 /// What the shared store's writer is sent.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum Mirrored {
     /// A record as it now stands.
     Record(CallRecord),

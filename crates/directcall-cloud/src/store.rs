@@ -109,6 +109,8 @@ pub(crate) const STORE_PAUSE: Duration = Duration::from_secs(1);
 pub(crate) struct Bounded {
     inner: std::sync::Arc<dyn Store>,
     errors: [metrics::Counter; 3],
+    /// How long each operation took, by op, failed ones included.
+    seconds: [metrics::Histogram; 3],
     /// When a call's operation last failed.
     failed_at: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
@@ -120,10 +122,17 @@ impl Bounded {
             crate::metrics::STORE_ERRORS,
             "Shared store operations that failed or timed out, by op."
         );
+        metrics::describe_histogram!(
+            crate::metrics::STORE_OPERATION_SECONDS,
+            metrics::Unit::Seconds,
+            "Shared store operations (a pipeline of record writes is one save), by op, and how long each took."
+        );
         Bounded {
             inner,
             errors: ["save", "load", "claim"]
                 .map(|op| metrics::counter!(crate::metrics::STORE_ERRORS, "op" => op)),
+            seconds: ["save", "load", "claim"]
+                .map(|op| metrics::histogram!(crate::metrics::STORE_OPERATION_SECONDS, "op" => op)),
             failed_at: std::sync::Arc::default(),
         }
     }
@@ -161,10 +170,12 @@ impl Bounded {
         after: Duration,
         work: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        let started = tokio::time::Instant::now();
         let result = match tokio::time::timeout(after, work).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::TimedOut { op, after }),
         };
+        self.seconds[counter].record(started.elapsed().as_secs_f64());
         if result.is_err() {
             self.errors[counter].increment(1);
         }
@@ -210,9 +221,14 @@ fn whole_secs(d: Duration) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Redis: a record is `directcall:call:{id}` (its JSON, `EX` the
-/// retention); a key is `directcall:key:{name-based UUID of the key}` (the
-/// fingerprint, `SET NX EX`).
+/// Every key's prefix: the project, then the version of the keys' schema
+/// (what they hold and how), so that a later, incompatible layout lives
+/// beside this one during a rolling upgrade instead of being misread.
+pub const STORE_KEY_PREFIX: &str = "directcall:v1:";
+
+/// Redis: a record is `directcall:v1:call:{id}` (its JSON, `EX` the
+/// retention); a key is `directcall:v1:key:{name-based UUID of the key}`
+/// (the fingerprint, `SET NX EX`).
 #[cfg(feature = "redis")]
 pub(crate) struct RedisStore {
     client: redis::Client,
@@ -280,7 +296,7 @@ impl Store for RedisStore {
         for record in records {
             let json = serde_json::to_string(record)?;
             pipe.cmd("SET")
-                .arg(format!("directcall:call:{}", record.id))
+                .arg(format!("{STORE_KEY_PREFIX}call:{}", record.id))
                 .arg(json)
                 .arg("EX")
                 .arg(whole_secs(ttl))
@@ -295,7 +311,7 @@ impl Store for RedisStore {
     async fn load(&self, id: &MessageId) -> Result<Option<CallRecord>, StoreError> {
         let mut conn = self.conn().await?;
         let json: Option<String> = redis::cmd("GET")
-            .arg(format!("directcall:call:{id}"))
+            .arg(format!("{STORE_KEY_PREFIX}call:{id}"))
             .query_async(&mut conn)
             .await
             .map_err(|e| self.failed(e))?;
@@ -309,7 +325,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<Option<Uuid>, StoreError> {
         let name = format!(
-            "directcall:key:{}",
+            "{STORE_KEY_PREFIX}key:{}",
             Uuid::new_v5(&Uuid::NAMESPACE_OID, key.as_bytes()).simple()
         );
         let mut conn = self.conn().await?;

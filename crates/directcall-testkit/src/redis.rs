@@ -18,6 +18,7 @@ pub struct RedisServer {
     binary: PathBuf,
     port: u16,
     dir: PathBuf,
+    password: Option<String>,
 }
 
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
@@ -29,6 +30,19 @@ impl RedisServer {
     /// # Errors
     /// When it is installed but does not listen within 5 s.
     pub fn start() -> std::io::Result<Option<Self>> {
+        Self::start_with(None)
+    }
+
+    /// [`RedisServer::start`] requiring `password` (`requirepass`);
+    /// [`RedisServer::url`] leaves it out.
+    ///
+    /// # Errors
+    /// When it is installed but does not listen within 5 s.
+    pub fn start_with_password(password: &str) -> std::io::Result<Option<Self>> {
+        Self::start_with(Some(password.to_owned()))
+    }
+
+    fn start_with(password: Option<String>) -> std::io::Result<Option<Self>> {
         let Some(binary) = crate::program::REDIS_SERVER.find() else {
             return Ok(None);
         };
@@ -44,6 +58,7 @@ impl RedisServer {
             binary,
             port,
             dir,
+            password,
         };
         server.spawn()?;
         Ok(Some(server))
@@ -54,6 +69,11 @@ impl RedisServer {
             Command::new(&self.binary)
                 .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(
+                    self.password
+                        .iter()
+                        .flat_map(|p| ["--requirepass", p.as_str()]),
+                )
                 .arg("--dir")
                 .arg(&self.dir)
                 .stdin(Stdio::null())

@@ -73,6 +73,8 @@ async fn scopes_limits_reload_and_audit() {
     let (router, truck_runs) = counting(0);
     let _truck = device(&b, &truck, router).await;
     let creds = write_file(&b, FILE);
+    let metrics_port = directcall_testkit::free_port().unwrap();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
     let (gw, base, logs) = e2e::gateway_logged(
         &b.url(),
         &[
@@ -84,6 +86,8 @@ async fn scopes_limits_reload_and_audit() {
             "json",
             "--max-in-flight-per-target",
             "2",
+            "--metrics-listen",
+            &metrics_listen,
         ],
     )
     .await;
@@ -251,6 +255,28 @@ async fn scopes_limits_reload_and_audit() {
     .await;
     assert_eq!(status, 202, "{accepted}");
 
+    // Refusals before a call are audited too: a 401 (from where, which
+    // path, never the token) and a 400 (naming the parameter); and a
+    // call's line carries the caller's trace id.
+    let (status, _) = call(&base, "wrong-SECRET-9", &car, "unlock").await;
+    assert_eq!(status, 401);
+    let (status, _) = e2e::get_with(
+        &format!("{base}/invoke?request=r&method=unlock&target={car}&timeout=abc"),
+        &[("authorization", "Bearer ops-SECRET-1")],
+    )
+    .await;
+    assert_eq!(status, 400);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (status, _) = e2e::get_with(
+        &format!("{base}/invoke?request=r&method=unlock&target={car}&timeout=5"),
+        &[
+            ("authorization", "Bearer ops-SECRET-1"),
+            ("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01")),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+
     // Audit lines: JSON, one per call, with who, what and how it ended;
     // the 202's, the last call's, once it is written.
     eventually(10, || {
@@ -297,6 +323,39 @@ async fn scopes_limits_reload_and_audit() {
     assert_eq!(async_call["http_status"], 202);
     assert_eq!(async_call["id"], accepted["id"]);
     assert!(lines.iter().any(|l| l.contains("credentials reloaded")));
+    let unauthorized = audits
+        .iter()
+        .find(|a| a["http_status"] == 401)
+        .expect("an audit line for a 401");
+    assert_eq!(unauthorized["outcome"], "unauthorized", "{unauthorized}");
+    assert_eq!(unauthorized["path"], "/invoke", "{unauthorized}");
+    assert!(unauthorized["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let invalid = audits
+        .iter()
+        .find(|a| a["http_status"] == 400)
+        .expect("an audit line for a 400");
+    assert_eq!(invalid["credential"], "fleet-ops", "{invalid}");
+    assert!(
+        invalid["reason"].as_str().unwrap().contains("timeout"),
+        "{invalid}"
+    );
+    let traced = audits
+        .iter()
+        .find(|a| a["trace_id"] == trace)
+        .expect("the trace id in a call's audit line");
+    assert_eq!(traced["outcome"], "ok", "{traced}");
+
+    // The metrics port answers without a token; the API's /metrics wants one.
+    let (status, text) = e2e::get(&format!("http://{metrics_listen}/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        text.as_str().unwrap().contains("directcall_calls_total"),
+        "{text}"
+    );
+    assert_eq!(e2e::get(&format!("{base}/metrics")).await.0, 401);
 
     // The limits are in /metrics.
     let (status, metrics) = e2e::get_with(

@@ -318,10 +318,26 @@ async fn api_tokens_guard_calls_and_metrics() {
         text.contains("directcall_calls_total{outcome=\"unauthorized\"} 4"),
         "{text}"
     );
+    // Durations by outcome: no timeout mixed in with the answers.
     assert!(
-        text.contains("directcall_call_duration_seconds_count 1"),
+        text.contains("directcall_call_duration_seconds_count{outcome=\"ok\"} 1"),
         "{text}"
     );
+    // Which build, and the process's own figures.
+    assert!(
+        text.contains(&format!(
+            "directcall_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    for process in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
+        assert!(text.contains(process), "{process} missing: {text}");
+    }
     assert!(text.contains("directcall_broker_connected 1"), "{text}");
     // health and the API description stay public
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);

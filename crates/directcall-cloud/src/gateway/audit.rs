@@ -1,6 +1,9 @@
 //! The audit line: one `tracing` event per call (target
-//! `directcall::audit`), saying who, from where, what, and how it ended.
-//! Bodies only when asked for; never a secret.
+//! `directcall::audit`), saying who, from where, what, and how it ended,
+//! with the call's trace id when the caller sent a `traceparent`; and one
+//! per request refused before it became a call (401, 400, 413), saying
+//! from where, which path and why. Bodies only when asked for; never a
+//! secret (a refused token is never shown).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -22,6 +25,33 @@ pub(crate) struct AuditLine<'a> {
     pub(crate) request: Option<&'a serde_json::Value>,
     /// Put the response in the line too.
     pub(crate) with_response: bool,
+    /// The caller's W3C `traceparent`, passed on to the device.
+    pub(crate) traceparent: Option<&'a str>,
+}
+
+/// The trace id of a W3C `traceparent` (`00-{trace id}-{span id}-{flags}`).
+fn trace_id(traceparent: Option<&str>) -> &str {
+    traceparent.and_then(|t| t.split('-').nth(1)).unwrap_or("-")
+}
+
+/// A request refused before it became a call.
+pub(crate) fn refused(
+    caller: Option<&Caller>,
+    source: Option<SocketAddr>,
+    path: &str,
+    reply: &HttpReply,
+) {
+    let source = source.map(|a| a.to_string());
+    tracing::info!(
+        target: "directcall::audit",
+        credential = caller.map_or("-", Caller::name),
+        source = source.as_deref().unwrap_or("-"),
+        path,
+        outcome = reply.body["result"].as_str().unwrap_or("-"),
+        http_status = reply.status,
+        reason = reply.body["response"].as_str().unwrap_or("-"),
+        "refused"
+    );
 }
 
 impl AuditLine<'_> {
@@ -49,6 +79,7 @@ impl AuditLine<'_> {
             device_status = status,
             latency_ms,
             id,
+            trace_id = trace_id(self.traceparent),
             request,
             response,
             "call"

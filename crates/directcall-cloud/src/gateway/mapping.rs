@@ -102,7 +102,8 @@ impl Default for Limits {
 #[derive(Debug)]
 struct Metrics {
     calls: [Counter; Outcome::ALL.len()],
-    duration: Histogram,
+    /// By outcome: a timeout's 10 s never mixes with answers' milliseconds.
+    duration: [Histogram; Outcome::ALL.len()],
     in_flight: Gauge,
 }
 
@@ -112,12 +113,12 @@ impl Metrics {
         describe_histogram!(
             CALL_DURATION,
             metrics::Unit::Seconds,
-            "Time from request arrival to answer, for calls that reached the broker."
+            "Time from request arrival to answer, for calls that reached the broker, by outcome."
         );
         describe_gauge!(CALLS_IN_FLIGHT, "Calls waiting for a device now.");
         Metrics {
             calls: Outcome::ALL.map(|o| counter!(CALLS, "outcome" => o.as_str())),
-            duration: histogram!(CALL_DURATION),
+            duration: Outcome::ALL.map(|o| histogram!(CALL_DURATION, "outcome" => o.as_str())),
             in_flight: gauge!(CALLS_IN_FLIGHT),
         }
     }
@@ -461,7 +462,7 @@ impl InvokeService {
     fn record(&self, outcome: Outcome, latency: Option<Duration>) {
         self.metrics.calls[outcome.index()].increment(1);
         if let Some(latency) = latency {
-            self.metrics.duration.record(latency.as_secs_f64());
+            self.metrics.duration[outcome.index()].record(latency.as_secs_f64());
         }
         if let Some(observer) = &self.observer {
             observer(outcome, latency);

@@ -106,11 +106,10 @@ pub(crate) async fn invoke_get(
     let start = Instant::now();
     let query = query.unwrap_or_default();
     if query.len() > MAX_QUERY_BYTES {
-        return gw.refuse(HttpReply::too_large(
-            "query string",
-            Some(query.len()),
-            MAX_QUERY_BYTES,
-        ));
+        return gw.refuse_from(
+            &who,
+            HttpReply::too_large("query string", Some(query.len()), MAX_QUERY_BYTES),
+        );
     }
     match gw
         .service
@@ -126,9 +125,9 @@ pub(crate) async fn invoke_get(
                 )
                 .await
             }
-            Err(reply) => gw.refuse(reply),
+            Err(reply) => gw.refuse_from(&who, reply),
         },
-        Err(reply) => gw.refuse(reply),
+        Err(reply) => gw.refuse_from(&who, reply),
     }
 }
 
@@ -208,24 +207,34 @@ pub(crate) async fn invoke_post(
     // The same answer whether the length was declared or found by reading
     // (API Gateway declares none to the Lambda).
     if declared.is_some_and(|len| len > MAX_HTTP_REQUEST_BYTES) {
-        return gw.refuse(HttpReply::too_large("body", None, MAX_HTTP_REQUEST_BYTES));
+        return gw.refuse_from(
+            &who,
+            HttpReply::too_large("body", None, MAX_HTTP_REQUEST_BYTES),
+        );
     }
     let body: Bytes = match axum::body::to_bytes(body, MAX_HTTP_REQUEST_BYTES).await {
         Ok(b) => b,
-        Err(_) => return gw.refuse(HttpReply::too_large("body", None, MAX_HTTP_REQUEST_BYTES)),
+        Err(_) => {
+            return gw.refuse_from(
+                &who,
+                HttpReply::too_large("body", None, MAX_HTTP_REQUEST_BYTES),
+            )
+        }
     };
     // axum percent-decodes path segments (not form-decodes: `+` stays `+`,
     // and is then refused as a name).
     let Ok(Path((target, method))) = path else {
-        return gw.refuse(HttpReply::invalid(
-            "path",
-            "target and method must be UTF-8 path segments",
-        ));
+        return gw.refuse_from(
+            &who,
+            HttpReply::invalid("path", "target and method must be UTF-8 path segments"),
+        );
     };
     let content_type = match headers.get(header::CONTENT_TYPE).map(|v| v.to_str()) {
         None => None,
         Some(Ok(ct)) => Some(ct),
-        Some(Err(_)) => return gw.refuse(HttpReply::invalid("content-type", "not ASCII")),
+        Some(Err(_)) => {
+            return gw.refuse_from(&who, HttpReply::invalid("content-type", "not ASCII"))
+        }
     };
     match gw
         .service
@@ -241,9 +250,9 @@ pub(crate) async fn invoke_post(
                 gw.call(&who, invocation, budget.map(|Extension(b)| b), asynchronous)
                     .await
             }
-            Err(reply) => gw.refuse(reply),
+            Err(reply) => gw.refuse_from(&who, reply),
         },
-        Err(reply) => gw.refuse(reply),
+        Err(reply) => gw.refuse_from(&who, reply),
     }
 }
 
@@ -446,7 +455,7 @@ pub(crate) async fn call_record(
     closing: Option<Extension<Closing>>,
 ) -> Response {
     let Ok(Path(id)) = path else {
-        return gw.refuse(HttpReply::invalid("id", "not valid in a path"));
+        return gw.refuse_from(&who, HttpReply::invalid("id", "not valid in a path"));
     };
     let max = gw.service.limits().max_timeout.as_secs().max(1);
     let mut wait = Duration::ZERO;
@@ -455,10 +464,13 @@ pub(crate) async fn call_record(
             match value.parse::<u64>() {
                 Ok(s) if s <= max => wait = Duration::from_secs(s),
                 _ => {
-                    return gw.refuse(HttpReply::invalid(
-                        "wait",
-                        format!("must be whole seconds from 0 to {max}"),
-                    ))
+                    return gw.refuse_from(
+                        &who,
+                        HttpReply::invalid(
+                            "wait",
+                            format!("must be whole seconds from 0 to {max}"),
+                        ),
+                    )
                 }
             }
         }
@@ -483,17 +495,23 @@ pub(crate) async fn call_record(
         reply.body["method"].as_str(),
     ) {
         if let Err(refusal) = c.allows(t, m) {
-            return gw.refuse(HttpReply::message(Outcome::Forbidden, refusal.to_string()));
+            return gw.refuse_from(
+                &who,
+                HttpReply::message(Outcome::Forbidden, refusal.to_string()),
+            );
         }
     }
     // Another caller's record (in scope) is not this one's to read, nor
     // to know of.
     if let Some(owner) = reply.body["caller"].as_str() {
         if who.caller.as_ref().is_none_or(|c| c.name() != owner) {
-            return gw.refuse(HttpReply::message(
-                Outcome::NotFound,
-                format!("no record of call {id} made by this caller"),
-            ));
+            return gw.refuse_from(
+                &who,
+                HttpReply::message(
+                    Outcome::NotFound,
+                    format!("no record of call {id} made by this caller"),
+                ),
+            );
         }
     }
     respond(reply)

@@ -79,6 +79,8 @@ pub(crate) struct Authed {
     pub(crate) source: Option<SocketAddr>,
     /// The path the API is mounted under (`/devices`), or empty.
     pub(crate) base: String,
+    /// The request's URI, for the audit line of a refusal.
+    pub(crate) uri: axum::http::Uri,
 }
 
 impl FromRequestParts<GatewayState> for Authed {
@@ -94,24 +96,27 @@ impl FromRequestParts<GatewayState> for Authed {
             .map(|ConnectInfo(addr)| *addr);
         let base = state.base(parts.extensions.get::<NestedPath>());
         // A host's own authentication, as a middleware, named the caller.
+        let uri = parts.uri.clone();
         if let Some(caller) = parts.extensions.get::<Caller>() {
             return Ok(Authed {
                 caller: Some(caller.clone()),
                 source,
                 base,
+                uri,
             });
         }
         let caller = match state.auth.as_ref().filter(|a| a.is_required()) {
             None => None,
             Some(auth) => match auth.authenticate(parts) {
                 Ok(caller) => Some(caller),
-                Err(why) => return Err(state.unauthorized(why)),
+                Err(why) => return Err(state.unauthorized(why, source, uri.path())),
             },
         };
         Ok(Authed {
             caller,
             source,
             base,
+            uri,
         })
     }
 }
@@ -144,6 +149,14 @@ pub(crate) fn respond(reply: HttpReply) -> Response {
     response
 }
 
+/// What a call's audit line needs from its start.
+struct Audit<'a> {
+    names: &'a (directcall_core::Target, directcall_core::Method),
+    started: Instant,
+    request: Option<&'a serde_json::Value>,
+    traceparent: Option<&'a str>,
+}
+
 impl GatewayState {
     /// Where the API is mounted: the host's base path, else the path the
     /// routes are nested at, else nothing.
@@ -157,12 +170,19 @@ impl GatewayState {
 
     /// A 401 saying why (nothing more when no credential was presented),
     /// counted.
-    pub(crate) fn unauthorized(&self, why: Unauthorized) -> Response {
+    /// Audited: from where, which path, why.
+    pub(crate) fn unauthorized(
+        &self,
+        why: Unauthorized,
+        source: Option<SocketAddr>,
+        path: &str,
+    ) -> Response {
         self.count(Outcome::Unauthorized);
         let reply = match why {
             Unauthorized::Missing => HttpReply::unauthorized(),
             Unauthorized::Refused(why) => HttpReply::unauthorized_because(why),
         };
+        super::audit::refused(None, source, path, &reply);
         let mut response = respond(reply);
         response
             .headers_mut()
@@ -180,6 +200,13 @@ impl GatewayState {
     pub(crate) fn refuse(&self, reply: HttpReply) -> Response {
         self.count(reply.outcome().unwrap_or(Outcome::Invalid));
         respond(reply)
+    }
+
+    /// [`refuse`](Self::refuse), with an audit line saying who, from
+    /// where, which path and why.
+    pub(crate) fn refuse_from(&self, who: &Authed, reply: HttpReply) -> Response {
+        super::audit::refused(who.caller.as_ref(), who.source, who.uri.path(), &reply);
+        self.refuse(reply)
     }
 
     /// Whether the caller may make this call now: its scope (403), its rate
@@ -228,10 +255,17 @@ impl GatewayState {
             invocation.get_method().clone(),
         );
         let request = self.audit_bodies.then(|| invocation.get_request().clone());
+        let traceparent = invocation.get_traceparent().map(str::to_owned);
+        let audit = Audit {
+            names: &names,
+            started,
+            request: request.as_ref(),
+            traceparent: traceparent.as_deref(),
+        };
         let slot = match self.admit(who.caller.as_ref(), &invocation) {
             Ok(slot) => slot,
             Err(reply) => {
-                self.finished(who, &names, &reply, started, request.as_ref(), false);
+                self.finished(who, &audit, &reply, false);
                 return self.refuse(reply);
             }
         };
@@ -242,28 +276,15 @@ impl GatewayState {
         };
         drop(slot);
         let reply = reply.under(&who.base);
-        self.finished(
-            who,
-            &names,
-            &reply,
-            started,
-            request.as_ref(),
-            self.audit_bodies,
-        );
+        self.finished(who, &audit, &reply, self.audit_bodies);
         respond(reply)
     }
 
     /// The end of a call: its audit line, and its line in the console's
     /// live log.
-    fn finished(
-        &self,
-        who: &Authed,
-        (target, method): &(directcall_core::Target, directcall_core::Method),
-        reply: &HttpReply,
-        started: Instant,
-        request: Option<&serde_json::Value>,
-        with_response: bool,
-    ) {
+    fn finished(&self, who: &Authed, audit: &Audit<'_>, reply: &HttpReply, with_response: bool) {
+        let (target, method) = audit.names;
+        let started = audit.started;
         AuditLine {
             caller: who.caller.as_ref(),
             source: who.source,
@@ -271,8 +292,9 @@ impl GatewayState {
             method,
             reply,
             started,
-            request,
+            request: audit.request,
             with_response,
+            traceparent: audit.traceparent,
         }
         .write();
         #[cfg(feature = "console")]

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Make one call over MQTT and print the JSON the gateway would answer.
     ///
     /// Exit codes: 0 the device answered with a 2xx status, 2 invalid input,
@@ -88,6 +88,11 @@ struct ServeArgs {
     /// without a restart or a signal.
     #[arg(long, env = "DIRECTCALL_RELOAD_INTERVAL", default_value_t = 5.0, value_parser = seconds)]
     reload_interval: f64,
+    /// Also serve `GET /metrics` here, plain HTTP and without the API's
+    /// token (for a Prometheus inside the cluster); `/metrics` on the API
+    /// port stays behind the token.
+    #[arg(long, env = "DIRECTCALL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// How `serve` stops on SIGTERM or Ctrl-C.
@@ -188,7 +193,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     directcall_bins::cli::run("directcall", async move {
         let result = match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Invoke(args) => return invoke(args).await,
             Command::Call(args) => return call(args).await,
             Command::Demo(args) => demo(args).await,
@@ -231,7 +236,7 @@ async fn serve(args: ServeArgs) -> Result<(), BoxError> {
     let limits = directcall_bins::cli::limits(args.default_timeout, args.max_timeout)?;
     let broker = args.broker.resolve()?;
     let options = args.requester.options(&broker)?;
-    let metrics = directcall_bins::cli::metrics_handle();
+    directcall_bins::cli::metrics_handle();
     // Start even while the broker is down: /healthz says 503 and calls get 503 until it is up.
     let requester = Requester::start(options)?;
     let access = Arc::new(args.access.access().await?);
@@ -241,11 +246,31 @@ async fn serve(args: ServeArgs) -> Result<(), BoxError> {
         .apply(
             Gateway::new(requester.clone())
                 .limits(limits)
-                .metrics(move || metrics.render())
+                .metrics(directcall_bins::cli::render_metrics)
                 .console(!args.no_console),
             Arc::clone(&access),
         )
         .app();
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+        let metrics = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    directcall_bins::cli::render_metrics(),
+                )
+            }),
+        );
+        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+        // Ends with the process: scraped until the last moment of a drain.
+        tokio::spawn(async move { axum::serve(listener, metrics).await });
+    }
     let every = std::time::Duration::from_secs_f64(args.reload_interval.max(0.1));
     if let Some(file) = &args.access.credentials {
         tokio::spawn(reload_on_sighup(Arc::clone(&access)));
@@ -471,7 +496,7 @@ fn sigv4_headers(url: &str, region: Option<&str>) -> Result<Vec<(String, String)
 
 async fn demo(args: DemoArgs) -> Result<(), BoxError> {
     let device = Target::new(args.device.as_str()).map_err(|e| format!("--device: {e}"))?;
-    let metrics = directcall_bins::cli::metrics_handle();
+    directcall_bins::cli::metrics_handle();
     let broker = EmbeddedBroker::start(args.broker_port)?;
     let mut sim_options = sim::SimOptions::default();
     sim_options.presence = true;
@@ -489,7 +514,7 @@ async fn demo(args: DemoArgs) -> Result<(), BoxError> {
         .delivery_receipts(true);
     let requester = Requester::connect(options).await?;
     let app = Gateway::new(requester.clone())
-        .metrics(move || metrics.render())
+        .metrics(directcall_bins::cli::render_metrics)
         .console(!args.no_console)
         .app();
     let broker_url = broker.url();
