@@ -634,7 +634,7 @@ pub struct AccessArgs {
     /// --jwks-refresh; needs --jwt-issuer and --jwt-audience. While it
     /// cannot be had, JWTs get 401 and it is tried again (1 s, doubling to
     /// 60 s): the gateway never exits for it.
-    #[arg(long, env = "DIRECTCALL_JWKS", requires_all = ["jwt_issuer", "jwt_audience"])]
+    #[arg(long, env = "DIRECTCALL_JWKS", requires_all = ["jwt_issuer", "jwt_audience"], hide_env_values = true)]
     pub jwks: Option<String>,
     /// Seconds between two reads of the JWKS.
     #[arg(long, env = "DIRECTCALL_JWKS_REFRESH", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]

@@ -35,6 +35,7 @@ mod records;
 mod reload;
 mod replies;
 mod restart;
+mod secrets;
 mod security;
 mod silent;
 mod store;

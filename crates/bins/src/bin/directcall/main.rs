@@ -159,7 +159,8 @@ struct CallArgs {
         short = 'H',
         long = "header",
         env = "DIRECTCALL_HEADERS",
-        value_delimiter = '\n'
+        value_delimiter = '\n',
+        hide_env_values = true
     )]
     headers: Vec<String>,
     /// Sign the request with SigV4 for API Gateway's IAM auth (service
