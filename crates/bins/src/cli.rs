@@ -403,6 +403,10 @@ pub struct RequesterArgs {
     /// --store.
     #[arg(long, env = "DIRECTCALL_STORE_FILE")]
     pub store_file: Option<PathBuf>,
+    /// For a rediss:// store: the CA (PEM) its server certificate must
+    /// chain to [default: the system's roots].
+    #[arg(long, env = "DIRECTCALL_STORE_CA")]
+    pub store_ca: Option<PathBuf>,
 }
 
 impl RequesterArgs {
@@ -478,6 +482,9 @@ impl RequesterArgs {
                     ));
                 }
                 options = options.redis_store(url);
+                if let Some(ca) = &self.store_ca {
+                    options = options.redis_store_ca(read(ca, "--store-ca")?);
+                }
             }
             _ => {
                 return Err(ConfigError::Conflict(format!(

@@ -36,6 +36,12 @@ pub struct SimOptions {
     pub max_concurrent: Option<usize>,
     /// Requests waiting for a handler per device (`None`: the device's default).
     pub max_queued: Option<usize>,
+    /// The window each device's first reconnect after a loss is spread over
+    /// (`None`: the broker settings', else the device's default, 1 s).
+    pub reconnect_window: Option<Duration>,
+    /// The longest wait between two reconnect attempts (`None`: the broker
+    /// settings', else the device's default, 30 s).
+    pub reconnect_max: Option<Duration>,
 }
 
 /// The reference simulator's answer: `Your request was '<request>'. Some random response: '<float>'`.
@@ -136,6 +142,12 @@ pub async fn start(
         }
         if let Some(n) = options.max_queued {
             device_options = device_options.max_queued(n);
+        }
+        if let Some(window) = options.reconnect_window {
+            device_options = device_options.reconnect_window(window);
+        }
+        if let Some(max) = options.reconnect_max {
+            device_options = device_options.reconnect_max(max);
         }
         devices.push(serve(router.clone(), device_options).await?);
     }

@@ -69,6 +69,8 @@ pub struct Options {
     pub(crate) records: Option<crate::RecordOptions>,
     pub(crate) receipts: bool,
     pub(crate) store: Option<String>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) store_ca: Option<Vec<u8>>,
     #[cfg(feature = "websocket")]
     pub(crate) url_signer: Option<std::sync::Arc<dyn directcall_core::mqtt::UrlSigner>>,
 }
@@ -121,6 +123,7 @@ impl Options {
             records: None,
             receipts: false,
             store: None,
+            store_ca: None,
             #[cfg(feature = "websocket")]
             url_signer: None,
         }
@@ -158,7 +161,9 @@ impl Options {
     }
 
     /// Share call records and idempotency keys with every requester using
-    /// the same Redis (`redis://host:port/db`): gateway replicas and Lambda
+    /// the same Redis (`redis://host:port/db`, or `rediss://` over TLS,
+    /// verified against the system's roots or
+    /// [`redis_store_ca`](Self::redis_store_ca)): gateway replicas and Lambda
     /// instances then answer for each other's calls
     /// ([`Requester::fetch_call_record`](crate::Requester::fetch_call_record)),
     /// and a retry with a key through any of them joins the first call.
@@ -171,6 +176,15 @@ impl Options {
         if self.records.is_none() {
             self.records = Some(crate::RecordOptions::default());
         }
+        self
+    }
+
+    /// For a `rediss://` store (Redis over TLS): the CA (PEM) its server
+    /// certificate must chain to, instead of the system's roots. Default:
+    /// the system's roots.
+    #[cfg(feature = "redis")]
+    pub fn redis_store_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.store_ca = Some(pem.into());
         self
     }
 

@@ -195,9 +195,11 @@ fn records_and_store(
     #[cfg(feature = "redis")]
     {
         let redis: Arc<dyn crate::store::Store> = Arc::new(
-            crate::store::RedisStore::new(url).map_err(|e| Error::Config {
-                option: "Options::redis_store",
-                reason: e.to_string(),
+            crate::store::RedisStore::new(url, options.store_ca.as_deref()).map_err(|e| {
+                Error::Config {
+                    option: "Options::redis_store",
+                    reason: e.to_string(),
+                }
             })?,
         );
         let store = crate::store::Bounded::new(redis);

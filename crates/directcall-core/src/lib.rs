@@ -49,7 +49,7 @@ pub mod topic;
 pub mod trace;
 pub mod wire;
 
-pub use broker::{BrokerOptions, Endpoint, MqttVersion, TlsOptions, Transport};
+pub use broker::{BackoffJitter, BrokerOptions, Endpoint, MqttVersion, TlsOptions, Transport};
 pub use error::{Error, Field};
 pub use pending::{Outcome, PendingCall, PendingTable, Unmatched};
 pub use topic::{CallTopics, MessageId, Method, Prefix, PresenceRoot, Target};

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
+use directcall_core::broker::{DEFAULT_DEVICE_BACKOFF_MAX, DEFAULT_DEVICE_BACKOFF_MIN};
 use directcall_core::deadline::{is_expired, unix_millis, DEFAULT_SKEW};
 use directcall_core::mqtt::{
     Connection, ConnectionError, ConnectionOptions, Driver, Link, Message, Properties, QoS,
@@ -13,8 +14,8 @@ use directcall_core::mqtt::{
 use directcall_core::recent::RecentIds;
 use directcall_core::topic::device_filter;
 use directcall_core::{
-    BrokerOptions, CallTopics, MessageId, Method, PresenceRoot, Receipt, ReplyPayload,
-    RequestPayload, Target,
+    BackoffJitter, BrokerOptions, CallTopics, MessageId, Method, PresenceRoot, Receipt,
+    ReplyPayload, RequestPayload, Target,
 };
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
@@ -88,7 +89,10 @@ pub struct DeviceOptions {
 }
 
 impl DeviceOptions {
-    /// Serve calls to `target` through `broker`.
+    /// Serve calls to `target` through `broker`. Where `broker` leaves the
+    /// reconnect backoff unset, the device's defaults apply: full jitter, a
+    /// 1 s first window, steps up to 30 s (see
+    /// [`DeviceOptions::reconnect_max`]).
     pub fn new(broker: BrokerOptions, target: Target) -> Self {
         DeviceOptions {
             broker,
@@ -211,6 +215,56 @@ impl DeviceOptions {
         self.drain_timeout = d;
         self
     }
+
+    /// The longest wait between two reconnect attempts (default 30 s,
+    /// [`DEFAULT_DEVICE_BACKOFF_MAX`]). After losing its connection a device
+    /// waits a random time from 0 up to a step that starts at the
+    /// [reconnect window](DeviceOptions::reconnect_window) and doubles with
+    /// each failed attempt up to this ("full jitter"): a fleet cut off by a
+    /// broker restart comes back spread over up to this long instead of in
+    /// one burst, and no device waits longer than this once the broker is
+    /// back. Sets [`BrokerOptions::backoff_max`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use directcall_device::{BrokerOptions, DeviceOptions, Target};
+    ///
+    /// # fn main() -> Result<(), directcall_device::Error> {
+    /// let broker = BrokerOptions::from_url("mqtts://iot.example.com")?;
+    /// // A large fleet: spread reconnects over a minute.
+    /// let options = DeviceOptions::new(broker, Target::new("VIN123")?)
+    ///     .reconnect_max(Duration::from_secs(60));
+    /// # let _ = options;
+    /// # Ok(()) }
+    /// ```
+    pub fn reconnect_max(mut self, max: Duration) -> Self {
+        self.broker.backoff_max = Some(max);
+        self
+    }
+
+    /// The window the first reconnect after a loss is spread over (default
+    /// 1 s, [`DEFAULT_DEVICE_BACKOFF_MIN`]): the device waits a random time
+    /// from 0 to this, so that even a broker back at once does not meet
+    /// the whole fleet in the same instant; the first backoff step, doubled
+    /// with each failed attempt. A fleet's reconnects after such a blip
+    /// come at about fleet size ÷ window a second. Sets
+    /// [`BrokerOptions::backoff_min`].
+    pub fn reconnect_window(mut self, window: Duration) -> Self {
+        self.broker.backoff_min = Some(window);
+        self
+    }
+}
+
+/// `broker` with the device's reconnect backoff where it sets none: full
+/// jitter, a 1 s first window, 30 s steps at most (a default window never
+/// wider than a maximum that was set).
+fn with_device_backoff(mut broker: BrokerOptions) -> BrokerOptions {
+    let max = *broker.backoff_max.get_or_insert(DEFAULT_DEVICE_BACKOFF_MAX);
+    broker
+        .backoff_min
+        .get_or_insert(DEFAULT_DEVICE_BACKOFF_MIN.min(max));
+    broker.backoff_jitter.get_or_insert(BackoffJitter::Full);
+    broker
 }
 
 /// Counters of a device, read with [`Device::stats`].
@@ -332,7 +386,8 @@ impl std::fmt::Debug for Device {
 
 /// Starts a device and returns at once, before it is connected: firmware
 /// boots before the network does. The connection is made, and remade after
-/// every loss, in the background with capped backoff; requests are answered
+/// every loss, in the background with capped, fully jittered backoff
+/// ([`DeviceOptions::reconnect_max`]); requests are answered
 /// from the first connection on. See [`serve`] for the behaviour.
 ///
 /// # Errors
@@ -350,7 +405,8 @@ pub fn start<S>(router: Router<S>, options: DeviceOptions) -> Result<Device, Err
         .map(|root| root.topic(&options.target));
     let max_in_flight = options.max_concurrent + options.max_queued;
     let mut connection_options =
-        ConnectionOptions::new(options.broker.clone(), client_id).capacity(max_in_flight);
+        ConnectionOptions::new(with_device_backoff(options.broker.clone()), client_id)
+            .capacity(max_in_flight);
     if let Some(expiry) = options.session_expiry {
         connection_options = connection_options.session_expiry(expiry);
     }
@@ -1038,5 +1094,45 @@ mod tests {
         assert_eq!((s.received, s.expired, s.executed), (2, 1, 1));
         device.shutdown().await;
         assert_eq!(counts(&shared), (1, 0, 1), "only the one in time answered");
+    }
+
+    #[test]
+    fn a_device_reconnects_with_full_jitter_up_to_30_s_unless_told_otherwise() {
+        let backoff = |b: &BrokerOptions| (b.backoff_min, b.backoff_max, b.backoff_jitter);
+        let car = || Target::new("car").unwrap();
+        let broker = BrokerOptions::new("127.0.0.1", 1);
+        let device = with_device_backoff(DeviceOptions::new(broker.clone(), car()).broker);
+        assert_eq!(
+            backoff(&device),
+            (
+                Some(Duration::from_secs(1)),
+                Some(Duration::from_secs(30)),
+                Some(BackoffJitter::Full)
+            )
+        );
+        let tuned = DeviceOptions::new(broker.clone(), car())
+            .reconnect_window(Duration::from_millis(200))
+            .reconnect_max(Duration::from_secs(3));
+        assert_eq!(
+            backoff(&with_device_backoff(tuned.broker)),
+            (
+                Some(Duration::from_millis(200)),
+                Some(Duration::from_secs(3)),
+                Some(BackoffJitter::Full)
+            )
+        );
+        // What the broker options set is kept; a maximum below the default
+        // window narrows the window too.
+        let mut set = broker;
+        set.backoff_max = Some(Duration::from_millis(500));
+        set.backoff_jitter = Some(BackoffJitter::UpperHalf);
+        assert_eq!(
+            backoff(&with_device_backoff(DeviceOptions::new(set, car()).broker)),
+            (
+                Some(Duration::from_millis(500)),
+                Some(Duration::from_millis(500)),
+                Some(BackoffJitter::UpperHalf)
+            )
+        );
     }
 }

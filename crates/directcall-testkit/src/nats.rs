@@ -211,8 +211,8 @@ impl NatsCluster {
 }
 
 fn fast(mut o: BrokerOptions) -> BrokerOptions {
-    o.backoff_min = Duration::from_millis(50);
-    o.backoff_max = Duration::from_millis(500);
+    o.backoff_min = Some(Duration::from_millis(50));
+    o.backoff_max = Some(Duration::from_millis(500));
     // NATS hands a client id to another node only after giving up on the
     // dead node's session (docs/SCALING.md).
     o.fresh_client_id_on_failover = true;

@@ -19,6 +19,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     password: Option<String>,
+    /// TLS only: the certificate, key and CA files.
+    tls: Option<[PathBuf; 3]>,
 }
 
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
@@ -30,7 +32,21 @@ impl RedisServer {
     /// # Errors
     /// When it is installed but does not listen within 5 s.
     pub fn start() -> std::io::Result<Option<Self>> {
-        Self::start_with(None)
+        Self::start_with(None, None)
+    }
+
+    /// [`RedisServer::start`] serving TLS only (its port is a TLS port,
+    /// clients need no certificate), with this certificate, key and CA (PEM
+    /// files); [`RedisServer::url`] is then `rediss://localhost:PORT`.
+    ///
+    /// # Errors
+    /// When it is installed but does not listen within 5 s.
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> std::io::Result<Option<Self>> {
+        Self::start_with(None, Some([cert.to_owned(), key.to_owned(), ca.to_owned()]))
     }
 
     /// [`RedisServer::start`] requiring `password` (`requirepass`);
@@ -39,10 +55,13 @@ impl RedisServer {
     /// # Errors
     /// When it is installed but does not listen within 5 s.
     pub fn start_with_password(password: &str) -> std::io::Result<Option<Self>> {
-        Self::start_with(Some(password.to_owned()))
+        Self::start_with(Some(password.to_owned()), None)
     }
 
-    fn start_with(password: Option<String>) -> std::io::Result<Option<Self>> {
+    fn start_with(
+        password: Option<String>,
+        tls: Option<[PathBuf; 3]>,
+    ) -> std::io::Result<Option<Self>> {
         let Some(binary) = crate::program::REDIS_SERVER.find() else {
             return Ok(None);
         };
@@ -59,15 +78,35 @@ impl RedisServer {
             port,
             dir,
             password,
+            tls,
         };
         server.spawn()?;
         Ok(Some(server))
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
+        let port = self.port.to_string();
+        let ports: Vec<&std::ffi::OsStr> = match &self.tls {
+            None => vec!["--port".as_ref(), port.as_ref()],
+            Some([cert, key, ca]) => vec![
+                "--port".as_ref(),
+                "0".as_ref(),
+                "--tls-port".as_ref(),
+                port.as_ref(),
+                "--tls-cert-file".as_ref(),
+                cert.as_os_str(),
+                "--tls-key-file".as_ref(),
+                key.as_os_str(),
+                "--tls-ca-cert-file".as_ref(),
+                ca.as_os_str(),
+                "--tls-auth-clients".as_ref(),
+                "no".as_ref(),
+            ],
+        };
         self.child = Some(
             Command::new(&self.binary)
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(ports)
+                .args(["--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
                 .args(
                     self.password
@@ -95,9 +134,13 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Its URL, `redis://127.0.0.1:PORT`.
+    /// Its URL, `redis://127.0.0.1:PORT` (`rediss://localhost:PORT` with
+    /// TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://localhost:{}", self.port),
+        }
     }
 
     /// Kills it with SIGKILL (what it held is lost: no persistence).

@@ -96,8 +96,8 @@ impl Relay {
     /// Settings for clients of the relay, with fast reconnects.
     pub fn options(&self) -> BrokerOptions {
         let mut o = BrokerOptions::new("127.0.0.1", self.addr.port());
-        o.backoff_min = std::time::Duration::from_millis(50);
-        o.backoff_max = std::time::Duration::from_millis(500);
+        o.backoff_min = Some(std::time::Duration::from_millis(50));
+        o.backoff_max = Some(std::time::Duration::from_millis(500));
         o
     }
 

@@ -58,6 +58,25 @@ struct Cli {
     /// QoS of the request subscription: 0 or 1.
     #[arg(long, env = "DIRECTCALL_SIM_SUBSCRIPTION_QOS", default_value_t = directcall_device::DEFAULT_REQUEST_SUBSCRIPTION_QOS.level(), value_parser = clap::value_parser!(u8).range(0..=1))]
     subscription_qos: u8,
+    /// Seconds each device's first reconnect after a loss is spread over: it
+    /// waits a random time from 0 to this, doubled after each failed
+    /// attempt, up to --reconnect-max.
+    #[arg(long, value_name = "SECONDS", env = "DIRECTCALL_SIM_RECONNECT_WINDOW", default_value_t = directcall_core::broker::DEFAULT_DEVICE_BACKOFF_MIN.as_secs_f64(), value_parser = seconds)]
+    reconnect_window: f64,
+    /// Longest wait between two reconnect attempts, in seconds: after a
+    /// broker restart the devices come back spread over up to this long.
+    #[arg(long, value_name = "SECONDS", env = "DIRECTCALL_SIM_RECONNECT_MAX", default_value_t = directcall_core::broker::DEFAULT_DEVICE_BACKOFF_MAX.as_secs_f64(), value_parser = seconds)]
+    reconnect_max: f64,
+}
+
+/// A number of seconds from 0.001 to 3600.
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.001..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds from 0.001 to 3600"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -105,6 +124,8 @@ async fn run(cli: Cli) -> Result<(), directcall_bins::cli::BoxError> {
     options.max_concurrent = Some(cli.max_concurrent.max(1));
     options.reply_qos = Some(directcall_bins::cli::qos(cli.reply_qos));
     options.subscription_qos = Some(directcall_bins::cli::qos(cli.subscription_qos));
+    options.reconnect_window = Some(Duration::from_secs_f64(cli.reconnect_window));
+    options.reconnect_max = Some(Duration::from_secs_f64(cli.reconnect_max));
     let devices = sim::start(&broker, &targets, &options)
         .await
         .map_err(|e| e.to_string())?;

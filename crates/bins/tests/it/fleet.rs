@@ -87,8 +87,8 @@ async fn a_gateway_and_a_device_fail_over_to_the_next_broker_and_say_so() {
         return;
     };
     let mut both = BrokerOptions::from_urls([first.url().as_str(), second.url().as_str()]).unwrap();
-    both.backoff_min = Duration::from_millis(50);
-    both.backoff_max = Duration::from_millis(500);
+    both.backoff_min = Some(Duration::from_millis(50));
+    both.backoff_max = Some(Duration::from_millis(500));
     // A connect that outlasts its timeout moves on to the next broker, as it
     // should; on a loaded 2-core CI machine (the NATS tests start three
     // nodes beside this one) a 5 s connect once did, and the gateway began on

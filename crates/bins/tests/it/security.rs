@@ -53,7 +53,7 @@ impl SecureBroker {
         let mut o =
             BrokerOptions::from_url(&format!("mqtts://localhost:{}", self.mosquitto.port()))
                 .unwrap();
-        o.backoff_max = Duration::from_millis(500);
+        o.backoff_max = Some(Duration::from_millis(500));
         let tls = o.tls_mut().unwrap();
         tls.ca_pem = Some(self.pki.read("ca.pem"));
         if let Some(cn) = cn {

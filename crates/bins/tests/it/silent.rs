@@ -19,8 +19,8 @@ fn mosquitto() -> Option<Mosquitto> {
 }
 
 fn fast(mut o: BrokerOptions) -> BrokerOptions {
-    o.backoff_min = Duration::from_millis(50);
-    o.backoff_max = Duration::from_millis(500);
+    o.backoff_min = Some(Duration::from_millis(50));
+    o.backoff_max = Some(Duration::from_millis(500));
     o
 }
 

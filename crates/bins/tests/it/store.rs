@@ -289,3 +289,75 @@ async fn a_redis_that_never_answered_costs_a_keyed_call_nothing() {
     .unwrap();
     assert_eq!(reply.response, json!("unlocked"));
 }
+
+/// Redis over TLS (`rediss://`), its server certificate checked against
+/// `--store-ca`: records are shared as over plain TCP; with a CA that did
+/// not sign it, the store fails (counted and logged) and calls go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_shared_over_rediss_verified_against_the_store_ca() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let (Some(pki), Some(stranger)) = (
+        crate::common::pki::Pki::new("rediss"),
+        crate::common::pki::Pki::new("rediss-stranger"),
+    ) else {
+        return;
+    };
+    pki.issue("localhost");
+    let Some(redis) = program::REDIS_SERVER.or_skip(
+        RedisServer::start_tls(
+            &pki.dir.join("localhost.pem"),
+            &pki.dir.join("localhost.key"),
+            &pki.dir.join("ca.pem"),
+        )
+        .expect("redis-server starts with TLS"),
+    ) else {
+        return;
+    };
+    let store = redis.url();
+    assert!(store.starts_with("rediss://"), "{store}");
+    let car = unique("car");
+    let _device = device(&b, &car, car_router()).await;
+    let ca = pki.path("ca.pem");
+    let flags = ["--store", store.as_str(), "--store-ca", ca.as_str()];
+    let (_a, a) = e2e::gateway(&b.url(), &flags).await;
+    let (_b, bb) = e2e::gateway(&b.url(), &flags).await;
+    e2e::wait_health(&a, 200).await;
+    e2e::wait_health(&bb, 200).await;
+    let (status, body) = e2e::get(&format!(
+        "{a}/invoke?request=r&method=windows_down&target={car}&timeout=5"
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let record = wait_for(10, "the record through the other replica", || async {
+        let (status, record) = e2e::get(&format!("{bb}/v1/calls/{id}")).await;
+        (status == 200).then_some(record)
+    })
+    .await;
+    assert_eq!(record["state"], "answered", "{record}");
+
+    // A CA that did not sign the server's certificate: the store fails,
+    // the call does not.
+    let wrong = stranger.path("ca.pem");
+    let (_c, c, logs) = e2e::gateway_logged(
+        &b.url(),
+        &["--store", store.as_str(), "--store-ca", wrong.as_str()],
+    )
+    .await;
+    e2e::wait_health(&c, 200).await;
+    let (status, body) = e2e::get(&format!(
+        "{c}/invoke?request=r&method=windows_down&target={car}&timeout=5"
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(15, "the store's TLS failure logged", || async {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("shared store"))
+            .then_some(())
+    })
+    .await;
+}

@@ -454,7 +454,7 @@ impl Connection {
             eventloop,
             endpoints,
             control,
-            backoff: crate::broker::Backoff::new(broker.backoff_min, broker.backoff_max),
+            backoff: crate::broker::Backoff::of(broker),
             probe_dots: options.probe_dots,
             fresh_client_id_on_failover: broker.fresh_client_id_on_failover,
             ping_timeout: broker.ping_timeout,
