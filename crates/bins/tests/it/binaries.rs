@@ -780,6 +780,8 @@ async fn the_openapi_document_matches_the_gateway() {
         note("/v1/events", "get", status);
     }
     note("/healthz", "get", get(&format!("{base}/healthz")).await.0);
+    note("/livez", "get", get(&format!("{base}/livez")).await.0);
+    note("/readyz", "get", get(&format!("{base}/readyz")).await.0);
     note("/metrics", "get", get(&format!("{base}/metrics")).await.0);
     note(
         "/metrics",
@@ -795,6 +797,7 @@ async fn the_openapi_document_matches_the_gateway() {
     b.mosquitto.as_mut().unwrap().kill();
     wait_health(&base, 503).await;
     note("/healthz", "get", 503);
+    note("/readyz", "get", get(&format!("{base}/readyz")).await.0);
     for route in ["/invoke", "/invoke/"] {
         let (status, _) = get_with(
             &format!("{base}{route}?request=r&method=m&target=Device001"),
