@@ -196,3 +196,86 @@ async fn sigterm_turns_not_ready_serves_through_the_delay_then_drains_within_the
     let logs = logs.lock().unwrap().join("\n");
     assert!(logs.contains("calls still open"), "{logs}");
 }
+
+/// Over HTTPS the drain has the same bound: a call that would take 8 s is
+/// ended when `--shutdown-timeout 1` is up (503, saying it may have run),
+/// and the process exits 0 long before the call's own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_https_drain_is_bounded_by_the_shutdown_timeout() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(curl) = program::CURL.require() else {
+        return;
+    };
+    let Some(pki) = crate::common::pki::Pki::new("drain") else {
+        return;
+    };
+    pki.issue("server");
+    let car = unique("car");
+    let router = Router::new().method("unlock", |_call| async {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        Ok(json!("unlocked"))
+    });
+    let _device = device(&b, &car, router).await;
+    let port = directcall_testkit::free_port().unwrap();
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let mut gw = e2e::Proc::spawn(
+        e2e::DIRECTCALL,
+        &[
+            "serve",
+            "--broker",
+            &b.url(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--shutdown-timeout",
+            "1",
+        ],
+    );
+    let ca = pki.path("ca.pem");
+    let curl_get = move |path: String| {
+        let (curl, ca) = (curl.clone(), ca.clone());
+        std::thread::spawn(move || {
+            let out = std::process::Command::new(curl)
+                .args(["-s", "--max-time", "30", "-w", " %{http_code}"])
+                .args([
+                    "--resolve",
+                    &format!("localhost:{port}:127.0.0.1"),
+                    "--cacert",
+                    &ca,
+                ])
+                .arg(format!("https://localhost:{port}{path}"))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let ready = curl_get.clone();
+    wait_for(20, "HTTPS ready", || {
+        let code = ready("/readyz".into()).join().unwrap();
+        async move { code.ends_with(" 200").then_some(()) }
+    })
+    .await;
+    let slow = curl_get(format!(
+        "/invoke?request=r&method=unlock&target={car}&timeout=20"
+    ));
+    // Once the device runs it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let term = Instant::now();
+    gw.terminate();
+    let exit = tokio::task::spawn_blocking(move || gw.wait_exit(15))
+        .await
+        .unwrap();
+    let took = term.elapsed();
+    assert!(exit.success(), "{exit}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    // The call still out when the bound was up is answered 503 saying
+    // so (the requester ended it as it stopped), not held for its 20 s.
+    let answer = slow.join().unwrap();
+    assert!(answer.ends_with(" 503"), "{answer}");
+    assert!(answer.contains("may or may not have run"), "{answer}");
+}

@@ -541,7 +541,13 @@ fn render(
         Err(e @ Error::PayloadTooLarge { .. }) => {
             return HttpReply::message(Outcome::TooLarge, e.to_string())
         }
-        // Unavailable, Refused (the broker refused the publish), Closed,
+        Err(Error::Closed) => {
+            return HttpReply::message(
+                Outcome::Unavailable,
+                "the gateway is shutting down: a call out when it stopped may or may not have run on the device",
+            )
+        }
+        // Unavailable, Refused (the broker refused the publish),
         // BrokerHung (its text says it may have run), and what a later
         // version may add: not the caller's doing.
         Err(e) => return HttpReply::message(Outcome::Unavailable, e.to_string()),
