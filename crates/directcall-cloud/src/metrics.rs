@@ -28,6 +28,8 @@ pub const BROKER_IN_USE: &str = "directcall_broker_in_use";
 /// Shared store (Redis) operations that failed or timed out, by `op`
 /// (`save`, `load`, `claim`): the calls went on without the store.
 pub const STORE_ERRORS: &str = "directcall_store_errors_total";
+/// Targets in the presence table (with a record, online or offline).
+pub const PRESENCE_DEVICES: &str = "directcall_presence_devices";
 /// Shared store operations and their duration, by `op` (histogram).
 pub const STORE_OPERATION_SECONDS: &str = "directcall_store_operation_seconds";
 

@@ -66,6 +66,8 @@ pub(crate) struct Presence {
     /// records, and read back from (replicas started later learn from them).
     mirror: Option<PresenceRoot>,
     online: RwLock<HashMap<Target, Record>>,
+    /// [`crate::metrics::PRESENCE_DEVICES`]: the table's size.
+    size: metrics::Gauge,
     changes: broadcast::Sender<DeviceState>,
     /// Strict presence: how far the snapshot of the retained records is.
     pub(crate) snapshot: Arc<Snapshot>,
@@ -172,6 +174,13 @@ impl Presence {
             online: RwLock::new(HashMap::new()),
             changes: broadcast::channel(CHANGES_BUFFER).0,
             snapshot: Arc::default(),
+            size: {
+                metrics::describe_gauge!(
+                    crate::metrics::PRESENCE_DEVICES,
+                    "Targets with a presence record, online or offline."
+                );
+                metrics::gauge!(crate::metrics::PRESENCE_DEVICES)
+            },
         }
     }
 
@@ -281,6 +290,7 @@ impl Presence {
                 online.remove(&event.target);
             }
         }
+        self.size.set(online.len() as f64);
         true
     }
 

@@ -331,6 +331,7 @@ async fn api_tokens_guard_calls_and_metrics() {
         )),
         "{text}"
     );
+    assert!(text.contains("directcall_presence_devices"), "{text}");
     for process in [
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
