@@ -88,78 +88,235 @@ $('signout').addEventListener('click', () => {
 
 // ---------------------------------------------------------------- devices
 
-/** target -> { online: bool|undefined, since_ms, last: {at_ms, method, outcome} } */
-const devices = new Map();
-let presence = false;
+// The gateway sends the device list a page at a time (`/v1/devices`), so
+// an open page costs it the same with ten devices or 200,000: the page
+// holds the pages it loaded, the counts, and the last call of recent
+// targets.
+const PAGE = 100;
+const LAST_CALLS = 1000;
+const COUNTS_EVERY_MS = 5000;
 
-function device(target) {
-  let d = devices.get(target);
-  if (!d) {
-    d = {};
-    devices.set(target, d);
-  }
-  return d;
+/** The loaded pages: target -> { online, since_ms }. */
+const devices = new Map();
+/** target -> { at_ms, method, outcome } of its latest call, the newest LAST_CALLS targets. */
+const lastCalls = new Map();
+let presence = false;
+/** The next page's cursor (the last name loaded), or null when all are loaded. */
+let next = null;
+let counts = { total: 0, online: 0, offline: 0 };
+// Answers to an older query are dropped.
+let listing = 0;
+let loadingMore = false;
+
+function noteCall(target, last) {
+  lastCalls.delete(target);
+  lastCalls.set(target, last);
+  if (lastCalls.size > LAST_CALLS) lastCalls.delete(lastCalls.keys().next().value);
 }
 
-function applyDevices(body) {
-  devices.clear();
+/** The targets called lately (newest first), where they are news. */
+function noteRecent(recent) {
+  for (const r of [...recent].reverse()) {
+    const known = lastCalls.get(r.target);
+    if (!known || known.at_ms < r.at_ms) noteCall(r.target, { at_ms: r.at_ms, method: r.method, outcome: r.outcome });
+  }
+}
+
+/** The search box as a glob: as typed if it has `*` or `?`, else anything containing it. */
+function searchGlob() {
+  const text = $('filter').value.trim();
+  if (!text) return '';
+  return /[*?]/.test(text) ? text : `*${text}*`;
+}
+
+/** The glob as the gateway reads it: `*` any run, `?` any one, either case. */
+function globTest(glob) {
+  if (!glob) return () => true;
+  const body = glob.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.');
+  const re = new RegExp(`^${body}$`, 'is');
+  return (name) => re.test(name);
+}
+
+function query(after) {
+  const params = new URLSearchParams({ limit: String(PAGE) });
+  const glob = searchGlob();
+  if (glob) params.set('match', glob);
+  if ($('state-filter').value) params.set('state', $('state-filter').value);
+  if (after) params.set('after', after);
+  return params;
+}
+
+/** Whether a device with this name and state belongs in the list as queried. */
+function wanted(target, online) {
+  const state = $('state-filter').value;
+  if (state && (state === 'online') !== online) return false;
+  return globTest(searchGlob())(target);
+}
+
+/** Whether `target` sorts within the pages loaded (by code units, as the gateway sorts ASCII names). */
+function inLoaded(target) {
+  return next === null || target <= next;
+}
+
+function applyDevices(body, append) {
+  if (!append) devices.clear();
   presence = body.presence;
-  for (const d of body.devices) Object.assign(device(d.target), { online: d.online, since_ms: d.since_ms });
-  for (const r of body.recent) device(r.target).last = r;
+  for (const d of body.devices) devices.set(d.target, { online: d.online, since_ms: d.since_ms });
+  noteRecent(body.recent);
+  next = body.next;
+  counts = { total: body.total, online: body.online, offline: body.offline };
   renderDevices();
+}
+
+function deviceRow(target, d) {
+  const tr = el('tr');
+  tr.dataset.target = target;
+  tr.append(el('td', target, 'target wrap'));
+  const state = d.online === undefined ? 'unknown' : d.online ? 'online' : 'offline';
+  tr.append(el('td', state, `state state-${state}`));
+  const since = el('td', d.since_ms ? clock(d.since_ms) : '–', 'since');
+  if (d.since_ms) since.title = new Date(d.since_ms).toISOString();
+  tr.append(since);
+  const last = el('td', '', 'last');
+  const call = lastCalls.get(target);
+  if (call) {
+    last.append(el('span', `${clock(call.at_ms)} ${call.method} `));
+    last.append(el('span', call.outcome, outcomeClass(call.outcome)));
+  } else {
+    last.textContent = '–';
+  }
+  tr.append(last);
+  const action = el('td');
+  const pick = el('button', 'Call', 'plain');
+  pick.type = 'button';
+  pick.setAttribute('aria-label', `Call a method on ${target}`);
+  pick.addEventListener('click', () => {
+    $('target').value = target;
+    updateCurl();
+    $('method').focus();
+  });
+  action.append(pick);
+  tr.append(action);
+  return tr;
 }
 
 function renderDevices() {
   $('presence-note').textContent = presence
-    ? 'Online and offline come from presence records; the list updates live.'
+    ? 'Online and offline come from presence records; the list updates live. Search by part of a name, or a glob (Car*7).'
     : 'This gateway tracks no presence (--presence off): only targets called lately are listed.';
-  const filter = $('filter').value.trim().toLowerCase();
-  const tbody = $('devices').tBodies[0];
-  const rows = [];
-  const names = [...devices.keys()].sort();
-  for (const target of names) {
-    if (filter && !target.toLowerCase().includes(filter)) continue;
-    const d = devices.get(target);
-    const tr = el('tr');
-    tr.dataset.target = target;
-    tr.append(el('td', target, 'target wrap'));
-    const state = d.online === undefined ? 'unknown' : d.online ? 'online' : 'offline';
-    tr.append(el('td', state, `state state-${state}`));
-    const since = el('td', d.since_ms ? clock(d.since_ms) : '–', 'since');
-    if (d.since_ms) since.title = new Date(d.since_ms).toISOString();
-    tr.append(since);
-    const last = el('td', '', 'last');
-    if (d.last) {
-      last.append(el('span', `${clock(d.last.at_ms)} ${d.last.method} `));
-      last.append(el('span', d.last.outcome, outcomeClass(d.last.outcome)));
-    } else {
-      last.textContent = '–';
+  const shown = new Map(devices);
+  // Targets called lately with no presence record, where the pages
+  // loaded would have listed them.
+  if (!$('state-filter').value) {
+    const match = globTest(searchGlob());
+    for (const target of lastCalls.keys()) {
+      if (!shown.has(target) && match(target) && (!presence || inLoaded(target))) shown.set(target, {});
     }
-    tr.append(last);
-    const action = el('td');
-    const pick = el('button', 'Call', 'plain');
-    pick.type = 'button';
-    pick.setAttribute('aria-label', `Call a method on ${target}`);
-    pick.addEventListener('click', () => {
-      $('target').value = target;
-      updateCurl();
-      $('method').focus();
-    });
-    action.append(pick);
-    tr.append(action);
-    rows.push(tr);
   }
-  tbody.replaceChildren(...rows);
-  $('devices-empty').hidden = devices.size > 0;
+  const names = [...shown.keys()].sort();
+  $('devices').tBodies[0].replaceChildren(...names.map((t) => deviceRow(t, shown.get(t))));
+  $('devices-empty').hidden = shown.size > 0;
+  $('devices-more').hidden = next === null;
+  const n = (x) => x.toLocaleString('en');
+  const filtered = searchGlob() || $('state-filter').value ? ' matching' : '';
+  $('devices-count').textContent = presence
+    ? `${n(devices.size)} of ${n(counts.total)}${filtered} shown (${n(counts.online)} online, ${n(counts.offline)} offline).`
+    : '';
 }
 
-$('filter').addEventListener('input', renderDevices);
-
-async function refreshDevices() {
-  const r = await fetch('/v1/devices', { headers: authHeaders() });
+async function fetchPage(after) {
+  const r = await fetch(`/v1/devices?${query(after)}`, { headers: authHeaders() });
   if (r.status === 401) throw new Unauthorized();
   if (!r.ok) throw new Error(`GET /v1/devices: HTTP ${r.status}`);
-  applyDevices(await r.json());
+  return r.json();
+}
+
+/** Loads the first page of the list as queried now. */
+async function refreshDevices() {
+  const mine = ++listing;
+  const body = await fetchPage(null);
+  if (mine === listing) applyDevices(body, false);
+}
+
+async function moreDevices() {
+  if (loadingMore || next === null) return;
+  loadingMore = true;
+  const mine = listing;
+  try {
+    const body = await fetchPage(next);
+    if (mine === listing) applyDevices(body, true);
+  } catch (err) {
+    if (err instanceof Unauthorized) showLogin(token ? 'That token was refused.' : '');
+  } finally {
+    loadingMore = false;
+  }
+}
+
+let searchTimer = null;
+function searchSoon() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => refreshDevices().catch(() => {}), 250);
+}
+$('filter').addEventListener('input', searchSoon);
+$('state-filter').addEventListener('change', searchSoon);
+$('devices-more').addEventListener('click', moreDevices);
+// Scrolled to the end of the list: the next page.
+new IntersectionObserver((entries) => {
+  if (entries.some((e) => e.isIntersecting)) moreDevices();
+}, { root: $('devices-scroll') }).observe($('devices-more'));
+
+// The counts cover devices not loaded too: read again, at most every few
+// seconds, after a change.
+let countsTimer = null;
+function recountSoon() {
+  if (countsTimer) return;
+  countsTimer = setTimeout(async () => {
+    countsTimer = null;
+    const mine = listing;
+    try {
+      const params = query(null);
+      params.set('limit', '1');
+      const r = await fetch(`/v1/devices?${params}`, { headers: authHeaders() });
+      if (!r.ok || mine !== listing) return;
+      const body = await r.json();
+      counts = { total: body.total, online: body.online, offline: body.offline };
+      renderDevices();
+    } catch {
+      // The next change tries again.
+    }
+  }, COUNTS_EVERY_MS);
+}
+
+// A fleet coming back after a broker restart sends thousands of changes:
+// the list is drawn once per frame, and read again at most once a second.
+let renderScheduled = false;
+function renderSoon() {
+  if (renderScheduled) return;
+  renderScheduled = true;
+  requestAnimationFrame(() => {
+    renderScheduled = false;
+    renderDevices();
+  });
+}
+
+let refreshTimer = null;
+function refreshSoon() {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    refreshDevices().catch(() => {});
+  }, 1000);
+}
+
+function onDevice(d) {
+  const known = devices.has(d.target);
+  if (wanted(d.target, d.online) && (known || inLoaded(d.target))) {
+    devices.set(d.target, { online: d.online, since_ms: d.since_ms });
+  } else if (known) {
+    devices.delete(d.target);
+  }
+  recountSoon();
+  renderSoon();
 }
 
 // ---------------------------------------------------------------- live log
@@ -208,7 +365,7 @@ const incoming = [];
 let drawScheduled = false;
 
 function onCall(c) {
-  device(c.target).last = { at_ms: c.at_ms, method: c.method, outcome: c.outcome };
+  noteCall(c.target, { at_ms: c.at_ms, method: c.method, outcome: c.outcome });
   incoming.push(c);
   if (incoming.length > LOG_ROWS) incoming.shift();
   if (!drawScheduled) {
@@ -348,7 +505,14 @@ function openStream() {
         case 'hello':
           records = data.records;
           maxWait = data.max_timeout_s;
-          applyDevices(data);
+          // The first page, unfiltered: the page asks for its own query.
+          if (searchGlob() || $('state-filter').value) {
+            noteRecent(data.recent);
+            refreshDevices().catch(() => {});
+          } else {
+            listing += 1;
+            applyDevices(data, false);
+          }
           $('log').tBodies[0].replaceChildren();
           held.length = 0;
           incoming.length = 0;
@@ -362,14 +526,14 @@ function openStream() {
           if (data.more > 0) notShown += data.more;
           break;
         case 'device':
-          Object.assign(device(data.target), { online: data.online, since_ms: data.since_ms });
-          renderDevices();
+          onDevice(data);
           break;
         case 'seconds':
           addSeconds(data);
           break;
         case 'lagged':
-          refreshDevices().catch(() => {});
+          // Presence changes were missed: the list as it is now.
+          refreshSoon();
           break;
         default:
           break;

@@ -323,6 +323,89 @@ impl Presence {
     pub(crate) fn watch(&self) -> broadcast::Receiver<DeviceState> {
         self.changes.subscribe()
     }
+
+    /// The first `limit` targets named after `after` (in byte order of
+    /// their names) that `keep` keeps, given the name and whether it is
+    /// online; and how many it keeps in all, cursor aside.
+    ///
+    /// One pass over the table under its read lock, holding at most
+    /// `limit` names: what a page costs in memory does not grow with the
+    /// fleet (its time does, linearly).
+    #[cfg(feature = "console")]
+    pub(crate) fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&str, bool) -> bool,
+    ) -> Page {
+        /// A candidate for the page, ordered by name alone.
+        struct ByName<'a>(&'a Target, Record);
+        impl PartialEq for ByName<'_> {
+            fn eq(&self, other: &Self) -> bool {
+                self.0 == other.0
+            }
+        }
+        impl Eq for ByName<'_> {}
+        impl PartialOrd for ByName<'_> {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for ByName<'_> {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.0.as_str().cmp(other.0.as_str())
+            }
+        }
+
+        let online = self.online.read().unwrap_or_else(|e| e.into_inner());
+        let mut page = Page::default();
+        // The smallest names so far, the largest on top.
+        let mut heap = std::collections::BinaryHeap::with_capacity(limit.saturating_add(1));
+        let mut past_cursor = 0usize;
+        for (target, record) in online.iter() {
+            let name = target.as_str();
+            if !keep(name, record.online) {
+                continue;
+            }
+            page.total += 1;
+            page.online += usize::from(record.online);
+            if after.is_some_and(|a| name <= a) {
+                continue;
+            }
+            past_cursor += 1;
+            if heap.len() < limit {
+                heap.push(ByName(target, *record));
+            } else if heap.peek().is_some_and(|top| name < top.0.as_str()) {
+                heap.pop();
+                heap.push(ByName(target, *record));
+            }
+        }
+        page.more = past_cursor > limit;
+        page.devices = heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|ByName(target, record)| DeviceState {
+                target: target.clone(),
+                online: record.online,
+                since_ms: record.since_ms,
+            })
+            .collect();
+        page
+    }
+}
+
+/// One page of the presence table ([`Presence::page`]).
+#[cfg(feature = "console")]
+#[derive(Debug, Default)]
+pub(crate) struct Page {
+    /// The page, by name.
+    pub(crate) devices: Vec<DeviceState>,
+    /// Whether more targets follow it.
+    pub(crate) more: bool,
+    /// The targets kept, before and after the cursor.
+    pub(crate) total: usize,
+    /// Of those, the ones online.
+    pub(crate) online: usize,
 }
 
 #[cfg(test)]
@@ -362,6 +445,56 @@ mod tests {
         assert_eq!(p.known(&car), Known::Offline);
         assert!(p.record(event("car", true, 3_000)));
         assert_eq!(p.known(&car), Known::Online);
+    }
+
+    #[cfg(feature = "console")]
+    #[test]
+    fn pages_walk_the_table_by_name_and_count_what_they_keep() {
+        let p = Presence::new(PresenceSource::Directcall(PresenceRoot::default()), None);
+        // Inserted out of order; every third offline.
+        for i in (0..25).rev() {
+            assert!(p.record(event(&format!("car{i:02}"), i % 3 != 0, 1_000 + i)));
+        }
+        let all = |_: &str, _: bool| true;
+        let first = p.page(None, 10, all);
+        let names = |page: &Page| -> Vec<String> {
+            page.devices.iter().map(|d| d.target.to_string()).collect()
+        };
+        assert_eq!(
+            names(&first),
+            (0..10).map(|i| format!("car{i:02}")).collect::<Vec<_>>()
+        );
+        assert_eq!((first.more, first.total, first.online), (true, 25, 16));
+        assert_eq!(
+            (first.devices[0].online, first.devices[0].since_ms),
+            (false, 1_000)
+        );
+        // Walking on from the last name: every target once, in order.
+        let mut walked = names(&first);
+        let mut after = walked.last().cloned();
+        loop {
+            let page = p.page(after.as_deref(), 10, all);
+            assert_eq!(page.total, 25, "the count ignores the cursor");
+            walked.extend(names(&page));
+            if !page.more {
+                break;
+            }
+            after = walked.last().cloned();
+        }
+        assert_eq!(
+            walked,
+            (0..25).map(|i| format!("car{i:02}")).collect::<Vec<_>>()
+        );
+        // A cursor that is no target, a filter, and an empty page.
+        let page = p.page(Some("car1"), 3, |name, online| {
+            name.starts_with("car1") && !online
+        });
+        assert_eq!(names(&page), ["car12", "car15", "car18"]);
+        assert_eq!((page.more, page.total, page.online), (false, 3, 0));
+        let page = p.page(Some("car24"), 10, all);
+        assert!(page.devices.is_empty() && !page.more && page.total == 25);
+        let page = p.page(None, 0, all);
+        assert!(page.devices.is_empty() && page.more);
     }
 
     #[test]

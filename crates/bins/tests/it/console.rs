@@ -545,6 +545,13 @@ impl Events {
         serde_json::from_str(data).ok()
     }
 
+    /// The size of the data of the first event named `name` read so far.
+    fn data_bytes(&self, name: &str) -> Option<usize> {
+        let lines = self.lines.lock().unwrap();
+        let at = lines.iter().position(|l| *l == format!("event: {name}"))?;
+        Some(lines.get(at + 1)?.strip_prefix("data: ")?.len())
+    }
+
     /// The data of the `hello` event, once it came (within 10 s).
     async fn hello(&self) -> Value {
         eventually(10, || self.data("hello").is_some()).await;
@@ -714,4 +721,376 @@ async fn sigterm_ends_open_event_streams() {
         .await
         .unwrap();
     assert!(text.starts_with("event: hello"), "{text}");
+}
+
+/// How many presence records the fleet test makes: the size the console's
+/// cost is measured at (docs/console.md, "What it costs").
+const FLEET: usize = 200_000;
+
+/// `Car000000` … `Car199999`; every fourth offline.
+fn fleet_car(i: usize) -> (String, bool) {
+    (format!("Car{i:06}"), i % 4 != 0)
+}
+
+/// Retained presence records for the whole fleet, published at QoS 0 as
+/// devices' own would be, on one connection.
+async fn publish_fleet(broker: &directcall_core::broker::BrokerOptions) {
+    let root = directcall_core::PresenceRoot::default();
+    let mut writer =
+        directcall_testkit::Raw::connect(broker, &directcall_testkit::unique("fleet")).await;
+    let done = directcall_testkit::unique("fleet-done");
+    writer.subscribe(&done).await;
+    for i in 0..FLEET {
+        let (name, online) = fleet_car(i);
+        let target = directcall_core::Target::new(name).unwrap();
+        let record = format!(
+            r#"{{"online":{online},"timestamp":{}}}"#,
+            1_700_000_000_000 + i
+        );
+        writer
+            .publish_with(&root.topic(&target), record, 0, true)
+            .await;
+    }
+    // The broker takes a connection's packets in order: once this comes
+    // back, it holds every record.
+    writer.publish(&done, "{}").await;
+    let (topic, _) = writer.next().await;
+    assert_eq!(topic, done);
+}
+
+/// The page of `/v1/devices?{query}` as `token` sees it, and its size.
+async fn devices_page(base: &str, token: &str, query: &str) -> (u16, Value, usize) {
+    let auth = [("authorization".to_owned(), format!("Bearer {token}"))];
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        directcall_bins::http_client::get(&format!("{base}/v1/devices?{query}"), &auth),
+    )
+    .await
+    .expect("an answer within 30 s")
+    .expect("HTTP");
+    let body = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+    (r.status, body, r.body.len())
+}
+
+/// A process's resident memory, from `/proc` (Linux).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn names(page: &Value) -> Vec<String> {
+    page["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["target"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The console at 200,000 presence records, as a fleet makes them (retained
+/// on the broker, read by the gateway's subscription): `/v1/devices` is a
+/// page, walked by its cursor, filtered to find one device, with the
+/// counts of all; the event stream's `hello` stays small; and a scoped
+/// credential sees only its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_paginated_console_at_200000_records() {
+    // Mosquitto drops QoS 0 messages for a client past
+    // `max_queued_messages` waiting, the retained ones a new subscription
+    // gets too: with the test's 100,000, a debug gateway got 171,782 of
+    // the 200,000 records (docs/console.md).
+    let Some(mosquitto) = program::MOSQUITTO
+        .or_skip(Mosquitto::start("max_queued_messages 0").expect("mosquitto starts"))
+    else {
+        return;
+    };
+    let Some(curl) = program::CURL.require() else {
+        return;
+    };
+    let started = Instant::now();
+    publish_fleet(&mosquitto.options()).await;
+    eprintln!("{FLEET} records published in {:?}", started.elapsed());
+    let creds = mosquitto.dir().join("credentials.toml");
+    std::fs::write(
+        &creds,
+        "[[credentials]]\nname = \"ops\"\ntoken = \"ops-secret\"\ntargets = [\"*\"]\n\n\
+         [[credentials]]\nname = \"few\"\ntoken = \"few-secret\"\ntargets = [\"Car00001*\"]\n",
+    )
+    .unwrap();
+    let (gw, base) = gateway(
+        &mosquitto.url(),
+        &["--credentials", creds.to_str().unwrap()],
+    )
+    .await;
+    let ops = "ops-secret";
+
+    // Every record in, counted.
+    let until = Instant::now() + Duration::from_secs(120);
+    let first = loop {
+        let (status, page, bytes) = devices_page(&base, ops, "").await;
+        assert_eq!(status, 200, "{page}");
+        if page["total"] == FLEET {
+            eprintln!(
+                "all {FLEET} in the gateway after {:?}; the first page is {bytes} bytes",
+                started.elapsed()
+            );
+            assert!(bytes < 16 * 1024, "the first page is {bytes} bytes");
+            break page;
+        }
+        assert!(
+            Instant::now() < until,
+            "{} of {FLEET} records after 120 s",
+            page["total"]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        (&first["online"], &first["offline"], &first["presence"]),
+        (&json!(FLEET / 4 * 3), &json!(FLEET / 4), &json!(true)),
+        "{first}"
+    );
+    let expected = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n).map(|i| fleet_car(i).0).collect()
+    };
+    assert_eq!(
+        names(&first),
+        expected(0, 100),
+        "the default page: 100, by name"
+    );
+    assert_eq!(first["next"], "Car000099");
+    assert_eq!(first["devices"][0]["online"], false, "{first}");
+    assert_eq!(first["devices"][1]["online"], true, "{first}");
+    assert_eq!(first["devices"][1]["since_ms"], 1_700_000_000_001_u64);
+
+    // Walking on by the cursor: the next names, no gap, no repeat.
+    let mut after = first["next"].as_str().unwrap().to_owned();
+    for page_no in 1..4 {
+        let (status, page, _) =
+            devices_page(&base, ops, &format!("limit=1000&after={after}")).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(names(&page), expected(100 + (page_no - 1) * 1000, 1000));
+        assert_eq!(page["total"], FLEET, "the count is of all, on every page");
+        after = page["next"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(after, "Car003099");
+    // The last page says so.
+    let (_, last, _) = devices_page(&base, ops, "limit=1000&after=Car199950").await;
+    assert_eq!(names(&last), expected(199_951, 49));
+    assert_eq!(last["next"], Value::Null);
+
+    // Finding one device, or a few, among 200,000.
+    let (_, one, _) = devices_page(&base, ops, "prefix=Car123456").await;
+    assert_eq!(names(&one), ["Car123456"]);
+    assert_eq!((&one["total"], &one["next"]), (&json!(1), &Value::Null));
+    let (_, glob, _) = devices_page(&base, ops, "match=car*99999").await;
+    assert_eq!(
+        names(&glob),
+        ["Car099999", "Car199999"],
+        "a glob, either case"
+    );
+    let (_, off, _) = devices_page(&base, ops, "prefix=Car0000&state=offline&limit=10").await;
+    assert_eq!(
+        names(&off),
+        (0..40)
+            .step_by(4)
+            .map(|i| fleet_car(i).0)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (&off["total"], &off["online"], &off["offline"]),
+        (&json!(25), &json!(0), &json!(25))
+    );
+    assert_eq!(off["next"], "Car000036");
+
+    // A scoped credential: only the targets its rules name, counted so.
+    let (_, few, _) = devices_page(&base, "few-secret", "").await;
+    assert_eq!(names(&few), expected(10, 10), "{few}");
+    assert_eq!((&few["total"], &few["next"]), (&json!(10), &Value::Null));
+
+    // A bad value is a 400 that names it.
+    for (query, param) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=many", "limit"),
+        ("state=asleep", "state"),
+    ] {
+        let (status, body, _) = devices_page(&base, ops, query).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["result"], "invalid_parameters", "{body}");
+        let message = body["response"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("invalid {param}:")),
+            "{message}"
+        );
+    }
+
+    // The event stream's hello: counts and the first page, not the fleet;
+    // and eight open consoles cost the gateway next to nothing.
+    let pid = gw.child.id();
+    let before = rss_kib(pid);
+    let consoles: Vec<Events> = (0..8)
+        .map(|_| Events::open(&curl, &base, Some(ops)))
+        .collect();
+    for events in &consoles {
+        events.hello().await;
+    }
+    let after = rss_kib(pid);
+    let hello = consoles[0].hello().await;
+    let bytes = consoles[0].data_bytes("hello").unwrap();
+    for events in consoles {
+        events.close();
+    }
+    eprintln!("the hello at {FLEET} records: {bytes} bytes; the gateway's RSS {before:?} KiB, with 8 consoles open {after:?} KiB");
+    assert!(bytes < 64 * 1024, "the hello is {bytes} bytes");
+    assert_eq!(
+        (&hello["total"], &hello["online"], &hello["offline"]),
+        (&json!(FLEET), &json!(FLEET / 4 * 3), &json!(FLEET / 4))
+    );
+    assert_eq!(names(&hello), expected(0, 100));
+    assert_eq!(hello["next"], "Car000099");
+    if let (Some(before), Some(after)) = (before, after) {
+        // 8 consoles took 279 MB before the list was paged.
+        assert!(
+            after.saturating_sub(before) < 32 * 1024,
+            "8 consoles took the gateway from {before} to {after} KiB"
+        );
+    }
+
+    // The page itself, in a browser: the first hundred, more on demand, a
+    // search, and a presence change as it happens.
+    if let Some(b) = Browser::start().await {
+        b.client.goto(&format!("{base}/")).await.unwrap();
+        b.wait_text("#login-h", |t| t.contains("token")).await;
+        b.fill("#token", ops).await;
+        b.click("#login-form button[type=submit]").await;
+        b.wait_text("#conn", |t| t == "live").await;
+        b.wait_text("#devices-count", |t| {
+            t == "100 of 200,000 shown (150,000 online, 50,000 offline)."
+        })
+        .await;
+        let rows = "return document.querySelectorAll('#devices tbody tr').length;";
+        assert_eq!(b.js(rows).await, json!(100));
+        b.click("#devices-more").await;
+        b.wait_text("#devices-count", |t| t.starts_with("200 of 200,000"))
+            .await;
+        assert_eq!(b.js(rows).await, json!(200));
+        let last =
+            "return [...document.querySelectorAll('#devices tbody tr')].at(-1).dataset.target;";
+        assert_eq!(b.js(last).await, json!("Car000199"));
+
+        // A device of the loaded pages goes offline, and one far past
+        // them: the row follows, and the counts in a few seconds.
+        let root = directcall_core::PresenceRoot::default();
+        let device = directcall_testkit::Raw::connect(
+            &mosquitto.options(),
+            &directcall_testkit::unique("car"),
+        )
+        .await;
+        for name in ["Car000001", "Car150001"] {
+            let topic = root.topic(&directcall_core::Target::new(name).unwrap());
+            device
+                .publish_with(&topic, r#"{"online":false}"#, 1, true)
+                .await;
+        }
+        b.wait_text(r#"#devices tr[data-target="Car000001"] td.state"#, |t| {
+            t == "offline"
+        })
+        .await;
+        b.wait_text("#devices-count", |t| {
+            t == "200 of 200,000 shown (149,998 online, 50,002 offline)."
+        })
+        .await;
+        assert_eq!(
+            b.js(rows).await,
+            json!(200),
+            "nothing past the pages loaded"
+        );
+
+        b.fill("#filter", "123456").await;
+        b.wait_text("#devices-count", |t| t.starts_with("1 of 1 matching"))
+            .await;
+        assert_eq!(b.js(last).await, json!("Car123456"));
+        b.fill("#filter", "car0000*").await;
+        b.js("const s = document.getElementById('state-filter'); s.value = 'offline'; s.dispatchEvent(new Event('change'));")
+            .await;
+        b.wait_text("#devices-count", |t| {
+            t == "26 of 26 matching shown (0 online, 26 offline)."
+        })
+        .await;
+        assert_eq!(b.js(rows).await, json!(26));
+        assert_eq!(
+            b.js("return document.body.dataset.cspViolations ?? null;")
+                .await,
+            Value::Null,
+            "no Content-Security-Policy violation"
+        );
+        b.client.close().await.unwrap();
+    }
+    eprintln!("the fleet test took {:?}", started.elapsed());
+}
+
+/// What an open console costs `directcall serve` at 200,000 presence
+/// records: the bytes of `GET /v1/devices` and of the event stream's
+/// `hello`, and the gateway's resident memory with 0 and 8 consoles open.
+/// A measurement, not a check: run it on the release build
+/// (docs/console.md, "What it costs"). It asks only what every version
+/// answers, so it measures older ones too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: cargo test --release -p directcall-bins --test it console::measure -- --ignored --nocapture"]
+async fn measure_the_console_at_200000_records() {
+    let Some(mosquitto) = program::MOSQUITTO
+        .or_skip(Mosquitto::start("max_queued_messages 0").expect("mosquitto starts"))
+    else {
+        return;
+    };
+    let Some(curl) = program::CURL.require() else {
+        return;
+    };
+    publish_fleet(&mosquitto.options()).await;
+    let (gw, base) = gateway(&mosquitto.url(), &[]).await;
+    let pid = gw.child.id();
+    let fresh = rss_kib(pid);
+    // The records in, with no request yet (an older gateway's device list
+    // costs what is measured here): once its memory holds still (within
+    // 256 KiB) for 3 s.
+    let mut samples = vec![rss_kib(pid).unwrap_or(0)];
+    let until = Instant::now() + Duration::from_secs(120);
+    let moving = |s: &[u64]| s.windows(2).any(|w| w[0].abs_diff(w[1]) > 256);
+    while samples.len() < 5 || moving(&samples[samples.len() - 4..]) {
+        assert!(Instant::now() < until, "the gateway's memory never settled");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push(rss_kib(pid).unwrap_or(0));
+    }
+    let idle = rss_kib(pid);
+    let r = directcall_bins::http_client::get(&format!("{base}/v1/devices"), &[])
+        .await
+        .expect("HTTP");
+    let body: Value = serde_json::from_str(&r.body).unwrap();
+    let all = body["devices"].as_array().map(Vec::len) == Some(FLEET);
+    assert!(
+        body["total"] == FLEET || all,
+        "not all records in once settled"
+    );
+    let bytes = r.body.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listed = rss_kib(pid);
+    let consoles: Vec<Events> = (0..8).map(|_| Events::open(&curl, &base, None)).collect();
+    for events in &consoles {
+        events.hello().await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let open = rss_kib(pid);
+    let hello = consoles[0].data_bytes("hello").unwrap();
+    for events in consoles {
+        events.close();
+    }
+    let kib =
+        |k: Option<u64>| k.map_or("?".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+    println!(
+        "{FLEET} records: GET /v1/devices {bytes} bytes, hello {hello} bytes; gateway RSS listening {}, with the records in {}, after one GET /v1/devices {}, with 8 consoles open {}",
+        kib(fresh),
+        kib(idle),
+        kib(listed),
+        kib(open)
+    );
 }

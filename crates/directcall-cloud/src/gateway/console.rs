@@ -7,15 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
-use super::body::{HttpReply, UnauthorizedBody};
+use super::body::{HttpReply, MessageBody, UnauthorizedBody};
 use super::live::{recently_called, Logged, RecentTarget, LOG_SIZE};
 use super::state::{respond, Authed, Closing, GatewayState};
 
@@ -105,16 +105,38 @@ pub(crate) async fn console_asset(uri: Uri) -> Response {
     }
 }
 
-/// `GET /v1/devices`: what presence knows, and the targets called lately.
+/// How many devices a page of `/v1/devices` holds unless `limit` says,
+/// and how many the event stream's `hello` carries.
+pub(crate) const DEFAULT_PAGE: usize = 100;
+/// The most devices one page may hold.
+pub(crate) const MAX_PAGE: usize = 1000;
+/// The longest `after` and `prefix`, in characters: a target's longest name.
+const MAX_NAME_CHARS: usize = 128;
+/// The longest `match` glob, in characters: every name is matched against
+/// it, and a glob's cost grows with its length times the name's.
+const MAX_GLOB_CHARS: usize = 64;
+
+/// `GET /v1/devices`: one page of what presence knows, how many match, and
+/// the targets called lately.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct DevicesBody {
     /// Whether this gateway tracks presence (`--presence`); without it,
     /// `devices` is empty.
     presence: bool,
-    /// Every target with a presence record, by name.
+    /// The page: up to `limit` targets with a presence record that match
+    /// the query, in byte order of their names.
     devices: Vec<DeviceBody>,
+    /// The next page's cursor (pass it as `after`), or null on the last page.
+    #[schema(required = true, max_length = 128)]
+    next: Option<String>,
+    /// How many targets match the query, on every page (the cursor aside).
+    total: usize,
+    /// Of those, how many are online.
+    online: usize,
+    /// Of those, how many are offline.
+    offline: usize,
     /// The targets of the last calls through this gateway, newest first,
-    /// each with its latest call.
+    /// each with its latest call (the query does not filter them).
     recent: Vec<RecentTarget>,
 }
 
@@ -139,44 +161,162 @@ impl From<crate::DeviceState> for DeviceBody {
     }
 }
 
-/// The devices body as `credential` may see it: only targets its rules
-/// name, only calls it could have made.
-fn devices_body(gw: &GatewayState, credential: Option<&Caller>) -> DevicesBody {
+/// Online or offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StateFilter {
+    /// Connected.
+    Online,
+    /// Not connected.
+    Offline,
+}
+
+/// The query of `GET /v1/devices`: a page size, a cursor, and filters that
+/// find one device among many.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DevicesQuery {
+    /// How many devices the page holds: 1 to 1000, default 100.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<u32>,
+    /// The cursor: the page starts after this name (the `next` of the page
+    /// before). Empty: from the first.
+    #[param(max_length = 128)]
+    after: Option<String>,
+    /// Only targets whose name starts with this (case-sensitive). Empty:
+    /// every target.
+    #[param(max_length = 128)]
+    prefix: Option<String>,
+    /// Only targets whose name matches this glob: `*` is any run of
+    /// characters, `?` any one, and letters match either case (`*car*`).
+    /// Empty: every target.
+    #[serde(rename = "match")]
+    #[param(max_length = 64)]
+    glob: Option<String>,
+    /// Only the targets online, or only those offline.
+    #[param(inline)]
+    state: Option<StateFilter>,
+}
+
+impl DevicesQuery {
+    /// Parses a query string; a bad value is a 400 naming its parameter.
+    /// Other parameters are ignored.
+    fn parse(query: Option<&str>) -> Result<Self, HttpReply> {
+        let text = |name: &str, value: String, max: usize| {
+            if value.chars().count() > max {
+                return Err(HttpReply::invalid(
+                    name,
+                    format!("must be at most {max} characters"),
+                ));
+            }
+            Ok((!value.is_empty()).then_some(value))
+        };
+        let mut q = DevicesQuery::default();
+        for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let value = value.into_owned();
+            match &*name {
+                "limit" => {
+                    let limit = value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE).contains(&(*n as usize)));
+                    let Some(limit) = limit else {
+                        return Err(HttpReply::invalid(
+                            "limit",
+                            format!("must be a whole number from 1 to {MAX_PAGE}"),
+                        ));
+                    };
+                    q.limit = Some(limit);
+                }
+                "after" => q.after = text("after", value, MAX_NAME_CHARS)?,
+                "prefix" => q.prefix = text("prefix", value, MAX_NAME_CHARS)?,
+                "match" => q.glob = text("match", value, MAX_GLOB_CHARS)?,
+                "state" => {
+                    q.state = Some(match value.as_str() {
+                        "online" => StateFilter::Online,
+                        "offline" => StateFilter::Offline,
+                        _ => return Err(HttpReply::invalid("state", "must be online or offline")),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// One page of devices as `credential` may see them: only targets its
+/// rules name, only calls it could have made.
+fn devices_body(gw: &GatewayState, credential: Option<&Caller>, q: &DevicesQuery) -> DevicesBody {
     let requester = gw.service.requester();
-    let visible = |target: &str| credential.is_none_or(|c| c.sees_target(target));
     let log = gw.console.as_ref().map(|c| c.recent()).unwrap_or_default();
     let log: Vec<_> = log
         .into_iter()
         .filter(|l| l.visible_to(credential))
         .collect();
+    let glob = q
+        .glob
+        .as_deref()
+        .map(wildmatch::WildMatch::new_case_insensitive);
+    let keep = |name: &str, online: bool| {
+        q.state.is_none_or(|s| (s == StateFilter::Online) == online)
+            && q.prefix.as_deref().is_none_or(|p| name.starts_with(p))
+            && glob.as_ref().is_none_or(|g| g.matches(name))
+            && credential.is_none_or(|c| c.sees_target(name))
+    };
+    let limit = q.limit.map_or(DEFAULT_PAGE, |n| n as usize);
+    let page = requester
+        .presence()
+        .map(|p| p.page(q.after.as_deref(), limit, keep))
+        .unwrap_or_default();
+    let next = page
+        .more
+        .then(|| page.devices.last().map(|d| d.target.to_string()))
+        .flatten();
     DevicesBody {
         presence: requester.tracks_presence(),
-        devices: requester
-            .devices()
-            .into_iter()
-            .filter(|d| visible(d.target.as_str()))
-            .map(DeviceBody::from)
-            .collect(),
+        next,
+        total: page.total,
+        online: page.online,
+        offline: page.total - page.online,
+        devices: page.devices.into_iter().map(DeviceBody::from).collect(),
         recent: recently_called(&log),
     }
 }
 
-/// The devices presence knows, online or offline and since when, and the
-/// targets called lately (the console's device list).
+/// One page of the devices presence knows, online or offline and since
+/// when, in byte order of their names; how many match; and the targets
+/// called lately (the console's device list).
 #[utoipa::path(
     get,
     path = "/v1/devices",
+    params(DevicesQuery),
     security((), ("bearer" = [])),
     responses(
-        (status = 200, description = "The devices this credential may call.", body = DevicesBody),
+        (status = 200, description = "A page of the devices this credential may call, and how many match.", body = DevicesBody),
+        (status = 400, description = "A query parameter out of bounds; the message names it.", body = MessageBody),
         (status = 401, description = "A token is required and none matched.", body = UnauthorizedBody),
     )
 )]
-pub(crate) async fn devices(State(gw): State<GatewayState>, who: Authed) -> Response {
-    let body = devices_body(&gw, who.caller.as_ref());
+pub(crate) async fn devices(
+    State(gw): State<GatewayState>,
+    who: Authed,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let q = match DevicesQuery::parse(query.as_deref()) {
+        Ok(q) => q,
+        Err(reply) => return gw.refuse(reply),
+    };
+    let body = devices_body(&gw, who.caller.as_ref(), &q);
     respond(HttpReply::ok(
         serde_json::to_value(body).unwrap_or_default(),
     ))
+}
+
+/// `value` as JSON (these bodies of strings, numbers and lists cannot fail
+/// to serialise).
+fn json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
 /// One page's event stream: what is left to send, and what it waits on.
@@ -190,11 +330,13 @@ struct Feed {
     last: Option<u64>,
 }
 
-/// The console's live feed, as Server-Sent Events: first `hello` (the
-/// devices, the live log, the last minutes of per-second counts), then
-/// `calls` (the calls through this gateway in the last 100 ms or so), `device` for each presence
-/// change and `seconds` once a second. A credential sees only the calls
-/// and targets its rules allow.
+/// The console's live feed, as Server-Sent Events: first `hello` (how
+/// many devices, online and offline, the first page of `/v1/devices` with
+/// its `next` cursor, the live log, the last minutes of per-second counts:
+/// bounded whatever the fleet's size), then `calls` (the calls through
+/// this gateway in the last 100 ms or so), `device` for each presence
+/// change, `seconds` once a second, and `lagged` when a slow reader fell
+/// behind. A credential sees only the calls and targets its rules allow.
 #[utoipa::path(
     get,
     path = "/v1/events",
@@ -219,7 +361,7 @@ pub(crate) async fn events(
     // Watch first, then read the snapshot: nothing falls in between.
     let (backlog, calls) = console.watch_with_backlog();
     let device_changes = requester.watch_devices();
-    let devices = devices_body(&gw, credential.as_ref());
+    let devices = devices_body(&gw, credential.as_ref(), &DevicesQuery::default());
     let seconds = console.seconds_after(None);
     let last = seconds.last().map(|s| s.t);
     let calls_json: Vec<&str> = backlog
@@ -228,14 +370,18 @@ pub(crate) async fn events(
         .map(|l| l.json())
         .collect();
     let hello = format!(
-        r#"{{"presence":{},"records":{},"max_timeout_s":{},"devices":{},"recent":{},"calls":[{}],"seconds":{}}}"#,
+        r#"{{"presence":{},"records":{},"max_timeout_s":{},"devices":{},"next":{},"total":{},"online":{},"offline":{},"recent":{},"calls":[{}],"seconds":{}}}"#,
         devices.presence,
         requester.record_options().is_some(),
         gw.service.limits().max_timeout.as_secs().max(1),
-        serde_json::to_string(&devices.devices).unwrap_or_else(|_| "[]".into()),
-        serde_json::to_string(&devices.recent).unwrap_or_else(|_| "[]".into()),
+        json(&devices.devices),
+        json(&devices.next),
+        devices.total,
+        devices.online,
+        devices.offline,
+        json(&devices.recent),
         calls_json.join(","),
-        serde_json::to_string(&seconds).unwrap_or_else(|_| "[]".into()),
+        json(&seconds),
     );
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,4 +480,96 @@ pub(crate) async fn events(
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(query: &str) -> String {
+        let reply = DevicesQuery::parse(Some(query)).unwrap_err();
+        assert_eq!(reply.status, 400, "{query}");
+        reply.body["response"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn the_devices_query_takes_bounded_values_and_names_a_bad_one() {
+        let q = DevicesQuery::parse(Some(
+            "limit=1000&after=Car007&prefix=Car&match=*7&state=offline&other=x",
+        ))
+        .unwrap();
+        assert_eq!(q.limit, Some(1000));
+        assert_eq!(
+            (q.after.as_deref(), q.prefix.as_deref(), q.glob.as_deref()),
+            (Some("Car007"), Some("Car"), Some("*7"))
+        );
+        assert_eq!(q.state, Some(StateFilter::Offline));
+        let q = DevicesQuery::parse(Some("after=&prefix=&match=")).unwrap();
+        assert!(q.after.is_none() && q.prefix.is_none() && q.glob.is_none());
+        for bad in ["limit=0", "limit=1001", "limit=ten", "limit=", "limit=-1"] {
+            assert!(refused(bad).starts_with("invalid limit:"), "{bad}");
+        }
+        assert!(refused("state=idle").starts_with("invalid state:"));
+        let long = "a".repeat(129);
+        assert!(refused(&format!("after={long}")).starts_with("invalid after:"));
+        assert!(refused(&format!("prefix={long}")).starts_with("invalid prefix:"));
+        let glob = "*".repeat(65);
+        assert!(refused(&format!("match={glob}")).starts_with("invalid match:"));
+    }
+
+    #[test]
+    fn the_openapi_document_states_the_query_bounds() {
+        let doc: serde_json::Value = serde_json::from_str(&super::super::openapi::openapi_json(
+            super::super::mapping::Limits::default(),
+            false,
+            true,
+            "",
+        ))
+        .unwrap();
+        let get = &doc["paths"]["/v1/devices"]["get"];
+        let param = |name: &str| {
+            get["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("{name} missing: {get}"))
+                .clone()
+        };
+        let limit = param("limit");
+        assert_eq!(
+            (
+                &limit["schema"]["minimum"],
+                &limit["schema"]["maximum"],
+                &limit["schema"]["default"]
+            ),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!(MAX_PAGE),
+                &serde_json::json!(DEFAULT_PAGE)
+            ),
+            "{limit}"
+        );
+        assert_eq!(param("after")["schema"]["maxLength"], MAX_NAME_CHARS);
+        assert_eq!(param("prefix")["schema"]["maxLength"], MAX_NAME_CHARS);
+        assert_eq!(param("match")["schema"]["maxLength"], MAX_GLOB_CHARS);
+        let state = param("state").to_string();
+        assert!(
+            state.contains(r#"["online","offline"]"#),
+            "the two states, inline: {state}"
+        );
+        assert!(get["responses"].get("400").is_some());
+        let required = &doc["components"]["schemas"]["DevicesBody"]["required"];
+        assert!(
+            required
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("next")),
+            "next is always there, null on the last page: {required}"
+        );
+        let body = &doc["components"]["schemas"]["DevicesBody"]["properties"];
+        for field in ["devices", "next", "total", "online", "offline", "recent"] {
+            assert!(body.get(field).is_some(), "{field} missing: {body}");
+        }
+    }
 }
