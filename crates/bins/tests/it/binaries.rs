@@ -770,6 +770,13 @@ async fn the_openapi_document_matches_the_gateway() {
             "get",
             get_with(&format!("{base}/v1/devices"), headers).await.0,
         );
+        note(
+            "/v1/devices",
+            "get",
+            get_with(&format!("{base}/v1/devices?limit=0"), headers)
+                .await
+                .0,
+        );
         let (status, head) = e2e::stream_status(&base, "/v1/events", headers).await;
         if status == 200 {
             assert!(
