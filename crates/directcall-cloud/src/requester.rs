@@ -336,7 +336,8 @@ impl Requester {
     }
 
     /// How far the presence table is: whether a gateway may call itself
-    /// ready (`/readyz` waits for [`PresenceState::Loading`] to end).
+    /// ready (`/readyz` waits for
+    /// [`PresenceState::Loading`](crate::PresenceState::Loading) to end).
     pub fn presence_state(&self) -> crate::PresenceState {
         self.shared().presence_state()
     }
