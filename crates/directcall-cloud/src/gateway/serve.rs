@@ -30,15 +30,20 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// ([`Requester::drain`](crate::Requester::drain)).
 ///
 /// ```no_run
-/// # async fn run(app: axum::Router, requester: directcall_cloud::Requester) -> std::io::Result<()> {
+/// # async fn run(
+/// #     app: axum::Router,
+/// #     requester: directcall_cloud::Requester,
+/// #     sigterm: impl std::future::Future<Output = ()> + Send + 'static,
+/// # ) -> std::io::Result<()> {
 /// use std::time::Duration;
 /// use directcall_cloud::gateway::Server;
 ///
 /// let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+/// // `sigterm`: resolves on SIGTERM (tokio::signal, in the application).
 /// let stopped = Server::new(listener)
 ///     .shutdown_delay(Duration::from_secs(5))
 ///     .shutdown_timeout(Duration::from_secs(20))
-///     .run(app, async { let _ = tokio::signal::ctrl_c().await; })
+///     .run(app, sigterm)
 ///     .await?;
 /// // Calls answered 202 get what is left of the 20 s; the rest are
 /// // recorded as `unavailable` (the gateway shut down).
