@@ -60,6 +60,18 @@ fn token(key: &EncodingKey, kid: &str, claims: &Value) -> String {
     encode(&header, claims, key).unwrap()
 }
 
+/// The flags of a gateway taking JWTs signed by a key of `jwks`.
+fn jwt_flags(jwks: &str) -> [&str; 6] {
+    [
+        "--jwks",
+        jwks,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+    ]
+}
+
 fn claims(aud: &str, exp: u64, scope: &str) -> Value {
     json!({"iss": ISSUER, "aud": aud, "sub": "app-42", "exp": exp, "iat": now(), "scope": scope})
 }
@@ -191,18 +203,7 @@ async fn a_jwks_url_that_never_answers_leaves_jwts_refused_and_the_gateway_up() 
         "http://idp:s3cret@{}/jwks.json?token=t0ken",
         silent.local_addr().unwrap()
     );
-    let (mut gw, base, logs) = e2e::gateway_logged(
-        "mqtt://127.0.0.1:9",
-        &[
-            "--jwks",
-            &url,
-            "--jwt-issuer",
-            ISSUER,
-            "--jwt-audience",
-            AUDIENCE,
-        ],
-    )
-    .await;
+    let (mut gw, base, logs) = e2e::gateway_logged("mqtt://127.0.0.1:9", &jwt_flags(&url)).await;
     let (status, body) = e2e::get_with(
         &format!("{base}/invoke?request=r&method=m&target=car-1&timeout=1"),
         &[("authorization", "Bearer a.b.c")],
@@ -239,18 +240,7 @@ async fn a_jwks_down_at_start_is_fetched_when_it_comes_up() {
     // Nothing listens there yet: every fetch is refused at once.
     let port = directcall_testkit::free_port().unwrap();
     let url = format!("http://127.0.0.1:{port}/jwks.json");
-    let (gw, base) = e2e::gateway(
-        &b.url(),
-        &[
-            "--jwks",
-            &url,
-            "--jwt-issuer",
-            ISSUER,
-            "--jwt-audience",
-            AUDIENCE,
-        ],
-    )
-    .await;
+    let (gw, base) = e2e::gateway(&b.url(), &jwt_flags(&url)).await;
     e2e::wait_health(&base, 200).await;
     let good = token(
         &k1,

@@ -122,8 +122,8 @@ async fn planted_secrets_never_show_in_logs_help_or_public_answers() {
         .unwrap();
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let readers = [
-        collect(gw.stdout.take().unwrap(), &lines),
-        collect(gw.stderr.take().unwrap(), &lines),
+        e2e::collect(gw.stdout.take().unwrap(), &lines),
+        e2e::collect(gw.stderr.take().unwrap(), &lines),
     ];
     let logged = |needle: &'static str| {
         let lines = Arc::clone(&lines);
@@ -294,18 +294,4 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
         .iter()
         .map(|d| std::path::Path::new(d).join(name))
         .find(|p| p.exists())
-}
-
-/// A thread that adds each line `out` prints to `lines`, until it closes.
-fn collect(
-    out: impl std::io::Read + Send + 'static,
-    lines: &Arc<Mutex<Vec<String>>>,
-) -> std::thread::JoinHandle<()> {
-    use std::io::BufRead;
-    let lines = Arc::clone(lines);
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            lines.lock().unwrap().push(line);
-        }
-    })
 }

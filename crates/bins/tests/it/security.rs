@@ -240,8 +240,8 @@ async fn secrets_never_reach_the_logs() {
     // (refused on port 9) twice: the credentials have been used by then.
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let readers = [
-        collect(gw.stdout.take().unwrap(), &lines),
-        collect(gw.stderr.take().unwrap(), &lines),
+        crate::e2e::collect(gw.stdout.take().unwrap(), &lines),
+        crate::e2e::collect(gw.stderr.take().unwrap(), &lines),
     ];
     eventually(20, || {
         let lines = lines.lock().unwrap();
@@ -273,20 +273,6 @@ async fn secrets_never_reach_the_logs() {
         !help.contains("hunter2-password") && !help.contains("tok-secret-1"),
         "--help shows secrets"
     );
-}
-
-/// A thread that adds each line `out` prints to `lines`, until it closes.
-fn collect(
-    out: impl std::io::Read + Send + 'static,
-    lines: &Arc<Mutex<Vec<String>>>,
-) -> std::thread::JoinHandle<()> {
-    use std::io::BufRead;
-    let lines = Arc::clone(lines);
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            lines.lock().unwrap().push(line);
-        }
-    })
 }
 
 /// Secure WebSockets (the transport of AWS IoT's SigV4 auth) with server

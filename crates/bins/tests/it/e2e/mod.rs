@@ -333,3 +333,17 @@ pub fn refused(args: &[&str]) -> String {
     assert!(!out.status.success(), "directcall {args:?} started");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A thread that adds each line `out` prints to `lines`, until it closes.
+pub fn collect(
+    out: impl std::io::Read + Send + 'static,
+    lines: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::clone(lines);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    })
+}
