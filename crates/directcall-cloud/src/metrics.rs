@@ -26,10 +26,14 @@ pub const BROKER_CONNECTED: &str = "directcall_broker_connected";
 pub const BROKER_IN_USE: &str = "directcall_broker_in_use";
 
 /// Shared store (Redis) operations that failed or timed out, by `op`
-/// (`save`, `load`, `claim`): the calls went on without the store.
+/// (`save`, `load`, `claim`, `left`, `departed`): the calls went on
+/// without the store.
 pub const STORE_ERRORS: &str = "directcall_store_errors_total";
 /// Targets in the presence table (with a record, online or offline).
 pub const PRESENCE_DEVICES: &str = "directcall_presence_devices";
+/// Late answers to calls of a requester that left, saved on their records
+/// in the shared store by this one.
+pub const LATE_ANSWERS_ADOPTED: &str = "directcall_late_answers_adopted_total";
 /// Shared store operations and their duration, by `op` (histogram).
 pub const STORE_OPERATION_SECONDS: &str = "directcall_store_operation_seconds";
 

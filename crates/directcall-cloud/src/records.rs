@@ -101,6 +101,25 @@ pub struct CallRecord {
 }
 
 impl CallRecord {
+    /// Takes an answer that came after the deadline, if the call is still
+    /// open to one: timed out (or about to be told so), or left open by a
+    /// gateway that shut down. Returns whether it took it.
+    pub(crate) fn take_late_answer(&mut self, status: u16, response: Value) -> bool {
+        let open = match self.state {
+            CallState::TimedOut | CallState::Sent | CallState::Delivered => true,
+            CallState::Unavailable => self.reason.as_deref() == Some(SHUT_DOWN_REASON),
+            _ => false,
+        };
+        if open {
+            self.state = CallState::AnsweredLate;
+            self.answered_at_ms = Some(now_ms());
+            self.delivered_by_answer();
+            self.status = Some(status);
+            self.response = Some(response);
+        }
+        open
+    }
+
     /// An answer to a call that asked for a receipt and got none is its
     /// delivery too.
     pub(crate) fn delivered_by_answer(&mut self) {
@@ -315,19 +334,7 @@ impl Records {
     /// told so). Returns whether a record took it.
     pub(crate) fn answered_late(&self, id: &MessageId, status: u16, response: Value) -> bool {
         let mut taken = false;
-        self.update(id, |r| {
-            if matches!(
-                r.state,
-                CallState::TimedOut | CallState::Sent | CallState::Delivered
-            ) {
-                r.state = CallState::AnsweredLate;
-                r.answered_at_ms = Some(now_ms());
-                r.delivered_by_answer();
-                r.status = Some(status);
-                r.response = Some(response);
-                taken = true;
-            }
-        });
+        self.update(id, |r| taken = r.take_late_answer(status, response));
         taken
     }
 

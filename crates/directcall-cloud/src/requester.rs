@@ -96,6 +96,12 @@ impl Requester {
         let shared = Arc::new(Shared::new(&options, connection.link(), prefix)?);
         tracing::debug!(broker = %options.broker.url(), client_id = shared.link.client_id(), "requester starting");
         let driver = connection.run(Arc::clone(&shared));
+        if shared.store.is_some() {
+            tokio::spawn(crate::session::adopt_departed(
+                Arc::downgrade(&shared),
+                shared.sweeper_stop.subscribe(),
+            ));
+        }
         Ok(Requester {
             handle: Arc::new(Handle {
                 shared,
@@ -436,6 +442,11 @@ impl Requester {
     /// gateway shut down, and the shared store gets that change (within
     /// 2 s) before the connection closes: never lost in silence. Give
     /// open calls time to end first with [`drain`](Self::drain).
+    ///
+    /// With a shared store, the requester then notes in it that it left:
+    /// the other requesters sharing the store subscribe to its replies and
+    /// put a late answer to one of its calls (timed out, or left open by
+    /// this shutdown) on the call's record, as long as records are kept.
     pub async fn shutdown(&self) {
         let shared = self.shared();
         shared.permits.close();
@@ -451,6 +462,15 @@ impl Requester {
             }
             if !records.flush(Duration::from_secs(2)).await {
                 tracing::warn!("shutting down: the shared store did not take the last record changes within 2 s");
+            }
+        }
+        if let (Some(store), true) = (&shared.store, shared.own_prefix) {
+            // The others take the late answers to this one's calls while
+            // their records are kept.
+            let until = crate::records::now_ms()
+                .saturating_add(u64::try_from(shared.retention.as_millis()).unwrap_or(u64::MAX));
+            if let Err(e) = store.left(shared.prefix.as_str(), until).await {
+                tracing::warn!("shutting down: late answers to this gateway's calls will be lost: shared store: {e}");
             }
         }
         shared.link.stop();

@@ -3,6 +3,7 @@
 //! the deadline sweeper, and the driver's callbacks (a reply, a receipt, a
 //! refused publish, a presence record).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -163,6 +164,74 @@ pub(crate) struct Shared {
     /// Where records and keys are shared with other requesters.
     pub(crate) store: Option<crate::store::Bounded>,
     pub(crate) store_url: Option<String>,
+    /// How long records are kept.
+    pub(crate) retention: Duration,
+    /// The reply prefix is this requester's own (not shared): others take
+    /// its late answers when it leaves.
+    pub(crate) own_prefix: bool,
+    /// With a shared store: the reply prefixes of requesters that left,
+    /// whose late answers this one takes until when (ms since the epoch).
+    adopted: Mutex<HashMap<Prefix, u64>>,
+}
+
+/// How long the store may take to give the record a late answer of a
+/// requester that left goes on.
+const STORE_WAIT_ADOPTED: Duration = Duration::from_secs(2);
+
+/// How often a requester with a shared store looks for requesters that
+/// left: one small read of the store each time.
+pub(crate) const ADOPT_EVERY: Duration = Duration::from_secs(1);
+
+/// With a shared store, every [`ADOPT_EVERY`]: subscribes to the replies of
+/// requesters that left (their late answers go onto their records in the
+/// store), and unsubscribes once their records' retention is over. Ends
+/// with the requester.
+pub(crate) async fn adopt_departed(
+    shared: std::sync::Weak<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(ADOPT_EVERY) => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Some(store) = &shared.store else {
+            return;
+        };
+        let now = crate::records::now_ms();
+        let departed = match store.departed(now).await {
+            Ok(departed) => departed,
+            Err(e) => {
+                tracing::debug!("shared store: requesters that left: {e}");
+                continue;
+            }
+        };
+        let mut adopted = shared.adopted.lock().unwrap_or_else(|e| e.into_inner());
+        for (prefix, until) in departed {
+            let Ok(prefix) = Prefix::new(prefix) else {
+                continue;
+            };
+            if prefix == shared.prefix {
+                continue;
+            }
+            if adopted.insert(prefix.clone(), until).is_none() {
+                tracing::info!(%prefix, "a requester left: taking the late answers to its calls");
+                shared
+                    .link
+                    .subscribe(Subscription::new(reply_filter(&prefix), shared.reply_qos));
+            }
+        }
+        adopted.retain(|prefix, until| {
+            let keep = *until > now;
+            if !keep {
+                shared.link.unsubscribe(reply_filter(prefix));
+            }
+            keep
+        });
+    }
 }
 
 /// What every clone of a [`Requester`](crate::Requester) holds: the shared
@@ -566,6 +635,9 @@ impl Shared {
             store_url: options.store.as_deref().map(crate::store::redacted),
             keys: Keys::new(options.records.unwrap_or_default()),
             receipts: options.receipts,
+            retention: options.records.unwrap_or_default().retention,
+            own_prefix: !options.shared_prefix,
+            adopted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -825,6 +897,55 @@ impl Shared {
         }
     }
 
+    /// A reply to a call of a requester that left: its late answer goes
+    /// onto the call's record in the shared store. Returns whether the
+    /// reply was under an adopted prefix.
+    fn take_adopted(&self, call: &CallTopics, payload: &[u8]) -> bool {
+        let adopted = self
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(call.prefix());
+        let Some(store) = self.store.clone().filter(|_| adopted) else {
+            return false;
+        };
+        let reply = match ReplyPayload::decode(payload) {
+            Ok(r) if MessageId::parse(&r.id).ok() == Some(call.id()) => r,
+            _ => {
+                // Receipts, and replies that break the rules: nothing to keep.
+                tracing::debug!(prefix = %call.prefix(), "dropped a reply to a requester that left");
+                return true;
+            }
+        };
+        let (id, retention) = (call.id(), self.retention);
+        tokio::spawn(async move {
+            let mut record = match store.load(&id, STORE_WAIT_ADOPTED).await {
+                Ok(Some(record)) => record,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%id, "a late answer to a call of a requester that left is lost: shared store: {e}");
+                    return;
+                }
+            };
+            if !record.take_late_answer(reply.status, reply.response) {
+                return;
+            }
+            let age =
+                Duration::from_millis(crate::records::now_ms().saturating_sub(record.sent_at_ms));
+            let ttl = retention.saturating_sub(age).max(Duration::from_secs(1));
+            match store.save(std::slice::from_ref(&record), ttl).await {
+                Ok(()) => {
+                    metrics::counter!(crate::metrics::LATE_ANSWERS_ADOPTED).increment(1);
+                    tracing::debug!(%id, "late answer to a call of a requester that left kept on its record");
+                }
+                Err(e) => {
+                    tracing::warn!(%id, "a late answer to a call of a requester that left is lost: shared store: {e}")
+                }
+            }
+        });
+        true
+    }
+
     fn on_reply(&self, topic: &str, payload: &[u8]) {
         if payload.len() > self.link.max_packet_bytes() {
             self.dropped(Dropped::Oversized);
@@ -837,7 +958,9 @@ impl Shared {
             return;
         };
         if *call.prefix() != self.prefix {
-            self.dropped(Dropped::Unknown);
+            if !self.take_adopted(&call, payload) {
+                self.dropped(Dropped::Unknown);
+            }
             return;
         }
         let (reply_id, answer) = match ReplyPayload::decode(payload) {

@@ -90,6 +90,13 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
         fingerprint: Uuid,
         ttl: Duration,
     ) -> Result<Option<Uuid>, StoreError>;
+    /// Notes that the requester whose replies come under `prefix` left:
+    /// the others take the late answers to its calls until `until_ms`
+    /// (milliseconds since the Unix epoch).
+    async fn left(&self, prefix: &str, until_ms: u64) -> Result<(), StoreError>;
+    /// The prefixes of requesters that left whose late answers are still
+    /// to be taken at `now_ms`, each with until when.
+    async fn departed(&self, now_ms: u64) -> Result<Vec<(String, u64)>, StoreError>;
 }
 
 /// Longest a call waits on the store, however long it has left: a frozen
@@ -103,14 +110,17 @@ pub(crate) const STORE_WRITE_WAIT: Duration = Duration::from_secs(2);
 /// not one per call.
 pub(crate) const STORE_PAUSE: Duration = Duration::from_secs(1);
 
+/// The store's operations, as metrics name them.
+const OPS: [&str; 5] = ["save", "load", "claim", "left", "departed"];
+
 /// The shared store with every operation bounded in time and every failure
 /// counted (`directcall_store_errors_total`, by `op`).
 #[derive(Debug, Clone)]
 pub(crate) struct Bounded {
     inner: std::sync::Arc<dyn Store>,
-    errors: [metrics::Counter; 3],
+    errors: [metrics::Counter; 5],
     /// How long each operation took, by op, failed ones included.
-    seconds: [metrics::Histogram; 3],
+    seconds: [metrics::Histogram; 5],
     /// When a call's operation last failed.
     failed_at: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
@@ -129,9 +139,8 @@ impl Bounded {
         );
         Bounded {
             inner,
-            errors: ["save", "load", "claim"]
-                .map(|op| metrics::counter!(crate::metrics::STORE_ERRORS, "op" => op)),
-            seconds: ["save", "load", "claim"]
+            errors: OPS.map(|op| metrics::counter!(crate::metrics::STORE_ERRORS, "op" => op)),
+            seconds: OPS
                 .map(|op| metrics::histogram!(crate::metrics::STORE_OPERATION_SECONDS, "op" => op)),
             failed_at: std::sync::Arc::default(),
         }
@@ -210,6 +219,21 @@ impl Bounded {
         self.for_a_call("claim", 2, within, self.inner.claim(key, fingerprint, ttl))
             .await
     }
+
+    pub(crate) async fn left(&self, prefix: &str, until_ms: u64) -> Result<(), StoreError> {
+        self.bounded(
+            "left",
+            3,
+            STORE_WRITE_WAIT,
+            self.inner.left(prefix, until_ms),
+        )
+        .await
+    }
+
+    pub(crate) async fn departed(&self, now_ms: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        self.bounded("departed", 4, STORE_WRITE_WAIT, self.inner.departed(now_ms))
+            .await
+    }
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -228,7 +252,9 @@ pub const STORE_KEY_PREFIX: &str = "directcall:v1:";
 
 /// Redis: a record is `directcall:v1:call:{id}` (its JSON, `EX` the
 /// retention); a key is `directcall:v1:key:{name-based UUID of the key}`
-/// (the fingerprint, `SET NX EX`).
+/// (the fingerprint, `SET NX EX`); the requesters that left are the sorted
+/// set `directcall:v1:departed` (each reply prefix scored by until when its
+/// late answers are taken, in ms since the Unix epoch).
 #[cfg(feature = "redis")]
 pub(crate) struct RedisStore {
     client: redis::Client,
@@ -364,6 +390,43 @@ impl Store for RedisStore {
             None => Ok(None),
             Some(Err(source)) => Err(StoreError::Fingerprint { key: name, source }),
         }
+    }
+
+    async fn left(&self, prefix: &str, until_ms: u64) -> Result<(), StoreError> {
+        let key = format!("{STORE_KEY_PREFIX}departed");
+        let mut conn = self.conn().await?;
+        redis::pipe()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(until_ms)
+            .arg(prefix)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({}", crate::records::now_ms()))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
+    async fn departed(&self, now_ms: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut conn = self.conn().await?;
+        // Scores are doubles on the wire; milliseconds fit one exactly.
+        let departed: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(format!("{STORE_KEY_PREFIX}departed"))
+            .arg(now_ms)
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.failed(e))?;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Ok(departed
+            .into_iter()
+            .map(|(prefix, until)| (prefix, until as u64))
+            .collect())
     }
 }
 

@@ -279,3 +279,79 @@ async fn the_https_drain_is_bounded_by_the_shutdown_timeout() {
     assert!(answer.ends_with(" 503"), "{answer}");
     assert!(answer.contains("may or may not have run"), "{answer}");
 }
+
+/// A rolling upgrade: a gateway leaves with a call that timed out (504)
+/// and one answered 202 still open; the device answers both after the
+/// gateway is gone, and the replica that stays puts both late answers on
+/// their records in the shared store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_answers_to_a_gateway_that_left_are_kept_by_another_replica() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(redis) = program::REDIS_SERVER.or_skip(RedisServer::start().expect("redis-server"))
+    else {
+        return;
+    };
+    let store = redis.url();
+    let car = unique("car");
+    let router = Router::new().method("unlock", |_call| async {
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        Ok(json!("unlocked"))
+    });
+    let _device = device(&b, &car, router).await;
+    let flags = [
+        "--store",
+        store.as_str(),
+        "--shutdown-delay",
+        "0",
+        "--shutdown-timeout",
+        "0.2",
+    ];
+    let (mut a, base_a) = e2e::gateway(&b.url(), &flags).await;
+    let (_b, base_b, logs_b) = e2e::gateway_logged(&b.url(), &["--store", store.as_str()]).await;
+    e2e::wait_health(&base_a, 200).await;
+    e2e::wait_health(&base_b, 200).await;
+
+    let (status, body) = e2e::post(
+        &base_a,
+        &format!("/v1/targets/{car}/methods/unlock"),
+        &[("content-type", "application/json")],
+        br#"{"request":"r","timeout_ms":300}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+    let timed_out = body["id"].as_str().unwrap().to_owned();
+    let open = submit(&base_a, &car, 20_000).await;
+
+    a.terminate();
+    let exit = tokio::task::spawn_blocking(move || a.wait_exit(20))
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+    // Gone before either answer came (3 s after each request).
+    for (id, was) in [(&timed_out, "timed_out"), (&open, "unavailable")] {
+        let (status, record) = e2e::get(&format!("{base_b}/v1/calls/{id}")).await;
+        assert_eq!(status, 200, "{record}");
+        assert_eq!(record["state"], was, "{record}");
+    }
+
+    for id in [timed_out, open] {
+        let url = format!("{base_b}/v1/calls/{id}");
+        let record = wait_for(15, "the late answer on the record", || async {
+            let (_, record) = e2e::get(&url).await;
+            (record["state"] == "answered_late").then_some(record)
+        })
+        .await;
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(record["response"], json!("unlocked"), "{record}");
+    }
+    let logs = logs_b.lock().unwrap().join("\n");
+    assert!(logs.contains("a requester left"), "{logs}");
+    let (_, metrics) = e2e::get(&format!("{base_b}/metrics")).await;
+    let metrics = metrics.as_str().unwrap_or_default();
+    assert!(
+        metrics.contains("directcall_late_answers_adopted_total 2"),
+        "{metrics}"
+    );
+}

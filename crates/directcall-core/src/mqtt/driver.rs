@@ -50,6 +50,9 @@ enum Phase {
     Idle,
     Essential,
     Optional(usize),
+    /// Optional filter `i` was removed while its SUBACK was awaited: the
+    /// next SUBACK answers it, then the one now at `i` is asked for.
+    Removed(usize),
 }
 
 /// What the driver must do after an event.
@@ -112,6 +115,54 @@ impl SubscriptionPlan {
         }
     }
 
+    /// Adds an optional filter (none with the same filter yet). Returns it
+    /// when it is to be asked for now: the connection is `ready` and no
+    /// SUBACK is awaited; otherwise it is asked for in its turn.
+    pub(crate) fn add(&mut self, subscription: Subscription, ready: bool) -> Option<Subscription> {
+        if self
+            .essential
+            .iter()
+            .any(|s| s.filter == subscription.filter)
+            || self
+                .optional
+                .iter()
+                .any(|o| o.subscription.filter == subscription.filter)
+        {
+            return None;
+        }
+        self.optional.push(Optional {
+            subscription,
+            losses: 0,
+        });
+        if ready && self.phase == Phase::Idle {
+            return self.optional_from(self.optional.len() - 1);
+        }
+        None
+    }
+
+    /// Removes an optional filter (never the essential one or the dot
+    /// probe). Returns whether it was there.
+    pub(crate) fn remove(&mut self, filter: &str) -> bool {
+        let Some(i) = self
+            .optional
+            .iter()
+            .position(|o| o.subscription.filter == filter)
+        else {
+            return false;
+        };
+        if self.is_probe(i) {
+            return false;
+        }
+        self.optional.remove(i);
+        self.phase = match self.phase {
+            Phase::Optional(cur) if cur == i => Phase::Removed(i),
+            Phase::Optional(cur) if cur > i => Phase::Optional(cur - 1),
+            Phase::Removed(cur) if cur > i => Phase::Removed(cur - 1),
+            other => other,
+        };
+        true
+    }
+
     /// Asks for the essential filter again (after the broker refused it).
     pub(crate) fn retry_essential(&mut self) -> Step {
         self.on_connack()
@@ -169,6 +220,10 @@ impl SubscriptionPlan {
                     next: self.optional_from(i + 1),
                 }
             }
+            Phase::Removed(i) => match self.optional_from(i) {
+                Some(next) => Step::Subscribe(vec![next]),
+                None => Step::Nothing,
+            },
             Phase::Idle => Step::Nothing,
         }
     }
@@ -348,12 +403,45 @@ impl Liveness {
 
 /// Whether `asked`, or a request queued behind it, is a stop (a closed
 /// channel is one too); takes every queued request.
-fn stop_asked(asked: Option<Control>, control: &mut mpsc::UnboundedReceiver<Control>) -> bool {
-    let mut stop = asked.is_none_or(|c| c == Control::Stop);
-    while let Ok(c) = control.try_recv() {
-        stop |= c == Control::Stop;
+/// What the control channel asked of the driver, once subscriptions added
+/// or removed meanwhile are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Stop,
+    Reconnect,
+    /// Only subscriptions changed.
+    Nothing,
+}
+
+/// Takes `first` and whatever else is queued: several reconnects asked at
+/// once make one, and a stop wins over everything.
+fn take_control(
+    first: Option<Control>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    plan: &mut SubscriptionPlan,
+    link: &Link,
+) -> Asked {
+    let mut asked = Asked::Nothing;
+    let mut next = Some(first);
+    while let Some(c) = next {
+        match c {
+            None | Some(Control::Stop) => asked = Asked::Stop,
+            Some(Control::Reconnect) if asked == Asked::Nothing => asked = Asked::Reconnect,
+            Some(Control::Reconnect) => {}
+            Some(Control::Subscribe(s)) => {
+                if let Some(now) = plan.add(s, link.is_ready()) {
+                    subscribe(link, vec![now]);
+                }
+            }
+            Some(Control::Unsubscribe(filter)) => {
+                if plan.remove(&filter) && link.is_ready() {
+                    link.client.unsubscribe(filter);
+                }
+            }
+        }
+        next = control.try_recv().ok().map(Some);
     }
-    stop
+    asked
 }
 
 /// What the driver owns besides the link.
@@ -415,9 +503,10 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
         let event = tokio::select! {
             biased;
             asked = control.recv() => {
-                // Several reconnects asked at once make one.
-                if stop_asked(asked, &mut control) {
-                    break;
+                match take_control(asked, &mut control, &mut plan, &link) {
+                    Asked::Stop => break,
+                    Asked::Nothing => continue,
+                    Asked::Reconnect => {}
                 }
                 tracing::info!("making the broker connection anew, as asked");
                 liveness.reset();
@@ -567,13 +656,22 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                     link.broker_url(),
                     delay.as_millis()
                 );
-                tokio::select! {
-                    biased;
-                    // A reconnect asked for now cuts the wait short.
-                    asked = control.recv() => if stop_asked(asked, &mut control) {
-                        break;
-                    },
-                    () = tokio::time::sleep(delay) => {}
+                let wait = tokio::time::sleep(delay);
+                tokio::pin!(wait);
+                let stop = loop {
+                    tokio::select! {
+                        biased;
+                        // A reconnect asked for now cuts the wait short.
+                        asked = control.recv() => match take_control(asked, &mut control, &mut plan, &link) {
+                            Asked::Stop => break true,
+                            Asked::Reconnect => break false,
+                            Asked::Nothing => {}
+                        },
+                        () = &mut wait => break false,
+                    }
+                };
+                if stop {
+                    break;
                 }
             }
         }
@@ -603,6 +701,71 @@ mod tests {
 
     fn plan() -> SubscriptionPlan {
         SubscriptionPlan::new(vec![sub("replies/#"), sub("presence/+"), sub("events/+")])
+    }
+
+    #[test]
+    fn a_filter_added_later_is_asked_for_now_when_idle_and_on_every_connection() {
+        let mut p = plan();
+        // Not connected: kept for the next connection.
+        assert_eq!(p.add(sub("late/+"), false), None);
+        assert_eq!(p.on_connack(), Step::Subscribe(vec![sub("replies/#")]));
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("presence/+"))));
+        // A SUBACK is awaited: asked for in its turn, after the others.
+        assert_eq!(p.add(sub("later/+"), true), None);
+        assert!(
+            matches!(p.on_suback(|_| true), Step::Answered { next: Some(ref n), .. } if *n == sub("events/+"))
+        );
+        assert!(
+            matches!(p.on_suback(|_| true), Step::Answered { next: Some(ref n), .. } if *n == sub("late/+"))
+        );
+        assert!(
+            matches!(p.on_suback(|_| true), Step::Answered { next: Some(ref n), .. } if *n == sub("later/+"))
+        );
+        assert!(matches!(
+            p.on_suback(|_| true),
+            Step::Answered { next: None, .. }
+        ));
+        // Idle and ready: asked for at once; twice is once.
+        assert_eq!(p.add(sub("now/+"), true), Some(sub("now/+")));
+        assert_eq!(p.add(sub("now/+"), true), None);
+        assert_eq!(p.add(sub("replies/#"), true), None);
+        assert!(matches!(
+            p.on_suback(|_| true),
+            Step::Answered { next: None, .. }
+        ));
+        assert_eq!(
+            p.optional_filters(),
+            ["presence/+", "events/+", "late/+", "later/+", "now/+"]
+        );
+    }
+
+    #[test]
+    fn a_filter_removed_while_its_suback_is_awaited_does_not_skip_the_next() {
+        let mut p = plan();
+        p.add(sub("late/+"), false);
+        p.on_connack();
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("presence/+"))));
+        // presence/+ is awaited; removing it, then an earlier-asked one.
+        assert!(p.remove("presence/+"));
+        assert!(!p.remove("presence/+"));
+        assert!(!p.remove("replies/#"));
+        assert_eq!(
+            p.on_suback(|_| true),
+            Step::Subscribe(vec![sub("events/+")])
+        );
+        assert!(
+            matches!(p.on_suback(|_| true), Step::Answered { ref filter, next: Some(ref n), .. } if filter == "events/+" && *n == sub("late/+"))
+        );
+        // Removing one before the awaited one keeps the turn right.
+        assert!(p.remove("events/+"));
+        assert!(
+            matches!(p.on_suback(|_| true), Step::Answered { ref filter, next: None, .. } if filter == "late/+")
+        );
+        assert_eq!(p.optional_filters(), ["late/+"]);
+        // The next connection asks for what is left.
+        p.on_error();
+        p.on_connack();
+        assert_eq!(p.on_suback(|_| true), Step::Ready(Some(sub("late/+"))));
     }
 
     #[test]

@@ -367,10 +367,12 @@ pub fn unique_client_id(base: &str) -> String {
 }
 
 /// What a [`Link`] asks of the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Control {
     Stop,
     Reconnect,
+    Subscribe(Subscription),
+    Unsubscribe(String),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -723,6 +725,21 @@ impl Link {
             // Gone only when the driver has ended already.
             let _ = self.state.control.send(Control::Stop);
         }
+    }
+
+    /// Adds `subscription` to this connection's, after the session's own:
+    /// asked for now if the connection is ready, and again on every
+    /// connection until [`Link::unsubscribe`]. Like the session's optional
+    /// subscriptions, a refusal is logged and the connection goes on
+    /// without it. Asking twice for one filter is asking once.
+    pub fn subscribe(&self, subscription: Subscription) {
+        let _ = self.state.control.send(Control::Subscribe(subscription));
+    }
+
+    /// Removes a filter added with [`Link::subscribe`]: unsubscribed now
+    /// if connected, and not asked for again.
+    pub fn unsubscribe(&self, filter: impl Into<String>) {
+        let _ = self.state.control.send(Control::Unsubscribe(filter.into()));
     }
 
     /// Drops the connection and makes a new one at once, whatever state it

@@ -99,6 +99,32 @@ impl Client {
         }
     }
 
+    /// Unsubscribes from `filter`, waiting for room in a task when the
+    /// queue is full.
+    pub(crate) fn unsubscribe(&self, filter: String) {
+        match self {
+            Client::V4(c) => {
+                if let Err(rumqttc::ClientError::TryRequest(_)) = c.try_unsubscribe(filter.clone())
+                {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        let _ = c.unsubscribe(filter).await;
+                    });
+                }
+            }
+            Client::V5(c) => {
+                if let Err(rumqttc::v5::ClientError::TryRequest(_)) =
+                    c.try_unsubscribe(filter.clone())
+                {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        let _ = c.unsubscribe(filter).await;
+                    });
+                }
+            }
+        }
+    }
+
     /// Subscribes to `subscriptions` in one SUBSCRIBE, waiting for room in
     /// a task when the queue is full.
     pub(crate) fn subscribe(&self, subscriptions: Vec<Subscription>) {
