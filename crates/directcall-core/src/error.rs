@@ -37,6 +37,8 @@ pub enum Field {
     Store,
     /// A reply's `status`.
     Status,
+    /// The name of a group of devices.
+    Group,
 }
 
 impl Field {
@@ -57,6 +59,7 @@ impl Field {
             Field::IdempotencyKey => "Idempotency-Key",
             Field::Store => "store",
             Field::Status => "status",
+            Field::Group => "group",
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::topic::{Prefix, PresenceRoot, Target};
+use crate::topic::{Group, Prefix, PresenceRoot, Target};
 
 /// The filter of AWS IoT Core's lifecycle events:
 /// `$aws/events/presence/{connected|disconnected}/{clientId}`.
@@ -21,6 +21,9 @@ pub struct PresenceEvent {
     /// When the source says it happened (ms since the Unix epoch), if it says;
     /// lets a reader ignore events that arrive out of order.
     pub timestamp_ms: Option<u64>,
+    /// *Extension*: the groups the device is a member of, when its record
+    /// says (`"groups": [..]`); `None` when it does not.
+    pub groups: Option<Vec<Group>>,
 }
 
 /// *Extension*: the marker a requester with strict presence publishes, not
@@ -54,10 +57,21 @@ pub fn parse_directcall(root: &PresenceRoot, topic: &str, payload: &[u8]) -> Opt
     let online = record.as_ref().and_then(|v| v.get("online")?.as_bool());
     // Records mirrored from AWS IoT lifecycle events carry the event's time.
     let timestamp_ms = record.as_ref().and_then(|v| v.get("timestamp")?.as_u64());
+    // Names that break the level rule are left out, not the record.
+    let groups = record.as_ref().and_then(|v| {
+        Some(
+            v.get("groups")?
+                .as_array()?
+                .iter()
+                .filter_map(|g| Group::new(g.as_str()?).ok())
+                .collect(),
+        )
+    });
     Some(PresenceEvent {
         target,
         online,
         timestamp_ms,
+        groups,
     })
 }
 
@@ -89,12 +103,34 @@ pub fn parse_aws_lifecycle(topic: &str, payload: &[u8]) -> Option<PresenceEvent>
         target: Target::new(client_id).ok()?,
         online: Some(online),
         timestamp_ms: event.timestamp,
+        groups: None,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_may_name_the_device_s_groups() {
+        let root = PresenceRoot::default();
+        let topic = "directcall/presence/Kiosk-1";
+        let e = parse_directcall(
+            &root,
+            topic,
+            br#"{"online":true,"groups":["lobby","bad/name","floor-2"]}"#,
+        )
+        .unwrap();
+        let names: Vec<_> = e
+            .groups
+            .unwrap()
+            .iter()
+            .map(|g| g.as_str().to_owned())
+            .collect();
+        assert_eq!(names, ["lobby", "floor-2"]);
+        let e = parse_directcall(&root, topic, br#"{"online":true}"#).unwrap();
+        assert_eq!(e.groups, None);
+    }
 
     #[test]
     fn directcall_records() {

@@ -19,6 +19,9 @@ pub const MAX_TOPIC_BYTES: usize = 256;
 pub const DEFAULT_PREFIX: &str = "invocation_client";
 /// The default root of presence topics.
 pub const DEFAULT_PRESENCE_ROOT: &str = "directcall/presence";
+/// *Extension*: the root of group request topics,
+/// `directcall/groups/{group}/{method}/{prefix}/{id}`.
+pub const GROUP_ROOT: &str = "directcall/groups";
 
 const ACK: &str = "ack";
 
@@ -127,6 +130,13 @@ topic_level!(
     /// A requester's client prefix (default [`DEFAULT_PREFIX`]).
     Prefix,
     Field::Prefix
+);
+
+topic_level!(
+    /// *Extension*: the name of a group of devices: a call to it is one
+    /// publish that every member receives.
+    Group,
+    Field::Group
 );
 
 impl Default for Prefix {
@@ -344,6 +354,117 @@ impl CallTopics {
     }
 }
 
+/// *Extension*: the topics of a call to a named group: one request on
+/// `directcall/groups/{group}/{method}/{prefix}/{id}` that every member
+/// receives, and one reply from each member on its own reply topic,
+/// `{prefix}/{id}/{member}/{method}/ack`, naming itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupTopics {
+    group: Group,
+    method: Method,
+    prefix: Prefix,
+    id: MessageId,
+}
+
+impl GroupTopics {
+    /// Combines validated names, checking the request topic's length.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Topic`] when the request topic would
+    /// exceed 256 bytes.
+    pub fn new(group: Group, method: Method, prefix: Prefix, id: MessageId) -> Result<Self, Error> {
+        let len = GROUP_ROOT.len() + group.0.len() + method.0.len() + prefix.0.len() + 36 + 4;
+        if len > MAX_TOPIC_BYTES {
+            return Err(Error::invalid(
+                Field::Topic,
+                format!(
+                    "group, method and prefix make a {len}-byte topic; at most {MAX_TOPIC_BYTES} bytes are allowed"
+                ),
+            ));
+        }
+        Ok(GroupTopics {
+            group,
+            method,
+            prefix,
+            id,
+        })
+    }
+
+    /// The group.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The requester's prefix.
+    pub fn prefix(&self) -> &Prefix {
+        &self.prefix
+    }
+
+    /// The call's id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// `directcall/groups/{group}/{method}/{prefix}/{id}`.
+    pub fn request_topic(&self) -> String {
+        let mut s = String::with_capacity(MAX_TOPIC_BYTES);
+        s.push_str(GROUP_ROOT);
+        for level in [&self.group.0, &self.method.0, &self.prefix.0] {
+            s.push('/');
+            s.push_str(level);
+        }
+        s.push('/');
+        self.id.write(&mut s);
+        s
+    }
+
+    /// The topics of member `target`'s part of this call: its reply goes
+    /// to [`CallTopics::reply_topic`].
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Topic`] when the member's reply topic
+    /// would exceed 256 bytes.
+    pub fn member(&self, target: Target) -> Result<CallTopics, Error> {
+        CallTopics::new(target, self.method.clone(), self.prefix.clone(), self.id)
+    }
+
+    /// Parses a group request topic as a member sees it; `None` when
+    /// `topic` is not under [`GROUP_ROOT`].
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`Field::Topic`] when a topic under the root
+    /// does not have four more levels, or for the level that breaks its
+    /// rule.
+    pub fn parse_request(topic: &str) -> Option<Result<Self, Error>> {
+        let rest = topic.strip_prefix(GROUP_ROOT)?.strip_prefix('/')?;
+        let Some([group, method, prefix, id]) = split_levels(rest) else {
+            return Some(Err(Error::invalid(
+                Field::Topic,
+                "a group request topic is directcall/groups/group/method/prefix/id",
+            )));
+        };
+        Some((|| {
+            Self::new(
+                Group::new(group)?,
+                Method::new(method)?,
+                Prefix::new(prefix)?,
+                MessageId::parse(id)?,
+            )
+        })())
+    }
+}
+
+/// *Extension*: the filter a member of `group` subscribes to, besides its
+/// own: `directcall/groups/{group}/#`.
+pub fn group_filter(group: &Group) -> String {
+    format!("{GROUP_ROOT}/{group}/#")
+}
+
 /// Exactly `N` `/`-separated levels, or `None`.
 fn split_levels<const N: usize>(topic: &str) -> Option<[&str; N]> {
     let mut levels = topic.split('/');
@@ -452,6 +573,50 @@ mod tests {
             Prefix::new(prefix)?,
             MessageId::new(),
         )
+    }
+
+    #[test]
+    fn a_group_call_is_one_request_topic_and_a_reply_topic_per_member() {
+        let id = MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abcd").unwrap();
+        let g = GroupTopics::new(
+            Group::new("station-7").unwrap(),
+            Method::new("unlock").unwrap(),
+            Prefix::default(),
+            id,
+        )
+        .unwrap();
+        let topic = g.request_topic();
+        assert_eq!(
+            topic,
+            "directcall/groups/station-7/unlock/invocation_client/7f1c2a3b-0000-4000-8000-00000000abcd"
+        );
+        assert_eq!(GroupTopics::parse_request(&topic).unwrap().unwrap(), g);
+        assert_eq!(
+            g.member(Target::new("Car7").unwrap())
+                .unwrap()
+                .reply_topic(),
+            "invocation_client/7f1c2a3b-0000-4000-8000-00000000abcd/Car7/unlock/ack"
+        );
+        assert_eq!(group_filter(g.group()), "directcall/groups/station-7/#");
+        // Not a group topic at all, and a broken one.
+        assert!(GroupTopics::parse_request("Car7/unlock/p/x").is_none());
+        assert!(GroupTopics::parse_request("directcall/groups/g/unlock")
+            .unwrap()
+            .is_err());
+        assert!(
+            GroupTopics::parse_request("directcall/groups/g/m/p/not-an-id")
+                .unwrap()
+                .is_err()
+        );
+        assert_eq!(Group::new("a/b").unwrap_err().field(), Field::Group);
+        let long = "g".repeat(128);
+        assert!(GroupTopics::new(
+            Group::new(long.clone()).unwrap(),
+            Method::new(long).unwrap(),
+            Prefix::default(),
+            id
+        )
+        .is_err());
     }
 
     #[test]
