@@ -42,6 +42,7 @@ mod error;
 #[cfg(feature = "gateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
+mod group;
 mod invocation;
 mod invoke;
 mod keyed;
@@ -64,6 +65,10 @@ pub use directcall_core::{
     Transport,
 };
 pub use error::{Error, Unavailable};
+pub use group::{
+    DeviceOutcome, DeviceResult, GroupCall, GroupInvocation, GroupOutcome, GroupSummary, Targets,
+    DEFAULT_GROUP_IN_FLIGHT, MAX_GLOB_CHARS,
+};
 pub use invocation::Invocation;
 pub use invoke::Invoke;
 pub use keys::MAX_IDEMPOTENCY_KEY_BYTES;

@@ -31,6 +31,11 @@ pub const BROKER_IN_USE: &str = "directcall_broker_in_use";
 pub const STORE_ERRORS: &str = "directcall_store_errors_total";
 /// Targets in the presence table (with a record, online or offline).
 pub const PRESENCE_DEVICES: &str = "directcall_presence_devices";
+/// Group calls started ([`Requester::invoke_group`](crate::Requester::invoke_group)).
+pub const GROUP_CALLS: &str = "directcall_group_calls_total";
+/// Devices' results in group calls, by `outcome` (`ok`, `device_error`,
+/// `timeout`, `offline`, `refused`).
+pub const GROUP_RESULTS: &str = "directcall_group_results_total";
 /// Late answers to calls of a requester that left, saved on their records
 /// in the shared store by this one.
 pub const LATE_ANSWERS_ADOPTED: &str = "directcall_late_answers_adopted_total";

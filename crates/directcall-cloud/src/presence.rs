@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use directcall_core::presence::{
     is_snapshot_marker, parse_aws_lifecycle, parse_directcall, PresenceEvent, AWS_PRESENCE_FILTER,
 };
-use directcall_core::{PresenceRoot, Target};
+use directcall_core::{Group, PresenceRoot, Target};
 
 use crate::options::PresenceSource;
 use crate::records::now_ms;
@@ -49,9 +49,11 @@ fn as_text<S: serde::Serializer>(target: &Target, s: S) -> Result<S::Ok, S::Erro
 const CHANGES_BUFFER: usize = 1024;
 
 /// What is known of one target.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Record {
     online: bool,
+    /// The groups its record names, if it names any (`"groups"`).
+    groups: Option<Arc<[Group]>>,
     /// The record's own timestamp, if it had one.
     timestamp_ms: Option<u64>,
     /// When it last went online or offline.
@@ -263,7 +265,7 @@ impl Presence {
             Some(up) => {
                 // A repeated record (a reconnecting subscription gets the
                 // retained ones again) is no change.
-                let known = online.get(&event.target).copied();
+                let known = online.get(&event.target);
                 let changed = known.is_none_or(|k| k.online != up);
                 let since_ms = match known {
                     Some(k) if !changed => k.since_ms,
@@ -273,6 +275,7 @@ impl Presence {
                     event.target.clone(),
                     Record {
                         online: up,
+                        groups: event.groups.map(Arc::from),
                         timestamp_ms: event.timestamp_ms,
                         since_ms,
                     },
@@ -302,6 +305,42 @@ impl Presence {
             Some(_) => Known::Offline,
             None => Known::Unknown,
         }
+    }
+
+    /// The targets with a record whose names match `glob` (`*` any run of
+    /// characters, `?` one), with whether each is online, by name.
+    pub(crate) fn matching(&self, glob: &wildmatch::WildMatch) -> Vec<(Target, bool)> {
+        let online = self.online.read().unwrap_or_else(|e| e.into_inner());
+        let mut found: Vec<(Target, bool)> = online
+            .iter()
+            .filter(|(target, _)| glob.matches(target.as_str()))
+            .map(|(target, r)| (target.clone(), r.online))
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        found
+    }
+
+    /// The members of `group` with whether each is online, by name, when
+    /// presence records name groups (any record has `"groups"`); `None`
+    /// when none does.
+    pub(crate) fn members(&self, group: &Group) -> Option<Vec<(Target, bool)>> {
+        let online = self.online.read().unwrap_or_else(|e| e.into_inner());
+        let mut named = false;
+        let mut found: Vec<(Target, bool)> = online
+            .iter()
+            .filter(|(_, r)| {
+                r.groups.as_ref().is_some_and(|g| {
+                    named = true;
+                    g.contains(group)
+                })
+            })
+            .map(|(target, r)| (target.clone(), r.online))
+            .collect();
+        if !named {
+            return None;
+        }
+        found.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Some(found)
     }
 
     /// Every target with a record, by name.
@@ -374,10 +413,10 @@ impl Presence {
             }
             past_cursor += 1;
             if heap.len() < limit {
-                heap.push(ByName(target, *record));
+                heap.push(ByName(target, record.clone()));
             } else if heap.peek().is_some_and(|top| name < top.0.as_str()) {
                 heap.pop();
-                heap.push(ByName(target, *record));
+                heap.push(ByName(target, record.clone()));
             }
         }
         page.more = past_cursor > limit;

@@ -220,6 +220,52 @@ impl Requester {
         Invoke::new(Arc::clone(&self.handle.shared), invocation)
     }
 
+    /// Calls one method on many devices within one deadline
+    /// ([`GroupInvocation`]: a list, a glob over the targets presence
+    /// knows, or a named group) and yields each device's result as it
+    /// comes, then a summary. Nothing is published until it is awaited;
+    /// the requests are out (within [`GroupInvocation::max_in_flight`] at
+    /// a time) once it returns.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use directcall_cloud::{DeviceOutcome, Error, GroupInvocation, Requester};
+    ///
+    /// # async fn run(requester: Requester) -> Result<(), Error> {
+    /// let call = GroupInvocation::matching("Kiosk-*", "reboot", "now")?
+    ///     .online_only(true)
+    ///     .timeout(Duration::from_secs(5));
+    /// let mut results = requester.invoke_group(call).await?;
+    /// while let Some(r) = results.next().await {
+    ///     if r.outcome != DeviceOutcome::Ok {
+    ///         println!("{}: {:?} {:?}", r.target, r.outcome, r.reason);
+    ///     }
+    /// }
+    /// let s = results.summary();
+    /// println!("{} of {} rebooted in {} ms", s.ok, s.total, s.elapsed_ms);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Nothing was published for these:
+    /// - [`Error::Invalid`] for a zero timeout, a bad trace context, a
+    ///   pattern without presence, or a name with `.` on a broker that
+    ///   refuses them;
+    /// - [`Error::Unavailable`] when not connected, [`Error::Closed`] after
+    ///   [`Requester::shutdown`];
+    /// - [`Error::KeyConflict`] when the idempotency key was used for
+    ///   another group call, or its first call still runs.
+    ///
+    /// A device's own failure (an error status, no answer, offline, not in
+    /// the caller's scope) is its [`DeviceResult`](crate::DeviceResult),
+    /// not an error of the call.
+    pub async fn invoke_group(
+        &self,
+        call: crate::GroupInvocation,
+    ) -> Result<crate::GroupCall, Error> {
+        crate::group::start(Arc::clone(&self.handle.shared), call).await
+    }
+
     /// [`Requester::invoke`], saying also whether the outcome is a stored
     /// one, for an error too (the gateway's `Idempotent-Replayed`).
     #[cfg(feature = "gateway")]

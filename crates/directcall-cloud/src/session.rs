@@ -172,6 +172,8 @@ pub(crate) struct Shared {
     /// With a shared store: the reply prefixes of requesters that left,
     /// whose late answers this one takes until when (ms since the epoch).
     adopted: Mutex<HashMap<Prefix, u64>>,
+    /// The group calls running.
+    pub(crate) groups: crate::group::Groups,
 }
 
 /// How long the store may take to give the record a late answer of a
@@ -484,7 +486,17 @@ impl Session for Shared {
 
     fn on_publish_refused(&self, topic: &str, reason: u8) {
         // Only requests are tracked: the topic is a request topic of ours.
+        if let Some(Ok(group)) = directcall_core::GroupTopics::parse_request(topic) {
+            if let Some(state) = self.groups.get(&group.id()) {
+                state.refused(None, reason);
+            }
+            return;
+        }
         if let Ok(call) = CallTopics::parse_request(topic) {
+            if let Some(state) = self.groups.get(&call.id()) {
+                state.refused(Some(call.target()), reason);
+                return;
+            }
             // Counted first, so a caller reading stats after its outcome
             // sees it (refusing wakes the caller).
             self.counters.refused.fetch_add(1, Relaxed);
@@ -542,7 +554,7 @@ impl AnsweredLately {
 impl Shared {
     /// The QoS of a request to `target`: the configured one, or on MQTT 5
     /// by default, 1 unless the target answered within `KNOWN_SUBSCRIBED`.
-    fn request_qos_for(&self, target: &Target) -> QoS {
+    pub(crate) fn request_qos_for(&self, target: &Target) -> QoS {
         match &self.answered_lately {
             Some(lately) => {
                 let known = lately
@@ -638,7 +650,63 @@ impl Shared {
             retention: options.records.unwrap_or_default().retention,
             own_prefix: !options.shared_prefix,
             adopted: Mutex::new(HashMap::new()),
+            groups: crate::group::Groups::default(),
         })
+    }
+
+    /// Whether this speaks MQTT 5.
+    pub(crate) fn is_v5(&self) -> bool {
+        self.v5
+    }
+
+    /// The QoS of a named group's one request: the requests' (on MQTT 5,
+    /// QoS 1, so that a PUBACK says when no member is subscribed).
+    pub(crate) fn group_qos(&self) -> QoS {
+        self.qos
+    }
+
+    /// Strict presence with every retained record in: a target without a
+    /// record is unknown.
+    pub(crate) fn strict_presence_complete(&self) -> bool {
+        match (&self.strict, &self.presence) {
+            (Some(_), Some(p)) => p.snapshot.is_complete(self.link.connects()),
+            _ => false,
+        }
+    }
+
+    /// Everything that refuses a group call before anything is published.
+    pub(crate) fn check_group(&self, call: &crate::group::GroupInvocation) -> Result<(), Error> {
+        if let Some(t) = &call.traceparent {
+            directcall_core::trace::check_traceparent(t)?;
+        }
+        if self.link.refuses_dots() {
+            let mut names: Vec<(Field, &str)> = vec![(Field::Method, call.method.as_str())];
+            match &call.targets {
+                crate::group::Targets::List(list) => {
+                    names.extend(list.iter().map(|t| (Field::Target, t.as_str())));
+                }
+                crate::group::Targets::Group(g) => names.push((Field::Group, g.as_str())),
+                crate::group::Targets::Match { .. } => {}
+            }
+            if let Some((field, _)) = names.iter().find(|(_, n)| n.contains('.')) {
+                return Err(Error::Invalid {
+                    field: *field,
+                    reason:
+                        "contains '.', which the connected broker refuses in topics (NATS does)"
+                            .into(),
+                });
+            }
+        }
+        if self.link.is_stopping() {
+            return Err(Error::Closed);
+        }
+        if !self.link.is_ready() {
+            return Err(Error::Unavailable {
+                cause: Unavailable::NotConnected,
+                last_error: self.link.last_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Everything that refuses a call before an id is made.
@@ -986,6 +1054,10 @@ impl Shared {
         if reply_id != Some(call.id()) {
             self.dropped(Dropped::Mismatched);
             tracing::debug!(topic, "dropped reply: payload id differs from the topic's");
+            return;
+        }
+        if let Some(group) = self.groups.get(&call.id()) {
+            group.reply(&call, answer);
             return;
         }
         let bad = answer.as_ref().err().map(ToString::to_string);
