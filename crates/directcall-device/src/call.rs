@@ -1,4 +1,4 @@
-use directcall_core::{MessageId, Method, Prefix, Target};
+use directcall_core::{Group, MessageId, Method, Prefix, Target};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -19,13 +19,18 @@ use crate::error::HandlerError;
 pub struct MethodCall {
     /// The call's id.
     pub id: MessageId,
-    /// This device.
+    /// This device (for a group request too: the member answering).
     pub target: Target,
     /// The method called.
     pub method: Method,
     /// The calling requester's prefix; `None` for a plain MQTT 5 request
     /// (`{target}/{method}` with a Response Topic), which has none.
     pub prefix: Option<Prefix>,
+    /// *Extension*: the group the request was sent to, when it was sent to
+    /// one of the device's groups rather than to the device
+    /// ([`DeviceOptions::group`](crate::DeviceOptions::group)); `None`
+    /// for a request to the device itself.
+    pub group: Option<Group>,
     /// The caller's value (`request` in the payload; the whole payload of a
     /// plain MQTT 5 request). [`MethodCall::json`] reads it as a type.
     pub request: Value,
@@ -54,6 +59,7 @@ impl MethodCall {
             method: Method::new(method)
                 .unwrap_or_else(|e| panic!("MethodCall::new({method:?}): {e}")),
             prefix: Some(Prefix::default()),
+            group: None,
             request: request.into(),
             timestamp: None,
             timeout_ms: None,
@@ -69,6 +75,17 @@ impl MethodCall {
     pub fn target(mut self, target: &str) -> Self {
         self.target =
             Target::new(target).unwrap_or_else(|e| panic!("MethodCall::target({target:?}): {e}"));
+        self
+    }
+
+    /// The group the call was sent to (default: none, a call to the
+    /// device itself).
+    ///
+    /// # Panics
+    /// When `group` is not a valid topic level.
+    pub fn group(mut self, group: &str) -> Self {
+        self.group =
+            Some(Group::new(group).unwrap_or_else(|e| panic!("MethodCall::group({group:?}): {e}")));
         self
     }
 

@@ -12,10 +12,10 @@ use directcall_core::mqtt::{
     Session, Subscription, Will,
 };
 use directcall_core::recent::RecentIds;
-use directcall_core::topic::device_filter;
+use directcall_core::topic::{device_filter, group_filter, GROUP_ROOT};
 use directcall_core::{
-    BackoffJitter, BrokerOptions, CallTopics, MessageId, Method, PresenceRoot, Receipt,
-    ReplyPayload, RequestPayload, Target,
+    BackoffJitter, BrokerOptions, CallTopics, Group, GroupTopics, MessageId, Method, PresenceRoot,
+    Receipt, ReplyPayload, RequestPayload, Target,
 };
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
@@ -57,12 +57,13 @@ pub const DEFAULT_REQUEST_SUBSCRIPTION_QOS: QoS = QoS::AtLeastOnce;
 ///
 /// ```
 /// use std::time::Duration;
-/// use directcall_device::{BrokerOptions, DeviceOptions, PresenceRoot, Target};
+/// use directcall_device::{BrokerOptions, DeviceOptions, Group, PresenceRoot, Target};
 ///
 /// # fn main() -> Result<(), directcall_device::Error> {
 /// let broker = BrokerOptions::from_url("mqtt://127.0.0.1:1883")?;
 /// let options = DeviceOptions::new(broker, Target::new("VIN123")?)
 ///     .presence(PresenceRoot::default()) // retained online record, last will offline
+///     .group(Group::new("lobby")?) // also answer calls to the group "lobby"
 ///     .max_concurrent(8) // handlers at once; more wait, up to max_queued
 ///     .drain_timeout(Duration::from_secs(2)); // what shutdown lets running handlers take
 /// # let _ = options;
@@ -78,6 +79,7 @@ pub struct DeviceOptions {
     max_queued: usize,
     dedup_capacity: usize,
     presence: Option<PresenceRoot>,
+    groups: Vec<Group>,
     ready_timeout: Duration,
     drain_timeout: Duration,
     any_target: bool,
@@ -103,6 +105,7 @@ impl DeviceOptions {
             max_queued: DEFAULT_MAX_QUEUED,
             dedup_capacity: DEFAULT_DEDUP_CAPACITY,
             presence: None,
+            groups: Vec::new(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             any_target: false,
@@ -178,10 +181,49 @@ impl DeviceOptions {
         self
     }
 
+    /// *Extension*: also answer calls to the named group `group`
+    /// (PROTOCOL.md, "Groups"): a requester publishes one request on
+    /// `directcall/groups/{group}/{method}/{prefix}/{id}`, every member
+    /// runs it as a request to itself (the same router, deduplication,
+    /// deadline and limits) and answers on its own reply topic,
+    /// `{prefix}/{id}/{target}/{method}/ack`. Call it once per group to join
+    /// several; joining a group twice joins it once. Default: no group.
+    ///
+    /// Each group is one more subscription, `directcall/groups/{group}/#`,
+    /// asked for in a SUBSCRIBE of its own after the device's own
+    /// `{target}/#`: [`serve`] returns once that one is granted, and a
+    /// broker that refuses a group's filter (an AWS IoT policy that denies
+    /// it) costs that group only. With [presence](DeviceOptions::presence),
+    /// the device's records list its groups (`"groups": [..]`).
+    ///
+    /// ```
+    /// use directcall_device::{BrokerOptions, DeviceOptions, Group, Target};
+    ///
+    /// # fn main() -> Result<(), directcall_device::Error> {
+    /// let broker = BrokerOptions::from_url("mqtt://127.0.0.1:1883")?;
+    /// let options = DeviceOptions::new(broker, Target::new("Kiosk-7")?)
+    ///     .group(Group::new("lobby")?)
+    ///     .group(Group::new("floor-2")?);
+    /// # let _ = options;
+    /// // A name that is not a topic level is refused with the field it is:
+    /// let e = Group::new("floor/2").map_err(directcall_device::Error::from).unwrap_err();
+    /// assert_eq!(e.to_string(), "invalid group: contains '/'; only A-Z a-z 0-9 _ - . : are allowed");
+    /// # Ok(()) }
+    /// ```
+    pub fn group(mut self, group: Group) -> Self {
+        if !self.groups.contains(&group) {
+            self.groups.push(group);
+        }
+        self
+    }
+
     /// Answer requests addressed to *any* target (subscribing `+/+/+/+`),
     /// each as the target its topic names. For test tooling that must answer
     /// whatever a generator invents; never for a real device, which must
     /// only see its own requests. Default: off.
+    ///
+    /// A group request ([`DeviceOptions::group`]) names no target: such a
+    /// device answers it once, as the target it was made for.
     pub fn any_target(mut self) -> Self {
         self.any_target = true;
         self
@@ -255,6 +297,23 @@ impl DeviceOptions {
     }
 }
 
+/// The presence record a device writes (online, offline, its last will):
+/// `{"online": ..}`, and `"groups": [..]` when it is in any.
+fn presence_record(online: bool, groups: &[Group]) -> String {
+    let mut record = json!({ "online": online });
+    if !groups.is_empty() {
+        record["groups"] = groups.iter().map(Group::as_str).collect();
+    }
+    record.to_string()
+}
+
+/// The group level of a topic under [`GROUP_ROOT`], whatever follows it;
+/// `None` for any other topic.
+fn group_level(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix(GROUP_ROOT)?.strip_prefix('/')?;
+    rest.split('/').next()
+}
+
 /// `broker` with the device's reconnect backoff where it sets none: full
 /// jitter, a 1 s first window, 30 s steps at most (a default window never
 /// wider than a maximum that was set).
@@ -314,6 +373,18 @@ struct ReplyTo {
     correlation: Option<Vec<u8>>,
 }
 
+/// A request whose topic passed, as far as its topic and properties tell.
+struct Received {
+    /// Its topics; for a group request, the member's part of it.
+    call: CallTopics,
+    /// MQTT 5: the Response Topic it named (never a group request's).
+    reply_to: Option<String>,
+    /// The group it was sent to, for a group request.
+    group: Option<Group>,
+    /// From the MQTT 5 user property.
+    traceparent: Option<String>,
+}
+
 /// The user property carrying a W3C trace context.
 const TRACEPARENT: &str = "traceparent";
 
@@ -356,6 +427,7 @@ struct Shared {
     cut: watch::Sender<Cut>,
     draining: AtomicBool,
     presence_topic: Option<String>,
+    groups: Vec<Group>,
     any_target: bool,
     reply_qos: QoS,
     subscription_qos: QoS,
@@ -413,7 +485,7 @@ pub fn start<S>(router: Router<S>, options: DeviceOptions) -> Result<Device, Err
     if let Some(topic) = &presence_topic {
         connection_options = connection_options.will(Will::new(
             topic.clone(),
-            json!({"online": false}).to_string(),
+            presence_record(false, &options.groups),
             QoS::AtLeastOnce,
             true,
         ));
@@ -437,7 +509,8 @@ pub fn start<S>(router: Router<S>, options: DeviceOptions) -> Result<Device, Err
     })
 }
 
-/// Connects as a device, subscribes to `{target}/#` and answers calls with
+/// Connects as a device, subscribes to `{target}/#` (and to the filter of
+/// each of its [groups](DeviceOptions::group)) and answers calls with
 /// `router`'s handlers until the returned [`Device`] is shut down or dropped.
 ///
 /// Each request is answered on its ack topic with a `status`: the handler's
@@ -484,6 +557,11 @@ impl Device {
     /// The target this device answers for.
     pub fn target(&self) -> &Target {
         &self.shared.target
+    }
+
+    /// The groups whose calls it answers too ([`DeviceOptions::group`]).
+    pub fn groups(&self) -> &[Group] {
+        &self.shared.groups
     }
 
     /// Whether the connection is up and subscribed now.
@@ -581,7 +659,12 @@ impl Session for Shared {
         } else {
             device_filter(&self.target)
         };
-        vec![Subscription::new(filter, self.subscription_qos)]
+        // The device's own filter is the essential one; each group's
+        // follows in a SUBSCRIBE of its own.
+        std::iter::once(filter)
+            .chain(self.groups.iter().map(group_filter))
+            .map(|filter| Subscription::new(filter, self.subscription_qos))
+            .collect()
     }
 
     fn on_connected(&self) {
@@ -626,6 +709,7 @@ impl Shared {
             cut: watch::Sender::new(Cut::No),
             draining: AtomicBool::new(false),
             presence_topic,
+            groups: options.groups.clone(),
             any_target: options.any_target,
             reply_qos: options.reply_qos,
             subscription_qos: options.subscription_qos,
@@ -638,7 +722,7 @@ impl Shared {
         if let Some(topic) = &self.presence_topic {
             self.link.publish_or_queue(
                 topic.clone(),
-                json!({ "online": online }).to_string(),
+                presence_record(online, &self.groups),
                 QoS::AtLeastOnce,
                 true,
             );
@@ -676,6 +760,15 @@ impl Shared {
 
     fn on_request(self: &Arc<Self>, topic: &str, payload: &[u8], props: Option<&Properties>) {
         let (c, m) = (&self.counters, &self.metrics);
+        let traceparent = props
+            .and_then(|p| p.user_property(TRACEPARENT))
+            .map(str::to_owned);
+        // A topic under the group root is a group request and never one
+        // to a target, whatever filter it came through.
+        if let Some(group) = group_level(topic) {
+            self.on_group_request(topic, group, payload, traceparent);
+            return;
+        }
         c.received.fetch_add(1, Relaxed);
         // MQTT 5: answer where the request asks (its Response Topic), with
         // its Correlation Data.
@@ -683,9 +776,6 @@ impl Shared {
             .and_then(|p| p.response_topic.as_deref())
             .filter(|t| valid_response_topic(t));
         let correlation = props.and_then(|p| p.correlation_data.clone());
-        let traceparent = props
-            .and_then(|p| p.user_property(TRACEPARENT))
-            .map(str::to_owned);
         let call = match CallTopics::parse_request(topic) {
             Ok(call) if self.any_target || *call.target() == self.target => call,
             _ => {
@@ -713,6 +803,72 @@ impl Shared {
             id: Some(call.id()),
             correlation,
         };
+        let received = Received {
+            call,
+            reply_to: response_topic.map(str::to_owned),
+            group: None,
+            traceparent,
+        };
+        self.on_call(to, received, payload);
+    }
+
+    /// A message on `directcall/groups/{group}/...`. One of the device's
+    /// groups: run as a request to the device itself, answered on its own
+    /// reply topic, never on a Response Topic, which would be the same for
+    /// every member. Another group's (a device named `directcall` sees
+    /// them all through `directcall/#`; a persistent session may keep a
+    /// group the device has left): not for this device, dropped uncounted.
+    fn on_group_request(
+        self: &Arc<Self>,
+        topic: &str,
+        group: &str,
+        payload: &[u8],
+        traceparent: Option<String>,
+    ) {
+        let (c, m) = (&self.counters, &self.metrics);
+        if !self.groups.iter().any(|g| g.as_str() == group) {
+            tracing::debug!(topic, "ignored: a request to a group this device is not in");
+            return;
+        }
+        c.received.fetch_add(1, Relaxed);
+        let parsed = GroupTopics::parse_request(topic).map(|parsed| {
+            let g = parsed?;
+            Ok::<_, directcall_core::Error>((g.member(self.target.clone())?, g.group().clone()))
+        });
+        let (call, group) = match parsed {
+            Some(Ok(parsed)) => parsed,
+            other => {
+                // No reply topic can be made from a broken topic.
+                self.count(&c.malformed, &m.malformed);
+                let reason = other.and_then(Result::err).map(|e| e.to_string());
+                tracing::debug!(topic, reason, "ignored: not a group request topic");
+                return;
+            }
+        };
+        let to = ReplyTo {
+            topic: call.reply_topic(),
+            id: Some(call.id()),
+            correlation: None,
+        };
+        let received = Received {
+            call,
+            reply_to: None,
+            group: Some(group),
+            traceparent,
+        };
+        self.on_call(to, received, payload);
+    }
+
+    /// A request whose topic passed: checked, deduplicated, run and
+    /// answered at `to`.
+    fn on_call(self: &Arc<Self>, to: ReplyTo, received: Received, payload: &[u8]) {
+        let (c, m) = (&self.counters, &self.metrics);
+        let Received {
+            call,
+            reply_to,
+            group,
+            traceparent,
+        } = received;
         // Everything that refuses a message comes before its id is marked
         // as seen: a malformed first delivery must not suppress a later
         // well-formed one.
@@ -741,12 +897,12 @@ impl Shared {
         };
         if !lock(&self.seen).insert(call.id(), ()) {
             self.count(&c.duplicates, &m.duplicates);
-            tracing::debug!(topic, "dropped: duplicate request");
+            tracing::debug!(id = %call.id(), "dropped: duplicate request");
             return;
         }
         if self.is_expired(&request) {
             self.count(&c.expired, &m.expired);
-            tracing::debug!(topic, "dropped: past its deadline");
+            tracing::debug!(id = %call.id(), "dropped: past its deadline");
             return;
         }
         let method_call = MethodCall {
@@ -754,10 +910,11 @@ impl Shared {
             target: call.target().clone(),
             method: call.method().clone(),
             prefix: Some(call.prefix().clone()),
+            group,
             request: request.request,
             timestamp: request.timestamp,
             timeout_ms: request.timeout_ms,
-            reply_to: response_topic.map(str::to_owned),
+            reply_to,
             traceparent: traceparent.or(request.traceparent),
         };
         self.dispatch(to, method_call, request.receipt);
@@ -804,6 +961,7 @@ impl Shared {
             target,
             method,
             prefix: None,
+            group: None,
             request,
             timestamp: None,
             timeout_ms: None,
@@ -984,8 +1142,13 @@ mod tests {
             Target::new("car").unwrap(),
         )
         .drain_timeout(drain_timeout);
+        idle_device_with(router, options)
+    }
+
+    /// A device serving `router` with `options`, as [`idle_device`].
+    fn idle_device_with(router: Router, options: DeviceOptions) -> (Device, Connection) {
         let connection = Connection::new(
-            ConnectionOptions::new(options.broker.clone(), "car")
+            ConnectionOptions::new(options.broker.clone(), options.target.as_str())
                 .capacity(options.max_concurrent + options.max_queued),
         )
         .unwrap();
@@ -993,7 +1156,7 @@ mod tests {
         let device = Device {
             shared,
             driver: None,
-            drain_timeout,
+            drain_timeout: options.drain_timeout,
         };
         (device, connection)
     }
@@ -1133,6 +1296,101 @@ mod tests {
                 Some(Duration::from_millis(500)),
                 Some(BackoffJitter::UpperHalf)
             )
+        );
+    }
+    #[test]
+    fn the_presence_records_list_the_groups_when_there_are_any() {
+        assert_eq!(presence_record(true, &[]), r#"{"online":true}"#);
+        assert_eq!(presence_record(false, &[]), r#"{"online":false}"#);
+        let groups = [Group::new("lobby").unwrap(), Group::new("floor-2").unwrap()];
+        let record: Value = serde_json::from_str(&presence_record(true, &groups)).unwrap();
+        assert_eq!(
+            record,
+            json!({"online": true, "groups": ["lobby", "floor-2"]})
+        );
+        // What a requester reads back from it.
+        let root = PresenceRoot::default();
+        let car = Target::new("car").unwrap();
+        let event = directcall_core::presence::parse_directcall(
+            &root,
+            &root.topic(&car),
+            presence_record(false, &groups).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            (event.online, event.groups),
+            (Some(false), Some(groups.to_vec()))
+        );
+    }
+
+    /// A device named `directcall` sees every group's requests through its
+    /// `directcall/#`: it runs its own groups' and a call to itself, and
+    /// drops the others' without counting them; a member counts a broken
+    /// group topic as malformed.
+    #[tokio::test(start_paused = true)]
+    async fn a_group_request_runs_as_a_request_to_the_device_and_other_groups_are_ignored() {
+        let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let router = Router::with_state(Arc::clone(&ran)).method_with_state(
+            "honk",
+            |call, ran| async move {
+                lock(&ran).push((call.target.clone(), call.group.clone()));
+                Ok("honked")
+            },
+        );
+        let options = DeviceOptions::new(
+            BrokerOptions::new("127.0.0.1", 1),
+            Target::new("directcall").unwrap(),
+        )
+        .group(Group::new("g1").unwrap())
+        .group(Group::new("g1").unwrap());
+        let (device, _connection) = idle_device_with(router.into_stateless(), options);
+        assert_eq!(device.groups(), [Group::new("g1").unwrap()], "joined once");
+        let shared = Arc::clone(&device.shared);
+        let filters: Vec<String> = shared
+            .subscriptions()
+            .into_iter()
+            .map(|s| s.filter)
+            .collect();
+        assert_eq!(filters, ["directcall/#", "directcall/groups/g1/#"]);
+        let group_call = |group: &str| {
+            let g = GroupTopics::new(
+                Group::new(group).unwrap(),
+                Method::new("honk").unwrap(),
+                directcall_core::Prefix::default(),
+                MessageId::new(),
+            )
+            .unwrap();
+            let payload = json!({"id": g.id().to_string(), "request": null});
+            shared.on_request(&g.request_topic(), payload.to_string().as_bytes(), None);
+        };
+        group_call("g1");
+        group_call("g2");
+        let own = CallTopics::new(
+            Target::new("directcall").unwrap(),
+            Method::new("honk").unwrap(),
+            directcall_core::Prefix::default(),
+            MessageId::new(),
+        )
+        .unwrap();
+        let payload = json!({"id": own.id().to_string(), "request": null});
+        shared.on_request(&own.request_topic(), payload.to_string().as_bytes(), None);
+        for broken in [
+            "directcall/groups/g1/honk",
+            "directcall/groups/g1/honk/p/not-an-id",
+            "directcall/groups/g2/honk",
+        ] {
+            shared.on_request(broken, b"{}", None);
+        }
+        let s = device.stats();
+        assert_eq!(
+            (s.received, s.executed, s.malformed, s.replied),
+            (4, 2, 2, 2),
+            "g2's requests are not the device's business"
+        );
+        let me = Target::new("directcall").unwrap();
+        assert_eq!(
+            *lock(&ran),
+            [(me.clone(), Some(Group::new("g1").unwrap())), (me, None)]
         );
     }
 }

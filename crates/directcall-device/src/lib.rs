@@ -150,8 +150,8 @@ pub use device::{
 };
 pub use directcall_core::mqtt::{ConnectionError, QoS, SetupError};
 pub use directcall_core::{
-    BrokerOptions, Field, MessageId, Method, MqttVersion, Prefix, PresenceRoot, Target, TlsOptions,
-    Transport,
+    BrokerOptions, Field, Group, MessageId, Method, MqttVersion, Prefix, PresenceRoot, Target,
+    TlsOptions, Transport,
 };
 pub use error::{Error, HandlerError, Unavailable};
 pub use handler::{handler_fn, Handler, HandlerFn, IntoAnswer};
