@@ -195,6 +195,21 @@ impl Connection {
         Ok(self.sender.send_request(request).await?)
     }
 
+    /// Sends any request and returns once the response's head is in, its
+    /// body unread: to read a streamed answer (NDJSON) as it comes.
+    ///
+    /// # Errors
+    /// [`HttpError`] when the request cannot be built or the connection fails.
+    pub async fn send_streaming(
+        &mut self,
+        method: &str,
+        path_and_query: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, HttpError> {
+        self.request(method, path_and_query, headers, body).await
+    }
+
     /// Sends any request and reads the whole response.
     ///
     /// # Errors

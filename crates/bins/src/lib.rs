@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod group_cli;
 pub mod http_client;
 #[cfg(feature = "lambda")]
 pub mod lambda;

@@ -149,8 +149,11 @@ struct InvokeArgs {
 
 #[derive(Debug, Args)]
 struct CallArgs {
-    /// The URL, e.g. 'http://127.0.0.1:8080/invoke?request=r&method=m&target=Device001&timeout=3'.
+    /// The URL, e.g. 'http://127.0.0.1:8080/invoke?request=r&method=m&target=Device001&timeout=3';
+    /// with --targets or --group, the method to run on every device.
     url: String,
+    #[command(flatten)]
+    group: directcall_bins::group_cli::GroupArgs,
     /// API token, sent as `Authorization: Bearer <token>`.
     #[arg(long, env = "DIRECTCALL_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -426,6 +429,23 @@ fn invoke_exit_code(reply: &HttpReply) -> u8 {
 
 async fn call(args: CallArgs) -> ExitCode {
     let mut headers = Vec::new();
+    if args.group.is_group() {
+        if let Some(token) = &args.token {
+            headers.push(("authorization".into(), format!("Bearer {token}")));
+        }
+        for h in &args.headers {
+            match h.split_once(':') {
+                Some((name, value)) => {
+                    headers.push((name.trim().to_owned(), value.trim().to_owned()));
+                }
+                None => {
+                    eprintln!("directcall: --header {h:?} is not `Name: value`");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        return directcall_bins::group_cli::run(&args.group, &args.url, headers).await;
+    }
     for h in &args.headers {
         match h.split_once(':') {
             Some((name, value)) => headers.push((name.trim().to_owned(), value.trim().to_owned())),
