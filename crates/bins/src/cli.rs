@@ -390,8 +390,11 @@ pub struct RequesterArgs {
     #[arg(long, env = "DIRECTCALL_DELIVERY_RECEIPTS")]
     pub delivery_receipts: bool,
     /// Where call records and idempotency keys live: `memory` (this
-    /// process), or `redis://host:port/db`, shared by every gateway and
-    /// Lambda using it.
+    /// process), or `redis://host:port/db` (`rediss://` over TLS), or the
+    /// master that Redis Sentinels name,
+    /// `redis+sentinel://[:password@]host:26379[,host:26379...]/NAME[/db]`
+    /// (`rediss+sentinel://` over TLS), shared by every gateway and Lambda
+    /// using it.
     #[arg(
         long,
         env = "DIRECTCALL_STORE",
@@ -403,8 +406,8 @@ pub struct RequesterArgs {
     /// --store.
     #[arg(long, env = "DIRECTCALL_STORE_FILE")]
     pub store_file: Option<PathBuf>,
-    /// For a rediss:// store: the CA (PEM) its server certificate must
-    /// chain to [default: the system's roots].
+    /// For a rediss:// or rediss+sentinel:// store: the CA (PEM) the
+    /// servers' certificates must chain to [default: the system's roots].
     #[arg(long, env = "DIRECTCALL_STORE_CA")]
     pub store_ca: Option<PathBuf>,
 }
@@ -474,7 +477,7 @@ impl RequesterArgs {
         };
         match store.as_str() {
             "memory" => {}
-            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+            url if STORE_SCHEMES.iter().any(|s| url.starts_with(s)) => {
                 if self.record_retention == 0 {
                     return Err(ConfigError::Conflict(
                         "--store redis://… shares call records: it needs --record-retention above 0"
@@ -488,7 +491,7 @@ impl RequesterArgs {
             }
             _ => {
                 return Err(ConfigError::Conflict(format!(
-                    "--store {}: give `memory` or a redis:// URL",
+                    "--store {}: give `memory`, a redis:// (rediss://) URL, or redis+sentinel://HOST:26379/NAME (rediss+sentinel://)",
                     redact_url(&store)
                 )))
             }
@@ -755,20 +758,24 @@ async fn fetch_jwks(source: &str) -> Result<String, JwksError> {
 }
 
 /// `url` without a user, password or query (they may hold secrets).
+/// Everything up to the last `@` goes, so a password with an unescaped
+/// `/`, `?` or `#` in it goes too.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
     let rest = rest.split(['?', '#']).next().unwrap_or_default();
-    let rest = match rest.split_once('/') {
-        Some((authority, path)) => {
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            format!("{host}/{path}")
-        }
-        None => rest.rsplit_once('@').map_or(rest, |(_, h)| h).to_owned(),
-    };
     format!("{scheme}://{rest}")
 }
+
+/// What `--store` takes besides `memory`.
+const STORE_SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+];
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -923,5 +930,27 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("cannot be used with"), "{e}");
+    }
+
+    #[test]
+    fn a_sentinel_store_is_taken_and_shown_without_its_password() {
+        let options = |store: &str| {
+            let flags = parse(&["--store", store]);
+            let broker = flags.broker.resolve().unwrap();
+            flags.requester.options(&broker)
+        };
+        for store in [
+            "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26379/mymaster/0",
+            "rediss+sentinel://s1:26379/mymaster",
+        ] {
+            assert_eq!(options(store).unwrap().get_store(), Some(store));
+        }
+        let e = options("redis+sentinal://:s3/cr?et@s1:26379/mymaster").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--store redis+sentinal://s1:26379/mymaster: give"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("s3"), "{e}");
     }
 }

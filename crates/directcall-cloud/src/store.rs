@@ -12,6 +12,9 @@ use uuid::Uuid;
 
 use crate::records::CallRecord;
 
+#[cfg(feature = "redis")]
+mod sentinel;
+
 /// Why a shared store's operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -25,6 +28,15 @@ pub(crate) enum StoreError {
         /// Why.
         #[source]
         source: redis::RedisError,
+    },
+    /// A store URL that does not parse.
+    #[cfg(feature = "redis")]
+    #[error("{url}: {reason}")]
+    Url {
+        /// Which, without its password.
+        url: String,
+        /// Why.
+        reason: String,
     },
     /// A record did not encode, or a stored one did not decode.
     #[error("a call record: {0}")]
@@ -55,21 +67,16 @@ pub(crate) enum StoreError {
     },
 }
 
-/// `url` with its password (and user) left out: for logs and errors.
+/// `url` with its password (and user) and query left out: for logs and
+/// errors. Everything up to the last `@` goes, so a password with an
+/// unescaped `/`, `?` or `#` in it goes too.
 pub(crate) fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    if path.is_empty() {
-        format!("{scheme}://{host}")
-    } else {
-        format!("{scheme}://{host}/{path}")
-    }
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    format!("{scheme}://{}", rest.trim_end_matches('/'))
 }
 
 /// What a shared store does.
@@ -257,9 +264,22 @@ pub const STORE_KEY_PREFIX: &str = "directcall:v1:";
 /// late answers are taken, in ms since the Unix epoch).
 #[cfg(feature = "redis")]
 pub(crate) struct RedisStore {
-    client: redis::Client,
+    server: Server,
     url: String,
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    /// The connection in use, made on first use; through Sentinel, dropped
+    /// when the master seems to have moved.
+    conn: std::sync::Arc<sentinel::Slot>,
+    /// One operation at a time makes the connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// Which server a [`RedisStore`] talks to.
+#[cfg(feature = "redis")]
+enum Server {
+    /// One at a fixed address.
+    Fixed(redis::Client),
+    /// The master its sentinels name, asked again after it fails.
+    Sentinel(sentinel::Sentinels),
 }
 
 #[cfg(feature = "redis")]
@@ -275,11 +295,37 @@ impl std::fmt::Debug for RedisStore {
 #[cfg(feature = "redis")]
 impl RedisStore {
     /// A store at `url` (`redis://host:port/db`, `rediss://` for TLS,
-    /// verified against `ca` (PEM) or else the system's roots); connects
-    /// on first use.
+    /// verified against `ca` (PEM) or else the system's roots), or the
+    /// master its sentinels name (`redis+sentinel://`, `rediss+sentinel://`);
+    /// connects on first use.
     pub(crate) fn new(url: &str, ca: Option<&[u8]>) -> Result<Self, StoreError> {
         let url_redacted = redacted(url);
-        let opened = match ca {
+        let failed = |source| StoreError::Redis {
+            url: url_redacted.clone(),
+            source,
+        };
+        let server = match sentinel::SentinelUrl::parse(url) {
+            Err(reason) => {
+                return Err(StoreError::Url {
+                    url: url_redacted,
+                    reason,
+                })
+            }
+            Ok(Some(sentinels)) => {
+                Server::Sentinel(sentinel::Sentinels::new(sentinels, ca).map_err(failed)?)
+            }
+            Ok(None) => Server::Fixed(Self::client(url, ca).map_err(failed)?),
+        };
+        Ok(RedisStore {
+            server,
+            url: url_redacted,
+            conn: std::sync::Arc::default(),
+            connecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn client(url: &str, ca: Option<&[u8]>) -> Result<redis::Client, redis::RedisError> {
+        match ca {
             Some(ca) => redis::Client::build_with_tls(
                 url,
                 redis::TlsCertificates {
@@ -288,16 +334,7 @@ impl RedisStore {
                 },
             ),
             None => redis::Client::open(url),
-        };
-        let client = opened.map_err(|source| StoreError::Redis {
-            url: url_redacted.clone(),
-            source,
-        })?;
-        Ok(RedisStore {
-            client,
-            url: url_redacted,
-            conn: tokio::sync::OnceCell::new(),
-        })
+        }
     }
 
     fn failed(&self, source: redis::RedisError) -> StoreError {
@@ -307,22 +344,37 @@ impl RedisStore {
         }
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
-        self.conn
-            .get_or_try_init(|| async {
-                // One quick retry, not the client's default six with delays
-                // doubling to 6.4 s: a store that is down is skipped by the
-                // callers (Bounded), and asked again on the next operation.
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Duration::from_secs(2))
-                    .set_response_timeout(Duration::from_secs(2))
-                    .set_number_of_retries(1)
-                    .set_max_delay(200);
-                redis::aio::ConnectionManager::new_with_config(self.client.clone(), config).await
-            })
+    async fn conn(&self) -> Result<sentinel::Conn, StoreError> {
+        let conn = |(number, manager)| match self.server {
+            Server::Fixed(_) => sentinel::Conn::fixed(manager),
+            Server::Sentinel(_) => {
+                sentinel::Conn::watched(manager, std::sync::Arc::clone(&self.conn), number)
+            }
+        };
+        if let Some(made) = self.conn.get() {
+            return Ok(conn(made));
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(made) = self.conn.get() {
+            return Ok(conn(made));
+        }
+        let client = match &self.server {
+            Server::Fixed(client) => client.clone(),
+            Server::Sentinel(sentinels) => sentinels.master().await.map_err(|e| self.failed(e))?,
+        };
+        // One quick retry, not the client's default six with delays
+        // doubling to 6.4 s: a store that is down is skipped by the
+        // callers (Bounded), and asked again on the next operation.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_number_of_retries(1)
+            .set_max_delay(200);
+        let manager = redis::aio::ConnectionManager::new_with_config(client, config)
             .await
-            .cloned()
-            .map_err(|e| self.failed(e))
+            .map_err(|e| self.failed(e))?;
+        let number = self.conn.set(manager.clone());
+        Ok(conn((number, manager)))
     }
 }
 
@@ -447,8 +499,23 @@ mod tests {
                 "redis://127.0.0.1:6379/2",
             ),
             ("not a url", "not a url"),
+            (
+                "redis+sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26379/mymaster/1",
+                "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/1",
+            ),
+            (
+                "rediss+sentinel://app:s3cret@s1,s2/cache",
+                "rediss+sentinel://s1,s2/cache",
+            ),
+            // Unescaped, as people paste them.
+            ("redis://:s3/cr?et@cache:6379/0", "redis://cache:6379/0"),
+            (
+                "redis+sentinel://:s3c@r/et@s1:26379/mymaster",
+                "redis+sentinel://s1:26379/mymaster",
+            ),
         ] {
             assert_eq!(redacted(url), shown);
+            assert!(!redacted(url).contains("s3"), "{url}");
         }
     }
 }

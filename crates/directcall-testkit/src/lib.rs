@@ -8,7 +8,8 @@
 //! Mosquitto process started from the `mosquitto` binary on a free port
 //! (never the machine's 1883), and [`Raw`] is a bare MQTT client, what a device of the AWS sample,
 //! a requester of its kind or a hostile peer would be. [`NatsCluster`] and [`RedisServer`]
-//! start private `nats-server` and `redis-server` processes the same way.
+//! start private `nats-server` and `redis-server` processes the same way
+//! (replicas, and a [`RedisSentinel`] watching them, too).
 //!
 //! A test that needs a program from outside (a server, a client, a
 //! browser) skips in one way, [`Program::or_skip`]: loudly when it is
@@ -51,7 +52,7 @@ pub use program::{required, Program};
 pub use raw::Raw;
 pub use raw_pair::{Legs, RawCallError, RawPair, RawPairError};
 pub use raw_puback::RawPuback;
-pub use redis::RedisServer;
+pub use redis::{RedisSentinel, RedisServer};
 pub use relay::Relay;
 
 use directcall_core::broker::{BrokerOptions, MqttVersion};
