@@ -1,7 +1,8 @@
 //! Call records and idempotency keys shared through a real Redis (started
 //! by the test on a free port): two gateway replicas answer for each
 //! other's calls, a retry through the other replica joins the first call,
-//! and records expire.
+//! and records expire. Through Redis Sentinel, the replicas follow the
+//! master it promotes.
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use crate::common::*;
 use crate::e2e;
 use directcall_device::Router;
-use directcall_testkit::{program, RedisServer};
+use directcall_testkit::{program, RedisSentinel, RedisServer};
 use serde_json::json;
 
 fn redis() -> Option<RedisServer> {
@@ -127,6 +128,19 @@ async fn a_bad_store_is_refused_at_start() {
         "postgres://x",
     ]);
     assert!(err.contains("--store postgres://x"), "{err}");
+
+    // A sentinel URL that names no master: refused, without its password.
+    let err = e2e::refused(&[
+        "serve",
+        "--broker",
+        &b.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        "redis+sentinel://:s3cret@127.0.0.1:26379",
+    ]);
+    assert!(err.contains("names no master"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
 }
 
 /// A device that counts its runs of `unlock` by call id.
@@ -360,4 +374,213 @@ async fn records_are_shared_over_rediss_verified_against_the_store_ca() {
             .then_some(())
     })
     .await;
+}
+
+/// `master`, its replica and a sentinel watching them, the sentinel
+/// knowing the replica (so that it can promote it).
+fn with_replica_and_sentinel(master: RedisServer) -> (RedisServer, RedisServer, RedisSentinel) {
+    let replica = RedisServer::start_replica_of(&master)
+        .expect("a replica starts and syncs")
+        .expect("redis-server is installed");
+    let sentinel = RedisSentinel::start(&master, "mymaster")
+        .expect("a sentinel starts and learns the replica")
+        .expect("redis-server is installed");
+    (master, replica, sentinel)
+}
+
+/// One call through `a`, its record then read through `b`, all within
+/// `secs`: a call made while the store is away may never reach it (its
+/// write fails), so each try is a new call.
+async fn shared_within(secs: u64, what: &str, car: &str, a: &str, b: &str) -> serde_json::Value {
+    wait_for(secs, what, || async {
+        let (status, body) = e2e::get(&format!(
+            "{a}/invoke?request=r&method=windows_down&target={car}&timeout=5"
+        ))
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let id = body["id"].as_str().unwrap().to_owned();
+        let read = format!("{b}/v1/calls/{id}");
+        for _ in 0..10 {
+            let (status, record) = e2e::get(&read).await;
+            if status == 200 {
+                return Some(record);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    })
+    .await
+}
+
+/// Waits (30 s at most) until the sentinel names `replica` as the master;
+/// how long that took.
+async fn promoted(sentinel: &RedisSentinel, replica: &RedisServer) -> Duration {
+    let started = std::time::Instant::now();
+    let replica = std::net::SocketAddr::from(([127, 0, 0, 1], replica.port()));
+    wait_for(30, "the sentinel promoting the replica", || async {
+        (sentinel.master().ok().flatten() == Some(replica)).then_some(())
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Redis behind a Sentinel (`--store redis+sentinel://`): two gateways
+/// share records through the master the sentinel names; the master
+/// killed, the sentinel promotes its replica, and both gateways follow it
+/// with no restart (each drops its connection to the old master and asks
+/// the sentinel again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_follow_the_master_a_sentinel_promotes_after_a_kill() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(master) = redis() else { return };
+    let (mut master, replica, sentinel) = with_replica_and_sentinel(master);
+    let store = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port());
+    let car = unique("car");
+    let _device = device(&b, &car, car_router()).await;
+    let flags = ["--store", store.as_str()];
+    let (_a, a) = e2e::gateway(&b.url(), &flags).await;
+    let (_b, bb) = e2e::gateway(&b.url(), &flags).await;
+    e2e::wait_health(&a, 200).await;
+    e2e::wait_health(&bb, 200).await;
+    let record = shared_within(10, "A's call readable through B", &car, &a, &bb).await;
+    assert_eq!(record["state"], "answered", "{record}");
+
+    master.kill();
+    let killed = std::time::Instant::now();
+    let failover = promoted(&sentinel, &replica).await;
+    let record = shared_within(
+        20,
+        "A's call readable through B after the failover",
+        &car,
+        &a,
+        &bb,
+    )
+    .await;
+    assert_eq!(record["state"], "answered", "{record}");
+    eprintln!(
+        "master killed: the sentinel named the replica after {} ms, records shared again after {} ms",
+        failover.as_millis(),
+        killed.elapsed().as_millis()
+    );
+}
+
+/// The master frozen (SIGSTOP: connections open, nothing answered) rather
+/// than killed, as a master cut off by the network would be: the gateways
+/// follow the replica the sentinel promotes all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_follow_the_master_a_sentinel_promotes_after_a_freeze() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let Some(master) = redis() else { return };
+    let (master, replica, sentinel) = with_replica_and_sentinel(master);
+    let store = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port());
+    let car = unique("car");
+    let _device = device(&b, &car, car_router()).await;
+    let flags = ["--store", store.as_str()];
+    let (_a, a) = e2e::gateway(&b.url(), &flags).await;
+    let (_b, bb) = e2e::gateway(&b.url(), &flags).await;
+    e2e::wait_health(&a, 200).await;
+    e2e::wait_health(&bb, 200).await;
+    shared_within(10, "A's call readable through B", &car, &a, &bb).await;
+
+    master.freeze();
+    let frozen = std::time::Instant::now();
+    let failover = promoted(&sentinel, &replica).await;
+    let record = shared_within(
+        20,
+        "A's call readable through B after the failover",
+        &car,
+        &a,
+        &bb,
+    )
+    .await;
+    assert_eq!(record["state"], "answered", "{record}");
+    eprintln!(
+        "master frozen: the sentinel named the replica after {} ms, records shared again after {} ms",
+        failover.as_millis(),
+        frozen.elapsed().as_millis()
+    );
+    master.thaw();
+}
+
+/// Sentinel over TLS (`rediss+sentinel://`, `--store-ca`): the sentinel
+/// and the servers it names are reached over TLS, their certificates
+/// checked against the CA; records are shared, and follow the replica the
+/// sentinel promotes once the master is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_follow_the_master_a_sentinel_promotes_over_tls() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let (Some(pki), Some(stranger)) = (
+        crate::common::pki::Pki::new("sentinel-tls"),
+        crate::common::pki::Pki::new("sentinel-tls-stranger"),
+    ) else {
+        return;
+    };
+    pki.issue("localhost");
+    let Some(master) = program::REDIS_SERVER.or_skip(
+        RedisServer::start_tls(
+            &pki.dir.join("localhost.pem"),
+            &pki.dir.join("localhost.key"),
+            &pki.dir.join("ca.pem"),
+        )
+        .expect("redis-server starts with TLS"),
+    ) else {
+        return;
+    };
+    let (mut master, replica, sentinel) = with_replica_and_sentinel(master);
+    let store = format!("rediss+sentinel://127.0.0.1:{}/mymaster", sentinel.port());
+    let ca = pki.path("ca.pem");
+    let car = unique("car");
+    let _device = device(&b, &car, car_router()).await;
+    let flags = ["--store", store.as_str(), "--store-ca", ca.as_str()];
+    let (_a, a) = e2e::gateway(&b.url(), &flags).await;
+    let (_b, bb) = e2e::gateway(&b.url(), &flags).await;
+    e2e::wait_health(&a, 200).await;
+    e2e::wait_health(&bb, 200).await;
+    shared_within(10, "A's call readable through B", &car, &a, &bb).await;
+
+    // A CA that did not sign the certificates: the store fails, the call
+    // does not.
+    let wrong = stranger.path("ca.pem");
+    let (_c, c, logs) = e2e::gateway_logged(
+        &b.url(),
+        &["--store", store.as_str(), "--store-ca", wrong.as_str()],
+    )
+    .await;
+    e2e::wait_health(&c, 200).await;
+    let (status, body) = e2e::get(&format!(
+        "{c}/invoke?request=r&method=windows_down&target={car}&timeout=5"
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(15, "the store's TLS failure logged", || async {
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("shared store"))
+            .then_some(())
+    })
+    .await;
+
+    master.kill();
+    let killed = std::time::Instant::now();
+    let failover = promoted(&sentinel, &replica).await;
+    shared_within(
+        20,
+        "A's call readable through B after the failover",
+        &car,
+        &a,
+        &bb,
+    )
+    .await;
+    eprintln!(
+        "over TLS, master killed: the sentinel named the replica after {} ms, records shared again after {} ms",
+        failover.as_millis(),
+        killed.elapsed().as_millis()
+    );
 }
