@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use directcall_core::{Method, PresenceRoot, Target};
+use directcall_core::{Group, Method, PresenceRoot, Target};
 use directcall_device::{serve, Device, DeviceOptions, Handler, HandlerError, MethodCall, Router};
 use serde_json::Value;
 
@@ -23,6 +23,9 @@ pub struct SimOptions {
     pub methods: Option<Vec<Method>>,
     /// Publish presence (retained online record and last will).
     pub presence: bool,
+    /// Groups every device joins (`DeviceOptions::group`): each answers
+    /// the calls to each of them too, and its presence record lists them.
+    pub groups: Vec<Group>,
     /// Answer requests to every target (test tooling; see `DeviceOptions::any_target`).
     pub any_target: bool,
     /// QoS of reply publishes (`None`: the device's default).
@@ -130,6 +133,9 @@ pub async fn start(
         }
         if options.any_target {
             device_options = device_options.any_target();
+        }
+        for group in &options.groups {
+            device_options = device_options.group(group.clone());
         }
         if let Some(qos) = options.reply_qos {
             device_options = device_options.reply_qos(qos);

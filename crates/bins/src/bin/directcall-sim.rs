@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use directcall_bins::cli::BrokerArgs;
 use directcall_bins::sim::{self, SimOptions};
-use directcall_core::{Method, Target};
+use directcall_core::{Group, Method, Target};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +42,16 @@ struct Cli {
     /// Publish presence: a retained online record and a last will.
     #[arg(long, env = "DIRECTCALL_SIM_PRESENCE")]
     presence: bool,
+    /// A group every device joins: each answers the calls to it too, and
+    /// its presence record lists it. Repeat it for several groups (the
+    /// variable takes them comma-separated).
+    #[arg(
+        long = "group",
+        value_name = "NAME",
+        env = "DIRECTCALL_SIM_GROUPS",
+        value_delimiter = ','
+    )]
+    groups: Vec<String>,
     /// Answer requests to every target, each as the target addressed: for
     /// contract tests whose targets are generated (not a real device's mode).
     #[arg(long, env = "DIRECTCALL_SIM_ANY_TARGET", conflicts_with = "presence")]
@@ -113,12 +123,18 @@ async fn run(cli: Cli) -> Result<(), directcall_bins::cli::BoxError> {
                 .collect::<Result<Vec<_>, _>>()?,
         )
     };
+    let groups = cli
+        .groups
+        .iter()
+        .map(|g| Group::new(g.as_str()).map_err(|e| format!("--group: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut options = SimOptions::default();
     options.latency = Duration::from_millis(cli.latency_ms);
     options.jitter = Duration::from_millis(cli.jitter_ms);
     options.fail_rate = cli.fail_rate;
     options.methods = methods;
     options.presence = cli.presence;
+    options.groups = groups;
     options.any_target = cli.any_target;
     options.echo = cli.echo;
     options.max_concurrent = Some(cli.max_concurrent.max(1));

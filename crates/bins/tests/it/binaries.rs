@@ -505,6 +505,81 @@ async fn the_simulator_knobs() {
     );
 }
 
+/// `directcall-sim --group`: every simulated device joins each group, its
+/// presence record lists them, and a group call from the library (one
+/// publish on the group's topic) is answered by each, on its own reply
+/// topic, as the presence records promised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_devices_join_their_groups_and_say_so_in_presence() {
+    let e = EmbeddedBroker::start(None).expect("embedded broker");
+    let broker = match directcall_testkit::mqtt_version() {
+        directcall_core::MqttVersion::V5 => e.options_v5(),
+        _ => e.options(),
+    };
+    let prefix = directcall_testkit::unique("Kiosk");
+    let _fleet = sim(
+        &broker.url(),
+        &[
+            "--devices",
+            "3",
+            "--id-prefix",
+            &prefix,
+            "--presence",
+            "--group",
+            "lobby",
+            "--group",
+            "floor-2",
+        ],
+    );
+    let names: BTreeSet<String> = (1..=3).map(|i| format!("{prefix}{i:03}")).collect();
+    let mut watcher =
+        directcall_testkit::Raw::connect(&e.options(), &directcall_testkit::unique("watcher"))
+            .await;
+    watcher.subscribe("directcall/presence/+").await;
+    let mut records = BTreeSet::new();
+    for _ in 0..3 {
+        let (topic, record) = watcher.next().await;
+        assert_eq!(
+            record,
+            json!({"online": true, "groups": ["lobby", "floor-2"]}),
+            "{topic}"
+        );
+        records.insert(topic.trim_start_matches("directcall/presence/").to_owned());
+    }
+    assert_eq!(records, names);
+
+    let requester = directcall_cloud::Requester::connect(
+        directcall_cloud::Options::new(broker).presence(directcall_core::PresenceRoot::default()),
+    )
+    .await
+    .expect("requester connects");
+    directcall_testkit::eventually(10, || requester.devices().len() == 3).await;
+    let call = directcall_cloud::GroupInvocation::group("floor-2", "ping", "r")
+        .unwrap()
+        .timeout(Duration::from_secs(5));
+    let outcome = requester.invoke_group(call).await.unwrap().collect().await;
+    assert_eq!(outcome.summary.expected, Some(3), "{outcome:?}");
+    assert_eq!(outcome.summary.ok, 3, "{outcome:?}");
+    let answered: BTreeSet<String> = outcome
+        .results
+        .iter()
+        .map(|r| r.target.to_string())
+        .collect();
+    assert_eq!(answered, names);
+    for r in &outcome.results {
+        let text = r
+            .response
+            .as_ref()
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        assert!(text.starts_with("Your request was 'r'"), "{r:?}");
+    }
+    assert!(
+        outcome.summary.elapsed_ms < 5000,
+        "ends when every member answered: {outcome:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_prints_a_curl_line_that_works() {
     let port = directcall_testkit::free_port().unwrap().to_string();
