@@ -43,6 +43,10 @@ pub enum Mode {
     /// the broker's PUBACK "no matching subscribers"; its floor
     /// (--compare-raw) is a bare MQTT 5 QoS 1 publish and its PUBACK.
     NoSubscriber,
+    /// Group calls to every device (--group-form), each until every device
+    /// answered; its floor (--compare-raw) is bare rumqttc at QoS 0: one
+    /// publish and N echoes, or N publishes.
+    Group,
 }
 
 /// The flags of `directcall bench`.
@@ -141,6 +145,14 @@ pub struct BenchArgs {
     /// ratios are the median of the rounds' own ratios.
     #[arg(long, env = "DIRECTCALL_BENCH_ROUNDS", default_value_t = 1)]
     rounds: usize,
+    /// --mode group: how the devices are named: a list of all, a glob, or
+    /// a named group (one publish).
+    #[arg(long, env = "DIRECTCALL_BENCH_GROUP_FORM", value_enum, default_value_t = super::group::GroupForm::Group)]
+    group_form: super::group::GroupForm,
+    /// --mode group: the group the devices are members of
+    /// (`directcall-sim --group NAME`).
+    #[arg(long, env = "DIRECTCALL_BENCH_GROUP", default_value = "bench")]
+    group: String,
     /// Measure the raw-MQTT floor in the same run and report ratios.
     #[arg(long, env = "DIRECTCALL_BENCH_COMPARE_RAW")]
     compare_raw: bool,
@@ -279,6 +291,10 @@ pub async fn bench(mut args: BenchArgs) -> Result<(), BoxError> {
             args.warmup,
         );
         return slow(&args, &nodes, &fast).await;
+    }
+
+    if args.mode == Mode::Group {
+        return group(&args, &nodes, calls.unwrap_or(5), timeout, &payload).await;
     }
 
     if args.mode == Mode::Timeouts {
@@ -424,7 +440,7 @@ async fn measure(
             requester.shutdown().await;
             report
         }
-        Mode::Timeouts | Mode::Memory | Mode::Slow => unreachable!("handled before"),
+        Mode::Timeouts | Mode::Memory | Mode::Slow | Mode::Group => unreachable!("handled before"),
     })
 }
 
@@ -1317,4 +1333,154 @@ fn ratio(a: f64, b: f64) -> f64 {
     } else {
         (a / b * 1000.0).round() / 1000.0
     }
+}
+
+/// `--mode group`: `calls` group calls to every device per round, and the
+/// floor's fan-out after each round under --compare-raw.
+async fn group(
+    args: &BenchArgs,
+    nodes: &Nodes,
+    calls: u64,
+    timeout: Duration,
+    payload: &str,
+) -> Result<(), BoxError> {
+    use super::group::{self as g, Fanout};
+    let n = args.devices.max(1);
+    let targets =
+        sim::device_names(&args.device_prefix, n).map_err(|e| format!("--device-prefix: {e}"))?;
+    let group =
+        directcall_core::Group::new(args.group.clone()).map_err(|e| format!("--group: {e}"))?;
+    let mut devices = Vec::new();
+    if !args.external_devices {
+        let options = sim::SimOptions {
+            echo: true,
+            presence: true,
+            groups: vec![group.clone()],
+            ..Default::default()
+        };
+        devices = sim::start(&nodes.node(0).into(), &targets, &options)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut requester_options = Options::new(nodes.node(0))
+        .prefix(
+            Prefix::new(format!("bench-{:06x}", fastrand::u32(..) & 0xff_ffff))
+                .map_err(|e| e.to_string())?,
+        )
+        .presence(directcall_core::PresenceRoot::default());
+    if args.records {
+        requester_options =
+            requester_options.record_calls(directcall_cloud::RecordOptions::default());
+    }
+    let requester = Requester::connect(requester_options).await?;
+    // Presence knows every device (their members too) before the first call.
+    let known = tokio::time::Instant::now() + Duration::from_secs(60);
+    while requester.devices().iter().filter(|d| d.online).count() < n {
+        if tokio::time::Instant::now() > known {
+            return Err(format!(
+                "presence knows {} of the {n} devices online after 60 s (are they started with --presence?)",
+                requester.devices().iter().filter(|d| d.online).count()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut raw = if args.compare_raw {
+        Some(g::RawFanout::connect(&nodes.node(0)).await?)
+    } else {
+        None
+    };
+    let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    let mut rss_per_result = Vec::new();
+    // One unmeasured call each, to warm the connections up.
+    let _ = g::directcall(
+        &requester,
+        g::invocation(
+            args.group_form,
+            &group,
+            &args.device_prefix,
+            &targets,
+            payload,
+            timeout,
+        )?,
+    )
+    .await?;
+    if let Some(raw) = &mut raw {
+        raw.call(args.group_form, &group, &targets, payload, timeout)
+            .await?;
+    }
+    for _ in 0..args.rounds.max(1) {
+        for _ in 0..calls.max(1) {
+            let before = super::rss_bytes();
+            let call = g::invocation(
+                args.group_form,
+                &group,
+                &args.device_prefix,
+                &targets,
+                payload,
+                timeout,
+            )?;
+            let (f, results) = g::directcall(&requester, call).await?;
+            // The results are all held here: what they cost.
+            let after = super::rss_bytes();
+            rss_per_result.push(after.saturating_sub(before) as f64 / results.len().max(1) as f64);
+            drop(results);
+            ours.push(f);
+        }
+        if let Some(raw) = &mut raw {
+            for _ in 0..calls.max(1) {
+                floor.push(
+                    raw.call(args.group_form, &group, &targets, payload, timeout)
+                        .await?,
+                );
+            }
+        }
+    }
+    requester.shutdown().await;
+    for d in devices {
+        d.shutdown().await;
+    }
+    let mine = g::median(&ours);
+    let raw_median = (!floor.is_empty()).then(|| g::median(&floor));
+    rss_per_result.sort_by(f64::total_cmp);
+    let rss = rss_per_result
+        .get(rss_per_result.len() / 2)
+        .copied()
+        .unwrap_or(0.0);
+    let ratio =
+        raw_median.map(|r: Fanout| mine.last.as_secs_f64() / r.last.as_secs_f64().max(1e-9));
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "mode": "group",
+                "form": format!("{:?}", args.group_form).to_lowercase(),
+                "devices": n,
+                "calls": ours.len(),
+                "directcall": g::fanout_json(&mine),
+                "raw": raw_median.as_ref().map(g::fanout_json),
+                "ratio_last": ratio,
+                "rss_bytes_per_result": rss,
+            })
+        );
+    } else {
+        println!(
+            "group calls ({:?}) to {n} devices, {} calls: median first result {:.1} ms, all results {:.1} ms, {} answered",
+            args.group_form,
+            ours.len(),
+            mine.first.as_secs_f64() * 1e3,
+            mine.last.as_secs_f64() * 1e3,
+            mine.answered
+        );
+        if let (Some(r), Some(ratio)) = (raw_median, ratio) {
+            println!(
+                "raw floor (QoS 0): first {:.1} ms, all {:.1} ms, {} answered; directcall / floor = {ratio:.2}",
+                r.first.as_secs_f64() * 1e3,
+                r.last.as_secs_f64() * 1e3,
+                r.answered
+            );
+        }
+        println!("RSS growth per result held: {rss:.0} B (median)");
+    }
+    Ok(())
 }

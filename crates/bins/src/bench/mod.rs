@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod command;
+pub mod group;
 pub mod h2;
 
 /// How long and how hard to drive.
