@@ -163,7 +163,11 @@ impl Options {
     /// Share call records and idempotency keys with every requester using
     /// the same Redis (`redis://host:port/db`, or `rediss://` over TLS,
     /// verified against the system's roots or
-    /// [`redis_store_ca`](Self::redis_store_ca)): gateway replicas and Lambda
+    /// [`redis_store_ca`](Self::redis_store_ca)), or the master that Redis
+    /// Sentinels name
+    /// (`redis+sentinel://[:password@]host:26379[,host:26379...]/NAME[/db]`,
+    /// `rediss+sentinel://` over TLS; the password is the master's), followed
+    /// through a failover: gateway replicas and Lambda
     /// instances then answer for each other's calls
     /// ([`Requester::fetch_call_record`](crate::Requester::fetch_call_record)),
     /// and a retry with a key through any of them joins the first call.
@@ -179,9 +183,9 @@ impl Options {
         self
     }
 
-    /// For a `rediss://` store (Redis over TLS): the CA (PEM) its server
-    /// certificate must chain to, instead of the system's roots. Default:
-    /// the system's roots.
+    /// For a `rediss://` or `rediss+sentinel://` store (Redis over TLS): the
+    /// CA (PEM) the servers' (and sentinels') certificates must chain to,
+    /// instead of the system's roots. Default: the system's roots.
     #[cfg(feature = "redis")]
     pub fn redis_store_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.store_ca = Some(pem.into());
