@@ -60,6 +60,9 @@ pub enum Targets {
 /// published to.
 pub(crate) type Admit = Arc<dyn Fn(&Target) -> Result<(), String> + Send + Sync>;
 
+/// Which targets a glob may reach at all ([`GroupInvocation::within`]).
+pub(crate) type Within = Arc<dyn Fn(&Target) -> bool + Send + Sync>;
+
 /// A call of one method on many devices ([`Requester::invoke_group`](crate::Requester::invoke_group)).
 ///
 /// ```
@@ -86,6 +89,7 @@ pub struct GroupInvocation {
     pub(crate) traceparent: Option<String>,
     pub(crate) max_in_flight: usize,
     pub(crate) admit: Option<Admit>,
+    pub(crate) within: Option<Within>,
 }
 
 impl std::fmt::Debug for GroupInvocation {
@@ -111,6 +115,7 @@ impl GroupInvocation {
             traceparent: None,
             max_in_flight: DEFAULT_GROUP_IN_FLIGHT,
             admit: None,
+            within: None,
         })
     }
 
@@ -236,6 +241,16 @@ impl GroupInvocation {
         admit: impl Fn(&Target) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
         self.admit = Some(Arc::new(admit));
+        self
+    }
+
+    /// With [`matching`](Self::matching): the glob reaches only the targets
+    /// for which `within` is true; the others are neither called, nor
+    /// reported, nor counted, as if presence did not know them (the gateway
+    /// keeps a scoped caller's glob to the targets its scope names, as its
+    /// device list does). Default: every target presence knows.
+    pub fn within(mut self, within: impl Fn(&Target) -> bool + Send + Sync + 'static) -> Self {
+        self.within = Some(Arc::new(within));
         self
     }
 
@@ -728,7 +743,9 @@ pub(crate) async fn start(shared: Arc<Shared>, call: GroupInvocation) -> Result<
             let found = p.matching(&wildmatch::WildMatch::new(pattern));
             let found: Vec<Target> = found
                 .into_iter()
-                .filter(|(_, online)| *online || !online_only)
+                .filter(|(t, online)| {
+                    (*online || !online_only) && call.within.as_ref().is_none_or(|w| w(t))
+                })
                 .map(|(t, _)| t)
                 .collect();
             let n = found.len();
@@ -947,8 +964,7 @@ async fn run(
                             continue;
                         }
                     };
-                    let (payload, properties) =
-                        request(shared, call, id, deadline, Some(&topics));
+                    let (payload, properties) = request(shared, call, id, deadline, Some(&topics));
                     state.lock().waiting.insert(target.clone(), Instant::now());
                     let mut published = shared.link.publish_with(
                         topics.request_topic(),

@@ -221,10 +221,10 @@ impl Requester {
     }
 
     /// Calls one method on many devices within one deadline
-    /// ([`GroupInvocation`]: a list, a glob over the targets presence
+    /// ([`GroupInvocation`](crate::GroupInvocation): a list, a glob over the targets presence
     /// knows, or a named group) and yields each device's result as it
     /// comes, then a summary. Nothing is published until it is awaited;
-    /// the requests are out (within [`GroupInvocation::max_in_flight`] at
+    /// the requests are out (within [`GroupInvocation::max_in_flight`](crate::GroupInvocation::max_in_flight) at
     /// a time) once it returns.
     ///
     /// ```no_run
