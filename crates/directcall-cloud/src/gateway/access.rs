@@ -133,10 +133,11 @@ struct Entry {
     name: String,
     token: Option<String>,
     token_env: Option<String>,
-    #[serde(default = "everything")]
-    targets: Vec<String>,
-    #[serde(default = "everything")]
-    methods: Vec<String>,
+    targets: Option<Vec<String>>,
+    methods: Option<Vec<String>>,
+    /// Named groups it may call (with its methods); default: every group
+    /// for a credential without `targets` or `methods`, none otherwise.
+    groups: Option<Vec<String>>,
     rate_per_second: Option<u32>,
     burst: Option<u32>,
 }
@@ -231,11 +232,23 @@ impl Credentials {
             if list.iter().any(|c| c.caller.name() == e.name) {
                 return Err(problem(CredentialProblem::Duplicate));
             }
-            let mut caller = Caller::new(e.name.clone()).scope(
-                e.targets
+            let unscoped = e.targets.is_none() && e.methods.is_none();
+            let targets = e.targets.clone().unwrap_or_else(everything);
+            let methods = e.methods.clone().unwrap_or_else(everything);
+            let groups = match &e.groups {
+                Some(g) => g.clone(),
+                None if unscoped => everything(),
+                None => Vec::new(),
+            };
+            let pairs = |names: &[String]| -> Vec<(String, String)> {
+                names
                     .iter()
-                    .flat_map(|t| e.methods.iter().map(move |m| (t.as_str(), m.as_str()))),
-            );
+                    .flat_map(|n| methods.iter().map(move |m| (n.clone(), m.clone())))
+                    .collect()
+            };
+            let mut caller = Caller::new(e.name.clone())
+                .scope(pairs(&targets))
+                .group_scope(pairs(&groups));
             match (e.rate_per_second, e.burst) {
                 (None, None) => {}
                 (Some(r), b) if r > 0 && b != Some(0) => caller = caller.rate(r, b.unwrap_or(r)),
@@ -445,6 +458,17 @@ token = "dash-secret"
 methods = ["status"]
 rate_per_second = 2
 burst = 2
+
+[[credentials]]
+name = "stations"
+token = "stations-secret"
+targets = ["kiosk-*"]
+methods = ["reboot"]
+groups = ["station-*"]
+
+[[credentials]]
+name = "admin"
+token = "admin-secret"
 "#;
 
     #[test]
@@ -459,6 +483,17 @@ burst = 2
         assert!(dash.allows("anything", "status").is_ok());
         assert_eq!(dash.get_rate(), Some((2, 2)));
         assert!(c.find(b"ops-secre").is_none() && c.find(b"").is_none());
+        // Groups: named, with the credential's methods; none by default
+        // for a scoped credential, all for an unscoped one.
+        assert!(ops.allows_group("station-1", "unlock").is_err());
+        assert!(dash.allows_group("station-1", "status").is_err());
+        let stations = c.find(b"stations-secret").unwrap();
+        assert!(stations.allows_group("station-7", "reboot").is_ok());
+        assert!(stations.allows_group("station-7", "wipe").is_err());
+        assert!(stations.allows_group("lobby", "reboot").is_err());
+        let admin = c.find(b"admin-secret").unwrap();
+        assert!(admin.allows_group("anything", "anything").is_ok());
+        assert!(admin.allows("any", "thing").is_ok());
         assert!(!format!("{c:?}").contains("ops-secret"));
     }
 

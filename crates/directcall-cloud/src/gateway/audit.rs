@@ -86,3 +86,49 @@ impl AuditLine<'_> {
         );
     }
 }
+
+/// One group call's audit line, written when its answer ends (or its
+/// client went away): who, what, which devices, and the counts.
+pub(crate) struct GroupAuditLine {
+    pub(crate) caller: Option<String>,
+    pub(crate) source: Option<SocketAddr>,
+    pub(crate) method: Method,
+    /// `targets`, `match` or `group`.
+    pub(crate) kind: &'static str,
+    /// `N names`, the glob, or the group's name.
+    pub(crate) set: String,
+    /// `json`, `ndjson` or `async`.
+    pub(crate) mode: &'static str,
+    pub(crate) started: Instant,
+    pub(crate) traceparent: Option<String>,
+    pub(crate) id: directcall_core::MessageId,
+}
+
+impl GroupAuditLine {
+    /// Writes it, with the counts of `summary`; `complete`: every result
+    /// was given (false when the client went away first).
+    pub(crate) fn write(&self, summary: &crate::GroupSummary, complete: bool) {
+        let source = self.source.map(|a| a.to_string());
+        tracing::info!(
+            target: "directcall::audit",
+            credential = self.caller.as_deref().unwrap_or("-"),
+            source = source.as_deref().unwrap_or("-"),
+            method = self.method.as_str(),
+            kind = self.kind,
+            set = self.set.as_str(),
+            mode = self.mode,
+            ok = summary.ok,
+            device_error = summary.device_error,
+            timeout = summary.timeout,
+            offline = summary.offline,
+            refused = summary.refused,
+            total = summary.total,
+            expected = summary.expected,
+            complete,
+            elapsed_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            id = %self.id,
+            trace_id = trace_id(self.traceparent.as_deref()),
+            "group call"
+        );
+    }
+}

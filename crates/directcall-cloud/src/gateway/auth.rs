@@ -19,8 +19,9 @@ use governor::{Quota, RateLimiter};
 use wildmatch::WildMatch;
 
 /// Who is calling: a name (logged, and the owner of its idempotency keys
-/// and call records), what it may call (target and method globs), and how
-/// often (a token bucket shared by every clone).
+/// and call records), what it may call (target and method globs, and group
+/// and method globs for calls to named groups), and how often (a token
+/// bucket shared by every clone).
 ///
 /// Cheap to clone. Keep one per caller and hand out clones, so that clones
 /// share the rate.
@@ -43,6 +44,9 @@ struct Inner {
     name: String,
     /// (target glob, method glob) pairs; `None`: everything.
     rules: Option<Vec<(WildMatch, WildMatch)>>,
+    /// (group glob, method glob) pairs; `None`: every group when `rules`
+    /// is `None`, none otherwise.
+    groups: Option<Vec<(WildMatch, WildMatch)>>,
     limiter: Option<RateLimiter<NotKeyed, InMemoryState, DefaultClock>>,
     rate: Option<(u32, u32)>,
 }
@@ -89,6 +93,7 @@ impl Caller {
             inner: Arc::new(Inner {
                 name: name.into(),
                 rules: None,
+                groups: None,
                 limiter: None,
                 rate: None,
             }),
@@ -109,6 +114,34 @@ impl Caller {
         self.rebuilt(|inner| inner.rules = Some(rules))
     }
 
+    /// The same caller, allowed calls to named groups (PROTOCOL.md,
+    /// "Groups") only for these (group glob, method glob) pairs. A group's
+    /// members are whoever joined it, so a call to a group is allowed by
+    /// the group's name, not by its members' target names. Default: every
+    /// group for a caller without a [`scope`](Self::scope), none for one
+    /// with a scope.
+    ///
+    /// ```
+    /// use directcall_cloud::gateway::Caller;
+    ///
+    /// let ops = Caller::new("ops").scope([("car-*", "reboot")]);
+    /// assert!(ops.allows_group("lobby", "reboot").is_err());
+    /// let ops = ops.group_scope([("lobby", "reboot")]);
+    /// assert!(ops.allows_group("lobby", "reboot").is_ok());
+    /// assert!(ops.allows_group("lobby", "wipe").is_err());
+    /// ```
+    #[must_use]
+    pub fn group_scope<G: AsRef<str>, M: AsRef<str>>(
+        self,
+        rules: impl IntoIterator<Item = (G, M)>,
+    ) -> Self {
+        let rules = rules
+            .into_iter()
+            .map(|(g, m)| (WildMatch::new(g.as_ref()), WildMatch::new(m.as_ref())))
+            .collect();
+        self.rebuilt(|inner| inner.groups = Some(rules))
+    }
+
     /// The same caller, held to `per_second` calls a second with bursts of
     /// `burst` (429 past it); zero for either means no rate. Default: none.
     #[must_use]
@@ -127,6 +160,7 @@ impl Caller {
             Err(shared) => Inner {
                 name: shared.name.clone(),
                 rules: shared.rules.clone(),
+                groups: shared.groups.clone(),
                 limiter: shared.rate.and_then(limiter),
                 rate: shared.rate,
             },
@@ -170,6 +204,60 @@ impl Caller {
         } else {
             format!("credential '{name}' may not call target '{target}'")
         }))
+    }
+
+    /// Whether it may call `method` on some target: a group call of a
+    /// method it may call nowhere is refused whole.
+    ///
+    /// # Errors
+    /// [`Refusal::Forbidden`] naming the caller and the method.
+    pub fn allows_method(&self, method: &str) -> Result<(), Refusal> {
+        match &self.inner.rules {
+            Some(rules) if !rules.iter().any(|(_, m)| m.matches(method)) => {
+                Err(Refusal::Forbidden(format!(
+                    "credential '{}' may not call method '{method}'",
+                    self.inner.name
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether it may call `method` on the named group `group`
+    /// ([`group_scope`](Self::group_scope)).
+    ///
+    /// # Errors
+    /// [`Refusal::Forbidden`] naming the caller and what was refused.
+    pub fn allows_group(&self, group: &str, method: &str) -> Result<(), Refusal> {
+        let name = &self.inner.name;
+        let rules = match (&self.inner.groups, &self.inner.rules) {
+            (Some(groups), _) => groups,
+            (None, None) => return Ok(()),
+            (None, Some(_)) => {
+                return Err(Refusal::Forbidden(format!(
+                    "credential '{name}' may not call group '{group}': its scope names no groups"
+                )))
+            }
+        };
+        let mut group_ok = false;
+        for (g, m) in rules {
+            if g.matches(group) {
+                if m.matches(method) {
+                    return Ok(());
+                }
+                group_ok = true;
+            }
+        }
+        Err(Refusal::Forbidden(if group_ok {
+            format!("credential '{name}' may not call method '{method}' on group '{group}'")
+        } else {
+            format!("credential '{name}' may not call group '{group}'")
+        }))
+    }
+
+    /// Whether it has a target scope at all ([`scope`](Self::scope)).
+    pub fn is_scoped(&self) -> bool {
+        self.inner.rules.is_some()
     }
 
     /// Whether any of its rules names `target` (the console shows it only
@@ -292,6 +380,39 @@ mod tests {
         assert!(ops.sees_target("car-9") && !ops.sees_target("bus"));
         let all = Caller::new("all");
         assert!(all.allows("x", "y").is_ok() && all.sees_target("x"));
+        assert!(all.allows_group("lobby", "y").is_ok() && all.allows_method("y").is_ok());
+    }
+
+    #[test]
+    fn a_scoped_caller_calls_only_the_groups_it_is_given() {
+        let ops = Caller::new("ops").scope([("car-*", "unlock")]);
+        assert!(ops.allows_method("unlock").is_ok());
+        assert_eq!(
+            ops.allows_method("wipe"),
+            Err(Refusal::Forbidden(
+                "credential 'ops' may not call method 'wipe'".into()
+            ))
+        );
+        assert_eq!(
+            ops.allows_group("lobby", "unlock"),
+            Err(Refusal::Forbidden(
+                "credential 'ops' may not call group 'lobby': its scope names no groups".into()
+            ))
+        );
+        let ops = ops.group_scope([("floor-*", "unlock")]).rate(5, 5);
+        assert!(ops.allows_group("floor-2", "unlock").is_ok());
+        assert_eq!(
+            ops.allows_group("floor-2", "wipe"),
+            Err(Refusal::Forbidden(
+                "credential 'ops' may not call method 'wipe' on group 'floor-2'".into()
+            ))
+        );
+        assert_eq!(
+            ops.allows_group("lobby", "unlock"),
+            Err(Refusal::Forbidden(
+                "credential 'ops' may not call group 'lobby'".into()
+            ))
+        );
     }
 
     #[test]

@@ -66,11 +66,14 @@ pub enum Outcome {
     /// Over a rate or in-flight limit (429).
     #[serde(rename = "rate_limited")]
     Limited,
+    /// An answer in a form this front end cannot give: a streamed one
+    /// behind a front end that buffers answers (406).
+    NotAcceptable,
 }
 
 impl Outcome {
     /// Every outcome, in a fixed order.
-    pub const ALL: [Outcome; 15] = [
+    pub const ALL: [Outcome; 16] = [
         Outcome::Ok,
         Outcome::Timeout,
         Outcome::Offline,
@@ -86,6 +89,7 @@ impl Outcome {
         Outcome::Accepted,
         Outcome::Forbidden,
         Outcome::Limited,
+        Outcome::NotAcceptable,
     ];
 
     /// The `result` string of the HTTP body.
@@ -106,6 +110,7 @@ impl Outcome {
             Outcome::Accepted => "accepted",
             Outcome::Forbidden => "forbidden",
             Outcome::Limited => "rate_limited",
+            Outcome::NotAcceptable => "not_acceptable",
         }
     }
 
@@ -125,6 +130,7 @@ impl Outcome {
             Outcome::Accepted => 202,
             Outcome::Forbidden => 403,
             Outcome::Limited => 429,
+            Outcome::NotAcceptable => 406,
         }
     }
 
@@ -145,6 +151,7 @@ impl Outcome {
             Outcome::Accepted => 12,
             Outcome::Forbidden => 13,
             Outcome::Limited => 14,
+            Outcome::NotAcceptable => 15,
         }
     }
 }
@@ -309,14 +316,14 @@ pub struct OfflineBody {
     pub id: Option<String>,
 }
 
-/// 400, 404 (no route), 405, 413, 503: what went wrong, in words.
+/// 400, 404 (no route), 405, 406, 413, 503: what went wrong, in words.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[non_exhaustive]
 pub struct MessageBody {
     /// `invalid_parameters`, `payload_too_large`, `unavailable`,
-    /// `not_found`, `method_not_allowed`, `conflict`, `forbidden` or
-    /// `rate_limited`.
-    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed|conflict|forbidden|rate_limited)$")]
+    /// `not_found`, `method_not_allowed`, `conflict`, `forbidden`,
+    /// `rate_limited` or `not_acceptable`.
+    #[schema(value_type = String, pattern = "^(invalid_parameters|payload_too_large|unavailable|not_found|method_not_allowed|conflict|forbidden|rate_limited|not_acceptable)$")]
     pub result: Outcome,
     /// Which parameter, and why; or what is unavailable.
     pub response: String,
@@ -481,7 +488,7 @@ impl HttpReply {
     }
 
     /// The same answer for an API mounted under `base` (`/devices`): its
-    /// `Location` and the `call` link of its body point there.
+    /// `Location` and the `call` (or `group`) link of its body point there.
     pub(crate) fn under(mut self, base: &str) -> Self {
         if base.is_empty() {
             return self;
@@ -489,8 +496,10 @@ impl HttpReply {
         if let Some(location) = &mut self.location {
             location.insert_str(0, base);
         }
-        if let Some(Value::String(call)) = self.body.get_mut("call") {
-            call.insert_str(0, base);
+        for link in ["call", "group"] {
+            if let Some(Value::String(url)) = self.body.get_mut(link) {
+                url.insert_str(0, base);
+            }
         }
         self
     }

@@ -253,25 +253,9 @@ impl InvokeService {
         }
         let target = Target::new(target).map_err(|e| HttpReply::invalid("target", e.reason()))?;
         let method = Method::new(method).map_err(|e| HttpReply::invalid("method", e.reason()))?;
-        if let Some(ct) = content_type {
-            let essence = ct.split(';').next().unwrap_or_default().trim();
-            if !essence.eq_ignore_ascii_case("application/json") {
-                return Err(HttpReply::invalid(
-                    "content-type",
-                    format!("must be application/json, got {ct:?}"),
-                ));
-            }
-        }
         const SHAPE: &str =
             "expected {\"request\": <any JSON>, \"timeout_ms\": <integer>, \"receipt\": <boolean>}";
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| HttpReply::invalid("body", format!("{e}; {SHAPE}")))?;
-        if !value.is_object() {
-            return Err(HttpReply::invalid(
-                "body",
-                format!("not a JSON object; {SHAPE}"),
-            ));
-        }
+        let value = Value::Object(json_object(content_type, body, SHAPE)?);
         // Present but null is a wrong type, not an absent field.
         let timeout_given = value.get("timeout_ms").cloned();
         if let Some(receipt) = value.get("receipt").filter(|r| !r.is_boolean()) {
@@ -282,10 +266,7 @@ impl InvokeService {
         }
         let parsed: PostBody = serde_json::from_value(value)
             .map_err(|e| HttpReply::invalid("body", format!("{e}; {SHAPE}")))?;
-        let timeout = match timeout_given.or(parsed.timeout_ms) {
-            None => self.limits.default_timeout,
-            Some(v) => self.timeout_ms(&v)?,
-        };
+        let timeout = self.timeout_field(timeout_given.or(parsed.timeout_ms).as_ref())?;
         let invocation = Invocation::new(target, method, parsed.request)
             .timeout(timeout)
             .started_at(start);
@@ -293,6 +274,17 @@ impl InvokeService {
             Some(ask) => invocation.receipt(ask),
             None => invocation,
         })
+    }
+
+    /// A JSON body's `timeout_ms` (absent: the default timeout).
+    ///
+    /// # Errors
+    /// A 400 [`HttpReply`] naming `timeout_ms`.
+    pub(crate) fn timeout_field(&self, value: Option<&Value>) -> Result<Duration, HttpReply> {
+        match value {
+            None => Ok(self.limits.default_timeout),
+            Some(v) => self.timeout_ms(v),
+        }
     }
 
     fn timeout_secs(&self, value: &str) -> Result<Duration, HttpReply> {
@@ -559,6 +551,41 @@ fn render(
         location: None,
         retry_after: None,
     }
+}
+
+/// A JSON body that must be an object, under a `content_type` that, when
+/// given, must be `application/json`; `shape` says what was expected.
+///
+/// # Errors
+/// A 400 [`HttpReply`] naming `content-type` or `body`.
+pub(crate) fn json_object(
+    content_type: Option<&str>,
+    body: &[u8],
+    shape: &str,
+) -> Result<serde_json::Map<String, Value>, HttpReply> {
+    if let Some(ct) = content_type {
+        let essence = ct.split(';').next().unwrap_or_default().trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(HttpReply::invalid(
+                "content-type",
+                format!("must be application/json, got {ct:?}"),
+            ));
+        }
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(HttpReply::invalid(
+            "body",
+            format!("not a JSON object; {shape}"),
+        )),
+        Err(e) => Err(HttpReply::invalid("body", format!("{e}; {shape}"))),
+    }
+}
+
+/// The answer to a call refused by the requester before anything was
+/// published (a bad name, a key used for another call, no broker).
+pub(crate) fn refusal(e: crate::Error) -> HttpReply {
+    render(Err(e), Duration::ZERO, false)
 }
 
 fn required<'a>(

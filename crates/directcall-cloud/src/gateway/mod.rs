@@ -40,6 +40,7 @@ mod auth;
 mod body;
 #[cfg(feature = "console")]
 mod console;
+mod groups;
 mod jwt;
 mod limits;
 #[cfg(feature = "console")]
@@ -64,6 +65,9 @@ pub use body::{
 };
 #[cfg(feature = "console")]
 pub use console::CSP as CONSOLE_CSP;
+pub use groups::{
+    BUFFERED_RESULT_BYTES, MAX_GROUP_RECORD_BYTES, MAX_GROUP_REQUEST_BYTES, MAX_GROUP_TARGETS,
+};
 pub use jwt::{JwtError, JwtVerifier};
 #[cfg(feature = "console")]
 pub use live::{Console, LogEntry};
@@ -107,6 +111,7 @@ pub struct Gateway {
     #[cfg(feature = "console")]
     console: bool,
     base_path: Option<String>,
+    buffered: Option<usize>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -116,6 +121,7 @@ impl std::fmt::Debug for Gateway {
             .field("authenticates", &self.auth.is_some())
             .field("target_limit", &self.target_limit)
             .field("base_path", &self.base_path)
+            .field("buffered", &self.buffered)
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +142,7 @@ impl Gateway {
             #[cfg(feature = "console")]
             console: false,
             base_path: None,
+            buffered: None,
         }
     }
 
@@ -211,6 +218,21 @@ impl Gateway {
         self
     }
 
+    /// The front end in front of these routes buffers each answer whole,
+    /// at most `max_answer_bytes` (API Gateway in front of the Lambda):
+    /// a group call asked for NDJSON is 406, `Prefer: respond-async` on
+    /// one is ignored (a frozen environment runs nothing after its
+    /// answer), and its answer is held to fit: each device's result to
+    /// [`BUFFERED_RESULT_BYTES`] (a longer `response` is left out, saying
+    /// so), a list to as many devices as fit (413 past it), and the
+    /// results of a glob or a group past that many left out (counted in
+    /// `omitted` and in the summary). Default: answers are streamed as
+    /// they are made.
+    pub fn buffered(mut self, max_answer_bytes: usize) -> Self {
+        self.buffered = Some(max_answer_bytes);
+        self
+    }
+
     fn state(self) -> GatewayState {
         let service = InvokeService::new(self.requester, self.limits);
         #[cfg(feature = "console")]
@@ -227,15 +249,23 @@ impl Gateway {
         let with_console = console.is_some();
         #[cfg(not(feature = "console"))]
         let with_console = false;
-        let (limits, with_metrics) = (self.limits, self.metrics.is_some());
+        let (limits, with_metrics, buffered) = (self.limits, self.metrics.is_some(), self.buffered);
         let openapi_at =
-            move |base: &str| openapi::openapi_json(limits, with_metrics, with_console, base);
+            move |base: &str| openapi::document(limits, with_metrics, with_console, buffered, base);
+        let group_records = service.requester().record_options().map(|options| {
+            Arc::new(groups::GroupRecords::new(
+                options,
+                groups::MAX_GROUP_RECORD_BYTES,
+            ))
+        });
         GatewayState(Arc::new(Shared {
             openapi: openapi_at(self.base_path.as_deref().unwrap_or_default()),
             openapi_at: Arc::new(openapi_at),
             service,
             auth: self.auth,
             target_limit: self.target_limit.map(TargetLimit::new),
+            group_records,
+            buffered: self.buffered,
             audit_bodies: self.audit_bodies,
             metrics: self.metrics,
             wait_for_broker: self.wait_for_broker,
@@ -261,6 +291,8 @@ impl Gateway {
                 post(routes::invoke_post),
             )
             .route("/v1/calls/{id}", get(routes::call_record))
+            .route("/v1/methods/{method}", post(groups::invoke_group))
+            .route("/v1/groups/{id}", get(groups::group_record))
             .route("/healthz", get(routes::healthz))
             .route("/livez", get(routes::livez))
             .route("/readyz", get(routes::readyz))

@@ -9,6 +9,10 @@ use super::body::{
     AcceptedBody, BadReplyBody, CallRecordBody, MessageBody, OfflineBody, OkBody, PostBody,
     TimeoutBody, UnauthorizedBody,
 };
+use super::groups::{
+    self, DeviceResultBody, GroupAcceptedBody, GroupBody, GroupPostBody, GroupRecordBody,
+    GroupSummaryBody, MatchBody, NamedGroupBody, TargetsBody,
+};
 use super::mapping::Limits;
 use super::routes::{self, HealthBody, LiveBody, ReadyBody};
 
@@ -19,8 +23,8 @@ use super::routes::{self, HealthBody, LiveBody, ReadyBody};
         version = "1",
         description = "Synchronous calls to MQTT devices over HTTP (PROTOCOL.md, HTTP mapping). Every body is JSON."
     ),
-    paths(routes::invoke_get, routes::invoke_get_slash, routes::invoke_post, routes::call_record, routes::healthz, routes::livez, routes::readyz, routes::metrics, routes::openapi),
-    components(schemas(OkBody, TimeoutBody, OfflineBody, BadReplyBody, MessageBody, UnauthorizedBody, HealthBody, LiveBody, ReadyBody, PostBody, CallRecordBody, AcceptedBody)),
+    paths(routes::invoke_get, routes::invoke_get_slash, routes::invoke_post, routes::call_record, groups::invoke_group, groups::group_record, routes::healthz, routes::livez, routes::readyz, routes::metrics, routes::openapi),
+    components(schemas(OkBody, TimeoutBody, OfflineBody, BadReplyBody, MessageBody, UnauthorizedBody, HealthBody, LiveBody, ReadyBody, PostBody, CallRecordBody, AcceptedBody, GroupPostBody, TargetsBody, MatchBody, NamedGroupBody, DeviceResultBody, GroupSummaryBody, GroupBody, GroupAcceptedBody, GroupRecordBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -57,14 +61,28 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The OpenAPI document of the gateway mounted at `base` (`""` or
-/// `/devices`), with `limits` filled in so a client (or a schema-driven
-/// tester) sees the bounds it will be held to, and without `/metrics` or
-/// the console's routes when the gateway serves none.
+/// [`document`] of a gateway that streams its answers.
+#[cfg(test)]
 pub(crate) fn openapi_json(
     limits: Limits,
     with_metrics: bool,
     with_console: bool,
+    base: &str,
+) -> String {
+    document(limits, with_metrics, with_console, None, base)
+}
+
+/// The OpenAPI document of the gateway mounted at `base` (`""` or
+/// `/devices`), with `limits` filled in so a client (or a schema-driven
+/// tester) sees the bounds it will be held to, and without `/metrics` or
+/// the console's routes when the gateway serves none. Behind a front end
+/// that buffers answers of at most `buffered` bytes (the Lambda), group
+/// calls answer 406 for NDJSON, never 202, and take as many devices as fit.
+pub(crate) fn document(
+    limits: Limits,
+    with_metrics: bool,
+    with_console: bool,
+    buffered: Option<usize>,
     base: &str,
 ) -> String {
     #[allow(unused_mut)]
@@ -92,13 +110,35 @@ pub(crate) fn openapi_json(
             }
         }
     }
-    if let Some(params) = doc["paths"]["/v1/calls/{id}"]["get"]["parameters"].as_array_mut() {
-        for p in params.iter_mut().filter(|p| p["name"] == "wait") {
-            p["schema"]["maximum"] = json!(max_s);
+    for path in ["/v1/calls/{id}", "/v1/groups/{id}"] {
+        if let Some(params) = doc["paths"][path]["get"]["parameters"].as_array_mut() {
+            for p in params.iter_mut().filter(|p| p["name"] == "wait") {
+                p["schema"]["maximum"] = json!(max_s);
+            }
         }
     }
     let max_ms = u64::try_from(limits.max_timeout.as_millis()).unwrap_or(u64::MAX);
-    doc["components"]["schemas"]["PostBody"]["properties"]["timeout_ms"]["maximum"] = json!(max_ms);
+    let schemas = &mut doc["components"]["schemas"];
+    for schema in ["PostBody", "TargetsBody", "MatchBody", "NamedGroupBody"] {
+        schemas[schema]["properties"]["timeout_ms"]["maximum"] = json!(max_ms);
+    }
+    // Each name of a list is one topic level; a buffered answer takes as
+    // many as fit.
+    let max_targets = buffered.map_or(groups::MAX_GROUP_TARGETS, groups::buffered_results);
+    let targets = &mut schemas["TargetsBody"]["properties"]["targets"];
+    targets["maxItems"] = json!(max_targets);
+    targets["items"] = json!({"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_.:-]+$"});
+    let group_call = &mut doc["paths"]["/v1/methods/{method}"]["post"]["responses"];
+    if buffered.is_some() {
+        if let Some(responses) = group_call.as_object_mut() {
+            responses.remove("202");
+        }
+        if let Some(content) = group_call["200"]["content"].as_object_mut() {
+            content.remove("application/x-ndjson");
+        }
+    } else if let Some(responses) = group_call.as_object_mut() {
+        responses.remove("406");
+    }
     if !base.is_empty() {
         if let Some(paths) = doc["paths"].as_object_mut() {
             *paths = std::mem::take(paths)
@@ -114,6 +154,8 @@ pub(crate) fn openapi_json(
                 call["pattern"] = json!(pattern);
             }
         }
+        doc["components"]["schemas"]["GroupAcceptedBody"]["properties"]["group"]["pattern"] =
+            json!(format!("^{base}/v1/groups/[0-9a-f-]{{36}}$"));
     }
     doc.to_string()
 }
@@ -141,6 +183,8 @@ mod tests {
             "/invoke",
             "/invoke/",
             "/v1/targets/{target}/methods/{method}",
+            "/v1/methods/{method}",
+            "/v1/groups/{id}",
             "/healthz",
             "/livez",
             "/readyz",
@@ -183,6 +227,67 @@ mod tests {
     }
 
     #[test]
+    fn group_calls_are_documented_as_this_front_end_answers_them() {
+        let codes = |doc: &serde_json::Value| {
+            let mut codes: Vec<String> = doc["paths"]["/v1/methods/{method}"]["post"]["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            codes.sort_unstable();
+            codes
+        };
+        let served: serde_json::Value = serde_json::from_str(&document(
+            Limits::new(2, 5).unwrap(),
+            false,
+            false,
+            None,
+            "",
+        ))
+        .unwrap();
+        assert_eq!(
+            codes(&served),
+            ["200", "202", "400", "401", "403", "409", "413", "429", "503"]
+        );
+        let ok = &served["paths"]["/v1/methods/{method}"]["post"]["responses"]["200"]["content"];
+        assert!(ok.get("application/x-ndjson").is_some(), "{ok}");
+        let schemas = &served["components"]["schemas"];
+        assert_eq!(
+            schemas["GroupPostBody"]["oneOf"].as_array().map(Vec::len),
+            Some(3),
+            "{}",
+            schemas["GroupPostBody"]
+        );
+        let targets = &schemas["TargetsBody"]["properties"]["targets"];
+        assert_eq!(targets["maxItems"], 100_000);
+        assert_eq!(targets["items"]["maxLength"], 128);
+        assert_eq!(
+            schemas["MatchBody"]["properties"]["timeout_ms"]["maximum"],
+            5000
+        );
+        // The Lambda's: no stream, no 202, a 406, and fewer devices.
+        let lambda: serde_json::Value = serde_json::from_str(&document(
+            Limits::new(2, 5).unwrap(),
+            false,
+            false,
+            Some(3_000_000),
+            "",
+        ))
+        .unwrap();
+        assert_eq!(
+            codes(&lambda),
+            ["200", "400", "401", "403", "406", "409", "413", "429", "503"]
+        );
+        let ok = &lambda["paths"]["/v1/methods/{method}"]["post"]["responses"]["200"]["content"];
+        assert!(ok.get("application/x-ndjson").is_none(), "{ok}");
+        assert_eq!(
+            lambda["components"]["schemas"]["TargetsBody"]["properties"]["targets"]["maxItems"],
+            2928
+        );
+    }
+
+    #[test]
     fn under_a_base_path_every_path_and_link_is_under_it() {
         let doc: serde_json::Value =
             serde_json::from_str(&openapi_json(Limits::default(), false, false, "/devices"))
@@ -197,5 +302,10 @@ mod tests {
             .as_str()
             .unwrap();
         assert!(pattern.starts_with("^/devices/v1/calls/"), "{pattern}");
+        let pattern = doc["components"]["schemas"]["GroupAcceptedBody"]["properties"]["group"]
+            ["pattern"]
+            .as_str()
+            .unwrap();
+        assert!(pattern.starts_with("^/devices/v1/groups/"), "{pattern}");
     }
 }

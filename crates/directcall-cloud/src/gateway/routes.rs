@@ -36,7 +36,7 @@ pub(crate) struct HealthBody {
 }
 
 /// Whether the request says `Prefer: respond-async` (RFC 7240).
-fn prefers_async(headers: &HeaderMap) -> bool {
+pub(crate) fn prefers_async(headers: &HeaderMap) -> bool {
     headers
         .get_all("prefer")
         .iter()
@@ -51,7 +51,7 @@ fn prefers_async(headers: &HeaderMap) -> bool {
 
 /// The `Idempotency-Key` header (the caller it is made for owns it, so two
 /// callers never share a key), or a 400 naming it.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, HttpReply> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, HttpReply> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -273,16 +273,49 @@ fn identified(invocation: Invocation, who: &Authed, key: Option<String>) -> Invo
 /// is valid; an invalid one is ignored, as the W3C recommendation says (a
 /// receiver that cannot parse it starts a new trace).
 fn traced(invocation: Invocation, headers: &HeaderMap) -> Invocation {
-    match headers.get("traceparent").map(HeaderValue::to_str) {
-        Some(Ok(value)) if directcall_core::trace::check_traceparent(value).is_ok() => {
-            invocation.traceparent(value)
-        }
-        Some(_) => {
-            tracing::debug!("ignored an invalid traceparent header");
-            invocation
-        }
+    match traceparent(headers) {
+        Some(value) => invocation.traceparent(value),
         None => invocation,
     }
+}
+
+/// The caller's valid W3C `traceparent` header, if any.
+pub(crate) fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    match headers.get("traceparent").map(HeaderValue::to_str) {
+        Some(Ok(value)) if directcall_core::trace::check_traceparent(value).is_ok() => Some(value),
+        Some(_) => {
+            tracing::debug!("ignored an invalid traceparent header");
+            None
+        }
+        None => None,
+    }
+}
+
+/// A long poll's `?wait=SECONDS` (0 to `max`), never past a front end's
+/// own deadline (the Lambda's).
+pub(crate) fn wait_param(
+    query: Option<&str>,
+    max: u64,
+    budget: Option<&CallBudget>,
+) -> Result<Duration, HttpReply> {
+    let mut wait = Duration::ZERO;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if name == "wait" {
+            match value.parse::<u64>() {
+                Ok(s) if s <= max => wait = Duration::from_secs(s),
+                _ => {
+                    return Err(HttpReply::invalid(
+                        "wait",
+                        format!("must be whole seconds from 0 to {max}"),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(match budget {
+        Some(CallBudget(b)) => wait.min(*b),
+        None => wait,
+    })
 }
 
 /// Whether the broker connection is up and subscribed.
@@ -458,27 +491,10 @@ pub(crate) async fn call_record(
         return gw.refuse_from(&who, HttpReply::invalid("id", "not valid in a path"));
     };
     let max = gw.service.limits().max_timeout.as_secs().max(1);
-    let mut wait = Duration::ZERO;
-    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        if name == "wait" {
-            match value.parse::<u64>() {
-                Ok(s) if s <= max => wait = Duration::from_secs(s),
-                _ => {
-                    return gw.refuse_from(
-                        &who,
-                        HttpReply::invalid(
-                            "wait",
-                            format!("must be whole seconds from 0 to {max}"),
-                        ),
-                    )
-                }
-            }
-        }
-    }
-    // Never past a front end's own deadline (the Lambda's).
-    if let Some(Extension(CallBudget(b))) = budget {
-        wait = wait.min(b);
-    }
+    let wait = match wait_param(query.as_deref(), max, budget.as_ref().map(|Extension(b)| b)) {
+        Ok(wait) => wait,
+        Err(reply) => return gw.refuse_from(&who, reply),
+    };
     // A long poll ends when the server stops accepting: the record as it
     // stands then, rather than a drain held up for `wait`.
     let reply = match closing {

@@ -35,6 +35,12 @@ pub(crate) struct Shared {
     pub(crate) service: InvokeService,
     pub(crate) auth: Option<Arc<dyn Authenticate>>,
     pub(crate) target_limit: Option<Arc<TargetLimit>>,
+    /// The records of group calls answered 202 (none without call
+    /// records).
+    pub(crate) group_records: Option<Arc<super::groups::GroupRecords>>,
+    /// The front end buffers each answer, at most this many bytes (the
+    /// Lambda): no NDJSON, group answers held to fit.
+    pub(crate) buffered: Option<usize>,
     pub(crate) audit_bodies: bool,
     pub(crate) metrics: Option<MetricsRender>,
     /// The OpenAPI document under `base_path` (or at the root).
