@@ -59,6 +59,7 @@ class Unauthorized extends Error {}
 
 function showLogin(message) {
   if (stream) stream.abort();
+  if (groupCall && groupCall.running) groupCall.controller.abort();
   $('main').hidden = true;
   $('signout').hidden = true;
   $('login').hidden = false;
@@ -722,6 +723,310 @@ async function followRecord(id, mine) {
     wait = Math.min(30, maxWait);
   }
 }
+
+// ---------------------------------------------------------------- group call
+
+// `POST /v1/methods/{method}` with `Accept: application/x-ndjson`: one
+// line per device as it answers, then the summary. A call to 10,000
+// devices must not freeze the page: every result is counted and goes in
+// the histogram, the first GROUP_ROWS are listed, and the page draws once
+// per frame however fast the lines come.
+const GROUP_ROWS = 1000;
+const GROUP_OUTCOMES = ['ok', 'device_error', 'timeout', 'offline', 'refused'];
+// Latency buckets' upper edges (ms); the last bucket is everything above.
+const BUCKET_EDGES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 60000];
+const BUCKET_LABELS = ['<1', '1–2', '2–5', '5–10', '10–20', '20–50', '50–100', '100–200', '200–500',
+  '500–1k', '1k–2k', '2k–5k', '5k–10k', '10k–20k', '20k–60k', '≥60k'];
+const MIN_BARS = 6;
+
+/** The running (or last) group call. */
+let groupCall = null;
+let histChart = null;
+
+function groupKind() {
+  return document.querySelector('input[name="g-kind"]:checked').value;
+}
+
+function showGroupKind() {
+  const kind = groupKind();
+  for (const k of ['targets', 'match', 'group']) $(`g-by-${k}`).hidden = k !== kind;
+}
+for (const radio of document.querySelectorAll('input[name="g-kind"]')) {
+  radio.addEventListener('change', showGroupKind);
+}
+
+/** The group call's body, or the field at fault and why. */
+function readGroupForm() {
+  const kind = groupKind();
+  const body = {};
+  if (kind === 'targets') {
+    const targets = $('g-targets').value.split(/[\s,]+/).filter((t) => t);
+    if (targets.length === 0) return { field: 'g-targets', problem: 'Name at least one device.' };
+    body.targets = targets;
+  } else if (kind === 'match') {
+    const pattern = $('g-match').value.trim();
+    if (!pattern) return { field: 'g-match', problem: 'Give a pattern, such as Kiosk*.' };
+    body.match = pattern;
+    body.online_only = $('g-online').checked;
+  } else {
+    const name = $('g-group').value.trim();
+    if (!name) return { field: 'g-group', problem: 'Name a group.' };
+    body.group = name;
+  }
+  const method = $('g-method').value.trim();
+  if (!method) return { field: 'g-method', problem: 'Name a method.' };
+  try {
+    body.request = JSON.parse($('g-request').value);
+  } catch (e) {
+    return { field: 'g-request', problem: `The request is not valid JSON: ${e.message}` };
+  }
+  const timeout = Number($('g-timeout').value);
+  if (!Number.isInteger(timeout) || timeout < 1) {
+    return { field: 'g-timeout', problem: 'The timeout is a whole number of milliseconds.' };
+  }
+  body.timeout_ms = timeout;
+  return { method, body };
+}
+
+function bucketOf(latency) {
+  const i = BUCKET_EDGES.findIndex((edge) => latency < edge);
+  return i === -1 ? BUCKET_EDGES.length : i;
+}
+
+/** The bars to draw: the buckets from the first answered to the last, at least MIN_BARS. */
+function histogramData(buckets) {
+  const used = buckets.map((n, i) => (n > 0 ? i : -1)).filter((i) => i >= 0);
+  let lo = used.length ? used[0] : 0;
+  let hi = used.length ? used[used.length - 1] : 0;
+  while (hi - lo + 1 < MIN_BARS) {
+    if (hi < buckets.length - 1) hi += 1;
+    else lo -= 1;
+  }
+  const xs = [];
+  for (let i = lo; i <= hi; i += 1) xs.push(i);
+  return [xs, xs.map((i) => buckets[i])];
+}
+
+function makeHistogram() {
+  if (histChart || typeof uPlot === 'undefined') return;
+  histChart = new uPlot(
+    {
+      width: chartWidth('g-hist'),
+      height: 180,
+      legend: { show: false },
+      cursor: { show: false },
+      scales: {
+        x: { time: false, range: (u, min, max) => [min - 0.5, max + 0.5] },
+        y: { range: (u, min, max) => [0, Math.max(1, max)] },
+      },
+      series: [
+        {},
+        { label: 'answers', fill: '#0969da', stroke: '#0969da', width: 1, paths: uPlot.paths.bars({ size: [0.8, 64] }), points: { show: false } },
+      ],
+      axes: [
+        { label: 'ms', splits: (u) => u.data[0], values: (u, splits) => splits.map((i) => BUCKET_LABELS[i] ?? '') },
+        { label: 'answers', incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000] },
+      ],
+    },
+    histogramData(new Array(BUCKET_LABELS.length).fill(0)),
+    $('g-hist'),
+  );
+  new ResizeObserver(() => histChart.setSize({ width: chartWidth('g-hist'), height: 180 })).observe($('group-panel'));
+}
+
+function resultRow(r) {
+  const tr = el('tr');
+  tr.dataset.target = r.target;
+  tr.dataset.outcome = r.outcome;
+  tr.append(el('td', r.target, 'wrap'));
+  tr.append(el('td', r.replayed ? `${r.outcome} (replayed)` : r.outcome, outcomeClass(r.outcome)));
+  tr.append(el('td', r.status ?? '–', r.status >= 400 ? 'o-error' : ''));
+  tr.append(el('td', typeof r.latency_ms === 'number' ? `${r.latency_ms.toFixed(1)} ms` : '–', 'mono'));
+  let detail = r.reason ?? '';
+  if ('response' in r) detail = typeof r.response === 'string' ? r.response : JSON.stringify(r.response);
+  if (detail.length > 300) detail = `${detail.slice(0, 300)}…`;
+  tr.append(el('td', detail, 'detail'));
+  return tr;
+}
+
+function drawGroup(call) {
+  call.drawScheduled = false;
+  if (call !== groupCall) return;
+  if (call.pending.length) {
+    $('g-results').tBodies[0].append(...call.pending.splice(0).map(resultRow));
+  }
+  const n = (x) => x.toLocaleString('en');
+  const items = GROUP_OUTCOMES.map((o) => {
+    const li = el('li');
+    li.dataset.outcome = o;
+    li.append(el('span', o.replace('_', ' '), outcomeClass(o)), ' ', el('span', n(call.counts[o]), 'n'));
+    return li;
+  });
+  const total = el('li');
+  total.dataset.outcome = 'total';
+  const expected = call.summary && call.summary.expected !== null && call.summary.expected !== undefined
+    ? ` of ${n(call.summary.expected)} expected` : '';
+  total.append(el('span', 'total'), ' ', el('span', `${n(call.total)}${expected}`, 'n'));
+  $('g-counts').replaceChildren(...items, total);
+  const answers = call.buckets.reduce((a, b) => a + b, 0);
+  if (histChart) histChart.setData(histogramData(call.buckets));
+  const bars = call.buckets.map((c, i) => (c ? `${n(c)} at ${BUCKET_LABELS[i]} ms` : '')).filter((t) => t);
+  $('g-hist').setAttribute('aria-label', answers
+    ? `Latency of ${n(answers)} answer(s): ${bars.join(', ')}.`
+    : 'No answer yet.');
+  $('g-hist').dataset.answers = String(answers);
+  $('g-note').textContent = call.total > call.listed
+    ? `The first ${n(call.listed)} of ${n(call.total)} results are listed; all are counted above and in the histogram.`
+    : `${n(call.total)} result(s), in the order they came.`;
+}
+
+function drawGroupSoon(call) {
+  if (call.drawScheduled) return;
+  call.drawScheduled = true;
+  requestAnimationFrame(() => drawGroup(call));
+}
+
+function onGroupResult(call, r) {
+  call.total += 1;
+  if (GROUP_OUTCOMES.includes(r.outcome)) call.counts[r.outcome] += 1;
+  if (typeof r.latency_ms === 'number') call.buckets[bucketOf(r.latency_ms)] += 1;
+  if (call.listed < GROUP_ROWS) {
+    call.listed += 1;
+    call.pending.push(r);
+  }
+  drawGroupSoon(call);
+}
+
+function onGroupSummary(call, id, summary) {
+  call.summary = summary;
+  // The gateway's counts are the call's.
+  for (const o of GROUP_OUTCOMES) call.counts[o] = summary[o] ?? call.counts[o];
+  call.total = summary.total ?? call.total;
+  const n = (x) => x.toLocaleString('en');
+  const expected = summary.expected === null || summary.expected === undefined
+    ? ' (membership unknown: every answer that came)' : ` of ${n(summary.expected)} expected`;
+  $('g-state').textContent = `Done: ${n(summary.total)} result(s)${expected} in ${n(summary.elapsed_ms)} ms. Call id ${id}.`;
+  $('g-state').className = 'done';
+  drawGroupSoon(call);
+}
+
+/** Each line of an NDJSON body, parsed, as it comes. */
+async function readLines(response, onLine) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let rest = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    const lines = (rest + decoder.decode(value, { stream: true })).split('\n');
+    rest = lines.pop();
+    for (const line of lines) if (line.trim()) onLine(JSON.parse(line));
+  }
+  rest += decoder.decode();
+  if (rest.trim()) onLine(JSON.parse(rest));
+}
+
+function groupEnded(call, message, state) {
+  if (call !== groupCall) return;
+  call.running = false;
+  $('g-send').disabled = false;
+  $('g-stop').hidden = true;
+  if (message) {
+    $('g-state').textContent = message;
+    $('g-state').className = state;
+  }
+  drawGroupSoon(call);
+}
+
+$('group-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  for (const id of ['g-targets', 'g-match', 'g-group', 'g-method', 'g-request', 'g-timeout']) $(id).removeAttribute('aria-invalid');
+  $('g-error').textContent = '';
+  const f = readGroupForm();
+  if (f.problem) {
+    $(f.field).setAttribute('aria-invalid', 'true');
+    $('g-error').textContent = f.problem;
+    $(f.field).focus();
+    return;
+  }
+  if (groupCall && groupCall.running) groupCall.controller.abort();
+  const call = {
+    controller: new AbortController(),
+    counts: Object.fromEntries(GROUP_OUTCOMES.map((o) => [o, 0])),
+    buckets: new Array(BUCKET_LABELS.length).fill(0),
+    total: 0,
+    listed: 0,
+    pending: [],
+    summary: null,
+    running: true,
+    drawScheduled: false,
+  };
+  groupCall = call;
+  $('g-send').disabled = true;
+  $('g-stop').hidden = false;
+  $('g-result').hidden = false;
+  $('g-results').tBodies[0].replaceChildren();
+  $('g-state').textContent = 'Calling…';
+  $('g-state').className = '';
+  makeHistogram();
+  drawGroup(call);
+  let response;
+  try {
+    response = await fetch(`/v1/methods/${encodeURIComponent(f.method)}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', Accept: 'application/x-ndjson', ...authHeaders() },
+      body: JSON.stringify(f.body),
+      signal: call.controller.signal,
+    });
+  } catch (err) {
+    const stopped = err.name === 'AbortError';
+    if (!stopped) $('g-error').textContent = `The gateway could not be reached: ${err.message}`;
+    groupEnded(call, stopped ? 'Stopped before the gateway answered.' : 'Not sent.', 'o-error');
+    return;
+  }
+  if (response.status === 401) {
+    groupEnded(call, 'Not sent.', 'o-error');
+    showLogin(token ? 'That token was refused.' : '');
+    return;
+  }
+  if (!response.ok) {
+    const text = await response.text().catch(() => '');
+    let message = text;
+    try {
+      const body = JSON.parse(text);
+      message = typeof body.response === 'string' ? body.response : body.message ?? text;
+    } catch {
+      // Not JSON: the text as it came.
+    }
+    $('g-error').textContent = `The gateway refused the call (HTTP ${response.status}): ${message}`;
+    groupEnded(call, `Refused: HTTP ${response.status}.`, 'o-error');
+    return;
+  }
+  $('g-state').textContent = 'Running: results appear as each device answers.';
+  try {
+    if ((response.headers.get('content-type') || '').startsWith('application/x-ndjson')) {
+      await readLines(response, (line) => {
+        if (call !== groupCall) return;
+        if (line.summary) onGroupSummary(call, line.id, line.summary);
+        else onGroupResult(call, line);
+      });
+    } else {
+      // A gateway that answers one document: the same, all at once.
+      const body = await response.json();
+      for (const r of body.results) onGroupResult(call, r);
+      onGroupSummary(call, body.id, body.summary);
+    }
+  } catch (err) {
+    const how = err.name === 'AbortError' ? 'Stopped' : `The answer broke off (${err.message})`;
+    groupEnded(call, `${how} after ${call.total.toLocaleString('en')} result(s); the devices not listed may still answer the gateway.`, 'o-timeout');
+    return;
+  }
+  groupEnded(call, call.summary ? null : 'The answer ended before its summary.', 'o-timeout');
+});
+
+$('g-stop').addEventListener('click', () => {
+  if (groupCall && groupCall.running) groupCall.controller.abort();
+});
 
 // ---------------------------------------------------------------- start
 

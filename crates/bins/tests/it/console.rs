@@ -484,6 +484,266 @@ async fn the_console_in_a_real_browser() {
     browser.client.close().await.unwrap();
 }
 
+/// The group call form's counts by outcome, as the page shows them.
+async fn group_counts(b: &Browser) -> Value {
+    b.js("return Object.fromEntries([...document.querySelectorAll('#g-counts li')].map(li => [li.dataset.outcome, li.querySelector('.n').textContent]));")
+        .await
+}
+
+/// The group call form's rows: target, outcome, status, latency, detail.
+async fn group_rows(b: &Browser) -> Vec<Vec<String>> {
+    let rows = b
+        .js("return [...document.querySelectorAll('#g-results tbody tr')].map(tr => [...tr.cells].map(td => td.textContent));")
+        .await;
+    serde_json::from_value(rows).unwrap()
+}
+
+/// The row of `target`, or a panic naming the rows there are.
+fn row_of<'a>(rows: &'a [Vec<String>], target: &str) -> &'a [String] {
+    rows.iter()
+        .find(|r| r[0] == target)
+        .unwrap_or_else(|| panic!("no row for {target}: {rows:?}"))
+}
+
+/// The group call form against `directcall serve` and simulated devices:
+/// a list, a pattern and a named group, results as they come (before the
+/// call ends), the counts, the latency histogram drawn, a 400 with the
+/// gateway's message, and a call to 1,500 devices listing 1,000 rows and
+/// counting all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_call_from_the_console() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let Some(mosquitto) =
+        program::MOSQUITTO.or_skip(Mosquitto::start("").expect("mosquitto starts"))
+    else {
+        return;
+    };
+    let url = mosquitto.url();
+    let (_gw, base) = gateway(&url, &[]).await;
+    // Kiosk001-003 answer and are the group `lobby`; Kiosk004 goes offline;
+    // Kiosk005 knows no `ping` (404); Kiosk009 has no presence record and
+    // never answers.
+    let _kiosks = sim(
+        &url,
+        &[
+            "--devices",
+            "3",
+            "--id-prefix",
+            "Kiosk",
+            "--presence",
+            "--group",
+            "lobby",
+            "--echo",
+        ],
+    );
+    let mut gone = sim(&url, &["--client-id", "Kiosk004", "--presence", "--echo"]);
+    let _picky = sim(
+        &url,
+        &[
+            "--client-id",
+            "Kiosk005",
+            "--presence",
+            "--methods",
+            "other",
+        ],
+    );
+    let b = &browser;
+    b.client.goto(&format!("{base}/")).await.unwrap();
+    b.wait_text("#conn", |t| t == "live").await;
+    for kiosk in ["Kiosk001", "Kiosk002", "Kiosk003", "Kiosk004", "Kiosk005"] {
+        b.wait_text(
+            &format!(r#"#devices tr[data-target="{kiosk}"] td.state"#),
+            |t| t == "online",
+        )
+        .await;
+    }
+    gone.kill();
+    b.wait_text(r#"#devices tr[data-target="Kiosk004"] td.state"#, |t| {
+        t == "offline"
+    })
+    .await;
+
+    // A list, typed in: the answers are listed while the call still waits
+    // for Kiosk009, then every device has its row.
+    b.fill(
+        "#g-targets",
+        "Kiosk001, Kiosk002 Kiosk003\nKiosk004,Kiosk005,Kiosk009",
+    )
+    .await;
+    b.fill("#g-method", "ping").await;
+    b.fill("#g-request", r#"{"n": 1}"#).await;
+    b.fill("#g-timeout", "3000").await;
+    b.click("#g-send").await;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts = group_counts(b).await;
+        if counts["ok"] == "3" {
+            let state = b.wait_text("#g-state", |_| true).await;
+            assert!(
+                !state.starts_with("Done"),
+                "the answers came only with the end: {state}"
+            );
+            assert_eq!(counts["timeout"], "0", "{counts}");
+            assert!(
+                b.js("return document.getElementById('g-stop').hidden;")
+                    .await
+                    == json!(false),
+                "Stop is offered while the call runs"
+            );
+            break;
+        }
+        assert!(Instant::now() < until, "no answers listed: {counts}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = b.wait_text("#g-state", |t| t.starts_with("Done")).await;
+    assert!(state.contains("6 result(s) of 6 expected"), "{state}");
+    assert_eq!(
+        group_counts(b).await,
+        json!({"ok": "3", "device_error": "1", "timeout": "1", "offline": "1", "refused": "0", "total": "6 of 6 expected"})
+    );
+    let rows = group_rows(b).await;
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    for kiosk in ["Kiosk001", "Kiosk002", "Kiosk003"] {
+        let row = row_of(&rows, kiosk);
+        assert_eq!((&*row[1], &*row[2], &*row[4]), ("ok", "200", r#"{"n":1}"#));
+        assert!(row[3].ends_with(" ms"), "{row:?}");
+    }
+    let row = row_of(&rows, "Kiosk005");
+    assert_eq!((&*row[1], &*row[2]), ("device_error", "404"), "{row:?}");
+    let row = row_of(&rows, "Kiosk004");
+    assert_eq!((&*row[1], &*row[2], &*row[3]), ("offline", "–", "–"));
+    assert!(row[4].contains("offline"), "the reason: {row:?}");
+    assert_eq!(row_of(&rows, "Kiosk009")[1], "timeout");
+    // The timeout comes last: rows are in the order results came.
+    assert_eq!(rows[5][0], "Kiosk009", "{rows:?}");
+    assert_eq!(
+        b.js("return document.getElementById('g-stop').hidden;")
+            .await,
+        json!(true)
+    );
+
+    // The histogram: the four answers (three ok, the 404), drawn as bars.
+    b.frames_drawn().await;
+    let hist = b
+        .js("const h = document.getElementById('g-hist'); return [h.dataset.answers, h.getAttribute('aria-label'), h.querySelectorAll('canvas').length];")
+        .await;
+    assert_eq!(hist[0], "4", "{hist}");
+    assert!(
+        hist[1]
+            .as_str()
+            .unwrap()
+            .starts_with("Latency of 4 answer(s): "),
+        "{hist}"
+    );
+    assert_eq!(hist[2], 1, "one canvas: {hist}");
+    let bar_rows = b
+        .js("const c = document.querySelector('#g-hist canvas'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; const rows = new Set(); for (let i = 0; i < d.length; i += 4) if (d[i] === 9 && d[i + 1] === 105 && d[i + 2] === 218 && d[i + 3] === 255) rows.add(Math.floor(i / 4 / c.width)); return rows.size;")
+        .await;
+    // The tallest bar spans the plot's height; an empty chart has none.
+    assert!(
+        bar_rows.as_u64().unwrap() >= 40,
+        "the bars are not drawn: their colour is on {bar_rows} rows of pixels"
+    );
+
+    // A pattern, online only: Kiosk004 (offline) and Kiosk009 (unknown to
+    // presence) are not called.
+    b.click("#g-kind-match").await;
+    b.fill("#g-match", "Kiosk00*").await;
+    b.click("#g-online").await;
+    b.click("#g-send").await;
+    let state = b.wait_text("#g-state", |t| t.starts_with("Done")).await;
+    assert!(state.contains("4 result(s) of 4 expected"), "{state}");
+    let counts = group_counts(b).await;
+    assert_eq!(
+        (&counts["ok"], &counts["device_error"]),
+        (&json!("3"), &json!("1"))
+    );
+    let mut targets: Vec<String> = group_rows(b)
+        .await
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["Kiosk001", "Kiosk002", "Kiosk003", "Kiosk005"]);
+
+    // A named group: its three members.
+    b.click("#g-kind-group").await;
+    b.fill("#g-group", "lobby").await;
+    b.fill("#g-request", r#""hello lobby""#).await;
+    b.click("#g-send").await;
+    let state = b.wait_text("#g-state", |t| t.starts_with("Done")).await;
+    assert!(state.contains("3 result(s) of 3 expected"), "{state}");
+    let rows = group_rows(b).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r[1] == "ok" && r[4] == "hello lobby"),
+        "{rows:?}"
+    );
+
+    // A refusal shows the gateway's own message, and no result.
+    b.click("#g-kind-match").await;
+    b.fill("#g-match", "Kiosk/*").await;
+    b.click("#g-send").await;
+    let error = b.wait_text("#g-error", |t| !t.is_empty()).await;
+    assert!(
+        error.starts_with("The gateway refused the call (HTTP 400): invalid match:"),
+        "{error}"
+    );
+    assert_eq!(group_rows(b).await.len(), 0);
+    // Invalid JSON never leaves the page.
+    b.fill("#g-match", "Kiosk*").await;
+    b.fill("#g-request", "{nope").await;
+    b.click("#g-send").await;
+    let error = b
+        .wait_text("#g-error", |t| t.contains("not valid JSON"))
+        .await;
+    assert!(
+        error.starts_with("The request is not valid JSON"),
+        "{error}"
+    );
+
+    // 1,500 devices that never answer: 1,000 rows, all 1,500 counted.
+    b.click("#g-kind-targets").await;
+    b.js("document.getElementById('g-targets').value = Array.from({length: 1500}, (_, i) => 'Ghost' + String(i).padStart(4, '0')).join(',');")
+        .await;
+    b.fill("#g-request", "{}").await;
+    b.fill("#g-timeout", "500").await;
+    b.click("#g-send").await;
+    let state = b.wait_text("#g-state", |t| t.starts_with("Done")).await;
+    assert!(
+        state.contains("1,500 result(s) of 1,500 expected"),
+        "{state}"
+    );
+    let counts = group_counts(b).await;
+    assert_eq!(
+        (&counts["timeout"], &counts["total"]),
+        (&json!("1,500"), &json!("1,500 of 1,500 expected")),
+        "{counts}"
+    );
+    assert_eq!(
+        b.js("return document.querySelectorAll('#g-results tbody tr').length;")
+            .await,
+        json!(1000)
+    );
+    let note = b.wait_text("#g-note", |_| true).await;
+    assert_eq!(
+        note,
+        "The first 1,000 of 1,500 results are listed; all are counted above and in the histogram."
+    );
+
+    // Fits a narrow window, with no policy violation.
+    b.fits(420, 800).await;
+    assert_eq!(
+        b.js("return document.body.dataset.cspViolations ?? null;")
+            .await,
+        Value::Null,
+        "no Content-Security-Policy violation"
+    );
+    browser.client.close().await.unwrap();
+}
+
 /// `/v1/events` read with curl, line by line, until [`Events::close`].
 struct Events {
     curl: Child,
