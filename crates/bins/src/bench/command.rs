@@ -153,6 +153,11 @@ pub struct BenchArgs {
     /// (`directcall-sim --group NAME`).
     #[arg(long, env = "DIRECTCALL_BENCH_GROUP", default_value = "bench")]
     group: String,
+    /// --mode group with --external-devices: of the --devices, this many
+    /// are known to be stopped (presence says offline); the run waits for
+    /// the others only.
+    #[arg(long, env = "DIRECTCALL_BENCH_OFFLINE_DEVICES", default_value_t = 0)]
+    offline_devices: usize,
     /// Measure the raw-MQTT floor in the same run and report ratios.
     #[arg(long, env = "DIRECTCALL_BENCH_COMPARE_RAW")]
     compare_raw: bool,
@@ -1375,7 +1380,9 @@ async fn group(
     let requester = Requester::connect(requester_options).await?;
     // Presence knows every device (their members too) before the first call.
     let known = tokio::time::Instant::now() + Duration::from_secs(60);
-    while requester.devices().iter().filter(|d| d.online).count() < n {
+    while requester.devices().iter().filter(|d| d.online).count()
+        < n.saturating_sub(args.offline_devices)
+    {
         if tokio::time::Instant::now() > known {
             return Err(format!(
                 "presence knows {} of the {n} devices online after 60 s (are they started with --presence?)",
@@ -1465,12 +1472,13 @@ async fn group(
         );
     } else {
         println!(
-            "group calls ({:?}) to {n} devices, {} calls: median first result {:.1} ms, all results {:.1} ms, {} answered",
+            "group calls ({:?}) to {n} devices, {} calls: median first result {:.1} ms, all results {:.1} ms, {} answered, {} offline",
             args.group_form,
             ours.len(),
             mine.first.as_secs_f64() * 1e3,
             mine.last.as_secs_f64() * 1e3,
-            mine.answered
+            mine.answered,
+            mine.offline
         );
         if let (Some(r), Some(ratio)) = (raw_median, ratio) {
             println!(

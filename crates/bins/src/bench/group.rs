@@ -36,6 +36,8 @@ pub struct Fanout {
     pub last: Duration,
     /// Devices that answered.
     pub answered: usize,
+    /// Devices reported offline (directcall only: the floor cannot know).
+    pub offline: usize,
 }
 
 /// The median of each figure over `runs`.
@@ -47,7 +49,10 @@ pub fn median(runs: &[Fanout]) -> Fanout {
     };
     let mut answered: Vec<usize> = runs.iter().map(|r| r.answered).collect();
     answered.sort_unstable();
+    let mut offline: Vec<usize> = runs.iter().map(|r| r.offline).collect();
+    offline.sort_unstable();
     Fanout {
+        offline: offline.get(offline.len() / 2).copied().unwrap_or_default(),
         first: mid(|r| r.first),
         last: mid(|r| r.last),
         answered: answered
@@ -99,6 +104,7 @@ pub async fn directcall(
             first: first.unwrap_or(last),
             last,
             answered: running.summary().ok,
+            offline: running.summary().offline,
         },
         results,
     ))
@@ -229,6 +235,7 @@ impl RawFanout {
             first: first.unwrap_or(last),
             last,
             answered: seen.len(),
+            offline: 0,
         })
     }
 }
@@ -239,5 +246,6 @@ pub fn fanout_json(f: &Fanout) -> Value {
         "first_ms": f.first.as_secs_f64() * 1e3,
         "last_ms": f.last.as_secs_f64() * 1e3,
         "answered": f.answered,
+        "offline": f.offline,
     })
 }
