@@ -10,7 +10,10 @@
 //!   send the response);
 //! - after an idle spell longer than the keepalive, the connection is made
 //!   anew before the call: a frozen environment sent no keepalive, and its
-//!   socket may be dead without knowing it.
+//!   socket may be dead without knowing it;
+//! - answers are buffered, at most [`MAX_ANSWER_BYTES`]: a group call
+//!   cannot stream (406 for NDJSON) and is held to what fits
+//!   ([`Gateway::buffered`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -32,6 +35,13 @@ use crate::cli::{AccessArgs, BrokerArgs, ConfigError, RequesterArgs};
 
 /// Time kept back from the Lambda's own deadline to send the response.
 pub const RESPONSE_MARGIN: Duration = Duration::from_millis(250);
+
+/// The largest body the Lambda answers, in bytes: a Lambda's answer is at
+/// most 6 MB (6,291,456 bytes), and API Gateway's event carries the body in
+/// it as a JSON string, escaped, which can double its size. A group call's
+/// answer is held to it: 2,928 results of at most 1 KiB each
+/// ([`directcall_cloud::gateway::BUFFERED_RESULT_BYTES`]).
+pub const MAX_ANSWER_BYTES: usize = 3_000_000;
 
 /// `directcall-lambda`'s settings: the same broker and requester flags, with
 /// the same environment variables, as `directcall serve` (a Lambda reads
@@ -120,7 +130,8 @@ pub async fn run(args: LambdaArgs) -> Result<(), LambdaError> {
         Gateway::new(requester)
             .limits(limits)
             .metrics(crate::cli::render_metrics)
-            .wait_for_broker(true),
+            .wait_for_broker(true)
+            .buffered(MAX_ANSWER_BYTES),
         Arc::new(access),
     );
     let app = axum::middleware::from_fn_with_state(environment, prepare).layer(gateway.app());

@@ -711,6 +711,31 @@ async fn the_openapi_document_matches_the_gateway() {
         .await;
         note(post_route, "post", status);
     }
+    // Group calls: answered, no token, a bad body, a list too long.
+    let group_route = "/v1/methods/{method}";
+    let many: Vec<String> = (0..100_001).map(|i| format!("d{i}")).collect();
+    for (headers, body) in [
+        (
+            &json_auth[..],
+            serde_json::json!({"targets": ["Device001", "Nobody"], "timeout_ms": 1000})
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            &[("content-type", "application/json")][..],
+            br#"{"targets":["Device001"]}"#.to_vec(),
+        ),
+        (&json_auth[..], br#"{"targets":["a/b"]}"#.to_vec()),
+        (
+            &json_auth[..],
+            serde_json::json!({ "targets": many })
+                .to_string()
+                .into_bytes(),
+        ),
+    ] {
+        let (status, _) = post(&base, "/v1/methods/m", headers, body).await;
+        note(group_route, "post", status);
+    }
     // Outside the narrow credential's scope: 403; past its rate: 429.
     let narrow = [("authorization", "Bearer narrow-secret")];
     let narrow_json = [
@@ -733,7 +758,24 @@ async fn the_openapi_document_matches_the_gateway() {
     )
     .await;
     note(post_route, "post", status);
+    // A group outside the narrow credential's scope (it names none): 403.
+    let (status, _) = post(
+        &base,
+        "/v1/methods/m",
+        &narrow_json,
+        br#"{"group":"lobby"}"#.to_vec(),
+    )
+    .await;
+    note(group_route, "post", status);
     for _ in 0..2 {
+        let (status, _) = post(
+            &base,
+            "/v1/methods/m",
+            &narrow_json,
+            br#"{"targets":["Device001"],"timeout_ms":3000}"#.to_vec(),
+        )
+        .await;
+        note(group_route, "post", status);
         for route in ["/invoke", "/invoke/"] {
             let (status, _) = get_with(
                 &format!("{base}{route}?request=r&method=m&target=Device001&timeout=3"),
@@ -791,6 +833,42 @@ async fn the_openapi_document_matches_the_gateway() {
     )
     .await;
     note(post_route, "post", status);
+    // A group call: a key reused for another one (409), and 202 with its
+    // record: found, not a call id, no token, unknown.
+    for request in ["1", "2"] {
+        let keyed = [
+            ("authorization", "Bearer tok"),
+            ("content-type", "application/json"),
+            ("idempotency-key", "k-group"),
+        ];
+        let body = format!(r#"{{"targets":["Device001"],"request":{request}}}"#).into_bytes();
+        let (status, _) = post(&base, "/v1/methods/m", &keyed, body).await;
+        note(group_route, "post", status);
+    }
+    let (status, accepted) = post(
+        &base,
+        "/v1/methods/m",
+        &prefer,
+        br#"{"targets":["Device001"]}"#.to_vec(),
+    )
+    .await;
+    note(group_route, "post", status);
+    let group_record = accepted["group"].as_str().unwrap_or_default().to_owned();
+    for (path, headers) in [
+        (format!("{group_record}?wait=3"), &auth[..]),
+        ("/v1/groups/nope".to_owned(), &auth[..]),
+        (group_record.clone(), &[][..]),
+        (
+            format!("/v1/groups/{}", directcall_core::MessageId::new()),
+            &auth[..],
+        ),
+    ] {
+        note(
+            "/v1/groups/{id}",
+            "get",
+            get_with(&format!("{base}{path}"), headers).await.0,
+        );
+    }
     // A call's record: found, not a call id, no token, unknown.
     let (status, answered) = get_with(
         &format!("{base}/invoke?request=r&method=other&target=Device001&timeout=3"),
@@ -897,6 +975,14 @@ async fn the_openapi_document_matches_the_gateway() {
     )
     .await;
     note(post_route, "post", status);
+    let (status, _) = post(
+        &base,
+        "/v1/methods/m",
+        &json_auth,
+        br#"{"targets":["Device001"]}"#.to_vec(),
+    )
+    .await;
+    note(group_route, "post", status);
 
     let undocumented: Vec<_> = seen.difference(&documented).collect();
     assert!(

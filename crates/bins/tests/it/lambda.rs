@@ -699,3 +699,141 @@ async fn two_warm_lambdas_each_receive_only_their_own_replies() {
         );
     }
 }
+
+/// A group call through the Lambda (REST v1 and HTTP API v2 events): one
+/// buffered JSON answer, each result held to 1 KiB (a longer `response` is
+/// left out, saying so), NDJSON refused with 406, a list longer than fits
+/// 413, the Lambda's timeout bound 400, `Prefer: respond-async` ignored,
+/// and never past the invocation's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_call_through_the_lambda_is_buffered() {
+    let Some(m) = program::MOSQUITTO.or_skip(Mosquitto::start("").expect("mosquitto")) else {
+        return;
+    };
+    let url = m.url();
+    let _hole = e2e::black_hole(&url).await;
+    let _car = sim(&url, &["--client-id", "Car001", "--echo"]);
+    // A device of another make whose answer is 5,000 bytes.
+    let broker = directcall_core::BrokerOptions::from_url(&url).unwrap();
+    let mut big = directcall_testkit::Raw::connect(&broker, "big-device").await;
+    big.subscribe("Big001/#").await;
+    let _big = tokio::spawn(async move {
+        loop {
+            let (topic, request) = big.next().await;
+            let l: Vec<&str> = topic.split('/').collect();
+            big.publish(
+                &format!("{}/{}/{}/{}/ack", l[2], l[3], l[0], l[1]),
+                json!({"id": request["id"], "response": "x".repeat(5000)}).to_string(),
+            )
+            .await;
+        }
+    });
+    let lambda = Lambda::start(&url, &[]).await;
+    let group = |body: Value, extra: Vec<(&'static str, String)>| {
+        let mut r = req("POST", "/v1/methods/unlock", false, Some(&body.to_string()));
+        r.headers.extend(extra);
+        r
+    };
+    let body =
+        json!({"targets": ["Car001", "Big001", "Nobody"], "request": "go", "timeout_ms": 1500});
+    for version in [1, 2] {
+        let (status, answer) = lambda
+            .http(
+                version,
+                &group(body.clone(), vec![]),
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(status, 200, "v{version}: {answer}");
+        let results: HashMap<&str, &Value> = answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["target"].as_str().unwrap(), r))
+            .collect();
+        assert_eq!(results["Car001"]["outcome"], "ok");
+        assert_eq!(results["Car001"]["response"], "go");
+        assert_eq!(results["Big001"]["outcome"], "ok");
+        assert_eq!(results["Big001"]["status"], 200);
+        assert!(results["Big001"].get("response").is_none(), "{answer}");
+        assert!(
+            results["Big001"]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("response left out"),
+            "{answer}"
+        );
+        assert_eq!(results["Nobody"]["outcome"], "timeout");
+        assert_eq!(answer["summary"]["ok"], 2);
+        assert_eq!(answer["summary"]["timeout"], 1);
+    }
+    // No stream through API Gateway.
+    let (status, answer) = lambda
+        .http(
+            2,
+            &group(
+                body.clone(),
+                vec![("accept", "application/x-ndjson".into())],
+            ),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(status, 406, "{answer}");
+    assert_eq!(answer["result"], "not_acceptable");
+    assert!(
+        answer["response"]
+            .as_str()
+            .unwrap()
+            .contains("not available on the Lambda"),
+        "{answer}"
+    );
+    // Past the Lambda's 29 s, or more devices than a 6 MB answer holds.
+    let (status, answer) = lambda
+        .http(
+            1,
+            &group(json!({"targets": ["Car001"], "timeout_ms": 30000}), vec![]),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["response"].as_str().unwrap().starts_with(
+        "invalid timeout_ms: must be a whole number of milliseconds from 100 to 29000"
+    ));
+    let many: Vec<String> = (0..2929).map(|i| format!("Car{i:04}")).collect();
+    let (status, answer) = lambda
+        .http(
+            1,
+            &group(json!({"targets": many}), vec![]),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(
+        answer["response"],
+        "targets names 2929 devices; a group call takes at most 2928"
+    );
+    // A frozen environment runs nothing after its answer: no 202.
+    let (status, answer) = lambda
+        .http(
+            1,
+            &group(
+                json!({"targets": ["Car001"]}),
+                vec![("prefer", "respond-async".into())],
+            ),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["summary"]["ok"], 1);
+    // 10 s asked, 1.5 s left: answered before the invocation's deadline.
+    let (status, answer, ahead_ms) = lambda
+        .http_timed(
+            2,
+            &group(json!({"targets": ["Nobody"], "timeout_ms": 10000}), vec![]),
+            Duration::from_millis(1500),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["summary"]["timeout"], 1);
+    assert!(ahead_ms > 0, "answered {} ms after the deadline", -ahead_ms);
+}

@@ -21,6 +21,7 @@ mod deploy;
 mod embed;
 mod faults;
 mod fleet;
+mod groups;
 mod hostile;
 mod https;
 mod idempotency;

@@ -231,9 +231,9 @@ impl Caller {
     pub fn allows_group(&self, group: &str, method: &str) -> Result<(), Refusal> {
         let name = &self.inner.name;
         let rules = match (&self.inner.groups, &self.inner.rules) {
-            (Some(groups), _) => groups,
+            (Some(groups), _) if !groups.is_empty() => groups,
             (None, None) => return Ok(()),
-            (None, Some(_)) => {
+            _ => {
                 return Err(Refusal::Forbidden(format!(
                     "credential '{name}' may not call group '{group}': its scope names no groups"
                 )))

@@ -215,7 +215,12 @@ impl InvokeService {
                 }
                 let invocation =
                     GroupInvocation::targets(&names, method.as_str(), request).map_err(refusal)?;
-                (invocation, SetKind::Targets(names.len()))
+                // Duplicates are called once.
+                let n = match invocation.get_targets() {
+                    crate::Targets::List(list) => list.len(),
+                    _ => names.len(),
+                };
+                (invocation, SetKind::Targets(n))
             }
             "match" => {
                 let Some(pattern) = map.get("match").and_then(Value::as_str) else {
