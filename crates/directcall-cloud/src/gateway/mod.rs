@@ -40,6 +40,7 @@ mod auth;
 mod body;
 #[cfg(feature = "console")]
 mod console;
+mod group_records;
 mod groups;
 mod jwt;
 mod limits;
@@ -65,9 +66,8 @@ pub use body::{
 };
 #[cfg(feature = "console")]
 pub use console::CSP as CONSOLE_CSP;
-pub use groups::{
-    BUFFERED_RESULT_BYTES, MAX_GROUP_RECORD_BYTES, MAX_GROUP_REQUEST_BYTES, MAX_GROUP_TARGETS,
-};
+pub use group_records::MAX_GROUP_RECORD_BYTES;
+pub use groups::{BUFFERED_RESULT_BYTES, MAX_GROUP_REQUEST_BYTES, MAX_GROUP_TARGETS};
 pub use jwt::{JwtError, JwtVerifier};
 #[cfg(feature = "console")]
 pub use live::{Console, LogEntry};
@@ -253,9 +253,9 @@ impl Gateway {
         let openapi_at =
             move |base: &str| openapi::document(limits, with_metrics, with_console, buffered, base);
         let group_records = service.requester().record_options().map(|options| {
-            Arc::new(groups::GroupRecords::new(
+            Arc::new(group_records::GroupRecords::new(
                 options,
-                groups::MAX_GROUP_RECORD_BYTES,
+                group_records::MAX_GROUP_RECORD_BYTES,
             ))
         });
         GatewayState(Arc::new(Shared {

@@ -37,7 +37,7 @@ pub(crate) struct Shared {
     pub(crate) target_limit: Option<Arc<TargetLimit>>,
     /// The records of group calls answered 202 (none without call
     /// records).
-    pub(crate) group_records: Option<Arc<super::groups::GroupRecords>>,
+    pub(crate) group_records: Option<Arc<super::group_records::GroupRecords>>,
     /// The front end buffers each answer, at most this many bytes (the
     /// Lambda): no NDJSON, group answers held to fit.
     pub(crate) buffered: Option<usize>,
