@@ -12,11 +12,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use directcall_core::deadline::{unix_millis, whole_millis};
-use directcall_core::mqtt::Properties;
-use directcall_core::{
-    CallTopics, Field, Group, GroupTopics, MessageId, Method, ReplyPayload, RequestPayload, Target,
-};
+use directcall_core::deadline::whole_millis;
+use directcall_core::{CallTopics, Field, Group, MessageId, Method, ReplyPayload, Target};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -24,8 +21,6 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::error::Error;
-use crate::presence::Known;
-use crate::session::Shared;
 
 /// Requests of one group call published and not yet answered, at most, by
 /// default ([`GroupInvocation::max_in_flight`]): a call to 100,000 devices
@@ -274,7 +269,7 @@ impl GroupInvocation {
         self.timeout
     }
 
-    fn fingerprint(&self) -> Uuid {
+    pub(crate) fn fingerprint(&self) -> Uuid {
         let what = match &self.targets {
             Targets::List(list) => {
                 let names: Vec<&str> = list.iter().map(Target::as_str).collect();
@@ -344,7 +339,7 @@ impl DeviceOutcome {
         }
     }
 
-    const ALL: [DeviceOutcome; 5] = [
+    pub(crate) const ALL: [DeviceOutcome; 5] = [
         DeviceOutcome::Ok,
         DeviceOutcome::DeviceError,
         DeviceOutcome::Timeout,
@@ -396,7 +391,11 @@ fn as_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, 
 }
 
 impl DeviceResult {
-    fn without_answer(target: Target, outcome: DeviceOutcome, reason: impl Into<String>) -> Self {
+    pub(crate) fn without_answer(
+        target: Target,
+        outcome: DeviceOutcome,
+        reason: impl Into<String>,
+    ) -> Self {
         DeviceResult {
             target,
             outcome,
@@ -475,11 +474,11 @@ fn id_text<S: serde::Serializer>(id: &MessageId, s: S) -> Result<S::Ok, S::Error
 /// requests are published).
 #[derive(Debug)]
 pub struct GroupCall {
-    id: MessageId,
-    rx: mpsc::UnboundedReceiver<DeviceResult>,
-    summary: GroupSummary,
-    started: Instant,
-    ended: bool,
+    pub(crate) id: MessageId,
+    pub(crate) rx: mpsc::UnboundedReceiver<DeviceResult>,
+    pub(crate) summary: GroupSummary,
+    pub(crate) started: Instant,
+    pub(crate) ended: bool,
 }
 
 impl GroupCall {
@@ -529,37 +528,37 @@ impl GroupCall {
 /// One running group call, as replies find it.
 #[derive(Debug)]
 pub(crate) struct GroupState {
-    method: Method,
-    inner: Mutex<Inner>,
-    tx: mpsc::UnboundedSender<DeviceResult>,
+    pub(crate) method: Method,
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) tx: mpsc::UnboundedSender<DeviceResult>,
     /// Room for one more request published and not answered.
-    window: Semaphore,
+    pub(crate) window: Semaphore,
     /// Every expected device has its result.
-    all_in: Notify,
+    pub(crate) all_in: Notify,
     /// When the named group's single request went out.
-    published_at: Mutex<Option<Instant>>,
-    results: [metrics::Counter; 5],
+    pub(crate) published_at: Mutex<Option<Instant>>,
+    pub(crate) results: [metrics::Counter; 5],
 }
 
 #[derive(Debug, Default)]
-struct Inner {
+pub(crate) struct Inner {
     /// Published and not answered: when each was published.
-    waiting: HashMap<Target, Instant>,
+    pub(crate) waiting: HashMap<Target, Instant>,
     /// With a result already.
-    done: std::collections::HashSet<Target>,
+    pub(crate) done: std::collections::HashSet<Target>,
     /// Expected devices without a result yet; `None`: unknown (a group of
     /// unknown membership).
-    left: Option<usize>,
+    pub(crate) left: Option<usize>,
     /// Whether it still takes results.
-    open: bool,
+    pub(crate) open: bool,
     /// With an idempotency key: the answers so far, for a retry.
-    answered: Option<Vec<DeviceResult>>,
+    pub(crate) answered: Option<Vec<DeviceResult>>,
 }
 
 impl GroupState {
     /// Gives `result` to the caller, once per target, while the call is
     /// open. Returns whether it was taken.
-    fn emit(&self, inner: &mut Inner, result: DeviceResult) -> bool {
+    pub(crate) fn emit(&self, inner: &mut Inner, result: DeviceResult) -> bool {
         if !inner.open || !inner.done.insert(result.target.clone()) {
             return false;
         }
@@ -581,7 +580,7 @@ impl GroupState {
         true
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -660,18 +659,18 @@ impl GroupState {
 /// The running group calls of one requester, by id.
 #[derive(Debug, Default)]
 pub(crate) struct Groups {
-    by_id: Mutex<HashMap<MessageId, Arc<GroupState>>>,
+    pub(crate) by_id: Mutex<HashMap<MessageId, Arc<GroupState>>>,
     /// How many run: a reply checks the table only when some do.
-    running: std::sync::atomic::AtomicUsize,
+    pub(crate) running: std::sync::atomic::AtomicUsize,
     /// With idempotency keys: each key's fingerprint, call id and answers.
-    keys: Mutex<HashMap<String, Keyed>>,
+    pub(crate) keys: Mutex<HashMap<String, Keyed>>,
 }
 
 #[derive(Debug, Clone)]
-struct Keyed {
-    fingerprint: Uuid,
-    at: Instant,
-    answered: Arc<Mutex<Vec<DeviceResult>>>,
+pub(crate) struct Keyed {
+    pub(crate) fingerprint: Uuid,
+    pub(crate) at: Instant,
+    pub(crate) answered: Arc<Mutex<Vec<DeviceResult>>>,
 }
 
 impl Groups {
@@ -687,7 +686,7 @@ impl Groups {
             .cloned()
     }
 
-    fn insert(&self, id: MessageId, state: Arc<GroupState>) -> Result<(), Error> {
+    pub(crate) fn insert(&self, id: MessageId, state: Arc<GroupState>) -> Result<(), Error> {
         let mut by_id = self.by_id.lock().unwrap_or_else(|e| e.into_inner());
         if by_id.contains_key(&id) {
             // A retry under the same key while the first still runs.
@@ -698,7 +697,7 @@ impl Groups {
         Ok(())
     }
 
-    fn remove(&self, id: &MessageId) {
+    pub(crate) fn remove(&self, id: &MessageId) {
         if self
             .by_id
             .lock()
@@ -709,400 +708,6 @@ impl Groups {
             self.running.fetch_sub(1, Relaxed);
         }
     }
-}
-
-/// Starts a group call: resolves the targets, publishes, and returns the
-/// stream of results.
-pub(crate) async fn start(shared: Arc<Shared>, call: GroupInvocation) -> Result<GroupCall, Error> {
-    let started = Instant::now();
-    if call.timeout.is_zero() {
-        return Err(Error::Invalid {
-            field: Field::Timeout,
-            reason: "must be greater than zero".into(),
-        });
-    }
-    shared.check_group(&call)?;
-    let deadline = started + call.timeout;
-
-    // The devices, and those reported at once.
-    let mut at_once: Vec<DeviceResult> = Vec::new();
-    let presence = shared.presence.as_ref();
-    let (mut to_call, expected): (Vec<Target>, Option<usize>) = match &call.targets {
-        Targets::List(list) => (list.clone(), Some(list.len())),
-        Targets::Match {
-            pattern,
-            online_only,
-        } => {
-            let Some(p) = presence else {
-                return Err(Error::Invalid {
-                    field: Field::Target,
-                    reason: "a pattern needs presence records (Options::presence) to match against"
-                        .into(),
-                });
-            };
-            let found = p.matching(&wildmatch::WildMatch::new(pattern));
-            let found: Vec<Target> = found
-                .into_iter()
-                .filter(|(t, online)| {
-                    (*online || !online_only) && call.within.as_ref().is_none_or(|w| w(t))
-                })
-                .map(|(t, _)| t)
-                .collect();
-            let n = found.len();
-            (found, Some(n))
-        }
-        Targets::Group(group) => match presence.and_then(|p| p.members(group)) {
-            Some(members) => {
-                let n = members.len();
-                (members.into_iter().map(|(t, _)| t).collect(), Some(n))
-            }
-            None => (Vec::new(), None),
-        },
-    };
-
-    // Access, then presence, for every named device.
-    if let Some(admit) = &call.admit {
-        to_call.retain(|t| match admit(t) {
-            Ok(()) => true,
-            Err(why) => {
-                at_once.push(DeviceResult::without_answer(
-                    t.clone(),
-                    DeviceOutcome::Refused,
-                    why,
-                ));
-                false
-            }
-        });
-    }
-    if let Some(p) = presence {
-        let strict = shared.strict_presence_complete();
-        to_call.retain(|t| match p.known(t) {
-            Known::Online => true,
-            Known::Offline => {
-                at_once.push(DeviceResult::without_answer(
-                    t.clone(),
-                    DeviceOutcome::Offline,
-                    "presence says the device is offline",
-                ));
-                false
-            }
-            Known::Unknown if strict => {
-                at_once.push(DeviceResult::without_answer(
-                    t.clone(),
-                    DeviceOutcome::Offline,
-                    "presence has no record of the device",
-                ));
-                false
-            }
-            Known::Unknown => true,
-        });
-    }
-
-    // A keyed retry: who answered already.
-    let id;
-    let mut answered_before: Vec<DeviceResult> = Vec::new();
-    let mut keyed_answers = None;
-    if let Some(key) = &call.idempotency_key {
-        crate::keys::check_key(key)?;
-        let scoped = match &call.caller {
-            Some(c) => format!("group\0{c}\0{key}"),
-            None => format!("group\0{key}"),
-        };
-        id = MessageId::from_key(&scoped);
-        let fingerprint = call.fingerprint();
-        let retention = shared.keys.retention();
-        let mut keys = shared.groups.keys.lock().unwrap_or_else(|e| e.into_inner());
-        keys.retain(|_, k| k.at.elapsed() < retention);
-        let entry = keys.entry(scoped).or_insert_with(|| Keyed {
-            fingerprint,
-            at: Instant::now(),
-            answered: Arc::default(),
-        });
-        if entry.fingerprint != fingerprint {
-            return Err(Error::KeyConflict);
-        }
-        answered_before = entry
-            .answered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        keyed_answers = Some(Arc::clone(&entry.answered));
-    } else {
-        id = MessageId::new();
-    }
-    for r in &mut answered_before {
-        r.replayed = true;
-    }
-    let replayed: std::collections::HashSet<Target> =
-        answered_before.iter().map(|r| r.target.clone()).collect();
-    to_call.retain(|t| !replayed.contains(t));
-    at_once.retain(|r| !replayed.contains(&r.target));
-
-    let (tx, rx) = mpsc::unbounded_channel();
-    let state = Arc::new(GroupState {
-        method: call.method.clone(),
-        inner: Mutex::new(Inner {
-            left: expected,
-            open: true,
-            answered: keyed_answers.is_some().then(Vec::new),
-            ..Inner::default()
-        }),
-        tx,
-        window: Semaphore::new(call.max_in_flight),
-        all_in: Notify::new(),
-        published_at: Mutex::new(None),
-        results: DeviceOutcome::ALL
-            .map(|o| metrics::counter!(crate::metrics::GROUP_RESULTS, "outcome" => o.as_str())),
-    });
-    shared.groups.insert(id, Arc::clone(&state))?;
-    metrics::counter!(crate::metrics::GROUP_CALLS).increment(1);
-    {
-        let mut inner = state.lock();
-        for r in answered_before.into_iter().chain(at_once) {
-            state.emit(&mut inner, r);
-        }
-    }
-    tokio::spawn(run(
-        shared,
-        call,
-        id,
-        to_call,
-        deadline,
-        state,
-        keyed_answers,
-    ));
-    Ok(GroupCall {
-        id,
-        rx,
-        summary: GroupSummary {
-            expected,
-            ..GroupSummary::default()
-        },
-        started,
-        ended: false,
-    })
-}
-
-/// Publishes the requests (within the window), waits for the answers or
-/// the deadline, and reports the rest as timed out.
-async fn run(
-    shared: Arc<Shared>,
-    call: GroupInvocation,
-    id: MessageId,
-    to_call: Vec<Target>,
-    deadline: Instant,
-    state: Arc<GroupState>,
-    keyed_answers: Option<Arc<Mutex<Vec<DeviceResult>>>>,
-) {
-    let closed = state.tx.clone();
-    // How many of `to_call` were taken for publishing: the rest, at the
-    // end, were never sent.
-    let mut taken = 0usize;
-    let next = &mut taken;
-    let (shared_ref, state_ref, call_ref, targets_ref) = (&shared, &state, &call, &to_call);
-    let publishing = async move {
-        let (shared, state, call, to_call) = (shared_ref, state_ref, call_ref, targets_ref);
-        match &call.targets {
-            Targets::Group(group) => {
-                {
-                    let mut inner = state.lock();
-                    let now = Instant::now();
-                    for t in to_call {
-                        inner.waiting.insert(t.clone(), now);
-                    }
-                }
-                *state.published_at.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Instant::now());
-                let topics = match GroupTopics::new(
-                    group.clone(),
-                    call.method.clone(),
-                    shared.prefix.clone(),
-                    id,
-                ) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        refuse_all(state, to_call, &e.to_string());
-                        return;
-                    }
-                };
-                let (payload, properties) = request(shared, call, id, deadline, None);
-                if let Err(e) = shared.link.publish_with(
-                    topics.request_topic(),
-                    payload,
-                    shared.group_qos(),
-                    false,
-                    properties.as_ref(),
-                ) {
-                    refuse_all(state, to_call, &format!("not published: {e}"));
-                }
-            }
-            _ => {
-                for target in to_call {
-                    match tokio::time::timeout_at(deadline, state.window.acquire()).await {
-                        Ok(Ok(permit)) => permit.forget(),
-                        _ => return,
-                    }
-                    *next += 1;
-                    let topics = match CallTopics::new(
-                        target.clone(),
-                        call.method.clone(),
-                        shared.prefix.clone(),
-                        id,
-                    ) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            let mut inner = state.lock();
-                            state.emit(
-                                &mut inner,
-                                DeviceResult::without_answer(
-                                    target.clone(),
-                                    DeviceOutcome::Refused,
-                                    e.to_string(),
-                                ),
-                            );
-                            state.window.add_permits(1);
-                            continue;
-                        }
-                    };
-                    let (payload, properties) = request(shared, call, id, deadline, Some(&topics));
-                    state.lock().waiting.insert(target.clone(), Instant::now());
-                    let mut published = shared.link.publish_with(
-                        topics.request_topic(),
-                        payload.clone(),
-                        shared.request_qos_for(target),
-                        false,
-                        properties.as_ref(),
-                    );
-                    // A full request queue: wait for room, within the deadline.
-                    while published.is_err() {
-                        if Instant::now() >= deadline || shared.link.is_stopping() {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        published = shared.link.publish_with(
-                            topics.request_topic(),
-                            payload.clone(),
-                            shared.request_qos_for(target),
-                            false,
-                            properties.as_ref(),
-                        );
-                    }
-                    if let Err(e) = published {
-                        let mut inner = state.lock();
-                        if inner.waiting.remove(target).is_some() {
-                            state.window.add_permits(1);
-                        }
-                        state.emit(
-                            &mut inner,
-                            DeviceResult::without_answer(
-                                target.clone(),
-                                DeviceOutcome::Refused,
-                                format!("not published: {e}"),
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-    };
-    tokio::select! {
-        () = publishing => {}
-        () = closed.closed() => {}
-        () = tokio::time::sleep_until(deadline) => {}
-    }
-    // Every expected result in, the deadline, or the caller gone.
-    let done_early = {
-        let inner = state.lock();
-        inner.left == Some(0)
-    };
-    if !done_early {
-        tokio::select! {
-            () = state.all_in.notified() => {}
-            () = tokio::time::sleep_until(deadline) => {}
-            () = closed.closed() => {}
-        }
-    }
-    shared.groups.remove(&id);
-    let mut inner = state.lock();
-    let waiting: Vec<Target> = inner.waiting.drain().map(|(t, _)| t).collect();
-    for t in waiting {
-        state.emit(
-            &mut inner,
-            DeviceResult::without_answer(
-                t,
-                DeviceOutcome::Timeout,
-                "no answer before the deadline",
-            ),
-        );
-    }
-    for t in to_call.into_iter().skip(taken) {
-        state.emit(
-            &mut inner,
-            DeviceResult::without_answer(
-                t,
-                DeviceOutcome::Timeout,
-                "not sent before the deadline: too many requests were out",
-            ),
-        );
-    }
-    inner.open = false;
-    if let (Some(keyed), Some(answered)) = (keyed_answers, inner.answered.take()) {
-        keyed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(answered);
-    }
-    // Dropping the state's sender (the last one) ends the caller's stream.
-}
-
-fn refuse_all(state: &GroupState, targets: &[Target], why: &str) {
-    let mut inner = state.lock();
-    for t in targets {
-        inner.waiting.remove(t);
-        state.emit(
-            &mut inner,
-            DeviceResult::without_answer(t.clone(), DeviceOutcome::Refused, why),
-        );
-    }
-    if inner.left.is_none() {
-        inner.left = Some(0);
-        state.all_in.notify_one();
-    }
-}
-
-/// A request's payload and (MQTT 5) properties: for one device (`topics`)
-/// with its response topic, or for a group without one (each member
-/// answers on its own).
-fn request(
-    shared: &Shared,
-    call: &GroupInvocation,
-    id: MessageId,
-    deadline: Instant,
-    topics: Option<&CallTopics>,
-) -> (Vec<u8>, Option<Properties>) {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let mut payload = RequestPayload::new(id.to_string(), call.request.clone());
-    payload.timestamp = Some(unix_millis(std::time::SystemTime::now()));
-    payload.timeout_ms = Some(whole_millis(remaining));
-    payload.traceparent.clone_from(&call.traceparent);
-    let properties = shared.is_v5().then(|| {
-        let mut p = Properties::default();
-        p.message_expiry_secs = Some(
-            u32::try_from(remaining.as_millis().div_ceil(1000))
-                .unwrap_or(u32::MAX)
-                .max(1),
-        );
-        if let Some(topics) = topics {
-            p.response_topic = Some(topics.reply_topic());
-            p.correlation_data = Some(payload.id.clone().into_bytes());
-        }
-        if let Some(t) = &payload.traceparent {
-            p.user_properties
-                .push(("traceparent".to_owned(), t.clone()));
-        }
-        p
-    });
-    (payload.to_vec(), properties)
 }
 
 #[cfg(test)]

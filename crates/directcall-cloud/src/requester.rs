@@ -263,7 +263,7 @@ impl Requester {
         &self,
         call: crate::GroupInvocation,
     ) -> Result<crate::GroupCall, Error> {
-        crate::group::start(Arc::clone(&self.handle.shared), call).await
+        crate::fanout::start(Arc::clone(&self.handle.shared), call).await
     }
 
     /// [`Requester::invoke`], saying also whether the outcome is a stored
