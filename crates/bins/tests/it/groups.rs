@@ -860,3 +860,117 @@ async fn an_async_group_call_fills_its_record() {
     let (status, _) = get_with(&format!("{base}{link}"), &[]).await;
     assert_eq!(status, 401);
 }
+
+/// `directcall call --targets …` and `--group …`: a table row per device
+/// and the counts, or the gateway's NDJSON lines; exit 0 only when every
+/// device answered ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_a_group_call_as_a_table_or_ndjson() {
+    let Some(b) = TestBroker::start(Kind::Mosquitto) else {
+        return;
+    };
+    let url = b.url();
+    let _kiosks = sim(
+        &url,
+        &[
+            "--devices",
+            "2",
+            "--id-prefix",
+            "Kiosk",
+            "--presence",
+            "--group",
+            "lobby",
+            "--echo",
+        ],
+    );
+    let (_gw, base) = gateway(&url, &[]).await;
+    wait_health(&base, 200).await;
+    wait_presence(&base, &[], "Kiosk*", 2, 0).await;
+    let cli = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(e2e::DIRECTCALL)
+                .arg("call")
+                .args(&args)
+                .output()
+                .expect("directcall call runs")
+        })
+        .await
+        .unwrap()
+    };
+    let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    // A glob: every device ok, exit 0.
+    let out = cli(s(&[
+        "--gateway",
+        &base,
+        "--targets",
+        "Kiosk*",
+        "--request",
+        "\"hi\"",
+        "ping",
+    ]))
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("TARGET"), "{text}");
+    for k in ["Kiosk001", "Kiosk002"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(k) && l.contains(" ok ") && l.ends_with("hi")),
+            "{text}"
+        );
+    }
+    assert!(
+        lines.last().unwrap().starts_with("2 results (expected 2)"),
+        "{text}"
+    );
+
+    // A list with a device nobody runs: its timeout shows, exit 1.
+    let out = cli(s(&[
+        "--gateway",
+        &base,
+        "--targets",
+        "Kiosk001,Ghost001",
+        "--timeout-ms",
+        "500",
+        "ping",
+    ]))
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Ghost001") && l.contains("timeout")),
+        "{text}"
+    );
+    assert!(text.contains("ok 1, device_error 0, timeout 1"), "{text}");
+
+    // A group as NDJSON: the gateway's lines, the summary last.
+    let out = cli(s(&[
+        "--gateway",
+        &base,
+        "--group",
+        "lobby",
+        "--ndjson",
+        "ping",
+    ]))
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[2]["summary"]["ok"], 2, "{text}");
+    assert_eq!(lines[0]["outcome"], "ok", "{text}");
+
+    // The gateway's refusal is shown with its status.
+    let out = cli(s(&["--gateway", &base, "--targets", "a/b", "ping"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.starts_with("HTTP 400"), "{text}");
+    assert!(text.contains("targets[0]"), "{text}");
+}
