@@ -559,10 +559,18 @@ impl GroupState {
     /// Gives `result` to the caller, once per target, while the call is
     /// open. Returns whether it was taken.
     pub(crate) fn emit(&self, inner: &mut Inner, result: DeviceResult) -> bool {
+        self.emit_as(inner, result, true)
+    }
+
+    /// [`emit`](Self::emit); `expected` says whether the device is one of
+    /// those the call waits for (an answer from a device the call did not
+    /// know of, such as a group member presence does not list, is given
+    /// to the caller but never ends the call early).
+    fn emit_as(&self, inner: &mut Inner, result: DeviceResult, expected: bool) -> bool {
         if !inner.open || !inner.done.insert(result.target.clone()) {
             return false;
         }
-        if let Some(left) = &mut inner.left {
+        if let (Some(left), true) = (&mut inner.left, expected) {
             *left = left.saturating_sub(1);
             if *left == 0 {
                 self.all_in.notify_one();
@@ -615,7 +623,7 @@ impl GroupState {
                 ..DeviceResult::without_answer(target, DeviceOutcome::DeviceError, e.to_string())
             },
         };
-        if self.emit(&mut inner, result) && sent.is_some() {
+        if self.emit_as(&mut inner, result, sent.is_some()) && sent.is_some() {
             self.window.add_permits(1);
         }
     }

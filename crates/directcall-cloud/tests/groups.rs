@@ -58,6 +58,42 @@ async fn device(
     (task, got)
 }
 
+/// [`device`], answering `delay_ms` after each request.
+async fn slow_device(
+    b: &TestBroker,
+    name: &str,
+    filter: &str,
+    status: Option<u16>,
+    delay_ms: u64,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let mut raw = Raw::connect(&b.options_v311(), &unique(name)).await;
+    raw.subscribe(filter).await;
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (name, count) = (name.to_owned(), got.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let (topic, req) = raw.next().await;
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let l: Vec<&str> = topic.split('/').collect();
+            let (method, prefix, id) = (l[l.len() - 3], l[l.len() - 2], l[l.len() - 1]);
+            let mut answer = json!({"id": id, "response": req["request"]});
+            if let Some(s) = status {
+                answer["status"] = json!(s);
+            }
+            raw.publish(
+                &format!("{prefix}/{id}/{name}/{method}/ack"),
+                answer.to_string(),
+            )
+            .await;
+        }
+    });
+    (task, got)
+}
+
 async fn presence_record(b: &TestBroker, root: &PresenceRoot, target: &str, body: Value) {
     let record = Raw::connect(&b.options_v311(), &unique("record")).await;
     record
@@ -203,7 +239,12 @@ async fn a_named_group_call_is_one_publish_and_each_member_answers(b: TestBroker
         presence_record(&b, &root, t, json!({ "online": online, "groups": [group] })).await;
     }
     let (_d1, got1) = device(&b, &m1, &filter, None).await;
-    let (_d2, _) = device(&b, &m2, &filter, Some(503)).await;
+    // The last member answers after a stranger (subscribed to the group,
+    // unknown to presence) has: the stranger's answer must not end the
+    // call before it.
+    let (_d2, _) = slow_device(&b, &m2, &filter, Some(503), 400).await;
+    let stranger = unique("stranger");
+    let _s = device(&b, &stranger, &filter, None).await;
     let mut watcher = Raw::connect(&b.options_v311(), &unique("watcher")).await;
     watcher.subscribe(&filter).await;
 
@@ -226,11 +267,13 @@ async fn a_named_group_call_is_one_publish_and_each_member_answers(b: TestBroker
     }
     assert!(started.elapsed() < Duration::from_secs(10), "{results:?}");
     let s = running.summary();
+    // The stranger's answer is given too; the members' are all there.
     assert_eq!(
         (s.ok, s.device_error, s.offline, s.total, s.expected),
-        (1, 1, 1, 3, Some(3)),
+        (2, 1, 1, 4, Some(3)),
         "{results:?}"
     );
+    assert!(results.iter().any(|r| r.target.as_str() == stranger));
     // One publish, on the group's topic, with the call's id.
     let (topic, request) = watcher.next().await;
     assert_eq!(
@@ -257,7 +300,7 @@ async fn a_named_group_call_is_one_publish_and_each_member_answers(b: TestBroker
             outcome.summary.device_error,
             outcome.summary.total
         ),
-        (1, 1, 2)
+        (2, 1, 3)
     );
 }
 both_brokers!(a_named_group_call_is_one_publish_and_each_member_answers);
