@@ -20,6 +20,10 @@ use crate::group::{
 use crate::presence::Known;
 use crate::session::Shared;
 
+/// Idempotency keys of group calls a requester remembers at most (with
+/// their answers, for the records' retention); past it the oldest goes.
+pub(crate) const MAX_GROUP_KEYS: usize = 1_000;
+
 /// Starts a group call: resolves the targets, publishes, and returns the
 /// stream of results.
 pub(crate) async fn start(shared: Arc<Shared>, call: GroupInvocation) -> Result<GroupCall, Error> {
@@ -122,6 +126,17 @@ pub(crate) async fn start(shared: Arc<Shared>, call: GroupInvocation) -> Result<
         let retention = shared.keys.retention();
         let mut keys = shared.groups.keys.lock().unwrap_or_else(|e| e.into_inner());
         keys.retain(|_, k| k.at.elapsed() < retention);
+        if keys.len() >= MAX_GROUP_KEYS && !keys.contains_key(&scoped) {
+            // The oldest key goes: memory stays bounded however many
+            // keyed group calls come.
+            if let Some(oldest) = keys
+                .iter()
+                .min_by_key(|(_, k)| k.at)
+                .map(|(name, _)| name.clone())
+            {
+                keys.remove(&oldest);
+            }
+        }
         let entry = keys.entry(scoped).or_insert_with(|| Keyed {
             fingerprint,
             at: Instant::now(),
@@ -142,6 +157,14 @@ pub(crate) async fn start(shared: Arc<Shared>, call: GroupInvocation) -> Result<
     for r in &mut answered_before {
         r.replayed = true;
     }
+    // What this call expects (a replay of a device it no longer names,
+    // such as a group member presence does not list, is given but
+    // counts for nothing).
+    let resolved: std::collections::HashSet<Target> = to_call
+        .iter()
+        .cloned()
+        .chain(at_once.iter().map(|r| r.target.clone()))
+        .collect();
     let replayed: std::collections::HashSet<Target> =
         answered_before.iter().map(|r| r.target.clone()).collect();
     to_call.retain(|t| !replayed.contains(t));
@@ -153,12 +176,13 @@ pub(crate) async fn start(shared: Arc<Shared>, call: GroupInvocation) -> Result<
         inner: Mutex::new(Inner {
             left: expected,
             open: true,
-            answered: keyed_answers.is_some().then(Vec::new),
+            answered: keyed_answers,
             ..Inner::default()
         }),
         tx,
         window: Semaphore::new(call.max_in_flight),
         all_in: Notify::new(),
+        closing: Notify::new(),
         published_at: Mutex::new(None),
         results: DeviceOutcome::ALL
             .map(|o| metrics::counter!(crate::metrics::GROUP_RESULTS, "outcome" => o.as_str())),
@@ -167,19 +191,15 @@ pub(crate) async fn start(shared: Arc<Shared>, call: GroupInvocation) -> Result<
     metrics::counter!(crate::metrics::GROUP_CALLS).increment(1);
     {
         let mut inner = state.lock();
-        for r in answered_before.into_iter().chain(at_once) {
+        for r in answered_before {
+            let expected = resolved.contains(&r.target);
+            state.emit_as(&mut inner, r, expected);
+        }
+        for r in at_once {
             state.emit(&mut inner, r);
         }
     }
-    tokio::spawn(run(
-        shared,
-        call,
-        id,
-        to_call,
-        deadline,
-        state,
-        keyed_answers,
-    ));
+    tokio::spawn(run(shared, call, id, to_call, deadline, state));
     Ok(GroupCall {
         id,
         rx,
@@ -201,7 +221,6 @@ async fn run(
     to_call: Vec<Target>,
     deadline: Instant,
     state: Arc<GroupState>,
-    keyed_answers: Option<Arc<Mutex<Vec<DeviceResult>>>>,
 ) {
     let closed = state.tx.clone();
     // How many of `to_call` were taken for publishing: the rest, at the
@@ -235,13 +254,27 @@ async fn run(
                     }
                 };
                 let (payload, properties) = request(shared, call, id, deadline, None);
-                if let Err(e) = shared.link.publish_with(
-                    topics.request_topic(),
-                    payload,
+                let topic = topics.request_topic();
+                let mut published = shared.link.publish_with(
+                    topic.clone(),
+                    payload.clone(),
                     shared.group_qos(),
                     false,
                     properties.as_ref(),
-                ) {
+                );
+                // A full request queue: wait for room, within the deadline.
+                while published.is_err() && Instant::now() < deadline && !shared.link.is_stopping()
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    published = shared.link.publish_with(
+                        topic.clone(),
+                        payload.clone(),
+                        shared.group_qos(),
+                        false,
+                        properties.as_ref(),
+                    );
+                }
+                if let Err(e) = published {
                     refuse_all(state, to_call, &format!("not published: {e}"));
                 }
             }
@@ -252,6 +285,12 @@ async fn run(
                         _ => return,
                     }
                     *next += 1;
+                    if state.lock().done.contains(target) {
+                        // Its answer to an earlier call with this key came
+                        // meanwhile: nothing to send.
+                        state.window.add_permits(1);
+                        continue;
+                    }
                     let topics = match CallTopics::new(
                         target.clone(),
                         call.method.clone(),
@@ -314,9 +353,14 @@ async fn run(
             }
         }
     };
+    let closing = state.closing.notified();
+    tokio::pin!(closing);
+    closing.as_mut().enable();
+    let mut shut = false;
     tokio::select! {
         () = publishing => {}
         () = closed.closed() => {}
+        () = &mut closing => shut = true,
         () = tokio::time::sleep_until(deadline) => {}
     }
     // Every expected result in, the deadline, or the caller gone.
@@ -324,43 +368,41 @@ async fn run(
         let inner = state.lock();
         inner.left == Some(0)
     };
-    if !done_early {
+    if !done_early && !shut {
         tokio::select! {
             () = state.all_in.notified() => {}
             () = tokio::time::sleep_until(deadline) => {}
             () = closed.closed() => {}
+            () = &mut closing => shut = true,
         }
     }
+    let (no_answer, not_sent) = if shut {
+        (
+            "no answer before the requester shut down",
+            "not sent: the requester shut down",
+        )
+    } else {
+        (
+            "no answer before the deadline",
+            "not sent before the deadline: too many requests were out",
+        )
+    };
     shared.groups.remove(&id);
     let mut inner = state.lock();
     let waiting: Vec<Target> = inner.waiting.drain().map(|(t, _)| t).collect();
     for t in waiting {
         state.emit(
             &mut inner,
-            DeviceResult::without_answer(
-                t,
-                DeviceOutcome::Timeout,
-                "no answer before the deadline",
-            ),
+            DeviceResult::without_answer(t, DeviceOutcome::Timeout, no_answer),
         );
     }
     for t in to_call.into_iter().skip(taken) {
         state.emit(
             &mut inner,
-            DeviceResult::without_answer(
-                t,
-                DeviceOutcome::Timeout,
-                "not sent before the deadline: too many requests were out",
-            ),
+            DeviceResult::without_answer(t, DeviceOutcome::Timeout, not_sent),
         );
     }
     inner.open = false;
-    if let (Some(keyed), Some(answered)) = (keyed_answers, inner.answered.take()) {
-        keyed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(answered);
-    }
     // Dropping the state's sender (the last one) ends the caller's stream.
 }
 

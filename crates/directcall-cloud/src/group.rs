@@ -201,7 +201,7 @@ impl GroupInvocation {
     /// (default [`DEFAULT_GROUP_IN_FLIGHT`]; at least 1). A named group is
     /// one publish and ignores it.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n.max(1);
+        self.max_in_flight = n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
@@ -535,6 +535,8 @@ pub(crate) struct GroupState {
     pub(crate) window: Semaphore,
     /// Every expected device has its result.
     pub(crate) all_in: Notify,
+    /// The requester is shutting down: the call ends now.
+    pub(crate) closing: Notify,
     /// When the named group's single request went out.
     pub(crate) published_at: Mutex<Option<Instant>>,
     pub(crate) results: [metrics::Counter; 5],
@@ -552,7 +554,7 @@ pub(crate) struct Inner {
     /// Whether it still takes results.
     pub(crate) open: bool,
     /// With an idempotency key: the answers so far, for a retry.
-    pub(crate) answered: Option<Vec<DeviceResult>>,
+    pub(crate) answered: Option<Arc<Mutex<Vec<DeviceResult>>>>,
 }
 
 impl GroupState {
@@ -566,7 +568,7 @@ impl GroupState {
     /// those the call waits for (an answer from a device the call did not
     /// know of, such as a group member presence does not list, is given
     /// to the caller but never ends the call early).
-    fn emit_as(&self, inner: &mut Inner, result: DeviceResult, expected: bool) -> bool {
+    pub(crate) fn emit_as(&self, inner: &mut Inner, result: DeviceResult, expected: bool) -> bool {
         if !inner.open || !inner.done.insert(result.target.clone()) {
             return false;
         }
@@ -576,8 +578,14 @@ impl GroupState {
                 self.all_in.notify_one();
             }
         }
-        if let (Some(answered), true) = (&mut inner.answered, result.answered()) {
-            answered.push(result.clone());
+        if let (Some(answered), true, false) = (&inner.answered, result.answered(), result.replayed)
+        {
+            // Kept for a retry under the same key at once, not at the end:
+            // a retry that comes while this call ends still sees it.
+            answered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(result.clone());
         }
         let i = DeviceOutcome::ALL
             .iter()
@@ -703,6 +711,21 @@ impl Groups {
         by_id.insert(id, state);
         self.running.fetch_add(1, Relaxed);
         Ok(())
+    }
+
+    /// Ends every running call now (the requester shuts down): devices
+    /// without a result get one saying so.
+    pub(crate) fn close_all(&self) {
+        let running: Vec<Arc<GroupState>> = self
+            .by_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for state in running {
+            state.closing.notify_one();
+        }
     }
 
     pub(crate) fn remove(&self, id: &MessageId) {

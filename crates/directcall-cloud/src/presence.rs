@@ -321,22 +321,18 @@ impl Presence {
     }
 
     /// The members of `group` with whether each is online, by name, when
-    /// presence records name groups (any record has `"groups"`); `None`
-    /// when none does.
+    /// presence records name them; `None` when no record names the group
+    /// (its members are then unknown).
     pub(crate) fn members(&self, group: &Group) -> Option<Vec<(Target, bool)>> {
         let online = self.online.read().unwrap_or_else(|e| e.into_inner());
-        let mut named = false;
         let mut found: Vec<(Target, bool)> = online
             .iter()
-            .filter(|(_, r)| {
-                r.groups.as_ref().is_some_and(|g| {
-                    named = true;
-                    g.contains(group)
-                })
-            })
+            .filter(|(_, r)| r.groups.as_ref().is_some_and(|g| g.contains(group)))
             .map(|(target, r)| (target.clone(), r.online))
             .collect();
-        if !named {
+        // No record names this group: its members are unknown (a device
+        // may join a group without saying so), not none.
+        if found.is_empty() {
             return None;
         }
         found.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));

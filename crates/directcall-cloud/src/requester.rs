@@ -497,6 +497,7 @@ impl Requester {
         let shared = self.shared();
         shared.permits.close();
         shared.pending.close();
+        shared.groups.close_all();
         if let Some(records) = &shared.records {
             let abandoned = records.abandon_open(crate::records::SHUT_DOWN_REASON);
             if abandoned > 0 {

@@ -510,6 +510,7 @@ impl Session for Shared {
     }
 
     fn on_stopping(&self) {
+        self.groups.close_all();
         self.metrics.connected.set(0.0);
         // Calls still waiting end with `Closed`.
         self.pending.close();

@@ -415,3 +415,35 @@ async fn targets_the_caller_may_not_call_are_refused_not_dropped(b: TestBroker) 
     );
 }
 both_brokers!(targets_the_caller_may_not_call_are_refused_not_dropped);
+
+async fn shutdown_ends_a_group_call_at_once(b: TestBroker) {
+    let silent = unique("silent");
+    let mut hole = Raw::connect(&b.options_v311(), &unique("hole")).await;
+    hole.subscribe(&format!("{silent}/#")).await;
+    let r = requester_with(&b, |o| o).await;
+    let call = GroupInvocation::targets([&silent], "m", Value::Null)
+        .unwrap()
+        // "Unbounded" is a natural thing to ask for: clamped, no panic.
+        .max_in_flight(usize::MAX)
+        .timeout(Duration::from_secs(30));
+    let running = r.invoke_group(call).await.unwrap();
+    let collected = tokio::spawn(running.collect());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    r.shutdown().await;
+    let outcome = within(5, collected).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "{outcome:?}");
+    assert_eq!(outcome.results.len(), 1, "{outcome:?}");
+    assert_eq!(outcome.results[0].outcome, DeviceOutcome::Timeout);
+    assert_eq!(
+        outcome.results[0].reason.as_deref(),
+        Some("no answer before the requester shut down")
+    );
+    // And a new one is refused.
+    let e = r
+        .invoke_group(GroupInvocation::targets([&silent], "m", Value::Null).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Closed), "{e:?}");
+}
+both_brokers!(shutdown_ends_a_group_call_at_once);
