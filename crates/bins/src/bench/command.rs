@@ -346,6 +346,8 @@ pub async fn bench(mut args: BenchArgs) -> Result<(), BoxError> {
         let report = measure(&args, &nodes, &load, &targets, &payload, timeout).await?;
         let raw_report = if args.compare_raw && args.mode == Mode::NoSubscriber {
             Some(raw_puback(&nodes.node(0), &load, payload.clone(), timeout, args.json).await?)
+        } else if args.compare_raw && args.mode == Mode::Http {
+            Some(http_floor(&args, &nodes, &load, &targets, &payload, timeout).await?)
         } else if args.compare_raw && args.mode != Mode::Raw {
             Some(
                 raw(
@@ -722,6 +724,36 @@ async fn http(
         r.abort();
     }
     drop(stops);
+    report
+}
+
+/// The floor of `--mode http`: the same load, the same paths, against a
+/// bare HTTP→MQTT bridge in this process (`bench::bridge`) on node 0.
+async fn http_floor(
+    args: &BenchArgs,
+    nodes: &Nodes,
+    load: &LoadOptions,
+    targets: &[Target],
+    payload: &str,
+    timeout: Duration,
+) -> Result<LoadReport, BoxError> {
+    let bridge = super::bridge::start(&nodes.node(0)).await?;
+    let secs = timeout.as_secs().clamp(1, 60);
+    let paths: Vec<String> = targets
+        .iter()
+        .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
+        .collect();
+    let report = http_load(
+        "http-floor",
+        std::slice::from_ref(&bridge.base),
+        paths,
+        load,
+        progress_bar(load, args.json),
+        &directcall_core::TlsOptions::default(),
+        Vec::new(),
+    )
+    .await;
+    drop(bridge);
     report
 }
 
@@ -1259,7 +1291,9 @@ fn print(args: &BenchArgs, label: &str, rounds: &[(LoadReport, Option<LoadReport
         let mut out = report.to_json();
         out["broker"] = json!(label);
         out["qos"] = legs_json(args.legs());
-        if raw.is_some() || args.mode == Mode::Raw {
+        if args.mode == Mode::Http && raw.is_some() {
+            out["floor"] = json!("bridge");
+        } else if raw.is_some() || args.mode == Mode::Raw {
             out["raw_qos"] = legs_json(args.raw_legs());
         }
         out["payload_bytes"] = json!(args.payload_bytes);
@@ -1291,7 +1325,13 @@ fn print(args: &BenchArgs, label: &str, rounds: &[(LoadReport, Option<LoadReport
         println!("{out}");
         return;
     }
-    if args.mode == Mode::NoSubscriber {
+    if args.mode == Mode::Http && raw.is_some() {
+        println!(
+            "broker     {label}  ({} payload bytes)\nqos        directcall {}   floor a bare HTTP→MQTT bridge (hyper, rumqttc, every leg QoS 0)",
+            args.payload_bytes,
+            legs_text(args.legs()),
+        );
+    } else if args.mode == Mode::NoSubscriber {
         println!(
             "broker     {label}  ({} payload bytes)\nqos        directcall request 1, ended by its PUBACK   raw floor a QoS 1 publish and its PUBACK",
             args.payload_bytes

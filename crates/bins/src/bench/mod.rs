@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod bridge;
 pub mod command;
 pub mod group;
 pub mod h2;

@@ -1117,3 +1117,75 @@ async fn the_slow_calls_bench_holds_them_all_and_reports() {
         "{report}"
     );
 }
+
+/// `directcall bench --mode http --compare-raw`, small: the floor is the
+/// bare HTTP→MQTT bridge, every call of both sides answered, and the
+/// ratios reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_bench_compares_with_a_bare_bridge() {
+    if program::MOSQUITTO.require().is_none() {
+        return;
+    }
+    let mut bench = Proc::spawn(
+        DIRECTCALL,
+        &[
+            "bench",
+            "--mode",
+            "http",
+            "--mosquitto",
+            "--compare-raw",
+            "--calls",
+            "200",
+            "--warmup",
+            "20",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+    );
+    let line = bench.wait_line("\"floor\":\"bridge\"");
+    assert!(bench.wait_exit(60).success());
+    let report: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(report["ok"], 200, "{report}");
+    assert_eq!(report["raw"]["ok"], 200, "{report}");
+    assert_eq!(report["raw"]["errors"], 0, "{report}");
+    assert!(
+        report["ratio_calls_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}
+
+/// `directcall bench --mode group`, small, each form: every device
+/// answers every group call, on both sides of the comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_bench_reaches_every_device_on_both_sides() {
+    if program::MOSQUITTO.require().is_none() {
+        return;
+    }
+    for form in ["group", "list", "match"] {
+        let mut bench = Proc::spawn(
+            DIRECTCALL,
+            &[
+                "bench",
+                "--mode",
+                "group",
+                "--group-form",
+                form,
+                "--mosquitto",
+                "--devices",
+                "20",
+                "--calls",
+                "2",
+                "--compare-raw",
+                "--json",
+            ],
+        );
+        let line = bench.wait_line("\"mode\":\"group\"");
+        assert!(bench.wait_exit(60).success());
+        let report: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(report["form"], form, "{report}");
+        assert_eq!(report["directcall"]["answered"], 20, "{report}");
+        assert_eq!(report["raw"]["answered"], 20, "{report}");
+        assert!(report["ratio_last"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}
