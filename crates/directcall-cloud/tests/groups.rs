@@ -31,31 +31,7 @@ async fn device(
     tokio::task::JoinHandle<()>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let mut raw = Raw::connect(&b.options_v311(), &unique(name)).await;
-    raw.subscribe(filter).await;
-    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let name = name.to_owned();
-    let count = got.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let (topic, req) = raw.next().await;
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            // {target}/{method}/{prefix}/{id}, or
-            // directcall/groups/{group}/{method}/{prefix}/{id}.
-            let l: Vec<&str> = topic.split('/').collect();
-            let (method, prefix, id) = (l[l.len() - 3], l[l.len() - 2], l[l.len() - 1]);
-            let mut answer = json!({"id": id, "response": req["request"]});
-            if let Some(s) = status {
-                answer["status"] = json!(s);
-            }
-            raw.publish(
-                &format!("{prefix}/{id}/{name}/{method}/ack"),
-                answer.to_string(),
-            )
-            .await;
-        }
-    });
-    (task, got)
+    slow_device(b, name, filter, status, 0).await
 }
 
 /// [`device`], answering `delay_ms` after each request.
@@ -77,7 +53,9 @@ async fn slow_device(
         loop {
             let (topic, req) = raw.next().await;
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            if delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
             let l: Vec<&str> = topic.split('/').collect();
             let (method, prefix, id) = (l[l.len() - 3], l[l.len() - 2], l[l.len() - 1]);
             let mut answer = json!({"id": id, "response": req["request"]});
