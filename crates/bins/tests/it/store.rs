@@ -345,9 +345,10 @@ async fn records_are_shared_over_rediss_verified_against_the_store_ca() {
     .await;
     assert_eq!(status, 200, "{body}");
     let id = body["id"].as_str().unwrap().to_owned();
-    let record = wait_for(10, "the record through the other replica", || async {
+    // The record is written behind the reply: "sent" may come first.
+    let record = wait_for(10, "the answered record through the other replica", || async {
         let (status, record) = e2e::get(&format!("{bb}/v1/calls/{id}")).await;
-        (status == 200).then_some(record)
+        (status == 200 && record["state"] != "sent").then_some(record)
     })
     .await;
     assert_eq!(record["state"], "answered", "{record}");
@@ -401,8 +402,9 @@ async fn shared_within(secs: u64, what: &str, car: &str, a: &str, b: &str) -> se
         let id = body["id"].as_str().unwrap().to_owned();
         let read = format!("{b}/v1/calls/{id}");
         for _ in 0..10 {
+            // The record is written behind the reply: "sent" may come first.
             let (status, record) = e2e::get(&read).await;
-            if status == 200 {
+            if status == 200 && record["state"] != "sent" {
                 return Some(record);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
