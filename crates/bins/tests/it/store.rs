@@ -346,10 +346,14 @@ async fn records_are_shared_over_rediss_verified_against_the_store_ca() {
     assert_eq!(status, 200, "{body}");
     let id = body["id"].as_str().unwrap().to_owned();
     // The record is written behind the reply: "sent" may come first.
-    let record = wait_for(10, "the answered record through the other replica", || async {
-        let (status, record) = e2e::get(&format!("{bb}/v1/calls/{id}")).await;
-        (status == 200 && record["state"] != "sent").then_some(record)
-    })
+    let record = wait_for(
+        10,
+        "the answered record through the other replica",
+        || async {
+            let (status, record) = e2e::get(&format!("{bb}/v1/calls/{id}")).await;
+            (status == 200 && record["state"] != "sent").then_some(record)
+        },
+    )
     .await;
     assert_eq!(record["state"], "answered", "{record}");
 
