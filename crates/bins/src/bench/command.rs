@@ -168,6 +168,14 @@ pub struct BenchArgs {
     /// gateway does by default.
     #[arg(long, env = "DIRECTCALL_BENCH_RECORDS")]
     records: bool,
+    /// --mode http: the in-process gateway as `directcall serve` runs it by
+    /// default: call records kept (--records), the web console's live log
+    /// and tally (--console), and the Prometheus recorder counting every
+    /// call. The audit line is written in any case (to stderr, at info).
+    /// Presence stays off and the per-target bound unlimited, as the HTTP
+    /// floor has neither.
+    #[arg(long, env = "DIRECTCALL_BENCH_AS_SERVED")]
+    as_served: bool,
     /// Share records through a private Redis this run starts on a free port
     /// (implies --records).
     #[arg(long, env = "DIRECTCALL_BENCH_REDIS")]
@@ -259,6 +267,7 @@ fn legs_text(legs: Legs) -> String {
 /// # Errors
 /// A broker, gateway or device that cannot be started or reached.
 pub async fn bench(mut args: BenchArgs) -> Result<(), BoxError> {
+    args.records |= args.as_served;
     let _redis = if args.redis {
         let redis = directcall_testkit::RedisServer::start()
             .map_err(|e| format!("redis-server: {e}"))?
@@ -671,7 +680,12 @@ async fn http(
                     .map_err(|e| e.to_string())?;
                 let addr = listener.local_addr().map_err(|e| e.to_string())?;
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let app = Gateway::new(requester).console(args.console).app();
+                let mut gateway = Gateway::new(requester).console(args.console || args.as_served);
+                if args.as_served {
+                    crate::cli::metrics_handle();
+                    gateway = gateway.metrics(crate::cli::render_metrics);
+                }
+                let app = gateway.app();
                 let stopped = async move {
                     let _ = stop_rx.await;
                 };
@@ -1303,6 +1317,9 @@ fn print(args: &BenchArgs, label: &str, rounds: &[(LoadReport, Option<LoadReport
             (None, false) => "off",
         });
         out["delivery_receipts"] = json!(args.delivery_receipts);
+        if args.mode == Mode::Http {
+            out["as_served"] = json!(args.as_served);
+        }
         if let Some(raw) = &raw {
             out["raw"] = raw.to_json();
             out["ratio_p50"] = json!(ratio_p50);
