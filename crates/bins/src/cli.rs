@@ -505,15 +505,54 @@ pub fn qos(level: u8) -> QoS {
     QoS::from_level(level).unwrap_or(QoS::AtLeastOnce)
 }
 
+/// How log lines (the audit line of every call among them) reach stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogWriter {
+    /// Handed to a thread of their own, which writes whatever has piled up
+    /// in one write and flushes whenever no line waits: no request waits
+    /// for a write. None is dropped: past 128,000 waiting lines, the
+    /// logging thread waits.
+    Thread,
+    /// Written by the thread that logs, before it goes on: for the Lambda,
+    /// whose execution environment is frozen between invocations, with a
+    /// writer thread's lines still unwritten.
+    Direct,
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=off`: the
 /// embedded broker logs a normal disconnect as an error;
-/// `RUST_LOG=info,rumqttd=info` shows its logs).
-pub fn init_tracing() {
+/// `RUST_LOG=info,rumqttd=info` shows its logs). With
+/// [`LogWriter::Thread`], the guard returned writes what is left when
+/// dropped: keep it until the process ends.
+pub fn init_tracing(writer: LogWriter) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    match writer {
+        LogWriter::Direct => {
+            install_logs(std::io::stderr);
+            None
+        }
+        LogWriter::Thread => {
+            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(false)
+                .thread_name("log-writer")
+                .finish(std::io::BufWriter::with_capacity(
+                    64 * 1024,
+                    std::io::stderr(),
+                ));
+            install_logs(writer);
+            Some(guard)
+        }
+    }
+}
+
+fn install_logs<W>(writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = if json_logs() {
         builder.json().flatten_event(true).try_init()
     } else {
@@ -539,13 +578,23 @@ fn json_logs() -> bool {
         .is_some_and(|f| f == "json")
 }
 
-/// Sets up logging and a tokio runtime, then runs `main` to its exit code;
-/// `name` prefixes the one error a failed start prints.
+/// Sets up logging (written by a thread of their own) and a tokio runtime,
+/// then runs `main` to its exit code; `name` prefixes the one error a
+/// failed start prints.
 pub fn run<F>(name: &str, main: F) -> std::process::ExitCode
 where
     F: std::future::Future<Output = std::process::ExitCode>,
 {
-    init_tracing();
+    run_with(name, LogWriter::Thread, main)
+}
+
+/// [`run`], its log lines written as `writer` says.
+pub fn run_with<F>(name: &str, writer: LogWriter, main: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = std::process::ExitCode>,
+{
+    // Dropped last: writes the lines still waiting.
+    let _logs = init_tracing(writer);
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(main),
         Err(e) => {
@@ -575,6 +624,21 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed: /metrics stays empty");
             }
+            // Histogram samples pile up until drained: by a scrape of
+            // /metrics, or here, so that a gateway nobody scrapes does not
+            // grow by every call's latency.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(
+                    "metrics upkeep not started ({e}): histograms drain only when /metrics is read"
+                );
+            }
             metrics::describe_gauge!(BUILD_INFO, "Always 1; the version in its label.");
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             process_collector().describe();
@@ -582,6 +646,10 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
         })
         .clone()
 }
+
+/// How often the histograms' samples are drained into their buckets when
+/// nobody reads `/metrics` (the exporter's own default).
+pub const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// `directcall_build_info{version="…"} 1`.
 pub const BUILD_INFO: &str = "directcall_build_info";

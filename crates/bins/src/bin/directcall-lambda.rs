@@ -11,7 +11,10 @@ use directcall_bins::lambda::{self, LambdaArgs};
 
 fn main() -> ExitCode {
     let args = LambdaArgs::parse();
-    directcall_bins::cli::run("directcall-lambda", async move {
+    // Logs written before each answer: the environment is frozen between
+    // invocations.
+    let logs = directcall_bins::cli::LogWriter::Direct;
+    directcall_bins::cli::run_with("directcall-lambda", logs, async move {
         match lambda::run(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

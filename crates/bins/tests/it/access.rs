@@ -277,13 +277,14 @@ async fn scopes_limits_reload_and_audit() {
     .await;
     assert_eq!(status, 200);
 
-    // Audit lines: JSON, one per call, with who, what and how it ended;
-    // the 202's, the last call's, once it is written.
+    // Audit lines: JSON, one per call, with who, what and how it ended,
+    // written by the log thread in order: all there once the last call's
+    // (the traced one) is.
     eventually(10, || {
         logs.lock()
             .unwrap()
             .iter()
-            .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["outcome"] == "accepted"))
+            .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["trace_id"] == trace))
     })
     .await;
     let lines = logs.lock().unwrap().clone();
