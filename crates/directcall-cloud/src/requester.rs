@@ -273,7 +273,13 @@ impl Requester {
         &self,
         invocation: Invocation,
     ) -> (Result<Reply, Error>, bool) {
-        keyed::invoke(Arc::clone(&self.handle), invocation).await
+        // A plain call waits in its own small future; the keyed path's
+        // larger state (the store's claim, the wait for another's
+        // outcome) is boxed, so that it does not size every call's future.
+        if invocation.idempotency_key.is_none() {
+            return (self.invoke(invocation).await, false);
+        }
+        Box::pin(keyed::invoke(Arc::clone(&self.handle), invocation)).await
     }
 
     /// The record of call `id` ([`Options::record_calls`]): what became of

@@ -275,8 +275,10 @@ impl GatewayState {
                 return self.refuse(reply);
             }
         };
+        // The rarer 202 path boxed: it would size every call's future (a
+        // future axum boxes and moves per request).
         let reply = if asynchronous {
-            self.service.submit(invocation).await
+            Box::pin(self.service.submit(invocation)).await
         } else {
             self.run(invocation, budget).await
         };
@@ -338,7 +340,7 @@ impl GatewayState {
                 .unwrap_or_else(tokio::time::Instant::now);
             let left = (start + invocation.get_timeout())
                 .saturating_duration_since(tokio::time::Instant::now());
-            requester.wait_ready(left).await;
+            Box::pin(requester.wait_ready(left)).await;
         }
         self.service.invoke(invocation).await
     }
