@@ -255,24 +255,21 @@ async fn run(
                 };
                 let (payload, properties) = request(shared, call, id, deadline, None);
                 let topic = topics.request_topic();
-                let mut published = shared.link.publish_with(
-                    topic.clone(),
-                    payload.clone(),
-                    shared.group_qos(),
-                    false,
-                    properties.as_ref(),
-                );
-                // A full request queue: wait for room, within the deadline.
-                while published.is_err() && Instant::now() < deadline && !shared.link.is_stopping()
-                {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    published = shared.link.publish_with(
+                let publish = || {
+                    shared.link.publish_with(
                         topic.clone(),
                         payload.clone(),
                         shared.group_qos(),
                         false,
                         properties.as_ref(),
-                    );
+                    )
+                };
+                let mut published = publish();
+                // A full request queue: wait for room, within the deadline.
+                while published.is_err() && Instant::now() < deadline && !shared.link.is_stopping()
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    published = publish();
                 }
                 if let Err(e) = published {
                     refuse_all(state, to_call, &format!("not published: {e}"));

@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -39,18 +39,8 @@ pub struct Bridge {
 /// # Errors
 /// When the broker cannot be reached or the port bound.
 pub async fn start(broker: &BrokerOptions) -> Result<Bridge, BoxError> {
-    let endpoint = broker
-        .endpoints
-        .first()
-        .ok_or("the HTTP floor needs a broker endpoint")?;
     let prefix = format!("bridge-{:06x}", fastrand::u32(..) & 0xff_ffff);
-    let mut mqtt = MqttOptions::new(prefix.clone(), endpoint.host.clone(), endpoint.port);
-    mqtt.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 65_536);
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
+    let (client, mut eventloop) = super::floor_client(broker, &prefix)?;
     let waiters: Waiters = Arc::default();
     let (ready_tx, ready) = oneshot::channel();
     let mut ready_tx = Some(ready_tx);

@@ -704,11 +704,7 @@ async fn http(
             bases
         }
     };
-    let secs = timeout.as_secs().clamp(1, 60);
-    let paths: Vec<String> = targets
-        .iter()
-        .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
-        .collect();
+    let paths = invoke_paths(targets, payload, timeout);
     let progress = progress_bar(load, args.json);
     let headers = args
         .http_headers
@@ -741,6 +737,16 @@ async fn http(
     report
 }
 
+/// The `GET /invoke` of each target, as both sides of `--mode http` call
+/// them (whole seconds, 1 to 60).
+fn invoke_paths(targets: &[Target], payload: &str, timeout: Duration) -> Vec<String> {
+    let secs = timeout.as_secs().clamp(1, 60);
+    targets
+        .iter()
+        .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
+        .collect()
+}
+
 /// The floor of `--mode http`: the same load, the same paths, against a
 /// bare HTTP→MQTT bridge in this process (`bench::bridge`) on node 0.
 async fn http_floor(
@@ -752,11 +758,7 @@ async fn http_floor(
     timeout: Duration,
 ) -> Result<LoadReport, BoxError> {
     let bridge = super::bridge::start(&nodes.node(0)).await?;
-    let secs = timeout.as_secs().clamp(1, 60);
-    let paths: Vec<String> = targets
-        .iter()
-        .map(|t| format!("/invoke?request={payload}&method=bench&target={t}&timeout={secs}"))
-        .collect();
+    let paths = invoke_paths(targets, payload, timeout);
     let report = http_load(
         "http-floor",
         std::slice::from_ref(&bridge.base),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use directcall_cloud::{GroupInvocation, Requester};
 use directcall_core::broker::BrokerOptions;
 use directcall_core::{Group, GroupTopics, MessageId, Method, Prefix, Target};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -124,19 +124,9 @@ impl RawFanout {
     /// # Errors
     /// When it cannot connect or subscribe within 10 s.
     pub async fn connect(broker: &BrokerOptions) -> Result<Self, BoxError> {
-        let endpoint = broker
-            .endpoints
-            .first()
-            .ok_or("the raw floor needs a broker endpoint")?;
         let run = format!("{:06x}", fastrand::u32(..) & 0xff_ffff);
         let prefix = Prefix::new(format!("rawgroup-{run}"))?;
-        let mut mqtt = MqttOptions::new(prefix.as_str(), endpoint.host.clone(), endpoint.port);
-        mqtt.set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(mqtt, 65_536);
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
+        let (client, mut eventloop) = super::floor_client(broker, prefix.as_str())?;
         let (tx, replies) = mpsc::unbounded_channel();
         let (ready_tx, mut ready) = mpsc::unbounded_channel();
         tokio::spawn(async move {

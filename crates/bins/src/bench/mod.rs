@@ -119,6 +119,30 @@ impl LoadReport {
     }
 }
 
+/// A bare rumqttc client for a floor: `client_id` on the first endpoint of
+/// `broker`, TCP_NODELAY, 30 s keep-alive, 1 MiB packets, a request queue of
+/// 65,536; its event loop still to be polled.
+///
+/// # Errors
+/// When `broker` names no endpoint.
+pub fn floor_client(
+    broker: &directcall_core::BrokerOptions,
+    client_id: &str,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), crate::cli::BoxError> {
+    let endpoint = broker
+        .endpoints
+        .first()
+        .ok_or("the floor needs a broker endpoint")?;
+    let mut mqtt = rumqttc::MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
+    mqtt.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(mqtt, 65_536);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    Ok((client, eventloop))
+}
+
 /// Percentiles of `samples` (sorted in place): p50, p90, p99, p99.9, max.
 pub fn percentiles(samples: &mut [u64]) -> [u64; 5] {
     if samples.is_empty() {
