@@ -4,6 +4,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -49,6 +50,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 /// // recorded as `unavailable` (the gateway shut down).
 /// requester.drain(stopped.time_left).await;
 /// requester.shutdown().await;
+/// // Requests the bound cut now have their 503: let them be written.
+/// stopped.close(Duration::from_secs(1)).await;
 /// # Ok(()) }
 /// ```
 #[must_use = "a server does nothing until it is run"]
@@ -71,7 +74,12 @@ impl std::fmt::Debug for Server {
 }
 
 /// How a [`Server`] stopped.
-#[derive(Debug, Clone, Copy)]
+///
+/// When the bound cut requests still waiting for a call, their
+/// connections are still open: [`Requester::shutdown`](crate::Requester::shutdown)
+/// ends those calls (each request is answered 503, saying the call may or
+/// may not have run), and [`close`](Self::close) waits for those answers
+/// to be written before the process exits.
 #[non_exhaustive]
 pub struct Stopped {
     /// What is left of the shutdown timeout after the HTTP requests in
@@ -79,6 +87,31 @@ pub struct Stopped {
     pub time_left: Duration,
     /// Whether every request in flight ended on its own.
     pub drained: bool,
+    /// The connections still open when the bound was up, closing.
+    cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl std::fmt::Debug for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stopped")
+            .field("time_left", &self.time_left)
+            .field("drained", &self.drained)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stopped {
+    /// Waits at most `within` for the connections the bound cut to write
+    /// their last answers and close; call it after
+    /// [`Requester::shutdown`](crate::Requester::shutdown), which gives
+    /// those requests their answer. Returns whether every connection
+    /// closed (at once when the drain ended on its own).
+    pub async fn close(self, within: Duration) -> bool {
+        match self.cut {
+            None => true,
+            Some(cut) => tokio::time::timeout(within, cut).await.is_ok(),
+        }
+    }
 }
 
 impl Server {
@@ -185,9 +218,15 @@ pub async fn serve_tls(
         .map(|_| ())
 }
 
-/// After `stop` has resolved: how the drain went, given its start.
-fn stopped(started: Option<Instant>, timeout: Duration, drained: bool) -> Stopped {
+/// After `stop` has resolved: how the drain went, given its start;
+/// `cut`, when it did not end in time, is the connections still open.
+fn stopped(
+    started: Option<Instant>,
+    timeout: Duration,
+    cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+) -> Stopped {
     let used = started.map_or(Duration::ZERO, |s| s.elapsed());
+    let drained = cut.is_none();
     Stopped {
         time_left: if drained {
             timeout.saturating_sub(used)
@@ -195,6 +234,7 @@ fn stopped(started: Option<Instant>, timeout: Duration, drained: bool) -> Stoppe
             Duration::ZERO
         },
         drained,
+        cut,
     }
 }
 
@@ -214,29 +254,33 @@ async fn serve_plain(
         stop.await;
         let _ = started_tx.send(Some(Instant::now()));
     };
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .into_future();
-    tokio::pin!(server);
+    // Boxed: when the bound cuts the drain, it goes on (in `Stopped`) to
+    // let the cut requests write their answers.
+    let mut server = Box::pin(
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop)
+        .into_future(),
+    );
     // Serve until the drain starts, then give it `timeout`.
     let result = tokio::select! {
-        result = &mut server => return result.map(|()| stopped(None, timeout, true)),
+        result = &mut server => return result.map(|()| stopped(None, timeout, None)),
         () = async { drop(started_rx.wait_for(Option::is_some).await) } => {
             tokio::time::timeout(timeout, &mut server).await
         }
     };
     let started = *started_rx.borrow();
     match result {
-        Ok(served) => served.map(|()| stopped(started, timeout, true)),
+        Ok(served) => served.map(|()| stopped(started, timeout, None)),
         Err(_) => {
             tracing::warn!(
                 timeout_s = timeout.as_secs_f64(),
                 "shutting down: requests still in flight after the shutdown timeout were cut"
             );
-            Ok(stopped(started, timeout, false))
+            let cut = async move { drop(server.await) };
+            Ok(stopped(started, timeout, Some(Box::pin(cut))))
         }
     }
 }
@@ -290,14 +334,13 @@ async fn serve_tls_inner(
     }
     drop(listener);
     let started = Instant::now();
-    let drained = tokio::time::timeout(timeout, graceful.shutdown())
-        .await
-        .is_ok();
-    if !drained {
-        tracing::warn!(
-            timeout_s = timeout.as_secs_f64(),
-            "shutting down: requests still in flight after the shutdown timeout were cut"
-        );
+    let mut closing = Box::pin(graceful.shutdown());
+    if tokio::time::timeout(timeout, &mut closing).await.is_ok() {
+        return Ok(stopped(Some(started), timeout, None));
     }
-    Ok(stopped(Some(started), timeout, drained))
+    tracing::warn!(
+        timeout_s = timeout.as_secs_f64(),
+        "shutting down: requests still in flight after the shutdown timeout were cut"
+    );
+    Ok(stopped(Some(started), timeout, Some(closing)))
 }

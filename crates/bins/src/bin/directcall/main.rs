@@ -213,6 +213,10 @@ fn main() -> ExitCode {
     })
 }
 
+/// After the drain's bound: how long the requests it cut get to have
+/// their 503 written before the process exits.
+const CUT_ANSWERS_WRITTEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run_gateway(
     requester: Requester,
     app: axum::Router,
@@ -232,6 +236,10 @@ async fn run_gateway(
     // Calls answered 202 have no request in flight: they get what is left.
     let open = requester.drain(stopped.time_left).await;
     requester.shutdown().await;
+    // The requests the bound cut were just answered 503: write them.
+    if !stopped.close(CUT_ANSWERS_WRITTEN_WITHIN).await {
+        tracing::warn!("shutting down: some connections did not take their last answer");
+    }
     tracing::info!(calls_cut = open, "stopped");
     Ok(())
 }
