@@ -42,8 +42,13 @@ pub struct Stats {
     pub pending: usize,
     /// Whether the connection is up and subscribed.
     pub connected: bool,
-    /// Requests published.
+    /// Requests published (handed to the MQTT client).
     pub published: u64,
+    /// Packets the MQTT client has written to the connection: the
+    /// requests, and the few other publishes a requester makes. Requests
+    /// published and not yet written wait in the client's queue, as in a
+    /// burst of calls faster than the connection writes.
+    pub written: u64,
     /// Replies that completed a call.
     pub completed: u64,
     /// Calls that ended with a timeout.
@@ -885,6 +890,7 @@ impl Shared {
             pending: self.pending.len(),
             connected: self.link.is_ready(),
             published: c.published.load(Relaxed),
+            written: self.link.written(),
             completed: c.completed.load(Relaxed),
             timeouts: c.timeouts.load(Relaxed),
             dropped_late: dropped(Dropped::Late),

@@ -561,7 +561,10 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 }),
                 Err(_) => tracing::debug!("dropped a message whose topic is not UTF-8"),
             },
-            Ok(Ev::Published { pkid }) => acks.written(&link, pkid),
+            Ok(Ev::Published { pkid }) => {
+                link.state.written.fetch_add(1, Relaxed);
+                acks.written(&link, pkid);
+            }
             Ok(Ev::PubAck { pkid, reason }) => {
                 if let Some(topic) = acks.acked(pkid, reason) {
                     session.on_publish_refused(&topic, reason);

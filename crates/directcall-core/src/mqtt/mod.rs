@@ -389,6 +389,8 @@ struct LinkState {
     stopping: AtomicBool,
     last_error: Mutex<Option<ConnectionError>>,
     connects: AtomicU64,
+    /// PUBLISH packets the client has written to the connection.
+    written: AtomicU64,
     client_id: String,
     /// Every endpoint's URL, and the one in use (or being tried).
     urls: Vec<String>,
@@ -467,6 +469,7 @@ impl Connection {
                 stopping: AtomicBool::new(false),
                 last_error: Mutex::new(None),
                 connects: AtomicU64::new(0),
+                written: AtomicU64::new(0),
                 client_id: options.client_id,
                 urls: broker.endpoints.iter().map(|e| e.url()).collect(),
                 current: AtomicUsize::new(0),
@@ -693,6 +696,14 @@ impl Link {
     /// Connections made so far (CONNACKs received).
     pub fn connects(&self) -> u64 {
         self.state.connects.load(Relaxed)
+    }
+
+    /// PUBLISH packets the MQTT client has taken from its queue and
+    /// written to the connection, over every connection so far. What was
+    /// handed to [`publish`](Self::publish) and is not written yet waits in
+    /// the client's queue (a burst faster than the connection writes).
+    pub fn written(&self) -> u64 {
+        self.state.written.load(Relaxed)
     }
 
     /// The MQTT client id.
