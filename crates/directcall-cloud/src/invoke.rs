@@ -27,8 +27,6 @@ use crate::session::{Shared, Slot};
 #[must_use = "nothing is published until the call is awaited (or spawned); dropped unpolled, it publishes nothing"]
 pub struct Invoke {
     state: InvokeState,
-    /// The call's id, once it has one.
-    id: Option<MessageId>,
 }
 
 impl std::fmt::Debug for Invoke {
@@ -37,7 +35,7 @@ impl std::fmt::Debug for Invoke {
             InvokeState::Unpolled(_) => "not started",
             InvokeState::Failed(_) => "failed",
             InvokeState::Waiting(_) => "waiting",
-            InvokeState::Slow(_) => "waiting for an in-flight slot",
+            InvokeState::Slow { .. } => "waiting for an in-flight slot",
             InvokeState::Done => "done",
         };
         f.debug_struct("Invoke").field("state", &state).finish()
@@ -52,22 +50,27 @@ enum InvokeState {
     Failed(Option<Box<Error>>),
     Waiting(Waiting),
     /// The in-flight limit was full, or the call has an idempotency key:
-    /// the rare paths, boxed.
-    Slow(Pin<Box<dyn Future<Output = Result<Reply, Error>> + Send>>),
+    /// the rare paths, boxed; `id` when it is known yet.
+    Slow {
+        id: Option<MessageId>,
+        future: Pin<Box<dyn Future<Output = Result<Reply, Error>> + Send>>,
+    },
     Done,
 }
 
 /// A published call waiting for its outcome.
+/// What a call holds while it waits: 48 bytes (the id is the slot's, and
+/// the in-flight slot is given back by `drop`, not held as a permit).
 struct Waiting {
     shared: Arc<Shared>,
     call: PendingCall<Slot>,
-    _permit: OwnedSemaphorePermit,
     start: Instant,
-    id: MessageId,
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
+        // The in-flight slot `send` took.
+        self.shared.permits.add_permits(1);
         self.shared.metrics.pending.decrement(1.0);
     }
 }
@@ -77,7 +80,6 @@ impl Invoke {
     pub(crate) fn new(shared: Arc<Shared>, invocation: Invocation) -> Self {
         Invoke {
             state: InvokeState::Unpolled(Box::new((shared, invocation))),
-            id: None,
         }
     }
 
@@ -98,22 +100,21 @@ impl Invoke {
             },
             Err(TryAcquireError::Closed) => return Invoke::failed(Error::Closed),
             // Only a full in-flight limit makes a call wait for a slot.
-            Err(TryAcquireError::NoPermits) => InvokeState::Slow(Box::pin(async move {
-                let permit = acquire_by(&shared.permits, at, start, id).await;
-                let permit = shared.count_timeout(permit)?;
-                let waiting =
-                    Waiting::send(Arc::clone(&shared), invocation, permit, start, id, at)?;
-                Invoke {
-                    state: InvokeState::Waiting(waiting),
-                    id: Some(id),
-                }
-                .await
-            })),
+            Err(TryAcquireError::NoPermits) => InvokeState::Slow {
+                id: Some(id),
+                future: Box::pin(async move {
+                    let permit = acquire_by(&shared.permits, at, start, id).await;
+                    let permit = shared.count_timeout(permit)?;
+                    let waiting =
+                        Waiting::send(Arc::clone(&shared), invocation, permit, start, id, at)?;
+                    Invoke {
+                        state: InvokeState::Waiting(waiting),
+                    }
+                    .await
+                }),
+            },
         };
-        Invoke {
-            state,
-            id: Some(id),
-        }
+        Invoke { state }
     }
 
     /// A call whose outcome `outcome` will be, with no id known yet.
@@ -121,21 +122,26 @@ impl Invoke {
         outcome: impl Future<Output = Result<Reply, Error>> + Send + 'static,
     ) -> Self {
         Invoke {
-            state: InvokeState::Slow(Box::pin(outcome)),
-            id: None,
+            state: InvokeState::Slow {
+                id: None,
+                future: Box::pin(outcome),
+            },
         }
     }
 
     /// The call's id, once its first poll gave it one (none for a call
     /// refused at once, or not polled yet).
     pub(crate) fn id(&self) -> Option<MessageId> {
-        self.id
+        match &self.state {
+            InvokeState::Waiting(w) => Some(w.call.id()),
+            InvokeState::Slow { id, .. } => *id,
+            InvokeState::Unpolled(_) | InvokeState::Failed(_) | InvokeState::Done => None,
+        }
     }
 
     fn failed(e: Error) -> Self {
         Invoke {
             state: InvokeState::Failed(Some(Box::new(e))),
-            id: None,
         }
     }
 }
@@ -151,12 +157,12 @@ impl Waiting {
     ) -> Result<Self, Error> {
         let call = shared.send(invocation, id, at)?;
         shared.metrics.pending.increment(1.0);
+        // Given back when the `Waiting` drops.
+        permit.forget();
         Ok(Waiting {
             shared,
             call,
-            _permit: permit,
             start,
-            id,
         })
     }
 }
@@ -184,16 +190,17 @@ impl Future for Invoke {
                 let Poll::Ready(outcome) = Pin::new(&mut w.call).poll(cx) else {
                     return Poll::Pending;
                 };
-                let result = w.shared.count_timeout(reply_of(outcome, w.start, w.id));
+                let id = w.call.id();
+                let result = w.shared.count_timeout(reply_of(outcome, w.start, id));
                 if let Some(records) = &w.shared.records {
-                    record_outcome(records, w.id, &result);
+                    record_outcome(records, id, &result);
                 }
                 // Releases the permit and the pending gauge.
                 self.state = InvokeState::Done;
                 Poll::Ready(result)
             }
-            InvokeState::Slow(f) => {
-                let result = std::task::ready!(f.as_mut().poll(cx));
+            InvokeState::Slow { future, .. } => {
+                let result = std::task::ready!(future.as_mut().poll(cx));
                 self.state = InvokeState::Done;
                 Poll::Ready(result)
             }
