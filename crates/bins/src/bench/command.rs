@@ -1135,8 +1135,11 @@ fn memory(args: &BenchArgs, n: u64) -> Result<(), BoxError> {
     let deadline = per(before);
     // A future of the call's size, driven by FuturesUnordered as the
     // timeouts mode drives calls.
+    // One byte less than `Invoke`: the async block's own state byte makes
+    // up the rest.
+    const PAD: usize = std::mem::size_of::<directcall_cloud::Invoke>() - 1;
     let sized = || {
-        let pad = [0u8; 72];
+        let pad = [0u8; PAD];
         async move {
             std::future::pending::<()>().await;
             std::hint::black_box(pad);
@@ -1192,6 +1195,7 @@ async fn timeouts(
     // The calls are driven in chunks of 1000 in FuturesUnordered rather than
     // one task each, so the figure is the requester's memory, not tokio's.
     let mut tasks = Vec::new();
+    let mut queued_peak = 0;
     let mut left = calls;
     while left > 0 {
         let chunk = left.min(1000);
@@ -1210,9 +1214,19 @@ async fn timeouts(
             })
             .collect();
         tasks.push(tokio::spawn(calls.collect::<Vec<_>>()));
-        // Paced launch: the calls pile up as pending, not as one instant's
-        // burst of queued requests.
+        // Paced launch: the calls pile up as pending, not as requests
+        // queued in the MQTT client faster than the connection writes
+        // them. The next chunk goes once the queue holds at most one chunk.
         tokio::time::sleep(Duration::from_millis(2)).await;
+        loop {
+            let s = requester.stats();
+            let queued = s.published.saturating_sub(s.written);
+            queued_peak = queued_peak.max(queued);
+            if queued <= 1000 || started.elapsed() >= timeout / 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     let all_pending_after = started.elapsed();
     let mut peak_pending = 0;
@@ -1247,6 +1261,7 @@ async fn timeouts(
         "peak_pending": peak_pending,
         "pending_after": stats.pending,
         "launch_ms": all_pending_after.as_millis() as u64,
+        "queued_peak": queued_peak,
         "lateness_p50_us": p50,
         "lateness_p90_us": p90,
         "lateness_p99_us": p99,
@@ -1265,6 +1280,10 @@ async fn timeouts(
             peak_pending, stats.pending
         );
         println!("lateness µs  p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}");
+        println!(
+            "launch     {} ms, at most {queued_peak} requests queued in the MQTT client",
+            all_pending_after.as_millis()
+        );
         println!(
             "RSS        {:.1} MB before, {:.1} MB at peak: +{growth_mb:.1} MB",
             rss_before as f64 / 1e6,
