@@ -907,7 +907,9 @@ function onGroupSummary(call, id, summary) {
     ? ' (membership unknown: every answer that came)' : ` of ${n(summary.expected)} expected`;
   $('g-state').textContent = `Done: ${n(summary.total)} result(s)${expected} in ${n(summary.elapsed_ms)} ms. Call id ${id}.`;
   $('g-state').className = 'done';
-  drawGroupSoon(call);
+  // Drawn now, not on the next frame: the page never says "Done" beside
+  // counts of before the summary.
+  drawGroup(call);
 }
 
 /** Each line of an NDJSON body, parsed, as it comes. */
