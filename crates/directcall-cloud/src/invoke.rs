@@ -58,9 +58,9 @@ enum InvokeState {
     Done,
 }
 
-/// A published call waiting for its outcome.
-/// What a call holds while it waits: 48 bytes (the id is the slot's, and
-/// the in-flight slot is given back by `drop`, not held as a permit).
+/// A published call waiting for its outcome. Kept small, as every pending
+/// call holds one (`Invoke` is 48 bytes): the id is the pending slot's, and
+/// the in-flight slot is given back by `drop`, not held as a permit.
 struct Waiting {
     shared: Arc<Shared>,
     call: PendingCall<Slot>,
@@ -195,7 +195,7 @@ impl Future for Invoke {
                 if let Some(records) = &w.shared.records {
                     record_outcome(records, id, &result);
                 }
-                // Releases the permit and the pending gauge.
+                // Gives back the in-flight slot and the pending gauge.
                 self.state = InvokeState::Done;
                 Poll::Ready(result)
             }

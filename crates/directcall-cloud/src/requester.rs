@@ -481,6 +481,18 @@ impl Requester {
     }
 
     /// A snapshot of the counters.
+    ///
+    /// A burst of calls can be made faster than the connection writes
+    /// them; what waits in the MQTT client's queue is the requests
+    /// published and not yet written:
+    ///
+    /// ```no_run
+    /// # async fn run(requester: directcall_cloud::Requester) {
+    /// let s = requester.stats();
+    /// let queued = s.published.saturating_sub(s.written);
+    /// println!("{} calls pending, {queued} requests not yet written", s.pending);
+    /// # }
+    /// ```
     pub fn stats(&self) -> Stats {
         self.shared().stats()
     }
