@@ -508,10 +508,12 @@ pub fn qos(level: u8) -> QoS {
 /// How log lines (the audit line of every call among them) reach stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogWriter {
-    /// Handed to a thread of their own, which writes whatever has piled up
-    /// in one write and flushes whenever no line waits: no request waits
-    /// for a write. None is dropped: past [`LOG_LINES_WAITING`] lines, the
-    /// logging thread waits.
+    /// Handed to a thread of their own ([`crate::log_thread`]), which
+    /// writes what has piled up in one write, at most
+    /// [`log_thread::GATHER`](crate::log_thread::GATHER) after the first
+    /// line of a batch: no request waits for a write. None is dropped:
+    /// past [`log_thread::MAX_WAITING_BYTES`](crate::log_thread::MAX_WAITING_BYTES)
+    /// waiting, the logging thread waits.
     Thread,
     /// Written by the thread that logs, before it goes on: for the Lambda,
     /// whose execution environment is frozen between invocations, with a
@@ -523,33 +525,18 @@ pub enum LogWriter {
 /// embedded broker logs a normal disconnect as an error;
 /// `RUST_LOG=info,rumqttd=info` shows its logs). With
 /// [`LogWriter::Thread`], the guard returned writes what is left when
-/// dropped: keep it until the process ends.
-pub fn init_tracing(writer: LogWriter) -> Option<tracing_appender::non_blocking::WorkerGuard> {
-    match writer {
-        LogWriter::Direct => {
-            install_logs(std::io::stderr);
-            None
-        }
-        LogWriter::Thread => {
-            let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-                .buffered_lines_limit(LOG_LINES_WAITING)
-                .lossy(false)
-                .thread_name("log-writer")
-                .finish(std::io::BufWriter::with_capacity(
-                    64 * 1024,
-                    std::io::stderr(),
-                ));
+/// dropped: keep it until the process ends. When the thread cannot start,
+/// lines are written directly.
+pub fn init_tracing(writer: LogWriter) -> Option<crate::log_thread::LogGuard> {
+    if writer == LogWriter::Thread {
+        if let Ok((writer, guard)) = crate::log_thread::start(std::io::stderr()) {
             install_logs(writer);
-            Some(guard)
+            return Some(guard);
         }
     }
+    install_logs(std::io::stderr);
+    None
 }
-
-/// The most log lines that wait for the log thread before a logging
-/// thread waits too: about a second of audit lines at 16,000 calls a
-/// second. The queue is allocated whole at start (half a MiB; the
-/// library's default of 128,000 lines took 5.5 MB of every process).
-pub const LOG_LINES_WAITING: usize = 16_384;
 
 fn install_logs<W>(writer: W)
 where

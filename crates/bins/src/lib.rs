@@ -9,5 +9,6 @@ pub mod group_cli;
 pub mod http_client;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+pub mod log_thread;
 pub mod reload;
 pub mod sim;
