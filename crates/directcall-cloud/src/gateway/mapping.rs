@@ -1,7 +1,6 @@
 //! The HTTP mapping of PROTOCOL.md, independent of any HTTP server:
 //! request parameters in, an [`HttpReply`] (status and JSON body) out.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use directcall_core::deadline::whole_millis;
@@ -192,31 +191,33 @@ impl InvokeService {
         K: AsRef<str>,
         V: Into<String>,
     {
-        let mut params: HashMap<&'static str, String> = HashMap::new();
+        // Kept in an array, not a map: one string per given parameter, and
+        // each moved on (no copy) into the invocation.
+        const NAMES: [&str; 5] = ["request", "method", "target", "timeout", "receipt"];
+        let mut params: [Option<String>; 5] = Default::default();
         for (key, value) in pairs {
-            let Some(name) = ["request", "method", "target", "timeout", "receipt"]
-                .into_iter()
-                .find(|n| *n == key.as_ref())
-            else {
+            let Some(i) = NAMES.iter().position(|n| *n == key.as_ref()) else {
                 continue;
             };
-            if params.insert(name, value.into()).is_some() {
-                return Err(HttpReply::invalid(name, "given more than once"));
+            if params[i].is_some() {
+                return Err(HttpReply::invalid(NAMES[i], "given more than once"));
             }
+            params[i] = Some(value.into());
         }
-        let target = required(&params, "target")?;
+        let [request, method, target, timeout, receipt] = params;
+        let target = required(target, "target")?;
         let target = Target::new(target).map_err(|e| HttpReply::invalid("target", e.reason()))?;
-        let method = required(&params, "method")?;
+        let method = required(method, "method")?;
         let method = Method::new(method).map_err(|e| HttpReply::invalid("method", e.reason()))?;
-        let request = required(&params, "request")?.to_owned();
-        let timeout = match params.get("timeout") {
+        let request = required(request, "request")?;
+        let timeout = match timeout {
             None => self.limits.default_timeout,
-            Some(t) => self.timeout_secs(t)?,
+            Some(t) => self.timeout_secs(&t)?,
         };
         let invocation = Invocation::new(target, method, Value::String(request))
             .timeout(timeout)
             .started_at(start);
-        Ok(match params.get("receipt").map(String::as_str) {
+        Ok(match receipt.as_deref() {
             None => invocation,
             Some("true") => invocation.receipt(true),
             Some("false") => invocation.receipt(false),
@@ -588,14 +589,8 @@ pub(crate) fn refusal(e: crate::Error) -> HttpReply {
     render(Err(e), Duration::ZERO, false)
 }
 
-fn required<'a>(
-    params: &'a HashMap<&'static str, String>,
-    name: &'static str,
-) -> Result<&'a str, HttpReply> {
-    match params.get(name) {
-        Some(v) => Ok(v),
-        None => Err(HttpReply::invalid(name, "missing")),
-    }
+fn required(value: Option<String>, name: &'static str) -> Result<String, HttpReply> {
+    value.ok_or_else(|| HttpReply::invalid(name, "missing"))
 }
 
 #[cfg(test)]
