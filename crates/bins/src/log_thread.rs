@@ -8,8 +8,8 @@
 //! back off against each other (`sched_yield`), and a wake of the writing
 //! thread every few lines. Appending to a buffer under a mutex costs one
 //! copy; the thread is woken once per batch and then lets lines gather for
-//! [`GATHER`] before it writes them (docs/PERFORMANCE.md, "The audit
-//! line's thread").
+//! [`GATHER`] before it writes them (docs/PERFORMANCE.md, "On a faster
+//! machine, and the audit line's thread").
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 /// How long the thread lets lines gather after the first of a batch: a
 /// line reaches stderr at most this late (plus the write itself).
-pub const GATHER: Duration = Duration::from_millis(2);
+pub const GATHER: Duration = Duration::from_millis(10);
 
 /// The most bytes that wait for the thread before a logging thread waits
 /// too: about a second of audit lines at 16,000 calls a second. Nothing is
