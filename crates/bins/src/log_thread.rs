@@ -108,7 +108,8 @@ impl Drop for LogGuard {
 }
 
 /// Starts the thread, writing to `out`; lines given to the writer reach
-/// `out` in the order they were given.
+/// `out` in the order they were given. Lines given once the guard is being
+/// dropped go straight to stderr (the binaries' `out`), so none is lost.
 ///
 /// # Errors
 /// When the thread cannot be started.
