@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::{NestedPathRejection, PathRejection};
-use axum::extract::{NestedPath, Path, RawQuery, State};
+use axum::extract::{NestedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -99,12 +99,14 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Htt
 pub(crate) async fn invoke_get(
     State(gw): State<GatewayState>,
     who: Authed,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    budget: Option<Extension<CallBudget>>,
+    request: Request,
 ) -> Response {
     let start = Instant::now();
-    let query = query.unwrap_or_default();
+    // The request's own parts, read in place: extractors for the query and
+    // the headers would copy both for every call.
+    let (parts, _) = request.into_parts();
+    let budget = parts.extensions.get::<CallBudget>().cloned();
+    let (query, headers) = (parts.uri.query().unwrap_or_default(), &parts.headers);
     if query.len() > MAX_QUERY_BYTES {
         return gw.refuse_from(
             &who,
@@ -115,12 +117,12 @@ pub(crate) async fn invoke_get(
         .service
         .query_invocation(form_urlencoded::parse(query.as_bytes()), start)
     {
-        Ok(invocation) => match idempotency_key(&headers) {
+        Ok(invocation) => match idempotency_key(headers) {
             Ok(key) => {
                 gw.call(
                     &who,
-                    identified(traced(invocation, &headers), &who, key),
-                    budget.map(|Extension(b)| b),
+                    identified(traced(invocation, headers), &who, key),
+                    budget,
                     false,
                 )
                 .await
@@ -155,11 +157,9 @@ pub(crate) async fn invoke_get(
 pub(crate) async fn invoke_get_slash(
     state: State<GatewayState>,
     who: Authed,
-    query: RawQuery,
-    headers: HeaderMap,
-    budget: Option<Extension<CallBudget>>,
+    request: Request,
 ) -> Response {
-    invoke_get(state, who, query, headers, budget).await
+    invoke_get(state, who, request).await
 }
 
 /// Call a method on a device with any JSON request.
@@ -195,11 +195,13 @@ pub(crate) async fn invoke_post(
     State(gw): State<GatewayState>,
     who: Authed,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
-    budget: Option<Extension<CallBudget>>,
-    body: Body,
+    request: Request,
 ) -> Response {
     let start = Instant::now();
+    // The headers read in place (a `HeaderMap` extractor copies them).
+    let (parts, body) = request.into_parts();
+    let budget = parts.extensions.get::<CallBudget>().cloned();
+    let headers = &parts.headers;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -240,15 +242,14 @@ pub(crate) async fn invoke_post(
         .service
         .post_invocation(&target, &method, content_type, &body, start)
     {
-        Ok(invocation) => match idempotency_key(&headers) {
+        Ok(invocation) => match idempotency_key(headers) {
             Ok(key) => {
-                let invocation = identified(traced(invocation, &headers), &who, key);
+                let invocation = identified(traced(invocation, headers), &who, key);
                 // Without records there is nowhere to learn the outcome:
                 // the preference is ignored, as RFC 7240 allows.
                 let asynchronous =
-                    prefers_async(&headers) && gw.service.requester().record_options().is_some();
-                gw.call(&who, invocation, budget.map(|Extension(b)| b), asynchronous)
-                    .await
+                    prefers_async(headers) && gw.service.requester().record_options().is_some();
+                gw.call(&who, invocation, budget, asynchronous).await
             }
             Err(reply) => gw.refuse_from(&who, reply),
         },

@@ -8,8 +8,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ConnectInfo;
-use axum::{Extension, Router};
+use axum::extract::{ConnectInfo, Request};
+use axum::Router;
 use tokio::time::Instant;
 
 use super::state::{Closing, Draining};
@@ -158,9 +158,10 @@ impl Server {
     ) -> std::io::Result<Stopped> {
         let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
         let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-        let app = app
-            .layer(Extension(Draining(draining_rx)))
-            .layer(Extension(Closing(closing_rx)));
+        let lifecycle = Lifecycle {
+            draining: Draining(draining_rx),
+            closing: Closing(closing_rx),
+        };
         let delay = self.delay;
         // Resolves when the server must stop accepting; the drain's clock
         // starts then.
@@ -179,9 +180,17 @@ impl Server {
         };
         match self.tls {
             Some(tls) => {
-                serve_tls_inner(self.listener, app, tls, stop_accepting, self.timeout).await
+                serve_tls_inner(
+                    self.listener,
+                    app,
+                    lifecycle,
+                    tls,
+                    stop_accepting,
+                    self.timeout,
+                )
+                .await
             }
-            None => serve_plain(self.listener, app, stop_accepting, self.timeout).await,
+            None => serve_plain(self.listener, app, lifecycle, stop_accepting, self.timeout).await,
         }
     }
 }
@@ -238,9 +247,28 @@ fn stopped(
     }
 }
 
+/// What every request is told of the server's shutdown (extensions read by
+/// `/readyz` and by the long polls and event streams). Inserted once per
+/// request around the whole router: as `Router::layer`s they would box and
+/// clone each route's service twice per request.
+#[derive(Clone)]
+struct Lifecycle {
+    draining: Draining,
+    closing: Closing,
+}
+
+impl Lifecycle {
+    fn mark<B>(&self, request: &mut axum::http::Request<B>) {
+        let extensions = request.extensions_mut();
+        extensions.insert(self.draining.clone());
+        extensions.insert(self.closing.clone());
+    }
+}
+
 async fn serve_plain(
     listener: tokio::net::TcpListener,
     app: Router,
+    lifecycle: Lifecycle,
     stop: impl Future<Output = ()> + Send + 'static,
     timeout: Duration,
 ) -> std::io::Result<Stopped> {
@@ -259,7 +287,12 @@ async fn serve_plain(
     let mut server = Box::pin(
         axum::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(
+                tower::ServiceExt::<Request>::map_request(app, move |mut request: Request| {
+                    lifecycle.mark(&mut request);
+                    request
+                }),
+            ),
         )
         .with_graceful_shutdown(stop)
         .into_future(),
@@ -288,6 +321,7 @@ async fn serve_plain(
 async fn serve_tls_inner(
     listener: tokio::net::TcpListener,
     app: Router,
+    lifecycle: Lifecycle,
     tls: ServerTls,
     stop: impl Future<Output = ()> + Send + 'static,
     timeout: Duration,
@@ -311,7 +345,7 @@ async fn serve_tls_inner(
         // The configuration in use now: a replaced certificate serves
         // the next connection.
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
-        let app = app.clone();
+        let (app, lifecycle) = (app.clone(), lifecycle.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {
@@ -324,6 +358,7 @@ async fn serve_tls_inner(
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(ConnectInfo(peer));
+                    lifecycle.mark(&mut request);
                     app.clone().oneshot(request.map(Body::new))
                 },
             );
