@@ -2,7 +2,7 @@
 //! binary on a free port with its own config, never the machine's 1883.
 
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -45,7 +45,32 @@ impl Mosquitto {
         let Some(binary) = crate::program::MOSQUITTO.find() else {
             return Ok(None);
         };
-        let port = free_port()?;
+        // The port is picked free and then bound by mosquitto, so a test
+        // running beside it may take it first (an embedded broker's
+        // listener, an HTTP server): mosquitto then exits, and it is
+        // started again on a fresh port, up to three times.
+        let mut attempt = 0;
+        loop {
+            let port = free_port()?;
+            let mut m = Self::prepare(binary.clone(), port, tcp_nodelay, extra)?;
+            attempt += 1;
+            match m.spawn() {
+                Ok(()) => return Ok(Some(m)),
+                Err(e) if attempt < 3 && m.exited() => {
+                    eprintln!("mosquitto on port {port} did not start, trying another port: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Its folder and config for `port`, not yet started.
+    fn prepare(
+        binary: PathBuf,
+        port: u16,
+        tcp_nodelay: bool,
+        extra: &str,
+    ) -> std::io::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "directcall-mosquitto-{}-{}",
             std::process::id(),
@@ -58,14 +83,19 @@ impl Mosquitto {
              log_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
         );
         fs::write(dir.join("mosquitto.conf"), config)?;
-        let mut m = Mosquitto {
+        Ok(Mosquitto {
             child: None,
             port,
             dir,
             binary,
-        };
-        m.spawn()?;
-        Ok(Some(m))
+        })
+    }
+
+    /// Whether its process has ended.
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
@@ -80,10 +110,11 @@ impl Mosquitto {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
+        let pid = child.id();
         self.child = Some(child);
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let until = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        while !listens(pid, addr) {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -165,5 +196,71 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.kill();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether process `pid` listens on `addr`. On Linux, read from `/proc`:
+/// the listening socket on that port must be one of the process's own
+/// files, so another listener that took the port first (mosquitto then
+/// fails to bind and exits) is not mistaken for it. Elsewhere, whether
+/// anything accepts a connection there.
+#[cfg(target_os = "linux")]
+fn listens(pid: u32, addr: SocketAddr) -> bool {
+    const LISTEN: &str = "0A";
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!(":{:04X}", addr.port());
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() > 9 && fields[1].ends_with(&local) && fields[3] == LISTEN)
+                .then(|| format!("socket:[{}]", fields[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn listens(_pid: u32, addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port another listener took first is not taken for mosquitto's:
+    /// the start fails (mosquitto cannot bind and exits) instead of
+    /// handing tests a broker that is not there.
+    #[test]
+    fn a_port_taken_by_another_listener_is_not_taken_for_mosquitto() {
+        let Some(binary) = crate::program::MOSQUITTO.find() else {
+            eprintln!("mosquitto not installed: skipped");
+            return;
+        };
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = other.local_addr().unwrap().port();
+        let mut m = Mosquitto::prepare(binary, port, true, "").unwrap();
+        let e = m.spawn().unwrap_err();
+        assert!(m.exited(), "mosquitto should have exited: {e}");
+        drop(other);
+        // On a free port it starts, and its own listener is seen.
+        let m = Mosquitto::start("").unwrap().unwrap();
+        assert!(listens(
+            m.child.as_ref().unwrap().id(),
+            SocketAddr::from(([127, 0, 0, 1], m.port()))
+        ));
     }
 }
