@@ -487,6 +487,13 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
     // When the broker refused the essential subscription, when to ask again
     // (NATS refuses it for a while after losing a node, for instance).
     let mut resubscribe_at: Option<tokio::time::Instant> = None;
+    // The liveness timer, armed for the earliest check wanted: a check that
+    // comes early finds all fine and the timer is armed again for the next
+    // one. A timer made anew on every turn of the loop (every packet) cost
+    // an allocation and a timer-wheel entry per packet.
+    let alive_timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(alive_timer);
+    let mut armed: Option<Instant> = None;
     loop {
         let retry = async {
             match resubscribe_at {
@@ -494,12 +501,12 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 None => std::future::pending().await,
             }
         };
-        let alive_check = async {
-            match liveness.next_check() {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+        if let Some(at) = liveness.next_check() {
+            if armed.is_none_or(|armed| at < armed) {
+                alive_timer.as_mut().reset(at);
+                armed = Some(at);
             }
-        };
+        }
         let event = tokio::select! {
             biased;
             asked = control.recv() => {
@@ -524,7 +531,10 @@ pub(crate) async fn drive<S: Session>(session: Arc<S>, parts: Parts, link: Link)
                 }
                 continue;
             }
-            () = alive_check => match liveness.check(Instant::now()) {
+            () = &mut alive_timer, if armed.is_some() => match liveness.check({
+                armed = None;
+                Instant::now()
+            }) {
                 Check::Fine => continue,
                 Check::Ping => {
                     tracing::debug!("a request had nothing back for a while: pinging the broker");
