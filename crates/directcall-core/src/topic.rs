@@ -217,7 +217,10 @@ impl FromStr for MessageId {
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0.hyphenated(), f)
+        // One write of the whole id (uuid's own Display writes it in
+        // pieces, which grows a `to_string()` three times per id).
+        let mut buf = Uuid::encode_buffer();
+        f.pad(self.0.hyphenated().encode_lower(&mut buf))
     }
 }
 
@@ -573,6 +576,14 @@ mod tests {
             Prefix::new(prefix)?,
             MessageId::new(),
         )
+    }
+
+    #[test]
+    fn an_id_is_written_as_its_canonical_form_and_honours_width() {
+        let id = MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abcd").unwrap();
+        assert_eq!(id.to_string(), "7f1c2a3b-0000-4000-8000-00000000abcd");
+        assert_eq!(id.to_string(), id.as_uuid().hyphenated().to_string());
+        assert_eq!(format!("[{id:>38}]"), "[  7f1c2a3b-0000-4000-8000-00000000abcd]");
     }
 
     #[test]
