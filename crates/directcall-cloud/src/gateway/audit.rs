@@ -58,7 +58,8 @@ impl AuditLine<'_> {
     /// Writes it.
     pub(crate) fn write(&self) {
         let credential = self.caller.map_or("-", Caller::name);
-        let source = self.source.map(|a| a.to_string());
+        let mut buf = [0u8; 64];
+        let source = self.source.map(|a| address(a, &mut buf));
         let reply = self.reply;
         let id = reply.body["id"].as_str().unwrap_or("-");
         let outcome = reply.body["result"].as_str().unwrap_or("-");
@@ -85,6 +86,20 @@ impl AuditLine<'_> {
             "call"
         );
     }
+}
+
+/// `address` as text, written into `buf` (an allocation per line saved);
+/// an address too long for it (none is: at most 47 bytes) is allocated.
+fn address(address: SocketAddr, buf: &mut [u8; 64]) -> std::borrow::Cow<'_, str> {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    if write!(cursor, "{address}").is_ok() {
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        if let Ok(text) = std::str::from_utf8(&buf[..len]) {
+            return text.into();
+        }
+    }
+    address.to_string().into()
 }
 
 /// One group call's audit line, written when its answer ends (or its
@@ -130,5 +145,25 @@ impl GroupAuditLine {
             trace_id = trace_id(self.traceparent.as_deref()),
             "group call"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_written_as_its_text() {
+        for a in [
+            "127.0.0.1:8080",
+            "[::1]:443",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4294967295]:65535",
+        ] {
+            let address_: SocketAddr = a.parse().unwrap();
+            let mut buf = [0u8; 64];
+            let text = address(address_, &mut buf);
+            assert_eq!(text, address_.to_string());
+            assert!(matches!(text, std::borrow::Cow::Borrowed(_)), "{a}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Caller;
 use super::body::{HttpReply, MessageBody, UnauthorizedBody};
 use super::live::{recently_called, Logged, RecentTarget, LOG_SIZE};
-use super::state::{respond, Authed, Closing, GatewayState};
+use super::state::{respond, Authed, GatewayState, Lifecycle};
 
 /// How long the event stream gathers calls before it sends them.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
@@ -349,7 +349,7 @@ struct Feed {
 pub(crate) async fn events(
     State(gw): State<GatewayState>,
     who: Authed,
-    closing: Option<Extension<Closing>>,
+    lifecycle: Option<Extension<Lifecycle>>,
 ) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
@@ -389,7 +389,7 @@ pub(crate) async fn events(
         hello: Some(hello),
         calls,
         devices: requester.tracks_presence().then_some(device_changes),
-        closing: closing.map(|Extension(Closing(rx))| rx),
+        closing: lifecycle.map(|Extension(l)| l.closing),
         ticker,
         last,
     };

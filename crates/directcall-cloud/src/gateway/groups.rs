@@ -31,7 +31,7 @@ use super::body::{HttpReply, MessageBody, Outcome, UnauthorizedBody};
 use super::limits::TargetSlot;
 use super::mapping::{json_object, refusal, InvokeService, MAX_HTTP_REQUEST_BYTES};
 use super::routes::{idempotency_key, prefers_async, traceparent, wait_param};
-use super::state::{respond, Authed, CallBudget, Closing, GatewayState};
+use super::state::{respond, Authed, CallBudget, GatewayState, Lifecycle};
 use crate::{DeviceResult, GroupCall, GroupInvocation};
 
 /// The most devices one group call's list may name.
@@ -875,7 +875,7 @@ pub(crate) async fn group_record(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     budget: Option<Extension<CallBudget>>,
-    closing: Option<Extension<Closing>>,
+    lifecycle: Option<Extension<Lifecycle>>,
 ) -> Response {
     let Ok(Path(id)) = path else {
         return gw.refuse_from(&who, HttpReply::invalid("id", "not valid in a path"));
@@ -923,8 +923,8 @@ pub(crate) async fn group_record(
         let finished = async {
             let _ = done.wait_for(|d| *d).await;
         };
-        match closing {
-            Some(Extension(Closing(mut closing))) => tokio::select! {
+        match lifecycle {
+            Some(Extension(Lifecycle { mut closing, .. })) => tokio::select! {
                 _ = tokio::time::timeout(wait, finished) => {}
                 () = async { drop(closing.wait_for(|c| *c).await) } => {}
             },

@@ -19,7 +19,7 @@ use super::body::{
     OkBody, Outcome, PostBody, TimeoutBody, UnauthorizedBody,
 };
 use super::mapping::{MAX_HTTP_REQUEST_BYTES, MAX_QUERY_BYTES};
-use super::state::{respond, Authed, CallBudget, Closing, Draining, GatewayState};
+use super::state::{respond, Authed, CallBudget, GatewayState, Lifecycle};
 use crate::Invocation;
 
 /// `{"status": "ok"|"unavailable", "broker": "connected"|"disconnected"}`.
@@ -400,12 +400,12 @@ pub(crate) struct ReadyBody {
 )]
 pub(crate) async fn readyz(
     State(gw): State<GatewayState>,
-    draining: Option<Extension<Draining>>,
+    lifecycle: Option<Extension<Lifecycle>>,
 ) -> Response {
     let requester = gw.service.requester();
     let connected = requester.is_connected();
     let presence = requester.presence_state();
-    let draining = draining.is_some_and(|Extension(Draining(d))| *d.borrow());
+    let draining = lifecycle.is_some_and(|Extension(l)| *l.draining.borrow());
     let ready = connected && presence != crate::PresenceState::Loading && !draining;
     let body = ReadyBody {
         status: if ready { "ready" } else { "unavailable" },
@@ -486,7 +486,7 @@ pub(crate) async fn call_record(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     budget: Option<Extension<CallBudget>>,
-    closing: Option<Extension<Closing>>,
+    lifecycle: Option<Extension<Lifecycle>>,
 ) -> Response {
     let Ok(Path(id)) = path else {
         return gw.refuse_from(&who, HttpReply::invalid("id", "not valid in a path"));
@@ -498,8 +498,8 @@ pub(crate) async fn call_record(
     };
     // A long poll ends when the server stops accepting: the record as it
     // stands then, rather than a drain held up for `wait`.
-    let reply = match closing {
-        Some(Extension(Closing(mut closing))) => tokio::select! {
+    let reply = match lifecycle {
+        Some(Extension(Lifecycle { mut closing, .. })) => tokio::select! {
             reply = gw.service.wait_call_record(&id, wait) => reply,
             () = async { drop(closing.wait_for(|c| *c).await) } => gw.service.call_record(&id).await,
         },

@@ -12,7 +12,7 @@ use axum::extract::{ConnectInfo, Request};
 use axum::Router;
 use tokio::time::Instant;
 
-use super::state::{Closing, Draining};
+use super::state::Lifecycle;
 use super::tls::ServerTls;
 
 /// The drain's default bound ([`Server::shutdown_timeout`]).
@@ -159,8 +159,8 @@ impl Server {
         let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
         let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
         let lifecycle = Lifecycle {
-            draining: Draining(draining_rx),
-            closing: Closing(closing_rx),
+            draining: draining_rx,
+            closing: closing_rx,
         };
         let delay = self.delay;
         // Resolves when the server must stop accepting; the drain's clock
@@ -247,22 +247,11 @@ fn stopped(
     }
 }
 
-/// What every request is told of the server's shutdown (extensions read by
-/// `/readyz` and by the long polls and event streams). Inserted once per
-/// request around the whole router: as `Router::layer`s they would box and
-/// clone each route's service twice per request.
-#[derive(Clone)]
-struct Lifecycle {
-    draining: Draining,
-    closing: Closing,
-}
-
-impl Lifecycle {
-    fn mark<B>(&self, request: &mut axum::http::Request<B>) {
-        let extensions = request.extensions_mut();
-        extensions.insert(self.draining.clone());
-        extensions.insert(self.closing.clone());
-    }
+/// Tells every request of the server's shutdown: one extension, inserted
+/// around the whole router (as `Router::layer`s it would box and clone each
+/// route's service per request).
+fn mark<B>(lifecycle: &Lifecycle, request: &mut axum::http::Request<B>) {
+    request.extensions_mut().insert(lifecycle.clone());
 }
 
 async fn serve_plain(
@@ -289,7 +278,7 @@ async fn serve_plain(
             listener,
             axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(
                 tower::ServiceExt::<Request>::map_request(app, move |mut request: Request| {
-                    lifecycle.mark(&mut request);
+                    mark(&lifecycle, &mut request);
                     request
                 }),
             ),
@@ -358,7 +347,7 @@ async fn serve_tls_inner(
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(ConnectInfo(peer));
-                    lifecycle.mark(&mut request);
+                    mark(&lifecycle, &mut request);
                     app.clone().oneshot(request.map(Body::new))
                 },
             );

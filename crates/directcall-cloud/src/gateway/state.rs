@@ -67,16 +67,18 @@ impl std::ops::Deref for GatewayState {
     }
 }
 
-/// Fires when the server begins to shut down: the event streams end then,
-/// so a graceful shutdown does not wait for open consoles.
+/// What every request is told of the server's shutdown, as one request
+/// extension (each extension is an allocation of its own): `draining`
+/// fires when shutdown begins, before the server stops accepting
+/// (`/readyz` answers 503 from then on); `closing` when the server stops
+/// accepting (the event streams and long polls end then, so a graceful
+/// shutdown does not wait for them).
 #[derive(Clone)]
-#[cfg_attr(not(feature = "console"), allow(dead_code))]
-pub(crate) struct Closing(pub(crate) tokio::sync::watch::Receiver<bool>);
-
-/// Fires when shutdown begins, before the server stops accepting:
-/// `/readyz` answers 503 from then on.
-#[derive(Clone)]
-pub(crate) struct Draining(pub(crate) tokio::sync::watch::Receiver<bool>);
+pub(crate) struct Lifecycle {
+    pub(crate) draining: tokio::sync::watch::Receiver<bool>,
+    #[cfg_attr(not(feature = "console"), allow(dead_code))]
+    pub(crate) closing: tokio::sync::watch::Receiver<bool>,
+}
 
 /// Who sent a request: its caller (none on an open gateway) and address
 /// (none behind API Gateway), and where the API is mounted.
@@ -130,7 +132,7 @@ impl FromRequestParts<GatewayState> for Authed {
 /// An HTTP answer from a reply: its status, JSON body and headers.
 pub(crate) fn respond(reply: HttpReply) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, reply.body.to_string()).into_response();
+    let mut response = (status, json_bytes(&reply.body)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -153,6 +155,29 @@ pub(crate) fn respond(reply: HttpReply) -> Response {
         );
     }
     response
+}
+
+/// `body` as JSON in a buffer of its exact size: written into a buffer the
+/// thread keeps, then copied once (`to_string()` grows a `String` several
+/// times per body, and bytes of a `Vec` with room to spare cost one more
+/// allocation to become a response body).
+fn json_bytes(body: &serde_json::Value) -> axum::body::Bytes {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// A larger buffer (after a large body) is not kept.
+    const KEEP: usize = 16 * 1024;
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        // Writing a `Value` into a `Vec` cannot fail: its keys are strings
+        // and the `Vec` takes every byte.
+        let _ = serde_json::to_writer(&mut *buf, body);
+        let bytes = axum::body::Bytes::copy_from_slice(buf);
+        if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+        bytes
+    })
 }
 
 /// What a call's audit line needs from its start.
@@ -343,5 +368,23 @@ impl GatewayState {
             Box::pin(requester.wait_ready(left)).await;
         }
         self.service.invoke(invocation).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_written_as_its_json_whatever_its_size() {
+        let small = serde_json::json!({"result": "ok", "status": 200, "response": {"a": [1, 2]}});
+        let large = serde_json::json!({"response": "x".repeat(100_000), "id": "é\"\n"});
+        // Small, large (a buffer not kept), then small again.
+        for body in [&small, &large, &small] {
+            let bytes = json_bytes(body);
+            assert_eq!(bytes, body.to_string().into_bytes());
+            let back: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(&back, body);
+        }
     }
 }
