@@ -10,7 +10,11 @@
 # per call (utime + stime from /proc, over the whole load), and each piece's
 # share of the samples (benches/gateway-budget.py) in µs per call.
 #
-#   benches/gateway-budget.sh [--bin DIR] [--seconds N] [--keep DIR]
+#   benches/gateway-budget.sh [--bin DIR] [--seconds N] [--keep DIR] [--floor]
+#
+# --floor profiles the HTTP floor instead (the bare HTTP→MQTT bridge of
+# `directcall bench --mode http --compare-raw`, served alone by `directcall
+# bench --serve-floor`), under the same load, for the same breakdown.
 #
 # DIR holds directcall and directcall-sim (default target/release-symbols:
 # `cargo build --profile release-symbols -p directcall-bins --bin directcall
@@ -22,11 +26,13 @@ cd "$(dirname "$0")/.."
 bin=target/release-symbols
 seconds=20
 keep=
+floor=
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
+    --floor) floor=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -48,12 +54,21 @@ mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 & pids+=($!)
 sleep 0.5
 RUST_LOG=warn "$bin/directcall-sim" --broker "mqtt://127.0.0.1:$mqtt" --devices 16 --id-prefix Device --echo > "$work/sim.log" 2>&1 & pids+=($!)
 http=$(free_port)
-"$bin/directcall" serve --broker "mqtt://127.0.0.1:$mqtt" --listen "127.0.0.1:$http" \
-  --presence off --max-in-flight-per-target 0 > "$work/gateway.out" 2> "$work/gateway.log" & gw=$!; pids+=($gw)
-for _ in $(seq 100); do
-  curl -fs "http://127.0.0.1:$http/healthz" > /dev/null 2>&1 && break
-  sleep 0.1
-done
+if [ -n "$floor" ]; then
+  RUST_LOG=warn "$bin/directcall" bench --broker "mqtt://127.0.0.1:$mqtt" --serve-floor > "$work/floor.out" 2> "$work/gateway.log" & gw=$!; pids+=($gw)
+  for _ in $(seq 100); do
+    http=$(sed -n 's|^http://127.0.0.1:||p' "$work/floor.out")
+    [ -n "$http" ] && break
+    sleep 0.1
+  done
+else
+  "$bin/directcall" serve --broker "mqtt://127.0.0.1:$mqtt" --listen "127.0.0.1:$http" \
+    --presence off --max-in-flight-per-target 0 > "$work/gateway.out" 2> "$work/gateway.log" & gw=$!; pids+=($gw)
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$http/healthz" > /dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
 sleep 1
 cpu() { awk '{print $14 + $15}' "/proc/$gw/stat"; }
 tick=$(getconf CLK_TCK)

@@ -164,6 +164,12 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of text.
     #[arg(long, env = "DIRECTCALL_BENCH_JSON")]
     json: bool,
+    /// Serve the HTTP floor (the bare HTTP→MQTT bridge of `--mode http
+    /// --compare-raw`) on the broker until interrupted, printing its URL,
+    /// so that it can be loaded and profiled in a process of its own
+    /// (`benches/gateway-budget.sh --floor`).
+    #[arg(long, env = "DIRECTCALL_BENCH_SERVE_FLOOR")]
+    serve_floor: bool,
     /// Keep a record of every call (in memory, default retention), as the
     /// gateway does by default.
     #[arg(long, env = "DIRECTCALL_BENCH_RECORDS")]
@@ -279,6 +285,12 @@ pub async fn bench(mut args: BenchArgs) -> Result<(), BoxError> {
     };
     let nodes = nodes(&args).await?;
     let (broker, broker_label) = (nodes.node(0), nodes.label.clone());
+    if args.serve_floor {
+        let bridge = super::bridge::start(&broker).await?;
+        println!("{}", bridge.base);
+        tokio::signal::ctrl_c().await?;
+        return Ok(());
+    }
     let calls = match (args.calls, args.duration) {
         (None, None) => Some(10_000),
         (c, _) => c,
