@@ -583,7 +583,10 @@ mod tests {
         let id = MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abcd").unwrap();
         assert_eq!(id.to_string(), "7f1c2a3b-0000-4000-8000-00000000abcd");
         assert_eq!(id.to_string(), id.as_uuid().hyphenated().to_string());
-        assert_eq!(format!("[{id:>38}]"), "[  7f1c2a3b-0000-4000-8000-00000000abcd]");
+        assert_eq!(
+            format!("[{id:>38}]"),
+            "[  7f1c2a3b-0000-4000-8000-00000000abcd]"
+        );
     }
 
     #[test]
