@@ -15,7 +15,7 @@ use directcall_core::mqtt::{
 use directcall_core::topic::{check_call_length, reply_filter};
 use directcall_core::{
     CallTopics, Field, MessageId, MqttVersion, PendingCall, PendingTable, Prefix, Receipt,
-    ReplyError, ReplyPayload, RequestPayload, Target, Unmatched,
+    ReplyError, ReplyPayload, ReplyTopic, RequestPayload, Target, Unmatched,
 };
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
@@ -578,12 +578,12 @@ impl Shared {
     }
 
     /// `target` answered a call: it has a subscriber now.
-    fn heard_from(&self, target: &Target) {
+    fn heard_from(&self, target: &str) {
         if let Some(lately) = &self.answered_lately {
             lately
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .answered(target.as_str(), std::time::Instant::now());
+                .answered(target, std::time::Instant::now());
         }
     }
 
@@ -1027,13 +1027,15 @@ impl Shared {
             tracing::debug!(topic, bytes = payload.len(), "dropped reply: oversized");
             return;
         }
-        let Ok(call) = CallTopics::parse_reply(topic) else {
+        // Read in place: the owned names are made only off the plain
+        // answer's path (adopted calls, receipts, groups, bad replies).
+        let Ok(call) = ReplyTopic::parse(topic) else {
             self.dropped(Dropped::Malformed);
             tracing::debug!(topic, "dropped reply: malformed topic");
             return;
         };
-        if *call.prefix() != self.prefix {
-            if !self.take_adopted(&call, payload) {
+        if call.prefix() != self.prefix.as_str() {
+            if !self.take_adopted(&call.to_call_topics(), payload) {
                 self.dropped(Dropped::Unknown);
             }
             return;
@@ -1041,7 +1043,9 @@ impl Shared {
         let (reply_id, answer) = match ReplyPayload::decode(payload) {
             Ok(r) => (MessageId::parse(&r.id).ok(), Ok(r)),
             // Not an answer: maybe a delivery receipt (never on the hot path).
-            Err(ReplyError::Malformed(_)) if self.on_receipt(&call, payload) => return,
+            Err(ReplyError::Malformed(_)) if self.on_receipt(&call.to_call_topics(), payload) => {
+                return
+            }
             Err(ReplyError::Invalid { id, error }) => (
                 MessageId::parse(&id).ok(),
                 Err(Error::BadReply {
@@ -1064,7 +1068,7 @@ impl Shared {
             return;
         }
         if let Some(group) = self.groups.get(&call.id()) {
-            group.reply(&call, answer);
+            group.reply(&call.to_call_topics(), answer);
             return;
         }
         let bad = answer.as_ref().err().map(ToString::to_string);
@@ -1074,14 +1078,17 @@ impl Shared {
         // Counted first, so a caller reading stats after its reply sees it.
         self.counters.completed.fetch_add(1, Relaxed);
         let answered = answer.is_ok();
-        match self.pending.complete_or_return(&call, Box::new(answer)) {
+        match self
+            .pending
+            .complete_reply_or_return(&call, Box::new(answer))
+        {
             Ok(()) => {
                 self.metrics.completed.increment(1);
                 if answered {
                     self.heard_from(call.target());
                 }
                 if let (Some(bad), Some(records)) = (bad, &self.records) {
-                    records.bad_reply(&call, bad);
+                    records.bad_reply(&call.to_call_topics(), bad);
                 }
             }
             Err((Unmatched::Late, reply)) if self.records.is_some() => {
@@ -1093,7 +1100,9 @@ impl Shared {
                             tracing::debug!(topic, "late reply kept on the call's record");
                         }
                     }
-                    (Err(bad), Some(records)) => records.bad_reply(&call, bad.to_string()),
+                    (Err(bad), Some(records)) => {
+                        records.bad_reply(&call.to_call_topics(), bad.to_string())
+                    }
                     (_, None) => {}
                 }
             }

@@ -52,5 +52,7 @@ pub mod wire;
 pub use broker::{BackoffJitter, BrokerOptions, Endpoint, MqttVersion, TlsOptions, Transport};
 pub use error::{Error, Field};
 pub use pending::{Outcome, PendingCall, PendingTable, Unmatched};
-pub use topic::{CallTopics, Group, GroupTopics, MessageId, Method, Prefix, PresenceRoot, Target};
+pub use topic::{
+    CallTopics, Group, GroupTopics, MessageId, Method, Prefix, PresenceRoot, ReplyTopic, Target,
+};
 pub use wire::{Receipt, ReplyError, ReplyPayload, RequestPayload};

@@ -26,7 +26,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::recent::RecentIds;
-use crate::topic::{CallTopics, MessageId, Method, Target};
+use crate::topic::{CallTopics, MessageId, ReplyTopic};
 
 /// Default number of ended calls remembered to tell late and duplicate
 /// replies from unknown ones.
@@ -94,10 +94,10 @@ struct Inner<R> {
 }
 
 /// The keyed hash of a call's target and method.
-fn names(hasher: &RandomState, target: &Target, method: &Method) -> u64 {
+fn names(hasher: &RandomState, target: &str, method: &str) -> u64 {
     let mut h = hasher.build_hasher();
-    target.as_str().hash(&mut h);
-    method.as_str().hash(&mut h);
+    target.hash(&mut h);
+    method.hash(&mut h);
     h.finish()
 }
 
@@ -175,7 +175,11 @@ impl<R> PendingTable<R> {
     /// table resolves `Closed` at once.
     pub fn insert(&self, topics: &CallTopics, deadline: Instant) -> (PendingCall<R>, bool) {
         let id = topics.id();
-        let names = names(&self.hasher, topics.target(), topics.method());
+        let names = names(
+            &self.hasher,
+            topics.target().as_str(),
+            topics.method().as_str(),
+        );
         let mut inner = lock(&self.inner);
         let state = if inner.closed {
             State::Done(Outcome::Closed)
@@ -223,8 +227,34 @@ impl<R> PendingTable<R> {
     /// # Errors
     /// The [`Unmatched`] reason, and `value`.
     pub fn complete_or_return(&self, reply: &CallTopics, value: R) -> Result<(), (Unmatched, R)> {
-        let id = reply.id();
-        let names = names(&self.hasher, reply.target(), reply.method());
+        self.complete_in_place_or_return(
+            reply.id(),
+            reply.target().as_str(),
+            reply.method().as_str(),
+            value,
+        )
+    }
+
+    /// [`PendingTable::complete_or_return`] for a reply topic read in place.
+    ///
+    /// # Errors
+    /// The [`Unmatched`] reason, and `value`.
+    pub fn complete_reply_or_return(
+        &self,
+        reply: &ReplyTopic<'_>,
+        value: R,
+    ) -> Result<(), (Unmatched, R)> {
+        self.complete_in_place_or_return(reply.id(), reply.target(), reply.method(), value)
+    }
+
+    fn complete_in_place_or_return(
+        &self,
+        id: MessageId,
+        target: &str,
+        method: &str,
+        value: R,
+    ) -> Result<(), (Unmatched, R)> {
+        let names = names(&self.hasher, target, method);
         let mut inner = lock(&self.inner);
         match inner.calls.get(&id) {
             Some(slot) if slot.names != names => Err((Unmatched::Mismatched, value)),
@@ -410,7 +440,7 @@ impl<R> Drop for PendingCall<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topic::Prefix;
+    use crate::topic::{Method, Prefix, Target};
     use std::time::Duration;
 
     fn call(target: &str, method: &str) -> CallTopics {

@@ -357,6 +357,83 @@ impl CallTopics {
     }
 }
 
+/// A reply topic read in place: the four names of [`CallTopics`], checked
+/// exactly as [`CallTopics::parse_reply`] checks them, borrowed from the
+/// topic instead of copied (a requester reads one for every reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyTopic<'a> {
+    target: &'a str,
+    method: &'a str,
+    prefix: &'a str,
+    id: MessageId,
+}
+
+impl<'a> ReplyTopic<'a> {
+    /// Reads `{prefix}/{id}/{target}/{method}/ack`.
+    ///
+    /// # Errors
+    /// The same as [`CallTopics::parse_reply`], for the same topics.
+    pub fn parse(topic: &'a str) -> Result<Self, Error> {
+        let Some([prefix, id, target, method, ACK]) = split_levels(topic) else {
+            return Err(Error::invalid(
+                Field::Topic,
+                "a reply topic has five levels: prefix/id/target/method/ack",
+            ));
+        };
+        validate_level(Field::Target, target)?;
+        validate_level(Field::Method, method)?;
+        validate_level(Field::Prefix, prefix)?;
+        let id = MessageId::parse(id)?;
+        // The id is 36 bytes, so the topic is as long as
+        // `CallTopics::reply_topic` would make it.
+        if topic.len() > MAX_TOPIC_BYTES {
+            return Err(Error::invalid(
+                Field::Topic,
+                format!(
+                    "target, method and prefix make a {}-byte topic; at most {MAX_TOPIC_BYTES} bytes are allowed",
+                    topic.len()
+                ),
+            ));
+        }
+        Ok(ReplyTopic {
+            target,
+            method,
+            prefix,
+            id,
+        })
+    }
+
+    /// The device.
+    pub fn target(&self) -> &'a str {
+        self.target
+    }
+
+    /// The method.
+    pub fn method(&self) -> &'a str {
+        self.method
+    }
+
+    /// The requester's prefix.
+    pub fn prefix(&self) -> &'a str {
+        self.prefix
+    }
+
+    /// The call's id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// The same names, owned.
+    pub fn to_call_topics(&self) -> CallTopics {
+        CallTopics {
+            target: Target(self.target.to_owned()),
+            method: Method(self.method.to_owned()),
+            prefix: Prefix(self.prefix.to_owned()),
+            id: self.id,
+        }
+    }
+}
+
 /// *Extension*: the topics of a call to a named group: one request on
 /// `directcall/groups/{group}/{method}/{prefix}/{id}` that every member
 /// receives, and one reply from each member on its own reply topic,
@@ -579,6 +656,40 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_topic_read_in_place_is_checked_as_parse_reply_checks_it() {
+        let id = "7f1c2a3b-0000-4000-8000-00000000abcd";
+        let long = "m".repeat(128);
+        let longer = "p".repeat(90);
+        let topics = [
+            format!("invocation_client/{id}/car-1/unlock/ack"),
+            format!("invocation_client/{id}/car 1/unlock/ack"),
+            format!("invocation_client/{id}/car-1//ack"),
+            format!("invocation_client/{id}/car-1/unlock/nak"),
+            format!("invocation_client/{id}/car-1/unlock/ack/x"),
+            format!("invocation_client/{}/car-1/unlock/ack", id.to_uppercase()),
+            "invocation_client/not-an-id/car-1/unlock/ack".to_owned(),
+            format!("/{id}/car-1/unlock/ack"),
+            format!("{longer}/{id}/{}/{long}/ack", "t".repeat(90)),
+            format!("{longer}/{id}/{}/{long}/ack", "t".repeat(50)),
+        ];
+        for topic in &topics {
+            match (CallTopics::parse_reply(topic), ReplyTopic::parse(topic)) {
+                (Ok(owned), Ok(borrowed)) => {
+                    assert_eq!(borrowed.to_call_topics(), owned, "{topic}");
+                    assert_eq!(borrowed.target(), owned.target().as_str());
+                    assert_eq!(borrowed.method(), owned.method().as_str());
+                    assert_eq!(borrowed.prefix(), owned.prefix().as_str());
+                    assert_eq!(borrowed.id(), owned.id());
+                }
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{topic}"),
+                (a, b) => panic!("{topic}: parse_reply {a:?}, ReplyTopic {b:?}"),
+            }
+        }
+        assert!(ReplyTopic::parse(&topics[0]).is_ok());
+        assert!(ReplyTopic::parse(&topics[8]).is_err());
+    }
+
+    #[test]
     fn an_id_is_written_as_its_canonical_form_and_honours_width() {
         let id = MessageId::parse("7f1c2a3b-0000-4000-8000-00000000abcd").unwrap();
         assert_eq!(id.to_string(), "7f1c2a3b-0000-4000-8000-00000000abcd");
@@ -781,8 +892,13 @@ mod tests {
 
         #[test]
         fn parsing_arbitrary_strings_never_panics(s in ".{0,300}") {
-            if let Ok(c) = CallTopics::parse_reply(&s) {
-                prop_assert_eq!(c.reply_topic(), s.clone());
+            match (CallTopics::parse_reply(&s), ReplyTopic::parse(&s)) {
+                (Ok(c), Ok(r)) => {
+                    prop_assert_eq!(c.reply_topic(), s.clone());
+                    prop_assert_eq!(r.to_call_topics(), c);
+                }
+                (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => prop_assert!(false, "parse_reply {:?}, ReplyTopic {:?}", a, b),
             }
             if let Ok(c) = CallTopics::parse_request(&s) {
                 prop_assert_eq!(c.request_topic(), s);
