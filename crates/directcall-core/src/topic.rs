@@ -360,6 +360,17 @@ impl CallTopics {
 /// A reply topic read in place: the four names of [`CallTopics`], checked
 /// exactly as [`CallTopics::parse_reply`] checks them, borrowed from the
 /// topic instead of copied (a requester reads one for every reply).
+///
+/// ```
+/// use directcall_core::{CallTopics, ReplyTopic};
+///
+/// let topic = "invocation_client/7f1c2a3b-0000-4000-8000-00000000abcd/car-1/unlock/ack";
+/// let reply = ReplyTopic::parse(topic)?;
+/// assert_eq!((reply.target(), reply.method()), ("car-1", "unlock"));
+/// assert_eq!(reply.to_call_topics(), CallTopics::parse_reply(topic)?);
+/// assert!(ReplyTopic::parse("invocation_client/not-an-id/car-1/unlock/ack").is_err());
+/// # Ok::<(), directcall_core::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyTopic<'a> {
     target: &'a str,
