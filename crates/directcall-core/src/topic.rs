@@ -336,15 +336,7 @@ impl CallTopics {
     /// [`Error::Invalid`] for [`Field::Topic`] when `topic` does not have five
     /// levels ending in `ack`, or for the level that breaks its rule.
     pub fn parse_reply(topic: &str) -> Result<Self, Error> {
-        match split_levels(topic) {
-            Some([prefix, id, target, method, ACK]) => {
-                Self::from_levels(target, method, prefix, id)
-            }
-            _ => Err(Error::invalid(
-                Field::Topic,
-                "a reply topic has five levels: prefix/id/target/method/ack",
-            )),
-        }
+        ReplyTopic::parse(topic).map(|reply| reply.to_call_topics())
     }
 
     fn from_levels(target: &str, method: &str, prefix: &str, id: &str) -> Result<Self, Error> {
@@ -398,13 +390,7 @@ impl<'a> ReplyTopic<'a> {
         // The id is 36 bytes, so the topic is as long as
         // `CallTopics::reply_topic` would make it.
         if topic.len() > MAX_TOPIC_BYTES {
-            return Err(Error::invalid(
-                Field::Topic,
-                format!(
-                    "target, method and prefix make a {}-byte topic; at most {MAX_TOPIC_BYTES} bytes are allowed",
-                    topic.len()
-                ),
-            ));
+            return Err(call_too_long(topic.len()));
         }
         Ok(ReplyTopic {
             target,
@@ -579,14 +565,19 @@ fn reply_len(target: &Target, method: &Method, prefix: &Prefix) -> usize {
 pub fn check_call_length(target: &Target, method: &Method, prefix: &Prefix) -> Result<(), Error> {
     let len = reply_len(target, method, prefix);
     if len > MAX_TOPIC_BYTES {
-        return Err(Error::invalid(
-            Field::Topic,
-            format!(
-                "target, method and prefix make a {len}-byte topic; at most {MAX_TOPIC_BYTES} bytes are allowed"
-            ),
-        ));
+        return Err(call_too_long(len));
     }
     Ok(())
+}
+
+/// A call whose reply topic would be `len` bytes, over [`MAX_TOPIC_BYTES`].
+fn call_too_long(len: usize) -> Error {
+    Error::invalid(
+        Field::Topic,
+        format!(
+            "target, method and prefix make a {len}-byte topic; at most {MAX_TOPIC_BYTES} bytes are allowed"
+        ),
+    )
 }
 
 /// The one filter a device subscribes to: `{target}/#`.

@@ -76,7 +76,6 @@ impl std::ops::Deref for GatewayState {
 #[derive(Clone)]
 pub(crate) struct Lifecycle {
     pub(crate) draining: tokio::sync::watch::Receiver<bool>,
-    #[cfg_attr(not(feature = "console"), allow(dead_code))]
     pub(crate) closing: tokio::sync::watch::Receiver<bool>,
 }
 
